@@ -1,0 +1,86 @@
+"""Keras stage model -> TFLite bytes, one function per variant (the table below), plus the graph check.
+
+| variant  | weights | activations | input          | file               |
+|----------|---------|-------------|----------------|--------------------|
+| int8     | int8    | int8        | uint8 pixels   | stageN.tflite      |
+| float16  | float16 | float32     | float32 pixels | stageN_float16.tflite |
+| dynamic  | int8    | float32     | float32 pixels | stageN_dynamic.tflite |
+| float32  | float32 | float32     | float32 pixels | stageN_float32.tflite |
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+VARIANTS = ("int8", "float16", "dynamic", "float32")
+# Ops allowed to touch float tensors in a full-integer model: the quantize/dequantize at the edges.
+BOUNDARY_OPS = {"QUANTIZE", "DEQUANTIZE"}
+
+
+def model_filename(stage: int, variant: str) -> str:
+    return f"stage{stage}.tflite" if variant == "int8" else f"stage{stage}_{variant}.tflite"
+
+
+def export_tflite(model, variant: str, representative: np.ndarray | Callable[[], Iterable] | None = None) -> bytes:
+    """Convert a Keras stage model. `representative` (int8 only): uint8/float array N x H x W x 3 of
+    preprocessed pixels, or a generator factory yielding such single-image batches."""
+    import tensorflow as tf
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if variant == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif variant == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif variant == "int8":
+        if representative is None:
+            raise ValueError("int8 needs a representative dataset")
+        if callable(representative):
+            gen = representative
+        else:
+            images = np.asarray(representative)
+            if len(images) == 0:
+                raise ValueError("the representative dataset is empty")
+
+            def gen():
+                for img in images:
+                    yield [img[None].astype(np.float32)]
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = gen
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8   # raw pixels straight from preprocessing
+        converter.inference_output_type = tf.int8
+    return converter.convert()
+
+
+def float_ops(tflite_model: bytes) -> list[str]:
+    """Ops (other than the boundary quantize/dequantize) that read or write a float tensor."""
+    from edge_runtime.interpreter import make_interpreter
+
+    interp = make_interpreter(model_content=tflite_model, num_threads=1)
+    tensors = {t["index"]: t for t in interp.get_tensor_details()}
+    bad = []
+    for op in interp._get_ops_details():  # no public equivalent in LiteRT 2.x
+        if op["op_name"] in BOUNDARY_OPS:
+            continue
+        idx = [i for i in list(op["inputs"]) + list(op["outputs"]) if i >= 0]
+        if any(np.dtype(tensors[i]["dtype"]).kind == "f" for i in idx if i in tensors):
+            bad.append(f'{op["op_name"]}#{op["index"]}')
+    return bad
+
+
+def io_quantization(tflite_model: bytes) -> dict:
+    """Input/output dtype and (scale, zero_point) as the runtime needs them."""
+    from edge_runtime.interpreter import make_interpreter
+
+    interp = make_interpreter(model_content=tflite_model, num_threads=1)
+
+    def describe(d):
+        scale, zero = d["quantization"]
+        return {"name": d["name"], "shape": [int(s) for s in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
+                "scale": float(scale), "zero_point": int(zero)}
+
+    return {"input": describe(interp.get_input_details()[0]), "output": describe(interp.get_output_details()[0])}

@@ -1,0 +1,194 @@
+"""Load and validate the project configuration (configs/default.yaml).
+
+Validation is strict on purpose: a typo in a key must stop a run, not silently fall back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+import typing
+from pathlib import Path
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+BACKBONES = ("densenet121", "mobilenet_v3_small", "tiny_cnn")
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, malformed, or holds an unknown key or wrong type."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Taxonomy:
+    clean: str
+    defects: list[str]
+
+    @property
+    def classes(self) -> list[str]:
+        """The 8-class order used everywhere: clean first, then the defects."""
+        return [self.clean, *self.defects]
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    train: float
+    val: float
+    test: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Audit:
+    near_duplicate_correlation: float
+    max_image_pixels: int
+    max_file_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Gating:
+    target_defect_recall: float
+    stage2_review_floor: float
+
+
+@dataclasses.dataclass(frozen=True)
+class StageModel:
+    backbone: str
+    dense_units: int
+    dropout: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    stage1: StageModel
+    stage2: StageModel
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    image_size: int
+    max_images_per_class: int
+    batch_size: int
+    epochs_frozen: int
+    epochs_finetune: int
+    lr_frozen: float
+    lr_finetune: float
+    finetune_blocks: int
+    patience: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    taxonomy: Taxonomy
+    aliases: dict[str, str]
+    image_size: int
+    seed: int
+    split: Split
+    audit: Audit
+    gating: Gating
+    models: Models
+    profiles: dict[str, Profile]
+
+    # ---- label mapping -------------------------------------------------------------------
+    def map_label(self, folder_name: str) -> str | None:
+        """Map a dataset folder name to a taxonomy class, or None when nothing matches."""
+        name = normalise_name(folder_name)
+        classes = self.taxonomy.classes
+        if name in classes:
+            return name
+        for candidate in (name + "s", name + "es", name[:-1] if name.endswith("s") else None):
+            if candidate and candidate in classes:
+                return candidate
+        for pattern, target in self.aliases.items():
+            if fnmatch.fnmatchcase(name, normalise_name(pattern)):
+                return target
+        return None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def normalise_name(name: str) -> str:
+    return re.sub(r"[\s\-_]+", "_", name.strip().lower())
+
+
+def _check(value, hint, where: str):
+    """Return `value` converted to the type `hint`, or raise ConfigError naming `where`."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(hint)}
+        hints = typing.get_type_hints(hint)
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+        missing = sorted(set(fields) - set(value))
+        if missing:
+            raise ConfigError(f"{where}: missing key(s) {missing}")
+        return hint(**{k: _check(value[k], hints[k], f"{where}.{k}") for k in fields})
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_t, val_t = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return {_check(k, key_t, f"{where} key"): _check(v, val_t, f"{where}.{k}") for k, v in value.items()}
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} at {where}")
+
+
+def _validate_values(cfg: Config) -> None:
+    classes = cfg.taxonomy.classes
+    if len(set(classes)) != len(classes):
+        raise ConfigError("taxonomy: class names must be unique")
+    for pattern, target in cfg.aliases.items():
+        if target not in classes:
+            raise ConfigError(f"aliases.{pattern}: maps to {target!r}, which is not a taxonomy class {classes}")
+    total = cfg.split.train + cfg.split.val + cfg.split.test
+    if abs(total - 1.0) > 1e-6 or min(cfg.split.train, cfg.split.val, cfg.split.test) <= 0:
+        raise ConfigError(f"split: fractions must be positive and sum to 1 (got {total:.3f})")
+    if not 0.0 < cfg.gating.target_defect_recall <= 1.0:
+        raise ConfigError("gating.target_defect_recall: must be in (0, 1]")
+    if not 0.0 <= cfg.gating.stage2_review_floor < 1.0:
+        raise ConfigError("gating.stage2_review_floor: must be in [0, 1)")
+    for stage in ("stage1", "stage2"):
+        backbone = getattr(cfg.models, stage).backbone
+        if backbone not in BACKBONES:
+            raise ConfigError(f"models.{stage}.backbone: {backbone!r} is not one of {BACKBONES}")
+    for name, p in cfg.profiles.items():
+        if p.image_size < 32 or p.batch_size < 1:
+            raise ConfigError(f"profiles.{name}: image_size must be >= 32 and batch_size >= 1")
+    if cfg.image_size < 32:
+        raise ConfigError("image_size: must be >= 32")
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    cfg = _check(data, Config, source)
+    _validate_values(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return config_from_dict(data, str(path))

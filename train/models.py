@@ -1,0 +1,135 @@
+"""Stage models: backbone -> global average pooling -> Dense(256, relu) -> Dropout(0.5) -> head.
+
+The model takes raw pixels (float32 0..255, grayscale replicated to 3 channels, exactly what
+edge_runtime.preprocess produces) and normalises inside the graph, so the TFLite export takes uint8.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+from keras import layers
+
+# DenseNet's own ("torch" mode) normalisation, as keras.applications.densenet.preprocess_input does it.
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class WeightsUnavailable(RuntimeError):
+    """ImageNet weights could not be fetched (offline) or a weights file does not fit."""
+
+
+def _tiny_cnn(input_shape, weights):
+    """A few-thousand-parameter stand-in backbone for unit tests (same head, same export path)."""
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for i, filters in enumerate((8, 16, 32), start=1):
+        x = layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"block{i}_conv")(x)
+        x = layers.BatchNormalization(name=f"block{i}_bn")(x)
+        x = layers.ReLU(name=f"block{i}_relu")(x)
+    model = keras.Model(inputs, x, name="tiny_cnn")
+    if weights not in (None, "imagenet"):
+        model.load_weights(weights)
+    return model
+
+
+def build_backbone(name: str, input_shape: tuple[int, int, int], weights: str | None):
+    """weights: 'imagenet' (download), None (random init) or a local weights-file path."""
+    if weights not in (None, "imagenet") and not Path(weights).is_file():
+        raise WeightsUnavailable(f"weights file not found: {weights}")
+    if name == "tiny_cnn":
+        if weights == "imagenet":
+            raise WeightsUnavailable("tiny_cnn has no ImageNet weights; use --weights none or a file")
+        return _tiny_cnn(input_shape, weights)
+    ctor = {
+        "densenet121": keras.applications.DenseNet121,
+        "mobilenet_v3_small": keras.applications.MobileNetV3Small,
+    }[name]
+    kwargs = {"include_top": False, "input_shape": input_shape}
+    if name == "mobilenet_v3_small":
+        kwargs["include_preprocessing"] = False  # we normalise explicitly below, one way for all
+    try:
+        return ctor(weights=weights, **kwargs)
+    except ValueError as exc:
+        raise WeightsUnavailable(f"weights {weights!r} do not fit {name} without top at {input_shape}: {exc}") from exc
+    except Exception as exc:  # urllib / requests errors when offline
+        if weights == "imagenet":
+            raise WeightsUnavailable(
+                f"could not download ImageNet weights for {name} ({type(exc).__name__}: {exc}). "
+                "Offline? Use --weights PATH with a local backbone weights file "
+                "(e.g. densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5), or --weights none "
+                "to train from scratch."
+            ) from exc
+        raise
+
+
+def normalisation_layers(backbone: str):
+    if backbone == "tiny_cnn":
+        return [layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalise")]
+    if backbone == "mobilenet_v3_small":
+        return [layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalise")]
+    return [
+        layers.Rescaling(1.0 / 255.0, name="to_unit"),
+        layers.Normalization(mean=IMAGENET_MEAN, variance=[s * s for s in IMAGENET_STD], name="normalise"),
+    ]
+
+
+def build_stage_model(stage: int, *, backbone: str, image_size: int, num_classes: int,
+                      weights: str | None = None, dense_units: int = 256, dropout: float = 0.5):
+    """Stage 1: one sigmoid unit = P(defective). Stage 2: softmax over `num_classes` defect types."""
+    if stage not in (1, 2):
+        raise ValueError("stage must be 1 or 2")
+    shape = (image_size, image_size, 3)
+    base = build_backbone(backbone, shape, weights)
+    pretrained = weights is not None
+    inputs = keras.Input(shape, name="pixels")  # raw 0..255
+    x = inputs
+    for layer in normalisation_layers(backbone):
+        x = layer(x)
+    # Pretrained: BatchNormalization stays in inference mode, also while fine-tuning (keeps the
+    # ImageNet statistics). From scratch the statistics must be learned, so BN trains normally.
+    x = base(x, training=False) if pretrained else base(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dense(dense_units, activation="relu", name="fc")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    if stage == 1:
+        outputs = layers.Dense(1, activation="sigmoid", name="p_defective")(x)
+    else:
+        outputs = layers.Dense(num_classes, activation="softmax", name="defect_class")(x)
+    model = keras.Model(inputs, outputs, name=f"stage{stage}_{backbone}")
+    return model
+
+
+def backbone_of(model):
+    """The nested backbone model inside a stage model."""
+    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+
+
+def set_trainable_blocks(model, blocks: int) -> int:
+    """Freeze the backbone except its last `blocks` blocks (all of it when blocks == 0 means frozen).
+
+    Returns the number of trainable backbone layers. DenseNet121 has 4 dense blocks (conv2..conv5);
+    MobileNetV3Small 11 expanded blocks; tiny_cnn 3.
+    """
+    base = backbone_of(model)
+    base.trainable = blocks > 0
+    if blocks <= 0:
+        return 0
+    names = [l.name for l in base.layers]
+    if any(n.startswith("conv5_block") for n in names):           # DenseNet121
+        prefixes = ["conv5", "bn", "relu"] + [f"{p}{k}" for k in (4, 3, 2) for p in ("conv", "pool")][: 2 * (blocks - 1)]
+        if blocks >= 4:
+            prefixes = [""]
+    elif any(n.startswith("expanded_conv") for n in names):       # MobileNetV3Small
+        total = max(int(n.split("_")[2]) for n in names if n.startswith("expanded_conv_") and n.split("_")[2].isdigit())
+        prefixes = ["conv", "activation", "multiply"] + [f"expanded_conv_{k}_" for k in range(total - 2 * blocks + 1, total + 1)]
+        if blocks >= 6:
+            prefixes = [""]
+    else:                                                        # tiny_cnn
+        total = 3
+        prefixes = [f"block{k}_" for k in range(max(1, total - blocks + 1), total + 1)]
+    count = 0
+    for layer in base.layers:
+        layer.trainable = any(layer.name.startswith(p) for p in prefixes)
+        count += int(layer.trainable and bool(layer.weights))
+    return count

@@ -1,0 +1,104 @@
+"""configs/default.yaml + train/config.py: strict loading, value checks, folder-name mapping."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from train.config import DEFAULT_CONFIG, ConfigError, config_from_dict, load_config
+
+
+@pytest.fixture()
+def raw() -> dict:
+    return yaml.safe_load(DEFAULT_CONFIG.read_text())
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_default_config_loads():
+    cfg = load_config()
+    assert cfg.taxonomy.classes == ["clean", "bridges", "cracks", "opens", "shorts", "scratches", "vias", "other"]
+    assert (cfg.split.train, cfg.split.val, cfg.split.test) == (0.70, 0.15, 0.15)
+    assert cfg.audit.near_duplicate_correlation == 0.97
+    assert isinstance(cfg.seed, int) and cfg.image_size == 224
+
+
+def test_unknown_key_is_an_error(tmp_path, raw):
+    raw["audit"]["near_dup_corr"] = 0.9
+    with pytest.raises(ConfigError, match=r"audit: unknown key\(s\) \['near_dup_corr'\]"):
+        load_config(write(tmp_path, raw))
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw["sed"] = 1
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(write(tmp_path, raw))
+
+
+def test_missing_key_is_an_error(raw):
+    del raw["seed"]
+    with pytest.raises(ConfigError, match=r"missing key\(s\) \['seed'\]"):
+        config_from_dict(raw)
+
+
+@pytest.mark.parametrize("where, value, message", [
+    (("seed",), "42", "seed: expected an integer"),
+    (("seed",), True, "seed: expected an integer"),
+    (("image_size",), 224.5, "image_size: expected an integer"),
+    (("audit", "near_duplicate_correlation"), "high", "near_duplicate_correlation: expected a number"),
+    (("taxonomy", "defects"), "bridges", "defects: expected a list"),
+    (("split",), [0.7, 0.15, 0.15], "split: expected a mapping"),
+    (("aliases",), {"cmp": 3}, r"aliases.cmp: expected a string"),
+])
+def test_wrong_type_is_an_error(raw, where, value, message):
+    data = copy.deepcopy(raw)
+    node = data
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(data)
+
+
+def test_bad_alias_target_is_an_error(raw):
+    raw["aliases"]["blob"] = "blobs"
+    with pytest.raises(ConfigError, match=r"aliases.blob: maps to 'blobs', which is not a taxonomy class"):
+        config_from_dict(raw)
+
+
+@pytest.mark.parametrize("split", [{"train": 0.7, "val": 0.2, "test": 0.2},
+                                   {"train": 0.5, "val": 0.2, "test": 0.2},
+                                   {"train": 1.0, "val": 0.0, "test": 0.0}])
+def test_split_must_be_positive_and_sum_to_one(raw, split):
+    raw["split"] = split
+    with pytest.raises(ConfigError, match="split: fractions must be positive and sum to 1"):
+        config_from_dict(raw)
+
+
+def test_missing_or_invalid_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("taxonomy: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("folder, label", [
+    ("clean", "clean"), ("Clean", "clean"), ("CLEAN_LAYER", "clean"), ("clean_via", "clean"), ("Clean-Crack", "clean"),
+    ("bridge", "bridges"), ("Bridges", "bridges"), ("BRIDGE", "bridges"), ("crack", "cracks"), ("CRACK", "cracks"),
+    ("open", "opens"), ("short", "shorts"), ("shorts", "shorts"), ("scratch", "scratches"), ("CMP", "scratches"),
+    ("via", "vias"), ("VIA", "vias"), ("malformed_vias", "vias"), ("Malformed Vias", "vias"),
+    ("LER", "other"), ("particle", "other"), ("Particles", "other"), ("others", "other"), ("OTHERS", "other"),
+    ("Other", "other"),
+])
+def test_folder_names_map_to_taxonomy(folder, label):
+    assert load_config().map_label(folder) == label
+
+
+@pytest.mark.parametrize("folder", ["blobs", "defective", "unknown", "train"])
+def test_unmapped_folder_names_give_none(folder):
+    assert load_config().map_label(folder) is None

@@ -36,6 +36,8 @@ def to_grayscale(img: Image.Image) -> np.ndarray:
         return (arr >> 8).astype(np.uint8)
     if mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise ImageError("image has non-finite pixel values (NaN or infinity)")
         lo, hi = float(arr.min()), float(arr.max())
         if hi <= lo:
             return np.zeros(arr.shape, np.uint8)
@@ -96,7 +98,8 @@ def resize_gray(gray: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """2-D uint8 -> resized uint8 HxWx3 (grayscale replicated to 3 channels)."""
     h, w = (size, size) if isinstance(size, int) else size
     if gray.shape != (h, w):
-        gray = np.asarray(Image.fromarray(gray, mode="L").resize((w, h), RESAMPLE), dtype=np.uint8)
+        resized = Image.fromarray(np.asarray(gray, dtype=np.uint8)).resize((w, h), RESAMPLE)
+        gray = np.asarray(resized, dtype=np.uint8)
     return np.repeat(gray[:, :, None], 3, axis=2)
 
 
@@ -106,16 +109,17 @@ def preprocess_array(array: np.ndarray, size: int | tuple[int, int]) -> np.ndarr
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim == 3 and arr.shape[2] in (3, 4):
-        mode = "RGB" if arr.shape[2] == 3 else "RGBA"
         if arr.dtype != np.uint8:
             raise ImageError(f"colour arrays must be uint8, got {arr.dtype}")
-        return resize_gray(to_grayscale(Image.fromarray(arr, mode=mode)), size)
+        # No mode= argument: Pillow infers RGB/RGBA/I;16/F from shape and dtype (the argument is
+        # deprecated in Pillow 11.3 and gone in 13).
+        return resize_gray(to_grayscale(Image.fromarray(arr)), size)
     if arr.ndim != 2:
         raise ImageError(f"expected an image array HxW or HxWxC, got shape {arr.shape}")
     if arr.dtype == np.uint16:
-        gray = to_grayscale(Image.fromarray(arr, mode="I;16"))
+        gray = to_grayscale(Image.fromarray(arr))
     elif arr.dtype != np.uint8:
-        gray = to_grayscale(Image.fromarray(arr.astype(np.float32), mode="F"))
+        gray = to_grayscale(Image.fromarray(arr.astype(np.float32)))
     else:
         gray = arr
     return resize_gray(gray, size)

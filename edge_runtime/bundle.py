@@ -1,0 +1,204 @@
+"""Load and check a model bundle (the folder written by `python -m convert`; format in convert/bundle.py).
+
+Everything the board needs to know comes from manifest.yaml: the taxonomy, the order of the Stage-2
+outputs, the input size, the calibrated gating and, per variant, each model file with its sha256 and its
+input/output quantization. A bundle is refused whole (BundleError naming the file and the problem) when
+the manifest is missing or malformed, or when any model file listed in it is missing or does not match
+its sha256: a board never runs a model other than the one that was validated.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+FORMAT = "sem-inspect-bundle/1"
+MANIFEST = "manifest.yaml"
+_CHUNK = 1 << 20
+
+
+class BundleError(RuntimeError):
+    """The bundle cannot be used; the message names the file and says why."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float
+    zero_point: int
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    stage: int
+    file: str
+    path: Path
+    sha256: str
+    bytes: int
+    input: TensorSpec
+    output: TensorSpec
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: dict
+    variant: str
+    variants: tuple[str, ...]
+    taxonomy: tuple[str, ...]
+    stage2_classes: tuple[str, ...]
+    image_size: tuple[int, int]            # (height, width)
+    stage1_threshold: float
+    stage2_review_floor: float
+    stage1: StageSpec
+    stage2: StageSpec
+    # Verified model bytes of the selected variant (what was hashed is exactly what gets run).
+    _model_bytes: dict[int, bytes] = field(default_factory=dict, repr=False)
+
+    @property
+    def clean_label(self) -> str:
+        return self.taxonomy[0]
+
+    def stage(self, n: int) -> StageSpec:
+        return {1: self.stage1, 2: self.stage2}[n]
+
+    def model_bytes(self, n: int) -> bytes:
+        return self._model_bytes[n]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _require(mapping, key, kind, where):
+    if not isinstance(mapping, dict) or key not in mapping:
+        raise BundleError(f"{where}: missing key {key!r}")
+    value = mapping[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BundleError(f"{where}: {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def _tensor(d, where) -> TensorSpec:
+    shape = _require(d, "shape", list, where)
+    return TensorSpec(name=str(d.get("name", "")), shape=tuple(int(s) for s in shape),
+                      dtype=_require(d, "dtype", str, where), scale=_require(d, "scale", float, where),
+                      zero_point=_require(d, "zero_point", int, where))
+
+
+def _stage(root: Path, variant: str, n: int, d, manifest_path: Path) -> StageSpec:
+    where = f"{manifest_path}: variants.{variant}.stage{n}"
+    name = _require(d, "file", str, where)
+    if Path(name).name != name:
+        raise BundleError(f"{where}: file {name!r} must be a plain file name inside the bundle")
+    return StageSpec(stage=n, file=name, path=root / name, sha256=_require(d, "sha256", str, where).lower(),
+                     bytes=_require(d, "bytes", int, where),
+                     input=_tensor(_require(d, "input", dict, where), where + ".input"),
+                     output=_tensor(_require(d, "output", dict, where), where + ".output"))
+
+
+def _check_file(spec: StageSpec, keep: bool) -> bytes | None:
+    """Hash one model file against the manifest. Returns its bytes when `keep`."""
+    try:
+        if keep:
+            data = spec.path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+        else:
+            data, digest = None, sha256_file(spec.path)
+    except FileNotFoundError:
+        raise BundleError(f"{spec.path}: model file listed in the manifest is missing") from None
+    except OSError as exc:
+        raise BundleError(f"{spec.path}: cannot read model file: {exc.strerror or exc}") from exc
+    if digest != spec.sha256:
+        raise BundleError(f"{spec.path}: sha256 mismatch (manifest {spec.sha256[:16]}..., file {digest[:16]}...); "
+                          "the model file was changed or damaged, refusing to run it")
+    return data
+
+
+def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all: bool = True) -> Bundle:
+    """Read manifest.yaml, check it, verify the model files' sha256 and pick a variant.
+
+    verify_all: check every variant's files (default), not just the selected one's.
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise BundleError(f"{root}: bundle folder does not exist")
+    if not root.is_dir():
+        raise BundleError(f"{root}: not a folder (expected a bundle folder containing {MANIFEST})")
+    manifest_path = root / MANIFEST
+    try:
+        text = manifest_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BundleError(f"{manifest_path}: not a model bundle (no {MANIFEST}); "
+                          "build one with `python -m convert`") from None
+    except OSError as exc:
+        raise BundleError(f"{manifest_path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        manifest = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise BundleError(f"{manifest_path}: not valid YAML: {exc}") from exc
+    where = str(manifest_path)
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{where}: expected a mapping at the top level")
+    fmt = manifest.get("format")
+    if fmt != FORMAT:
+        raise BundleError(f"{where}: unsupported bundle format {fmt!r} (this runtime reads {FORMAT!r})")
+
+    taxonomy = tuple(_require(manifest, "taxonomy", list, where))
+    stage2_classes = tuple(_require(manifest, "stage2_classes", list, where))
+    if not taxonomy or len(set(taxonomy)) != len(taxonomy):
+        raise BundleError(f"{where}: taxonomy must be a non-empty list of distinct names")
+    unknown = [c for c in stage2_classes if c not in taxonomy[1:]]
+    if not stage2_classes or unknown:
+        raise BundleError(f"{where}: stage2_classes must be defect classes from the taxonomy (bad: {unknown})")
+    inp = _require(manifest, "input", dict, where)
+    height, width = _require(inp, "height", int, where + ": input"), _require(inp, "width", int, where + ": input")
+    gating = _require(manifest, "gating", dict, where)
+    threshold = _require(gating, "stage1_threshold", float, where + ": gating")
+    floor = _require(gating, "stage2_review_floor", float, where + ": gating")
+    if not 0.0 <= threshold <= 1.0 or not 0.0 <= floor <= 1.0:
+        raise BundleError(f"{where}: gating values must lie in [0, 1] (got {threshold}, {floor})")
+
+    variants_raw = _require(manifest, "variants", dict, where)
+    if not variants_raw:
+        raise BundleError(f"{where}: no model variants listed")
+    chosen = variant or manifest.get("default_variant") or next(iter(variants_raw))
+    if chosen not in variants_raw:
+        raise BundleError(f"{where}: no variant {chosen!r} in this bundle (available: {', '.join(variants_raw)})")
+
+    specs: dict[str, dict[int, StageSpec]] = {}
+    for name, stages in variants_raw.items():
+        specs[name] = {n: _stage(root, name, n, _require(stages, f"stage{n}", dict, f"{where}: variants.{name}"),
+                                 manifest_path) for n in (1, 2)}
+    chosen_specs = specs[chosen]
+    for n, spec in chosen_specs.items():
+        expected = (1, height, width, 3)
+        if spec.input.shape != expected:
+            raise BundleError(f"{spec.path}: input shape {spec.input.shape} does not match the manifest input "
+                              f"{expected}")
+    if chosen_specs[2].output.shape[-1] != len(stage2_classes):
+        raise BundleError(f"{chosen_specs[2].path}: {chosen_specs[2].output.shape[-1]} outputs but "
+                          f"{len(stage2_classes)} stage2_classes")
+
+    model_bytes = {n: _check_file(spec, keep=True) for n, spec in chosen_specs.items()}
+    if verify_all:
+        for name, stages in specs.items():
+            if name != chosen:
+                for spec in stages.values():
+                    _check_file(spec, keep=False)
+
+    return Bundle(root=root.resolve(), manifest=manifest, variant=chosen, variants=tuple(variants_raw),
+                  taxonomy=taxonomy, stage2_classes=stage2_classes, image_size=(height, width),
+                  stage1_threshold=threshold, stage2_review_floor=floor,
+                  stage1=chosen_specs[1], stage2=chosen_specs[2], _model_bytes=model_bytes)

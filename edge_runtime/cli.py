@@ -1,0 +1,180 @@
+"""edge-inspect: two-stage SEM defect inspection on the board.
+
+    edge-inspect --models BUNDLE PATH...            files or folders (recursive): a table, or --json lines
+    edge-inspect --models BUNDLE --watch DIR        the drop-folder service (see edge_runtime/watch.py)
+    edge-inspect --config service.yaml              the service, configured by one validated file
+
+Exit status: 0 all good; 1 some input failed (the others were still processed); 2 a setup problem a person
+must fix (bundle, folder, permission, config); 3 the service stopped because results could not be stored
+(disk full): no image was lost, restart once fixed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from edge_runtime.bundle import BundleError
+from edge_runtime.interpreter import NoInterpreter
+from edge_runtime.preprocess import ImageError, SUPPORTED_SUFFIXES, is_supported
+from edge_runtime.store import StorageError
+from edge_runtime.watch import (EXIT_FAILED, EXIT_OK, EXIT_SETUP, EXIT_STORAGE, RUNTIMES, ConfigError,
+                                WatchError, WatchService, is_ignored_name, load_service_config)
+
+PROG = "edge-inspect"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Two-stage SEM defect inspection with a model bundle.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="exit status: 0 ok, 1 some input failed, 2 setup error, 3 storage full/failed")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders (searched recursively)")
+    p.add_argument("--models", metavar="BUNDLE", help="model bundle folder (from `python -m convert`)")
+    p.add_argument("--variant", help="model variant in the bundle (default: the bundle's default, int8)")
+    p.add_argument("--threads", type=int, help="interpreter threads (default: all cores)")
+    p.add_argument("--runtime", choices=RUNTIMES, help="TFLite interpreter (default: the first installed)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    w = p.add_argument_group("watch-folder service")
+    w.add_argument("--watch", metavar="DIR", help="watch this drop folder and inspect every new image")
+    w.add_argument("--config", metavar="FILE", help="service config (YAML); command-line flags override it")
+    w.add_argument("--once", action="store_true", help="process what is in the folder, then exit")
+    dest = w.add_mutually_exclusive_group()
+    dest.add_argument("--processed", metavar="DIR", help="move inspected images here (default: DIR/processed)")
+    dest.add_argument("--leave-in-place", action="store_true", default=None,
+                      help="record results but leave inspected images where they are")
+    w.add_argument("--quarantine", metavar="DIR", help="unusable files go here (default: DIR/quarantine)")
+    w.add_argument("--db", metavar="PATH", help="SQLite results (default: DIR/.edge-inspect.sqlite3)")
+    w.add_argument("--jsonl", metavar="PATH", help="also append each result to this JSONL file")
+    w.add_argument("--settle-seconds", type=float, metavar="S", help="a file is complete once unchanged this long (1.0)")
+    w.add_argument("--poll-seconds", type=float, metavar="S", help="polling interval when inotify is unavailable (1.0)")
+    w.add_argument("--inotify", choices=("auto", "on", "off"), help="use inotify (auto) or always poll (off)")
+    w.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
+
+
+def _error(msg: str, code: int) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return code
+
+
+def collect_inputs(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Expand folders (recursively, sorted, supported image types only). Returns (files, problems)."""
+    files, problems = [], []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = []
+            for root, dirs, names in os.walk(path, onerror=lambda e: problems.append((e.filename, str(e)))):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found.extend(Path(root) / n for n in names if is_supported(n) and not is_ignored_name(n))
+            if not found:
+                problems.append((raw, f"no images found ({' '.join(SUPPORTED_SUFFIXES)})"))
+            files.extend(sorted(found))
+        elif path.exists():
+            files.append(path)
+        else:
+            problems.append((raw, "no such file or folder"))
+    return files, problems
+
+
+def _table_row(r) -> str:
+    review = "REVIEW" if r.review else ""
+    return f"{r.label:<10} {r.stage1_score:>8.3f} {r.confidence:>6.3f} {review:<6} {r.latency_ms:>8.1f}  {r.path}"
+
+
+def run_batch(args) -> int:
+    from edge_runtime.inspector import Inspector
+
+    if not args.paths:
+        return _error("give image files or folders to inspect, or --watch DIR", EXIT_SETUP)
+    try:
+        inspector = Inspector(args.models, variant=args.variant, threads=args.threads, runtime=args.runtime)
+    except (BundleError, NoInterpreter) as exc:
+        return _error(str(exc), EXIT_SETUP)
+    files, problems = collect_inputs(args.paths)
+    out = sys.stdout
+    failed = 0
+
+    def fail(path, reason):
+        nonlocal failed
+        failed += 1
+        print(f"{PROG}: {path}: {reason}", file=sys.stderr)
+        if args.json:
+            out.write(json.dumps({"path": str(path), "error": reason}, ensure_ascii=False) + "\n")
+
+    for path, reason in problems:
+        fail(path, reason)
+    if not args.json:
+        out.write(f"{'label':<10} {'P(defect)':>8} {'conf':>6} {'review':<6} {'ms':>8}  path\n")
+    counts = {"clean": 0, "defective": 0, "review": 0}
+    total_ms = 0.0
+    for path in files:
+        try:
+            r = inspector.inspect(path)
+        except ImageError as exc:
+            fail(path, str(exc))
+            continue
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:        # one bad input never stops the others
+            fail(path, f"could not be inspected: {type(exc).__name__}: {exc}")
+            continue
+        counts["defective" if r.defect_class else "clean"] += 1
+        counts["review"] += r.review
+        total_ms += r.latency_ms
+        out.write((json.dumps(r.to_dict(), ensure_ascii=False) if args.json else _table_row(r)) + "\n")
+        out.flush()
+    done = counts["clean"] + counts["defective"]
+    print(f"{PROG}: {done} inspected ({counts['clean']} clean, {counts['defective']} defective, "
+          f"{counts['review']} to review), {failed} failed"
+          + (f"; mean {total_ms / done:.1f} ms/image" if done else ""), file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def run_watch(args) -> int:
+    overrides = {"models": args.models, "watch": args.watch, "processed": args.processed,
+                 "leave_in_place": args.leave_in_place, "quarantine": args.quarantine, "db": args.db,
+                 "jsonl": args.jsonl, "variant": args.variant, "threads": args.threads, "runtime": args.runtime,
+                 "settle_seconds": args.settle_seconds, "poll_seconds": args.poll_seconds,
+                 "inotify": args.inotify, "log_level": args.log_level}
+    try:
+        cfg = load_service_config(args.config, overrides)
+    except ConfigError as exc:
+        return _error(str(exc), EXIT_SETUP)
+    logging.basicConfig(level=getattr(logging, cfg.log_level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        service = WatchService(cfg)
+    except (BundleError, NoInterpreter, WatchError) as exc:
+        return _error(str(exc), EXIT_SETUP)
+    except StorageError as exc:      # full disk: 3; anything else (permissions, bad path): a setup error
+        return _error(str(exc), EXIT_STORAGE if exc.disk_full else EXIT_SETUP)
+    return service.run(once=args.once)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    watching = args.watch is not None or args.config is not None
+    if watching:
+        if args.paths:
+            return _error("give either PATHs to inspect or --watch DIR, not both", EXIT_SETUP)
+        if args.json:
+            return _error("--json is for PATHs; the service writes JSON lines with --jsonl", EXIT_SETUP)
+        return run_watch(args)
+    service_only = [f for f in ("once", "processed", "leave_in_place", "quarantine", "db", "jsonl",
+                                "settle_seconds", "poll_seconds", "inotify") if getattr(args, f)]
+    if service_only:
+        return _error(f"--{service_only[0].replace('_', '-')} needs --watch DIR", EXIT_SETUP)
+    if not args.models:
+        return _error("--models BUNDLE is required", EXIT_SETUP)
+    if args.threads is not None and args.threads <= 0:
+        return _error("--threads must be > 0", EXIT_SETUP)
+    return run_batch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

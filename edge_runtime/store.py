@@ -1,0 +1,237 @@
+"""The watch service's result store: one SQLite file (standard library, WAL journal).
+
+Schema (PRAGMA user_version = 1):
+
+    CREATE TABLE results (
+        id            INTEGER PRIMARY KEY,   -- also written into each JSONL line as "id"
+        key           TEXT NOT NULL UNIQUE,  -- identity of one dropped image: "<sha256>/<file name>"
+                                             --   ("unreadable:<size>:<mtime_ns>/<file name>" if it could not be read)
+        name          TEXT NOT NULL,         -- file name as dropped
+        src_path      TEXT NOT NULL,         -- where it was found
+        dest_path     TEXT NOT NULL,         -- where it goes: processed/, quarantine/ or src_path (leave in place)
+        size          INTEGER NOT NULL,      -- bytes
+        mtime_ns      INTEGER NOT NULL,
+        sha256        TEXT,                  -- of the file content (NULL when unreadable)
+        outcome       TEXT NOT NULL,         -- 'inspected' | 'quarantined'
+        label         TEXT,                  -- final 8-class label (clean or the defect class); NULL if quarantined
+        stage1_score  REAL,                  -- P(defective)
+        defect_class  TEXT,                  -- NULL when clean or quarantined
+        confidence    REAL,
+        review        INTEGER,               -- 1 when Stage-2 confidence is under the review floor
+        latency_ms    REAL,
+        reason        TEXT,                  -- why it was quarantined
+        variant       TEXT,                  -- model variant that produced the result
+        state         TEXT NOT NULL,         -- 'recorded' (file not yet moved) | 'done' | 'missing'
+        journaled     INTEGER NOT NULL,      -- 1 once the JSONL line is written (or no JSONL configured)
+        recorded_at   TEXT NOT NULL,         -- ISO-8601 UTC
+        done_at       TEXT
+    );
+    CREATE INDEX results_state ON results(state) WHERE state != 'done';
+    CREATE INDEX results_journal ON results(journaled) WHERE journaled = 0;
+    CREATE INDEX results_dest ON results(dest_path);
+    CREATE INDEX results_src ON results(src_path, size, mtime_ns);
+
+Query it with the sqlite3 shell, e.g. `SELECT label, count(*) FROM results GROUP BY label`.
+
+Storage errors (disk full, read-only, I/O error) are raised as StorageError so the service can stop taking
+work instead of losing results.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import os
+import sqlite3
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    src_path TEXT NOT NULL,
+    dest_path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT,
+    outcome TEXT NOT NULL CHECK (outcome IN ('inspected', 'quarantined')),
+    label TEXT,
+    stage1_score REAL,
+    defect_class TEXT,
+    confidence REAL,
+    review INTEGER,
+    latency_ms REAL,
+    reason TEXT,
+    variant TEXT,
+    state TEXT NOT NULL CHECK (state IN ('recorded', 'done', 'missing')),
+    journaled INTEGER NOT NULL DEFAULT 0,
+    recorded_at TEXT NOT NULL,
+    done_at TEXT
+);
+CREATE INDEX IF NOT EXISTS results_state ON results(state) WHERE state != 'done';
+CREATE INDEX IF NOT EXISTS results_journal ON results(journaled) WHERE journaled = 0;
+CREATE INDEX IF NOT EXISTS results_dest ON results(dest_path);
+CREATE INDEX IF NOT EXISTS results_src ON results(src_path, size, mtime_ns);
+"""
+COLUMNS = ("id", "key", "name", "src_path", "dest_path", "size", "mtime_ns", "sha256", "outcome", "label",
+           "stage1_score", "defect_class", "confidence", "review", "latency_ms", "reason", "variant", "state",
+           "journaled", "recorded_at", "done_at")
+
+
+class StorageError(RuntimeError):
+    """Results cannot be stored (disk full, read-only, I/O error). `disk_full` says which."""
+
+    def __init__(self, message: str, disk_full: bool = False):
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.Error) and ("full" in str(exc).lower())
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def db_text(path: str | os.PathLike) -> str:
+    """A path as valid UTF-8 text (names that are not UTF-8 get backslash escapes)."""
+    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+
+
+class Store:
+    def __init__(self, path: str | os.PathLike, durable: bool = True):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) below. One user at a
+            # time, but the service may be built in one thread and run in another.
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StorageError(f"{self.path}: cannot use WAL journal (got {mode}); is it on a network share?")
+            # FULL: a committed result survives power loss; NORMAL: survives process kills only.
+            self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            # A small, fixed page cache: inserts and indexed look-ups need little, and the service's memory
+            # must not grow with the size of the database.
+            self.db.execute("PRAGMA cache_size=-512")
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise StorageError(f"{self.path}: result database schema version {version} is not supported "
+                                   f"(this version writes {SCHEMA_VERSION})")
+            self.db.executescript(SCHEMA)
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: cannot open result database: {exc}", is_disk_full(exc)) from exc
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot create result database: {exc.strerror or exc}",
+                               is_disk_full(exc)) from exc
+
+    def close(self) -> None:
+        """Close; an uncommitted group transaction is rolled back (those images were not moved)."""
+        try:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            self.db.close()
+        except sqlite3.Error:
+            pass
+
+    # -- reads -------------------------------------------------------------------------------------------
+    def get(self, key: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM results WHERE key = ?", (key,)).fetchone()
+        return dict(row) if row else None
+
+    def dest_taken(self, dest: str) -> bool:
+        return self.db.execute("SELECT 1 FROM results WHERE dest_path = ? LIMIT 1", (dest,)).fetchone() is not None
+
+    def seen_in_place(self, src: str, size: int, mtime_ns: int) -> bool:
+        return self.db.execute("SELECT 1 FROM results WHERE src_path = ? AND size = ? AND mtime_ns = ? LIMIT 1",
+                               (src, size, mtime_ns)).fetchone() is not None
+
+    def unfinished(self) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM results WHERE state = 'recorded' ORDER BY id")]
+
+    def unjournaled(self) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM results WHERE journaled = 0 ORDER BY id")]
+
+    def count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM results").fetchone()[0]
+
+    # -- writes ------------------------------------------------------------------------------------------
+    def _fail(self, exc: sqlite3.Error, what: str = "write") -> StorageError:
+        try:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        return StorageError(f"{self.path}: cannot {what} result database: {exc}", is_disk_full(exc))
+
+    def _write(self, fn):
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn()
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+            return out
+        except sqlite3.Error as exc:
+            raise self._fail(exc) from exc
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.db.in_transaction
+
+    def insert(self, row: dict) -> int:
+        """Insert one result into the open group transaction (started here if needed); not durable until
+        commit(). Readers on this connection (get, dest_taken) already see it."""
+        try:
+            if not self.db.in_transaction:
+                self.db.execute("BEGIN IMMEDIATE")
+            cols = [c for c in COLUMNS if c != "id" and c in row]
+            cur = self.db.execute(f"INSERT INTO results ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                                  [row[c] for c in cols])
+            return cur.lastrowid
+        except sqlite3.Error as exc:
+            raise self._fail(exc) from exc
+
+    def commit(self, done_ids=(), journaled_ids=()) -> None:
+        """Apply the deferred state updates and commit: durable when this returns."""
+        try:
+            if not self.db.in_transaction:
+                self.db.execute("BEGIN IMMEDIATE")
+            self._apply(done_ids, journaled_ids)
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._fail(exc) from exc
+
+    def record(self, row: dict, done_ids=(), journaled_ids=()) -> int:
+        """Insert one result and commit."""
+        row_id = self.insert(row)
+        self.commit(done_ids, journaled_ids)
+        return row_id
+
+    def update(self, done_ids=(), journaled_ids=(), missing_ids=()) -> None:
+        if not (done_ids or journaled_ids or missing_ids):
+            return
+
+        def fn():
+            self._apply(done_ids, journaled_ids)
+            now = utc_now()
+            self.db.executemany("UPDATE results SET state = 'missing', done_at = ? WHERE id = ?",
+                                [(now, i) for i in missing_ids])
+        self._write(fn)
+
+    def _apply(self, done_ids, journaled_ids) -> None:
+        now = utc_now()
+        if done_ids:
+            self.db.executemany("UPDATE results SET state = 'done', done_at = ? WHERE id = ? AND state != 'done'",
+                                [(now, i) for i in done_ids])
+        if journaled_ids:
+            self.db.executemany("UPDATE results SET journaled = 1 WHERE id = ?", [(i,) for i in journaled_ids])

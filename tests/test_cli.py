@@ -1,0 +1,124 @@
+"""`edge-inspect --models BUNDLE PATH...`: JSON lines, table, exit codes, awkward names."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, TINY_STAGE2
+from edge_runtime.cli import main
+
+FIELDS = ("path", "label", "stage1_score", "defect_class", "confidence", "review", "latency_ms")
+
+
+def make_images(folder: Path, names, seed=0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name in names:
+        p = folder / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 52), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_json_output_fields_and_awkward_names(tiny_bundle, tmp_path, capsys):
+    names = ["plain.png", "with space.png", "ünïcødé 日本.jpg", "sub dir/nested.tif"]
+    paths = make_images(tmp_path / "imgs", names)
+    code = main(["--models", str(tiny_bundle), "--json", "--threads", "1", str(tmp_path / "imgs")])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = json_lines(out)
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in paths)
+    for r in rows:
+        assert all(k in r for k in FIELDS)
+        assert isinstance(r["review"], bool) and r["latency_ms"] > 0
+        if r["defect_class"] is None:
+            assert r["label"] == "clean" and r["review"] is False
+        else:
+            assert r["label"] == r["defect_class"] and r["defect_class"] in TINY_STAGE2
+    # Non-ASCII stays readable (not \u-escaped) in the JSON text.
+    assert "ünïcødé 日本.jpg" in out
+
+
+def test_bad_file_among_good_ones_exits_nonzero_after_all_others(tiny_bundle, tmp_path, capsys):
+    good = make_images(tmp_path, ["a.png", "c.png"])
+    bad = tmp_path / "b.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    missing = tmp_path / "gone.png"
+    code = main(["--models", str(tiny_bundle), "--json", str(good[0]), str(bad), str(missing), str(good[1])])
+    captured = capsys.readouterr()
+    assert code == 1
+    rows = json_lines(captured.out)
+    ok = [r for r in rows if "error" not in r]
+    errors = {r["path"]: r["error"] for r in rows if "error" in r}
+    assert [r["path"] for r in ok] == [str(good[0]), str(good[1])]
+    assert set(errors) == {str(bad), str(missing)}
+    assert "not an image" in errors[str(bad)] and "no such file" in errors[str(missing)]
+    assert "b.png" in captured.err and "2 failed" in captured.err
+
+
+def test_table_output(tiny_bundle, tmp_path, capsys):
+    make_images(tmp_path, ["x.png", "y.bmp"])
+    (tmp_path / "notes.txt").write_text("not an image, skipped when a folder is walked")
+    code = main(["--models", str(tiny_bundle), str(tmp_path)])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[0].split()[:3] == ["label", "P(defect)", "conf"]
+    assert len(out) == 3 and out[1].endswith("x.png") and out[2].endswith("y.bmp")
+    assert out[1].split()[0] in ("clean", *TINY_STAGE2)
+
+
+def test_setup_errors_exit_2_with_a_clear_message(tiny_bundle, tmp_path, capsys):
+    img = make_images(tmp_path, ["a.png"])[0]
+    assert main(["--models", str(tmp_path / "nope"), str(img)]) == 2
+    assert "bundle folder does not exist" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle, broken)
+    with open(broken / "stage1.tflite", "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x00\x01\x02\x03")
+    assert main(["--models", str(broken), str(img)]) == 2
+    assert "sha256 mismatch" in capsys.readouterr().err
+    assert main(["--models", str(tiny_bundle), "--variant", "float16", str(img)]) == 2
+    assert "no variant 'float16'" in capsys.readouterr().err
+    assert main(["--models", str(tiny_bundle)]) == 2
+    assert main([str(img)]) == 2
+    assert "--models" in capsys.readouterr().err
+
+
+def test_variant_and_runtime_flags(tiny_bundle, tmp_path, capsys):
+    img = make_images(tmp_path, ["a.png"])[0]
+    assert main(["--models", str(tiny_bundle), "--variant", "float32", "--runtime", "litert",
+                 "--threads", "2", "--json", str(img)]) == 0
+    (row,) = json_lines(capsys.readouterr().out)
+    assert row["path"] == str(img)
+
+
+def test_console_entry_point_runs_as_a_module(tiny_bundle, tmp_path):
+    img = make_images(tmp_path, ["a b.png"])[0]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "--models", str(tiny_bundle), "--json",
+                           str(img)], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json_lines(proc.stdout)
+    assert row["path"] == str(img)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read unreadable files")
+def test_unreadable_file_fails_cleanly(tiny_bundle, tmp_path, capsys):
+    img = make_images(tmp_path, ["a.png"])[0]
+    img.chmod(0)
+    assert main(["--models", str(tiny_bundle), str(img)]) == 1
+    assert "Permission denied" in capsys.readouterr().err

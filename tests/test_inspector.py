@@ -1,0 +1,244 @@
+"""edge_runtime.bundle + edge_runtime.inspector on tiny bundles: loading, sha256 refusal, gating, quantization."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import TINY_SIZE, TINY_STAGE2
+from edge_runtime.bundle import BundleError, load_bundle
+from edge_runtime.inspector import Inspector, StageRunner
+from edge_runtime.interpreter import make_interpreter
+from edge_runtime.preprocess import ImageError, preprocess_file
+
+
+def copy_bundle(src: Path, dst: Path, **gating) -> Path:
+    """A private copy of a bundle, optionally with edited gating (the sha256s cover the model files only)."""
+    shutil.copytree(src, dst)
+    if gating:
+        manifest_path = dst / "manifest.yaml"
+        manifest = yaml.safe_load(manifest_path.read_text())
+        manifest["gating"].update(gating)
+        manifest_path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return dst
+
+
+def random_images(n: int, seed: int = 0, size: int = 48) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size + 8), dtype=np.uint8) for _ in range(n)]
+
+
+def test_bundle_loads_with_manifest_values(tiny_bundle):
+    b = load_bundle(tiny_bundle)
+    assert b.variant == "int8"
+    assert set(b.variants) == {"int8", "float32"}
+    assert b.image_size == (TINY_SIZE, TINY_SIZE)
+    assert b.stage2_classes == tuple(TINY_STAGE2)
+    assert b.clean_label == "clean"
+    assert b.stage1_threshold == 0.5 and b.stage2_review_floor == 0.5
+    assert b.stage1.input.dtype == "uint8" and b.stage1.output.dtype == "int8"
+    assert load_bundle(tiny_bundle, "float32").stage1.file == "stage1_float32.tflite"
+
+
+def test_sha256_mismatch_is_refused(tiny_bundle, tmp_path):
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    data = bytearray((b / "stage2.tflite").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (b / "stage2.tflite").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"stage2\.tflite: sha256 mismatch"):
+        Inspector(b)
+
+
+def test_tampered_file_of_other_variant_is_also_refused(tiny_bundle, tmp_path):
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    with open(b / "stage1_float32.tflite", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(BundleError, match=r"stage1_float32\.tflite: sha256 mismatch"):
+        load_bundle(b, "int8")
+
+
+def test_missing_model_file_and_not_a_bundle(tiny_bundle, tmp_path):
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    (b / "stage1.tflite").unlink()
+    with pytest.raises(BundleError, match=r"stage1\.tflite: model file listed in the manifest is missing"):
+        load_bundle(b)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="not a model bundle"):
+        load_bundle(tmp_path / "empty")
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(tmp_path / "nowhere")
+    with pytest.raises(BundleError, match="no variant 'float16'.*available: int8, float32"):
+        load_bundle(tiny_bundle, "float16")
+
+
+def test_malformed_manifest_is_refused(tiny_bundle, tmp_path):
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    manifest = yaml.safe_load((b / "manifest.yaml").read_text())
+    del manifest["gating"]["stage1_threshold"]
+    (b / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(BundleError, match="stage1_threshold"):
+        load_bundle(b)
+    manifest["format"] = "something-else/9"
+    (b / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(BundleError, match="unsupported bundle format"):
+        load_bundle(b)
+
+
+def test_threshold_zero_sends_everything_to_stage2(tiny_bundle, tmp_path):
+    insp = Inspector(copy_bundle(tiny_bundle, tmp_path / "b", stage1_threshold=0.0), threads=1)
+    calls = _count_runs(insp.stage2)
+    for img in random_images(6):
+        r = insp.inspect(img)
+        assert r.defect_class in TINY_STAGE2 and r.label == r.defect_class
+        assert r.stage2_ms is not None
+    assert calls["n"] == 6
+
+
+def test_threshold_one_skips_stage2(tiny_bundle, tmp_path):
+    insp = Inspector(copy_bundle(tiny_bundle, tmp_path / "b", stage1_threshold=1.0), threads=1)
+    calls = _count_runs(insp.stage2)
+    for img in random_images(6):
+        r = insp.inspect(img)
+        assert r.label == "clean" and r.defect_class is None and r.stage2_ms is None
+        assert r.review is False
+        assert r.confidence == pytest.approx(1.0 - r.stage1_score)
+    assert calls["n"] == 0, "Stage 2 must not run on clean images"
+
+
+def test_gating_follows_the_threshold_per_image(tiny_bundle, tmp_path):
+    # float32 gives a spread of scores; put the threshold in the middle of them.
+    probe = Inspector(tiny_bundle, variant="float32", threads=1)
+    images = random_images(12, seed=3)
+    scores = sorted(probe.inspect(img).stage1_score for img in images)
+    assert scores[0] < scores[-1], "need distinct Stage-1 scores for this test"
+    threshold = (scores[5] + scores[6]) / 2
+    insp = Inspector(copy_bundle(tiny_bundle, tmp_path / "b", stage1_threshold=threshold),
+                     variant="float32", threads=1)
+    results = [insp.inspect(img) for img in images]
+    for r in results:
+        assert (r.defect_class is not None) == (r.stage1_score >= threshold)
+    assert sum(r.defect_class is None for r in results) == 6
+
+
+def test_review_flag_follows_the_floor(tiny_bundle, tmp_path):
+    always = Inspector(copy_bundle(tiny_bundle, tmp_path / "a", stage1_threshold=0.0, stage2_review_floor=1.0))
+    never = Inspector(copy_bundle(tiny_bundle, tmp_path / "n", stage1_threshold=0.0, stage2_review_floor=0.0))
+    for img in random_images(4):
+        ra, rn = always.inspect(img), never.inspect(img)
+        assert ra.review is True and ra.confidence < 1.0
+        assert rn.review is False
+        assert ra.confidence == rn.confidence
+    # With the floor between confidences, the flag is exactly "confidence < floor".
+    conf = never.inspect(random_images(1)[0]).confidence
+    mid = Inspector(copy_bundle(tiny_bundle, tmp_path / "m", stage1_threshold=0.0,
+                                stage2_review_floor=conf + 1e-6))
+    assert mid.inspect(random_images(1)[0]).review is True
+
+
+def test_outputs_are_dequantized_with_the_model_parameters(tiny_bundle):
+    insp = Inspector(tiny_bundle, threads=1)
+    pixels = np.random.default_rng(5).integers(0, 256, (TINY_SIZE, TINY_SIZE, 3), dtype=np.uint8)
+    for stage, runner in ((1, insp.stage1), (2, insp.stage2)):
+        ref = make_interpreter(model_path=str(tiny_bundle / f"stage{stage}.tflite"), num_threads=1)
+        ref.set_tensor(ref.get_input_details()[0]["index"], pixels[None])
+        ref.invoke()
+        out = ref.get_output_details()[0]
+        scale, zero = out["quantization"]
+        assert out["dtype"] == np.int8 and scale > 0
+        expected = (ref.get_tensor(out["index"]).astype(np.float32) - zero) * scale
+        np.testing.assert_allclose(runner.run(pixels), expected[0], rtol=0, atol=1e-7)
+    # int8 and float32 agree on the same image to quantization precision.
+    ref32 = Inspector(tiny_bundle, variant="float32", threads=1)
+    assert abs(insp.stage1.run(pixels)[0] - ref32.stage1.run(pixels)[0]) < 0.05
+
+
+def test_quantized_input_path_uses_scale_and_zero_point(tiny_bundle):
+    insp = Inspector(tiny_bundle, threads=1)
+    runner: StageRunner = insp.stage1
+    assert runner._in_mode == "direct"          # uint8, scale 1, zero point 0: pixels copied straight in
+    pixels = np.arange(TINY_SIZE * TINY_SIZE * 3, dtype=np.int64).reshape(TINY_SIZE, TINY_SIZE, 3) % 256
+    pixels = pixels.astype(np.uint8)
+    runner.set_input(pixels)
+    index = runner.interpreter.get_input_details()[0]["index"]
+    np.testing.assert_array_equal(runner.interpreter.get_tensor(index)[0], pixels)
+    # Force the general path (a model whose input is quantized with scale 2, zero point 10).
+    runner._in_mode = "quantize"
+    runner._in_inv_scale, runner._in_zero = np.float32(0.5), np.float32(10)
+    runner._in_lo, runner._in_hi = 0, 255
+    runner._scratch = np.empty(pixels.shape, np.float32)
+    runner.set_input(pixels)
+    expected = np.clip(np.rint(pixels / 2.0 + 10), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(runner.interpreter.get_tensor(index)[0], expected)
+
+
+def test_path_bytes_and_array_give_the_same_result(tiny_bundle, tmp_path):
+    insp = Inspector(tiny_bundle, threads=1)
+    img = random_images(1, seed=9, size=70)[0]
+    path = tmp_path / "wafer é 1.png"
+    Image.fromarray(img).save(path)
+    from_path = insp.inspect(path)
+    from_bytes = insp.inspect(path.read_bytes())
+    from_array = insp.inspect(img)
+    assert from_path.path == str(path) and from_bytes.path is None and from_array.path is None
+    assert from_path.stage1_score == from_bytes.stage1_score == from_array.stage1_score
+    assert from_path.label == from_bytes.label == from_array.label
+    # The same pixels as the shared preprocessing gives.
+    assert insp.inspect_pixels(preprocess_file(path, TINY_SIZE)).stage1_score == from_path.stage1_score
+
+
+def test_result_dict_is_json_with_the_documented_fields(tiny_bundle):
+    r = Inspector(tiny_bundle, threads=1).inspect(random_images(1)[0], path="x.png")
+    d = json.loads(json.dumps(r.to_dict()))
+    for key in ("path", "label", "stage1_score", "defect_class", "confidence", "review", "latency_ms"):
+        assert key in d
+    assert d["path"] == "x.png" and d["latency_ms"] > 0
+    assert 0.0 <= d["stage1_score"] <= 1.0 and 0.0 <= d["confidence"] <= 1.0
+
+
+def test_bad_images_raise_image_error_and_the_inspector_keeps_working(tiny_bundle, tmp_path):
+    insp = Inspector(tiny_bundle, threads=1)
+    buf = io.BytesIO()
+    Image.fromarray(random_images(1, size=64)[0]).save(buf, format="PNG")
+    (tmp_path / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (tmp_path / "empty.png").write_bytes(b"")
+    for name in ("truncated.png", "empty.png"):
+        with pytest.raises(ImageError):
+            insp.inspect(tmp_path / name)
+    assert insp.inspect(buf.getvalue()).label in ("clean", *TINY_STAGE2)
+
+
+def test_no_per_image_growth(tiny_bundle, tmp_path):
+    insp = Inspector(copy_bundle(tiny_bundle, tmp_path / "b", stage1_threshold=0.0), threads=1)
+    interp1, interp2 = insp.stage1.interpreter, insp.stage2.interpreter
+    images = random_images(8)
+    for img in images * 3:
+        insp.inspect(img)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.take_snapshot()
+        for _ in range(25):
+            for img in images:
+                insp.inspect(img)
+        grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(base, "filename"))
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 * 1024, f"{grown} bytes kept after 200 inspections"
+    assert insp.stage1.interpreter is interp1 and insp.stage2.interpreter is interp2
+
+
+def _count_runs(runner):
+    calls = {"n": 0}
+    original = runner.run
+
+    def counted(pixels):
+        calls["n"] += 1
+        return original(pixels)
+    runner.run = counted
+    return calls

@@ -29,9 +29,21 @@ test: setup setup-edge
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# The whole chain on the embedded synthetic data: synth -> train (quick) -> int8 convert + cross-compare
+# -> benchmark -> edge-inspect. About 10-15 minutes on 2 CPU cores.
 demo: setup
 	$(PY) -m train synth --out $(DEMO)/data --per-class 60 --seed 0
-	@echo "demo: synthetic data in $(DEMO)/data (training, conversion and the runtime are added as they land)"
+	$(PY) -m train --data $(DEMO)/data --out $(DEMO)/run --profile quick --weights none
+	$(PY) -m convert --int8 --float32 --run $(DEMO)/run --out $(DEMO)/bundle
+	$(PY) -m benchmarks --models $(DEMO)/bundle --threads 1,2 --runs 20 --stream-length 40 --out $(DEMO)/bench
+	$(VENV)/bin/edge-inspect --models $(DEMO)/bundle $(DEMO)/data/clean/clean_0000.png $(DEMO)/data/bridges/bridges_0000.png $(DEMO)/data/vias/vias_0000.png
+	@echo
+	@echo "demo done. Reports:"
+	@echo "  data + audit:     $(DEMO)/run/data/summary.md"
+	@echo "  training:         $(DEMO)/run/report.md"
+	@echo "  float vs int8:    $(DEMO)/bundle/compare.md"
+	@echo "  benchmark:        $(DEMO)/bench/results.md"
+	@echo "  deployable bundle: $(DEMO)/bundle"
 
 clean:
 	rm -rf out runs models .pytest_cache

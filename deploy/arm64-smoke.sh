@@ -1,0 +1,249 @@
+#!/usr/bin/env bash
+# arm64 smoke test without a board: run edge-inspect with an aarch64 Python 3.11 under qemu user-mode
+# emulation, on the project's source, with the aarch64 wheels a board would get.
+#
+#   deploy/arm64-smoke.sh [options] -- EDGE-INSPECT-ARGS...
+#   deploy/arm64-smoke.sh -- --models models/demo --json data/some-images/
+#
+# What it builds, once, under --cache (default ~/.cache/sem-inspect-arm64), re-used afterwards:
+#   root/         Debian 12 (bookworm) arm64 packages (python3.11-minimal, libpython3.11-stdlib, libc6, ...)
+#                 fetched with apt-get download into a private apt state (the host's dpkg is not touched, no
+#                 root, binfmt or chroot needed) and unpacked with dpkg -x
+#   site-*/       aarch64 wheels (pip download --platform manylinux..._aarch64 --only-binary=:all:) unzipped
+#   qemu-trixie/  only with --qemu trixie: Debian 13's qemu-user (10.x, a static binary) unpacked
+# Then: qemu-aarch64 -cpu CPU -L root root/usr/bin/python3.11 -m edge_runtime.cli ARGS, with
+# PYTHONPATH=<repo>:site-*. Its stdout is edge-inspect's; this script's messages go to stderr.
+#
+# Why root/proc/cpuinfo (measured, see deploy/README.md): ai-edge-litert >= 2.2.0 calls cpuinfo_initialize()
+# while building the interpreter, and cpuinfo_arm_linux_init() crashes (SIGSEGV) parsing the *host's* x86
+# /proc/cpuinfo, which qemu 7.2 user mode passes through (qemu >= 8.1 emulates the file). qemu -L serves
+# root/proc/cpuinfo instead, so this script writes an ARM one matching --cpu there; --no-fake-cpuinfo
+# shows the crash. tflite-runtime 2.14 crashes elsewhere (see --runtime).
+#
+# Exit status: edge-inspect's own; 77 when this machine cannot run the test (no qemu, not Debian/apt,
+# offline): the reason is printed, and tests skip on it.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$SCRIPT_DIR/.." && pwd)
+
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/sem-inspect-arm64
+QEMU=auto
+CPU=cortex-a72
+RUNTIME=litert
+LITERT_SPEC=""
+PYTHON=${PYTHON:-python3}
+MIRROR=http://deb.debian.org/debian
+SECURITY_MIRROR=http://deb.debian.org/debian-security
+SETUP_ONLY=0
+REBUILD=0
+ARGS=()
+
+# The aarch64 Python 3.11 and the shared libraries it and the wheels load (bookworm, glibc 2.36).
+DEB_PACKAGES=(python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libssl3 zlib1g libexpat1
+    libffi8 libbz2-1.0 liblzma5 libsqlite3-0 libncursesw6 libtinfo6 libreadline8 libuuid1 libcrypt1
+    libgcc-s1 libstdc++6 libzstd1 media-types)
+# What pyproject.toml's edge extra asks for (the version a board gets).
+LITERT_DEFAULT="ai-edge-litert>=2.0,<3"
+FAKE_CPUINFO=1
+# tflite-runtime's last release is built against numpy 1.x.
+TFLITE_SPECS=("tflite-runtime==2.14.0" "numpy<2")
+
+usage() {
+    cat <<EOF
+Usage: $0 [options] [-- EDGE-INSPECT-ARGS...]
+
+Options:
+  --cache DIR         where the arm64 root, wheels and apt state live (default: $CACHE)
+  --qemu PATH|auto|trixie
+                      qemu-aarch64 binary; auto = qemu-aarch64-static or qemu-aarch64 on PATH;
+                      trixie = fetch Debian 13's qemu-user (10.x) into the cache and use it
+  --cpu MODEL         emulated CPU (default: $CPU, the Raspberry Pi 4's core; e.g. cortex-a76 = Pi 5)
+  --runtime NAME      litert (default) or tflite-runtime (2.14 + numpy<2)
+  --litert SPEC       ai-edge-litert requirement (default: $LITERT_DEFAULT, as pyproject.toml's edge extra)
+  --no-fake-cpuinfo   let the guest read the host's /proc/cpuinfo (qemu < 8.1 then crashes LiteRT >= 2.2)
+  --python PATH       host Python with pip, to download the wheels (default: \$PYTHON or python3)
+  --setup-only        build the cache and print the versions, run nothing
+  --rebuild           delete the cache first
+  -h, --help          this help
+EOF
+}
+
+say() { printf '[arm64-smoke] %s\n' "$*" >&2; }
+cannot() { printf '[arm64-smoke] cannot run here: %s\n' "$*" >&2; exit 77; }
+die() { printf '[arm64-smoke] ERROR: %s\n' "$*" >&2; exit 2; }
+need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"; }
+
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --cache) need_value "$@"; CACHE=$2; shift 2 ;;
+        --qemu) need_value "$@"; QEMU=$2; shift 2 ;;
+        --cpu) need_value "$@"; CPU=$2; shift 2 ;;
+        --runtime) need_value "$@"; RUNTIME=$2; shift 2 ;;
+        --litert) need_value "$@"; LITERT_SPEC=$2; shift 2 ;;
+        --python) need_value "$@"; PYTHON=$2; shift 2 ;;
+        --no-fake-cpuinfo) FAKE_CPUINFO=0; shift ;;
+        --setup-only) SETUP_ONLY=1; shift ;;
+        --rebuild) REBUILD=1; shift ;;
+        -h | --help) usage; exit 0 ;;
+        --) shift; ARGS=("$@"); break ;;
+        *) usage >&2; die "unknown option: $1 (edge-inspect arguments go after --)" ;;
+    esac
+done
+case $RUNTIME in litert | tflite-runtime) ;; *) die "--runtime must be litert or tflite-runtime" ;; esac
+((SETUP_ONLY)) || ((${#ARGS[@]})) || die "give edge-inspect arguments after -- (or --setup-only)"
+
+for tool in apt-get dpkg flock; do
+    command -v "$tool" >/dev/null 2>&1 || cannot "$tool is missing (a Debian/Ubuntu host is needed to fetch Debian's arm64 packages)"
+done
+KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+[[ -r $KEYRING ]] || cannot "$KEYRING is missing (apt-get install debian-archive-keyring)"
+"$PYTHON" -m pip --version >/dev/null 2>&1 || cannot "$PYTHON has no pip (pass --python or PYTHON=.../python)"
+
+if ((REBUILD)); then
+    say "removing $CACHE"
+    rm -rf "$CACHE"
+fi
+mkdir -p "$CACHE"
+# One run at a time per cache (parallel test runs): root/proc/cpuinfo is written per run.
+exec 9>"$CACHE/.lock"
+flock 9
+
+# A private apt state for a foreign architecture or suite: reads the host's apt.conf (proxies), nothing else.
+apt_private() {
+    local dir=$1 arch=$2
+    shift 2
+    apt-get -q -o "APT::Architecture=$arch" -o "APT::Architectures::=$arch" \
+        -o "Dir::Etc::SourceList=$dir/sources.list" -o "Dir::Etc::SourceParts=$dir/sources.list.d" \
+        -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache" -o "Dir::State::status=$dir/status" \
+        -o "Debug::NoLocking=1" -o "APT::Sandbox::User=root" "$@"
+}
+
+apt_setup() {
+    local dir=$1 arch=$2 sources=$3
+    mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial" "$dir/sources.list.d" "$dir/debs"
+    : >"$dir/status"
+    printf '%s\n' "$sources" >"$dir/sources.list"
+    # Lists older than a week are refreshed (security updates replace package versions).
+    if [[ -z $(find "$dir/lists" -maxdepth 1 -name '*Packages*' -mtime -7 -print -quit) ]]; then
+        apt_private "$dir" "$arch" update >"$dir/update.log" 2>&1 ||
+            cannot "apt-get update for $arch failed (offline?); see $dir/update.log"
+    fi
+}
+
+# --- qemu ---------------------------------------------------------------------------------------------
+if [[ $QEMU == trixie ]]; then
+    QDIR=$CACHE/qemu-trixie
+    if [[ ! -x $QDIR/root/usr/bin/qemu-aarch64 ]]; then
+        say "fetching Debian 13 (trixie) qemu-user into $QDIR"
+        host_arch=$(dpkg --print-architecture)
+        apt_setup "$QDIR/apt" "$host_arch" "deb [signed-by=$KEYRING] $MIRROR trixie main"
+        (cd "$QDIR/apt/debs" && apt_private "$QDIR/apt" "$host_arch" download qemu-user) \
+            >"$QDIR/download.log" 2>&1 || cannot "apt-get download qemu-user (trixie) failed; see $QDIR/download.log"
+        rm -rf "$QDIR/root.partial"
+        dpkg -x "$(ls "$QDIR"/apt/debs/qemu-user_*.deb)" "$QDIR/root.partial"
+        rm -rf "$QDIR/root"
+        mv "$QDIR/root.partial" "$QDIR/root"
+    fi
+    QEMU=$QDIR/root/usr/bin/qemu-aarch64
+elif [[ $QEMU == auto ]]; then
+    QEMU=$(command -v qemu-aarch64-static || command -v qemu-aarch64 || true)
+    [[ -n $QEMU ]] || cannot "qemu-aarch64-static is not installed (apt-get install qemu-user-static)"
+fi
+[[ -x $QEMU ]] || cannot "$QEMU is not an executable qemu"
+QEMU_VERSION=$("$QEMU" --version | sed -n 's/.*version \([0-9][0-9.]*\).*/\1/p' | head -n1)
+[[ -n $QEMU_VERSION ]] || die "cannot read the version of $QEMU"
+LITERT_SPEC=${LITERT_SPEC:-$LITERT_DEFAULT}
+
+# --- aarch64 Python root ------------------------------------------------------------------------------
+ROOT=$CACHE/root
+ROOT_KEY=$(printf '%s\n' "$MIRROR" "${DEB_PACKAGES[@]}" | sha256sum | cut -c1-16)
+if [[ $(cat "$ROOT/.complete" 2>/dev/null) != "$ROOT_KEY" ]]; then
+    say "building the arm64 Python 3.11 root in $ROOT (Debian 12 packages)"
+    apt_setup "$CACHE/apt" arm64 "deb [signed-by=$KEYRING] $MIRROR bookworm main
+deb [signed-by=$KEYRING] $MIRROR bookworm-updates main
+deb [signed-by=$KEYRING] $SECURITY_MIRROR bookworm-security main"
+    rm -f "$CACHE"/apt/debs/*.deb
+    (cd "$CACHE/apt/debs" && apt_private "$CACHE/apt" arm64 download "${DEB_PACKAGES[@]}") \
+        >"$CACHE/apt/download.log" 2>&1 || cannot "apt-get download of the arm64 packages failed; see $CACHE/apt/download.log"
+    rm -rf "$ROOT.partial"
+    mkdir -p "$ROOT.partial"
+    for deb in "$CACHE"/apt/debs/*.deb; do
+        dpkg -x "$deb" "$ROOT.partial"
+    done
+    printf '%s\n' "$ROOT_KEY" >"$ROOT.partial/.complete"
+    rm -rf "$ROOT"
+    mv "$ROOT.partial" "$ROOT"
+fi
+[[ -x $ROOT/usr/bin/python3.11 ]] || die "$ROOT/usr/bin/python3.11 is missing after the build (try --rebuild)"
+
+# An ARM /proc/cpuinfo for the emulated core (MIDR part numbers), one entry per host CPU so that
+# os.cpu_count() and cpuinfo agree.
+case $CPU in
+    cortex-a53) part=0xd03 ;; cortex-a57) part=0xd07 ;; cortex-a76) part=0xd0b ;;
+    neoverse-n1) part=0xd0c ;; *) part=0xd08 ;; # cortex-a72 (Raspberry Pi 4) and anything else
+esac
+rm -f "$ROOT/proc/cpuinfo"
+if ((FAKE_CPUINFO)); then
+    mkdir -p "$ROOT/proc"
+    for ((i = 0; i < $(nproc); i++)); do
+        printf 'processor\t: %d\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n' "$i"
+        printf 'CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: %s\nCPU revision\t: 3\n\n' "$part"
+    done >"$ROOT/proc/cpuinfo"
+fi
+
+# --- aarch64 wheels -----------------------------------------------------------------------------------
+# The project's own dependencies (numpy, Pillow, PyYAML) from pyproject.toml, plus the interpreter.
+mapfile -t REQS < <("$PYTHON" - "$REPO/pyproject.toml" <<'PYEOF'
+import sys, tomllib
+with open(sys.argv[1], "rb") as fh:
+    print("\n".join(tomllib.load(fh)["project"]["dependencies"]))
+PYEOF
+)
+((${#REQS[@]})) || die "cannot read the dependencies from $REPO/pyproject.toml"
+if [[ $RUNTIME == litert ]]; then REQS+=("$LITERT_SPEC"); else REQS+=("${TFLITE_SPECS[@]}"); fi
+SITE_KEY=$(printf '%s\n' "${REQS[@]}" | sha256sum | cut -c1-16)
+SITE=$CACHE/site-$RUNTIME-$SITE_KEY
+if [[ ! -f $SITE/.complete ]]; then
+    say "downloading aarch64 wheels into $SITE: ${REQS[*]}"
+    # Wheels for glibc <= 2.36 (Debian 12 / Raspberry Pi OS 12); pip wants each manylinux tag spelled out.
+    platforms=(--platform manylinux2014_aarch64)
+    for minor in $(seq 17 36); do platforms+=(--platform "manylinux_2_${minor}_aarch64"); done
+    rm -rf "$SITE.partial" "$SITE.wheels"
+    "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all: --implementation cp \
+        --python-version 3.11 "${platforms[@]}" --dest "$SITE.wheels" "${REQS[@]}" >"$CACHE/pip-download.log" 2>&1 ||
+        cannot "pip download of the aarch64 wheels failed (offline, or no aarch64 wheel for: ${REQS[*]}); see $CACHE/pip-download.log"
+    mkdir -p "$SITE.partial"
+    for wheel in "$SITE.wheels"/*.whl; do
+        "$PYTHON" -m zipfile -e "$wheel" "$SITE.partial/"
+    done
+    rm -rf "$SITE.wheels"
+    touch "$SITE.partial/.complete"
+    mv "$SITE.partial" "$SITE"
+fi
+
+# --- run ----------------------------------------------------------------------------------------------
+# Only this environment: no host PYTHONHOME/user site; bytecode cached outside the checkout.
+run_arm64() {
+    env -u PYTHONHOME -u PYTHONSTARTUP PYTHONPATH="$REPO:$SITE" PYTHONNOUSERSITE=1 \
+        PYTHONPYCACHEPREFIX="$CACHE/pycache" TF_CPP_MIN_LOG_LEVEL=3 \
+        "$QEMU" -cpu "$CPU" -L "$ROOT" "$ROOT/usr/bin/python3.11" -s "$@"
+}
+VERSIONS=$(run_arm64 -c '
+import platform, sys, numpy
+from edge_runtime.interpreter import load_backend
+from importlib import metadata
+name, cls = load_backend(sys.argv[1])
+dist = {"litert": "ai-edge-litert", "tflite-runtime": "tflite-runtime"}[name]
+print(f"python {platform.python_version()} {platform.machine()}, numpy {numpy.__version__}, {dist} {metadata.version(dist)}")
+' "$RUNTIME") || die "the aarch64 Python cannot load the $RUNTIME interpreter (see above)"
+say "qemu $QEMU_VERSION ($QEMU) -cpu $CPU: $VERSIONS"
+((SETUP_ONLY)) && exit 0
+set +e
+run_arm64 -m edge_runtime.cli --runtime "$RUNTIME" "${ARGS[@]}"
+status=$?
+set -e
+if ((status >= 128)); then
+    say "the aarch64 process died with signal $((status - 128)) under qemu $QEMU_VERSION -cpu $CPU"
+fi
+exit "$status"

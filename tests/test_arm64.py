@@ -1,0 +1,147 @@
+"""arm64 smoke test without a board: edge-inspect under qemu-aarch64 (deploy/arm64-smoke.sh) gives the same
+labels and scores as on x86-64, for the int8 and float32 variants of a tiny bundle.
+
+Skips with the script's reason where the machine cannot run it (no qemu-aarch64-static, not a Debian/apt
+host, offline). The aarch64 root and wheels are cached in ~/.cache/sem-inspect-arm64 (or
+$SEM_INSPECT_ARM64_CACHE); $SEM_INSPECT_ARM64_QEMU picks the qemu (auto | trixie | a path) and
+$SEM_INSPECT_ARM64_CPU the emulated core (default cortex-a72).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import REPO
+
+SCRIPT = REPO / "deploy" / "arm64-smoke.sh"
+CACHE = Path(os.environ.get("SEM_INSPECT_ARM64_CACHE", Path.home() / ".cache" / "sem-inspect-arm64"))
+QEMU = os.environ.get("SEM_INSPECT_ARM64_QEMU", "auto")
+CPU = os.environ.get("SEM_INSPECT_ARM64_CPU", "cortex-a72")     # Raspberry Pi 4's core
+SKIP_STATUS = 77        # arm64-smoke.sh: this machine cannot run the test
+
+
+def make_pattern_images(folder: Path, size: int = 48) -> list[Path]:
+    """Structured images (flat, gradients, edges, texture) so the tiny models' outputs differ between them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[0:size, 0:size]
+    patterns = {
+        "black": np.zeros((size, size)), "white": np.full((size, size), 255),
+        "hgrad": x * 255 / size, "vgrad": y * 255 / size, "checker": ((x // 4 + y // 4) % 2) * 255,
+        "stripes": ((x // 3) % 2) * 255, "noise": rng.integers(0, 256, (size, size)),
+        "dots": ((x % 8 < 2) & (y % 8 < 2)) * 255, "disc": (((x - 24) ** 2 + (y - 24) ** 2) < 200) * 255,
+        "lowcontrast": 100 + rng.integers(0, 20, (size, size)),
+    }
+    paths = []
+    for name, pixels in patterns.items():
+        path = folder / f"{name}.png"
+        Image.fromarray(pixels.astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def rows_by_name(stdout: str) -> dict[str, dict]:
+    rows = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    return {Path(r["path"]).name: r for r in rows}
+
+
+def x86_run(bundle: Path, images: Path, variant: str) -> dict[str, dict]:
+    proc = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "--models", str(bundle), "--variant", variant,
+                           "--runtime", "litert", "--threads", "1", "--json", str(images)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return rows_by_name(proc.stdout)
+
+
+def arm64_run(bundle: Path, images: Path, variant: str) -> tuple[dict[str, dict], str]:
+    proc = subprocess.run(["bash", str(SCRIPT), "--cache", str(CACHE), "--qemu", QEMU, "--cpu", CPU,
+                           "--python", sys.executable,
+                           "--", "--models", str(bundle), "--variant", variant, "--threads", "1", "--json",
+                           str(images)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+    if proc.returncode == SKIP_STATUS:
+        pytest.skip(proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, f"arm64 edge-inspect failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    versions = [line for line in proc.stderr.splitlines() if line.startswith("[arm64-smoke] qemu")]
+    return rows_by_name(proc.stdout), (versions[-1] if versions else "")
+
+
+@pytest.fixture(scope="module")
+def split_bundle(tiny_bundle, tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny bundle with its gating moved between the x86 scores, so that the images land on both sides of
+    the Stage-1 threshold and the review floor: a one-step difference on arm64 would change labels."""
+    if shutil.which("qemu-aarch64-static") is None and shutil.which("qemu-aarch64") is None and QEMU == "auto":
+        pytest.skip("qemu-aarch64-static is not installed (apt-get install qemu-user-static)")
+    root = tmp_path_factory.mktemp("arm64")
+    bundle = root / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    images = root / "images"
+    make_pattern_images(images)
+    rows = x86_run(bundle, images, "int8").values()
+    manifest_path = bundle / "manifest.yaml"
+    manifest = yaml.safe_load(manifest_path.read_text())
+
+    def between(values):
+        distinct = sorted(set(values))
+        if len(distinct) < 2:
+            return None
+        mid = len(distinct) // 2
+        return round((distinct[mid - 1] + distinct[mid]) / 2, 6)
+
+    threshold = between([r["stage1_score"] for r in rows])
+    if threshold is not None:
+        manifest["gating"]["stage1_threshold"] = threshold
+    floor = between([r["confidence"] for r in rows if r["defect_class"]])
+    if floor is not None:
+        manifest["gating"]["stage2_review_floor"] = floor
+    manifest_path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return bundle, images
+
+
+def test_int8_results_match_x86_64(split_bundle):
+    bundle, images = split_bundle
+    x86 = x86_run(bundle, images, "int8")
+    labels = {r["label"] for r in x86.values()}
+    assert "clean" in labels and labels - {"clean"}, f"the gating split did not work: {labels}"
+    arm, versions = arm64_run(bundle, images, "int8")
+    assert sorted(arm) == sorted(x86), "arm64 did not report every image"
+    manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
+    steps = {1: manifest["variants"]["int8"]["stage1"]["output"]["scale"],
+             2: manifest["variants"]["int8"]["stage2"]["output"]["scale"]}
+    exact = 0
+    for name, a in x86.items():
+        b = arm[name]
+        assert (b["label"], b["defect_class"], b["review"]) == (a["label"], a["defect_class"], a["review"]), name
+        # Scores are dequantized int8 outputs: allow at most one quantization step (measured: identical).
+        assert abs(b["stage1_score"] - a["stage1_score"]) <= steps[1] + 1e-6, (name, a, b)
+        step = steps[2] if a["defect_class"] else steps[1]
+        assert abs(b["confidence"] - a["confidence"]) <= step + 1e-6, (name, a, b)
+        exact += (b["stage1_score"], b["confidence"]) == (a["stage1_score"], a["confidence"])
+    print(f"\n{versions}: int8 {exact}/{len(x86)} images bit-identical to x86-64, labels all equal")
+
+
+def test_float32_results_match_x86_64(split_bundle):
+    bundle, images = split_bundle
+    x86 = x86_run(bundle, images, "float32")
+    arm, versions = arm64_run(bundle, images, "float32")
+    assert sorted(arm) == sorted(x86), "arm64 did not report every image"
+    threshold = yaml.safe_load((bundle / "manifest.yaml").read_text())["gating"]["stage1_threshold"]
+    worst = 0.0
+    for name, a in x86.items():
+        b = arm[name]
+        # The scores are rounded to 6 decimals in the JSON; ARM and x86 kernels may differ in the last float bits.
+        for key in ("stage1_score", "confidence"):
+            worst = max(worst, abs(b[key] - a[key]))
+            assert abs(b[key] - a[key]) <= 1e-5, (name, key, a, b)
+        if abs(a["stage1_score"] - threshold) > 1e-5:     # a label right at the threshold may legitimately flip
+            assert b["label"] == a["label"], (name, a, b)
+    print(f"\n{versions}: float32 largest score difference {worst:g}")

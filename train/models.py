@@ -82,6 +82,12 @@ def build_stage_model(stage: int, *, backbone: str, image_size: int, num_classes
     shape = (image_size, image_size, 3)
     base = build_backbone(backbone, shape, weights)
     pretrained = weights is not None
+    if not pretrained:
+        # From scratch, the default BN momentum (0.99) lets the moving statistics lag far behind the
+        # weights on small datasets (~40 steps an epoch): validation then swings wildly. 0.9 tracks them.
+        for layer in base.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = 0.9
     inputs = keras.Input(shape, name="pixels")  # raw 0..255
     x = inputs
     for layer in normalisation_layers(backbone):

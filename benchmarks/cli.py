@@ -1,0 +1,567 @@
+"""`python -m benchmarks`: per-stage and end-to-end benchmarks of a model bundle, runtimes side by side.
+
+    python -m benchmarks --models models/demo --images data/ --threads 1,2 --out reports/bench
+
+Every measurement runs in a fresh worker process (benchmarks.worker) so its memory numbers are its own
+and one runtime's warm caches or thread pools never flatter another's. Results: results.json,
+results.md and PNG plots in --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import costmodel, report
+from benchmarks.machine import describe_machine, nominal_peak
+from benchmarks.stats import summarize
+from benchmarks.streams import (discover_images, images_from_split_csv, label_mapper, prevalence_stream,
+                                split_pools)
+
+REPO = Path(__file__).resolve().parent.parent
+TFLITE_RUNTIMES = ("litert", "tflite-runtime")
+RUNTIMES = TFLITE_RUNTIMES + ("keras",)
+RUNTIME_MODULES = {"litert": "ai_edge_litert", "tflite-runtime": "tflite_runtime"}
+RUNTIME_DISTS = {"litert": "ai-edge-litert", "tflite-runtime": "tflite-runtime"}
+
+
+class UsageError(Exception):
+    pass
+
+
+def _csv(text: str, conv, name: str) -> list:
+    try:
+        values = [conv(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UsageError(f"--{name}: cannot parse {text!r} ({exc})") from None
+    if not values:
+        raise UsageError(f"--{name}: empty list")
+    return list(dict.fromkeys(values))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    cores = os.cpu_count() or 1
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark a model bundle: per stage (init, first inference, steady-state latency, "
+                    "throughput, RSS, MACs) and end to end at several defect prevalences, for each runtime "
+                    "installed (LiteRT, tflite-runtime, Keras) side by side.")
+    ap.add_argument("--models", required=True, metavar="BUNDLE", help="bundle folder (with manifest.yaml)")
+    ap.add_argument("--threads", default=",".join(str(t) for t in dict.fromkeys([1, cores])),
+                    help="comma-separated thread counts (default: 1 and all cores)")
+    ap.add_argument("--runtime", default=",".join(RUNTIMES),
+                    help=f"comma-separated runtimes to compare (default: {','.join(RUNTIMES)}; each where installed)")
+    ap.add_argument("--prevalence", default="0.05,0.2,0.5", help="defect prevalences for the end-to-end streams")
+    ap.add_argument("--images", metavar="DIR", help="labelled images in class folders (DIR/<class>/*.png) for the "
+                    "end-to-end benchmark (default: the test split of the bundle's source run, when present)")
+    ap.add_argument("--out", metavar="DIR", help="output folder (default: reports/bench-<date>)")
+    ap.add_argument("--runs", type=int, default=50, help="steady-state runs per stage configuration (default 50)")
+    ap.add_argument("--max-seconds", type=float, default=20.0,
+                    help="time box per configuration; stops early once 5 runs are in (default 20)")
+    ap.add_argument("--stream-length", type=int, default=60, help="images per prevalence stream (default 60)")
+    ap.add_argument("--variants", help="comma-separated bundle variants (default: all in the manifest)")
+    ap.add_argument("--keras-run", metavar="runs/NAME", help="training run with stage1.keras/stage2.keras for the "
+                    "Keras (original notebook) path (default: the manifest's source_run)")
+    ap.add_argument("--light-gate", default="auto", metavar="auto|off|MODEL.tflite",
+                    help="lightweight Stage-1 gate for the cost model: auto = the bundle's Stage 1 if it is "
+                         "mobilenet_v3_small, else a random-weight MobileNetV3Small exported int8 (needs TF); "
+                         "or a .tflite file; or off")
+    ap.add_argument("--seed", type=int, default=0, help="seed for stream sampling")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds before a worker is abandoned")
+    args = ap.parse_args(argv)
+    args.threads = _csv(args.threads, int, "threads")
+    args.runtime = _csv(args.runtime, str, "runtime")
+    args.prevalence = _csv(args.prevalence, float, "prevalence")
+    if any(t < 1 for t in args.threads):
+        raise UsageError("--threads: thread counts must be >= 1")
+    unknown = [r for r in args.runtime if r not in RUNTIMES]
+    if unknown:
+        raise UsageError(f"--runtime: unknown {unknown}; choose from {list(RUNTIMES)}")
+    if any(not 0.0 <= p <= 1.0 for p in args.prevalence):
+        raise UsageError("--prevalence: values must lie in [0, 1]")
+    if args.runs < 1 or args.stream_length < 1 or args.max_seconds <= 0:
+        raise UsageError("--runs and --stream-length must be >= 1 and --max-seconds > 0")
+    args.variants = _csv(args.variants, str, "variants") if args.variants else None
+    return args
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Workers:
+    """Runs benchmarks.worker in fresh processes; specs and results go through files in a temp folder."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+        self.count = 0
+        self.env = dict(os.environ)
+        self.env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), self.env.get("PYTHONPATH")) if p)
+
+    def run(self, spec: dict) -> dict:
+        self.count += 1
+        spec_file = self.tmp / f"spec{self.count}.json"
+        result_file = self.tmp / f"result{self.count}.json"
+        spec_file.write_text(json.dumps(spec), encoding="utf-8")
+        cmd = [sys.executable, "-m", "benchmarks.worker", "--spec", f"@{spec_file}", "--result", str(result_file)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, env=self.env)
+        except subprocess.TimeoutExpired:
+            return {"status": "error", "reason": f"worker timed out after {self.timeout:.0f} s"}
+        if result_file.is_file():
+            return json.loads(result_file.read_text(encoding="utf-8"))
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
+        return {"status": "error", "reason": f"worker exited {proc.returncode} without a result: " + " | ".join(tail)}
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def runtime_availability(requested: list[str], keras_run: Path | None, keras_reason: str) -> dict:
+    """Which requested runtimes can run here, with versions or the reason they cannot (nothing imported)."""
+    from importlib import metadata
+
+    out = {}
+    for name in requested:
+        if name in TFLITE_RUNTIMES:
+            if importlib.util.find_spec(RUNTIME_MODULES[name]) is None:
+                out[name] = {"status": "not installed",
+                             "reason": f"python module {RUNTIME_MODULES[name]} not found "
+                                       f"(pip install {RUNTIME_DISTS[name]})"}
+                continue
+            try:
+                version = metadata.version(RUNTIME_DISTS[name])
+            except metadata.PackageNotFoundError:
+                version = "?"
+            out[name] = {"status": "ok", "version": version}
+        else:
+            missing = [m for m in ("tensorflow", "keras") if importlib.util.find_spec(m) is None]
+            if missing:
+                out[name] = {"status": "not installed", "reason": f"{', '.join(missing)} not installed"}
+            elif keras_run is None:
+                out[name] = {"status": "skipped", "reason": keras_reason}
+            else:
+                try:
+                    version = metadata.version("keras")
+                except metadata.PackageNotFoundError:
+                    version = "?"
+                out[name] = {"status": "ok", "version": version, "run": str(keras_run)}
+    return out
+
+
+def find_keras_run(arg: str | None, manifest: dict) -> tuple[Path | None, str]:
+    """The training run whose stageN.keras files are the notebook-path baseline, or (None, why not)."""
+    candidate = arg or manifest.get("source_run")
+    where = "--keras-run" if arg else "the manifest's source_run"
+    if not candidate:
+        return None, "no --keras-run given and the manifest has no source_run"
+    run = Path(candidate)
+    missing = [f for f in ("stage1.keras", "stage2.keras") if not (run / f).is_file()]
+    if missing:
+        return None, f"{where} {candidate}: {', '.join(missing)} not found"
+    return run.resolve(), ""
+
+
+def collect_images(args, manifest: dict, clean_label: str) -> dict:
+    """Labelled images for the end-to-end streams, from --images or the source run's split.csv."""
+    if args.images:
+        mapper, how = label_mapper()
+        items, unmapped = discover_images(args.images, mapper)
+        source = f"{args.images} (labels: {how})"
+    else:
+        run = manifest.get("source_run")
+        split_csv = Path(run) / "split.csv" if run else None
+        if not split_csv or not split_csv.is_file():
+            return {"status": "skipped", "reason": "no --images given and the bundle's source run has no split.csv"}
+        items, unmapped = images_from_split_csv(split_csv), {}
+        source = f"{split_csv} (test split)"
+    clean, defective = split_pools(items, clean_label)
+    info = {"status": "ok", "source": source, "clean": len(clean), "defective": len(defective),
+            "unmapped_folders": unmapped, "pools": (clean, defective)}
+    if not items:
+        info.update(status="skipped", reason=f"no labelled images found in {source}")
+    return info
+
+
+def stage_row(stage: int, variant: str, runtime: str, threads: int, model: Path, result: dict) -> dict:
+    row = {"stage": stage, "variant": variant, "runtime": runtime, "threads": threads, "model": str(model),
+           "model_mb": model.stat().st_size / 1e6 if model.is_file() else None, "status": result["status"]}
+    if result["status"] != "ok":
+        row["reason"] = result.get("reason", "")
+        return row
+    lat = result["latencies_ms"]
+    row.update({k: result[k] for k in ("runtime_version", "import_ms", "init_ms", "first_ms", "warmup_runs",
+                                       "rss_after_import_mb", "rss_after_init_mb", "peak_rss_mb", "input")})
+    row["warmup_mean_ms"] = result.get("warmup_mean_ms")
+    row["cpu_per_wall"] = result.get("cpu_per_wall")
+    row["cpu_ms_per_run"] = result.get("cpu_ms_per_run")
+    row["load_average"] = result.get("load_average")
+    row["latency"] = summarize(lat)
+    row["latencies_ms"] = lat
+    if "macs" in result:
+        row["macs"] = result["macs"]
+    return row
+
+
+def add_roofline(rows: list[dict], machine: dict) -> None:
+    """GMAC per inference (TFLite graph; Keras rows borrow their stage's float32 count) and GMAC/s."""
+    by_stage = {}
+    for r in rows:
+        if r.get("macs"):
+            by_stage.setdefault(r["stage"], {})[r["variant"]] = r["macs"]["gmac"]
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        counts = by_stage.get(r["stage"], {})
+        gmac = r["macs"]["gmac"] if r.get("macs") else counts.get("float32", next(iter(counts.values()), None))
+        if gmac is None:
+            continue
+        r["gmac"] = gmac
+        r["achieved_gmacs"] = gmac / (r["latency"]["mean_ms"] / 1e3)
+        precision = "int8" if r["variant"] == "int8" else "fp32"
+        peak = nominal_peak(machine, r["threads"], precision)
+        if peak:
+            r["peak_gmacs_estimate"] = peak
+            r["pct_of_peak_estimate"] = 100.0 * r["achieved_gmacs"] / peak
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """Ratios of mean latencies measured in this run: every config vs Keras, and int8 vs float32."""
+    ok = {(r["stage"], r["runtime"], r["variant"], r["threads"]): r["latency"]["mean_ms"]
+          for r in rows if r["status"] == "ok"}
+    out = []
+    for (stage, runtime, variant, threads), mean in sorted(ok.items()):
+        keras = ok.get((stage, "keras", "float32", threads))
+        if runtime != "keras" and keras:
+            out.append({"stage": stage, "threads": threads, "config": f"{runtime} {variant}",
+                        "baseline": "keras float32 model.predict", "speedup": keras / mean})
+        fp32 = ok.get((stage, runtime, "float32", threads))
+        if runtime != "keras" and variant != "float32" and fp32:
+            out.append({"stage": stage, "threads": threads, "config": f"{runtime} {variant}",
+                        "baseline": f"{runtime} float32", "speedup": fp32 / mean})
+    return out
+
+
+def pipeline_summary(result: dict, prevalences: list[float], invoke_means: dict | None) -> list[dict]:
+    """Per-prevalence numbers of one pipeline worker; `invoke_means` = raw stage invokes for the model check."""
+    out = []
+    for p in prevalences:
+        data = result["prevalences"].get(str(p))
+        if not data or not data["records"]:
+            continue
+        recs = data["records"]
+        lat = [r["latency_ms"] for r in recs]
+        flagged = [r["flagged"] for r in recs]
+        defective = [r for r in recs if r["defective"]]
+        clean = [r for r in recs if not r["defective"]]
+        s2 = [r["stage2_ms"] for r in recs if r["stage2_ms"] is not None]
+        clean_path = [r["latency_ms"] for r in recs if not r["flagged"]]
+        flagged_path = [r["latency_ms"] for r in recs if r["flagged"]]
+        row = {"prevalence": p, "images": len(recs), "failures": data.get("failures", []),
+               "defective_fraction": len(defective) / len(recs),
+               "flagged_fraction": sum(flagged) / len(recs),
+               "gate_recall": (sum(r["flagged"] for r in defective) / len(defective)) if defective else None,
+               "gate_fpr": (sum(r["flagged"] for r in clean) / len(clean)) if clean else None,
+               "latency": summarize(lat), "latencies_ms": lat,
+               "preprocess_ms": sum(r["preprocess_ms"] for r in recs) / len(recs),
+               "stage1_ms": sum(r["stage1_ms"] for r in recs) / len(recs),
+               "stage2_ms": (sum(s2) / len(s2)) if s2 else None,
+               # per-image latency when Stage 1 stops the image (clean path) and when Stage 2 runs too
+               "clean_path_ms": (sum(clean_path) / len(clean_path)) if clean_path else None,
+               "flagged_path_ms": (sum(flagged_path) / len(flagged_path)) if flagged_path else None,
+               "stream_throughput_ips": len(recs) / data["wall_s"] if data["wall_s"] > 0 else None,
+               "cpu_per_wall": data.get("cpu_per_wall"), "load_average": data.get("load_average"),
+               # CPU time per image: with 1 thread, about the latency on an otherwise idle core
+               "cpu_ms_per_image": (data["cpu_per_wall"] * data["wall_s"] * 1e3 / len(recs))
+               if data.get("cpu_per_wall") is not None else None}
+        if invoke_means:
+            row["cost_model_ms"] = costmodel.two_stage_ms(row["preprocess_ms"], invoke_means[1], invoke_means[2],
+                                                          row["flagged_fraction"])
+        out.append(row)
+    return out
+
+
+def build_cost_models(paired_runs, pipe_runs, light_gate, prevalences, stage_rows=()) -> list[dict]:
+    """Two-stage vs one model per (runtime, variant, threads), from medians of the paired invokes (Stage 1,
+    Stage 2 and the light gate timed in turn in one process) and the measured preprocessing."""
+    pre_by_threads = {}
+    for run in pipe_runs:
+        for row in run.get("summary", []):
+            pre_by_threads.setdefault(run["threads"], []).append(row["preprocess_ms"])
+    grid = sorted(set([i / 100 for i in range(0, 101, 5)] + list(prevalences)))
+    models = []
+    for run in paired_runs:
+        if run["status"] != "ok":
+            continue
+        runtime, variant, threads = run["runtime"], run["variant"], run["threads"]
+        gate, s2 = run["latency"]["stage1"]["p50_ms"], run["latency"]["stage2"]["p50_ms"]
+        pre_list = pre_by_threads.get(threads)
+        pre = sum(pre_list) / len(pre_list) if pre_list else 0.0
+        entry = {"runtime": runtime, "variant": variant, "threads": threads, "preprocess_ms": pre,
+                 "preprocess_measured": bool(pre_list), "gate_ms": gate, "stage2_ms": s2, "single_ms": s2,
+                 "estimator": "median of paired invokes", "rounds": run["rounds"],
+                 "break_even": costmodel.break_even(gate, s2, s2),
+                 "curve": costmodel.curve(pre, gate, s2, s2, grid)}
+        gmac = {r["stage"]: r["gmac"] for r in stage_rows
+                if r.get("gmac") and r["variant"] == variant and r["runtime"] == runtime}
+        if len(gmac) == 2 and abs(gmac[1] - gmac[2]) <= 0.01 * gmac[2]:
+            # The same network twice: the gate costs a full Stage-2 invoke, so it can never pay; a small
+            # positive break-even here is the timing difference between two identical graphs.
+            entry["same_network"] = {"gmac": gmac[1], "note": (
+                f"Stage 1 and Stage 2 do the same work ({gmac[1]:.2f} GMAC each): the gate costs one full "
+                "model invoke on every image and never pays; a break-even near 0 is timing noise")}
+        if "light_gate" in run["latency"]:
+            lg = run["latency"]["light_gate"]["p50_ms"]
+            entry["light_gate"] = {"gate_ms": lg, "source": light_gate["source"],
+                                   "break_even": costmodel.break_even(lg, s2, s2),
+                                   "curve": costmodel.curve(pre, lg, s2, s2, grid)}
+        for prun in pipe_runs:
+            if (prun["runtime"], prun["variant"], prun["threads"]) == (runtime, variant, threads) \
+                    and prun.get("summary"):
+                entry["measured"] = [{"prevalence": r["prevalence"], "flagged_fraction": r["flagged_fraction"],
+                                      "mean_ms": r["latency"]["mean_ms"], "cost_model_ms": r.get("cost_model_ms")}
+                                     for r in prun["summary"]]
+        models.append(entry)
+    return models
+
+
+def light_gate_models(args, bundle, out: Path, workers: Workers, tflite_rt: str | None) -> dict:
+    """Where the lightweight gate's latency comes from: the bundle itself, a given file, or a built one."""
+    backbone = (bundle.manifest.get("backbones") or {}).get("stage1")
+    if args.light_gate == "off":
+        return {"status": "skipped", "reason": "--light-gate off"}
+    if args.light_gate == "auto" and backbone == "mobilenet_v3_small":
+        return {"status": "ok", "source": "measured: the bundle's Stage 1 is mobilenet_v3_small", "from_bundle": True}
+    if tflite_rt is None:
+        return {"status": "skipped", "reason": "no TFLite runtime installed"}
+    if args.light_gate != "auto":
+        path = Path(args.light_gate)
+        if not path.is_file():
+            return {"status": "error", "reason": f"--light-gate {path}: no such file"}
+        return {"status": "ok", "source": f"measured: {path}", "model": str(path.resolve())}
+    if importlib.util.find_spec("tensorflow") is None:
+        return {"status": "skipped", "reason": "TensorFlow not installed: cannot build a MobileNetV3Small gate"}
+    size = bundle.image_size[0]
+    log(f"building a random-weight MobileNetV3Small Stage 1 at {size}x{size} (int8) for the light-gate estimate")
+    res = workers.run({"mode": "build-gate", "image_size": size,
+                       "out": str(out / "light_gate" / "stage1_mobilenet_v3_small_int8.tflite")})
+    if res["status"] != "ok":
+        return {"status": "error", "reason": res.get("reason", "")}
+    return {"status": "ok", "model": res["model"],
+            "source": "ESTIMATE: random-weight MobileNetV3Small exported int8 the same way (latency only; "
+                      "weights do not change speed)"}
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from edge_runtime.bundle import BundleError, load_bundle
+
+    try:
+        bundle = load_bundle(args.models)   # refuses a damaged bundle (sha256) before anything is timed
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    manifest = bundle.manifest
+    variants = args.variants or list(manifest["variants"])
+    missing = [v for v in variants if v not in manifest["variants"]]
+    if missing:
+        print(f"error: --variants {missing} not in the bundle (has {list(manifest['variants'])})", file=sys.stderr)
+        return 2
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or f"reports/bench-{stamp}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: cannot create --out {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+
+    machine = describe_machine()
+    keras_run, keras_reason = find_keras_run(args.keras_run, manifest)
+    runtimes = runtime_availability(args.runtime, keras_run, keras_reason)
+    log(f"machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['architecture']}, "
+        f"load {machine['load_average_at_start']}")
+    for name, info in runtimes.items():
+        log(f"runtime {name}: {info['status']}" + (f" {info['version']}" if info.get("version") else "")
+            + (f" ({info['reason']})" if info.get("reason") else ""))
+    tflite_rts = [r for r in args.runtime if r in TFLITE_RUNTIMES and runtimes[r]["status"] == "ok"]
+    use_keras = "keras" in runtimes and runtimes["keras"]["status"] == "ok"
+
+    clean_label = bundle.clean_label
+    try:
+        images = collect_images(args, manifest, clean_label)
+    except (FileNotFoundError, OSError, KeyError) as exc:   # a wrong --images folder or a malformed split.csv
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    streams = {}
+    if images["status"] == "ok":
+        clean, defective = images.pop("pools")
+        for p in args.prevalence:
+            try:
+                streams[str(p)] = [list(it) for it in prevalence_stream(clean, defective, p, args.stream_length,
+                                                                        seed=args.seed)]
+            except ValueError as exc:
+                images.setdefault("skipped_prevalences", {})[str(p)] = str(exc)
+        log(f"images: {images['clean']} clean, {images['defective']} defective from {images['source']}"
+            + (f"; unmapped folders ignored: {images['unmapped_folders']}" if images["unmapped_folders"] else ""))
+    else:
+        images.pop("pools", None)
+        log(f"end-to-end: skipped ({images['reason']})")
+
+    results = {"format": "sem-inspect-benchmark/1", "machine": machine,
+               "settings": {"bundle": str(bundle.root), "variants": variants, "threads": args.threads,
+                            "runtimes": args.runtime, "prevalences": args.prevalence, "runs": args.runs,
+                            "max_seconds": args.max_seconds, "stream_length": args.stream_length,
+                            "images": args.images, "keras_run": str(keras_run) if keras_run else None,
+                            "seed": args.seed, "command": " ".join(["python -m benchmarks"] + (argv or sys.argv[1:]))},
+               "bundle": {"path": str(bundle.root), "image_size": list(bundle.image_size),
+                          "backbones": manifest.get("backbones", {}), "variants": list(manifest["variants"]),
+                          "stage1_threshold": bundle.stage1_threshold, "stage2_classes": list(bundle.stage2_classes),
+                          "source_run": manifest.get("source_run")},
+               "runtimes": runtimes, "images": images, "stages": [], "pipeline": [], "notes": []}
+
+    def model_path(stage: int, variant: str) -> Path:
+        return bundle.root / manifest["variants"][variant][f"stage{stage}"]["file"]
+
+    stage_jobs = []
+    for threads in args.threads:
+        for stage in (1, 2):
+            for rt in tflite_rts:
+                for variant in variants:
+                    stage_jobs.append((stage, variant, rt, threads, model_path(stage, variant)))
+            if use_keras:
+                stage_jobs.append((stage, "float32", "keras", threads, keras_run / f"stage{stage}.keras"))
+    pipe_jobs = []
+    if streams:
+        for threads in args.threads:
+            for rt in tflite_rts:
+                for variant in variants:
+                    pipe_jobs.append((variant, rt, threads))
+            if use_keras:
+                pipe_jobs.append(("float32", "keras", threads))
+    paired_jobs = [(variant, rt, threads) for threads in args.threads for rt in tflite_rts for variant in variants]
+    backbone1 = (manifest.get("backbones") or {}).get("stage1")
+    gate_planned = bool(tflite_rts) and (
+        (args.light_gate not in ("off", "auto") and Path(args.light_gate).is_file())
+        or (args.light_gate == "auto" and backbone1 != "mobilenet_v3_small"
+            and importlib.util.find_spec("tensorflow") is not None))
+    total = len(stage_jobs) + len(paired_jobs) + len(pipe_jobs) + (len(args.threads) if gate_planned else 0)
+    step = iter(range(1, total + 1))
+    workers = Workers(args.timeout)
+    failures = 0
+    t_start = time.perf_counter()
+    try:
+        # 1. each stage, variant, runtime and thread count alone in a fresh process
+        for stage, variant, rt, threads, path in stage_jobs:
+            log(f"[{next(step)}/{total}] stage{stage} {variant} {rt} threads={threads} ...")
+            res = workers.run({"mode": "stage", "runtime": rt, "model": str(path), "threads": threads,
+                               "runs": args.runs, "max_seconds": args.max_seconds})
+            row = stage_row(stage, variant, rt, threads, path, res)
+            results["stages"].append(row)
+            if row["status"] == "ok":
+                s = row["latency"]
+                log(f"    init {row['init_ms']:.1f} ms, first {row['first_ms']:.1f} ms, mean {s['mean_ms']:.2f} ms "
+                    f"p99 {s['p99_ms']:.2f} ms ({s['count']} runs, {s['throughput_ips']:.1f} img/s), "
+                    f"peak RSS {row['peak_rss_mb']:.0f} MB, CPU/wall {row['cpu_per_wall'] or 0:.2f}")
+            else:
+                failures += row["status"] == "error"
+                log(f"    {row['status']}: {row.get('reason', '')}")
+            _save_partial(out, results)
+        add_roofline(results["stages"], machine)
+        results["speedups"] = speedups(results["stages"])
+
+        # 2. the lightweight gate, alone, at each thread count
+        gate = light_gate_models(args, bundle, out, workers, tflite_rts[0] if tflite_rts else None)
+        if gate["status"] == "ok" and not gate.get("from_bundle"):
+            gate["rows"] = []
+            for threads in args.threads:
+                log(f"[{next(step)}/{total}] light gate {Path(gate['model']).name} {tflite_rts[0]} "
+                    f"threads={threads} ...")
+                res = workers.run({"mode": "stage", "runtime": tflite_rts[0], "model": gate["model"],
+                                   "threads": threads, "runs": args.runs, "max_seconds": args.max_seconds})
+                row = stage_row(1, "int8", tflite_rts[0], threads, Path(gate["model"]), res)
+                gate["rows"].append(row)
+                log(f"    mean {row['latency']['mean_ms']:.2f} ms" if row["status"] == "ok"
+                    else f"    {row['status']}: {row.get('reason', '')}")
+            add_roofline(gate["rows"], machine)
+        elif gate["status"] != "ok":
+            failures += gate["status"] == "error"
+            log(f"light gate: {gate['status']} ({gate.get('reason', '')})")
+        results["light_gate"] = gate
+
+        # 3. Stage 1, Stage 2 (and the light gate, next to int8) in turn in one process: the cost model's ratios
+        for variant, rt, threads in paired_jobs:
+            models = {"stage1": str(model_path(1, variant)), "stage2": str(model_path(2, variant))}
+            if gate["status"] == "ok" and not gate.get("from_bundle") and variant == "int8":
+                models["light_gate"] = gate["model"]
+            log(f"[{next(step)}/{total}] paired {'/'.join(models)} {variant} {rt} threads={threads} ...")
+            res = workers.run({"mode": "paired", "runtime": rt, "threads": threads, "models": models,
+                               "runs": args.runs, "max_seconds": args.max_seconds})
+            run = {"variant": variant, "runtime": rt, "threads": threads, "status": res["status"]}
+            if res["status"] == "ok":
+                run.update(rounds=res["rounds"], load_average=res["load_average"],
+                           latency={k: summarize(v) for k, v in res["latencies_ms"].items()})
+                log("    medians " + ", ".join(f"{k} {v['p50_ms']:.2f} ms" for k, v in run["latency"].items()))
+            else:
+                failures += res["status"] == "error"
+                run["reason"] = res.get("reason", "")
+                log(f"    {res['status']}: {run['reason']}")
+            results["paired"] = results.get("paired", []) + [run]
+
+        # 4. end to end through the Inspector (or the Keras notebook path) on the prevalence streams
+        invoke_means = {}
+        for r in results["stages"]:
+            if r["status"] == "ok":
+                invoke_means.setdefault((r["runtime"], r["variant"], r["threads"]), {})[r["stage"]] = \
+                    r["latency"]["mean_ms"]
+        for variant, rt, threads in pipe_jobs:
+            log(f"[{next(step)}/{total}] end to end {variant} {rt} threads={threads}: "
+                f"{len(streams)} streams x {args.stream_length} images ...")
+            spec = {"mode": "pipeline", "runtime": rt, "variant": variant, "threads": threads,
+                    "bundle": str(bundle.root), "streams": streams, "max_seconds": args.max_seconds,
+                    "clean_label": clean_label, "keras_run": str(keras_run) if keras_run else None}
+            res = workers.run(spec)
+            run = {"variant": variant, "runtime": rt, "threads": threads, "status": res["status"]}
+            if res["status"] == "ok":
+                means = invoke_means.get((rt, variant, threads))
+                run.update({k: res[k] for k in ("runtime_version", "init_ms", "rss_after_import_mb",
+                                                "rss_after_init_mb", "peak_rss_mb")})
+                run["summary"] = pipeline_summary(res, args.prevalence, means if means and len(means) == 2 else None)
+                for row in run["summary"]:
+                    log(f"    prevalence {row['prevalence']:.2f}: {row['latency']['mean_ms']:.2f} ms/img mean, "
+                        f"{row['stream_throughput_ips']:.1f} img/s, flagged {100 * row['flagged_fraction']:.0f}%")
+            else:
+                failures += res["status"] == "error"
+                run["reason"] = res.get("reason", "")
+                log(f"    {res['status']}: {run['reason']}")
+            results["pipeline"].append(run)
+            _save_partial(out, results)
+
+        results["cost_models"] = build_cost_models(results.get("paired", []), results["pipeline"], gate,
+                                                   args.prevalence, results["stages"])
+    finally:
+        workers.close()
+    results["elapsed_s"] = time.perf_counter() - t_start
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    paths = report.write_all(out, results)
+    log(f"done in {results['elapsed_s']:.0f} s; wrote " + ", ".join(str(p) for p in paths))
+    return 1 if failures else 0
+
+
+def _save_partial(out: Path, results: dict) -> None:
+    """results.json after every measurement: an interrupted run keeps what it measured."""
+    report.write_json(out / "results.json", results)

@@ -1,0 +1,293 @@
+"""`python -m benchmarks` on the tiny bundle: files written, numbers consistent, MACs exact, streams mixed right."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks import costmodel
+from benchmarks.cli import main
+from benchmarks.machine import cpuinfo, macs_per_cycle, nominal_peak
+from benchmarks.stats import summarize
+from benchmarks.streams import discover_images, prevalence_stream, split_pools
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_images(root: Path, per_class: int = 4, size=(40, 48)) -> Path:
+    """Synthetic grayscale PNGs in class folders, with folder names the config's aliases must map."""
+    rng = np.random.default_rng(1)
+    for folder in ("clean", "BRIDGE", "cracks"):
+        d = root / folder
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(d / f"img {i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_bundle, tmp_path_factory):
+    """One small benchmark run shared by the assertions below (workers are real subprocesses)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    images = make_images(tmp / "images")
+    out = tmp / "out"
+    rc = main(["--models", str(tiny_bundle), "--images", str(images), "--threads", "1", "--runs", "5",
+               "--max-seconds", "5", "--stream-length", "10", "--prevalence", "0.2,0.5",
+               "--runtime", "litert,tflite-runtime,keras", "--light-gate", str(tiny_bundle / "stage1.tflite"),
+               "--out", str(out)])
+    return rc, out, json.loads((out / "results.json").read_text())
+
+
+def test_writes_json_markdown_and_plots(bench_run):
+    rc, out, res = bench_run
+    assert rc == 0
+    md = (out / "results.md").read_text()
+    assert "| stage | runtime | variant | threads |" in md and "## End to end" in md
+    assert "## Gate vs one 8-class model" in md and res["machine"]["cpu_model"] in md
+    for name in ("latency_stages.png", "latency_pipeline.png", "pipeline_cost.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+    m = res["machine"]
+    assert m["cores"] >= 1 and m["architecture"] and m["python"] and m["date"]
+    assert "ai-edge-litert" in m["versions"]
+
+
+def test_report_rerenders_from_json(bench_run, tmp_path):
+    from benchmarks import report
+
+    _, out, _ = bench_run
+    shutil.copy(out / "results.json", tmp_path / "results.json")
+    assert report.main([str(tmp_path / "results.json")]) == 0
+    assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
+    assert (tmp_path / "pipeline_cost.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_stage_numbers_positive_and_consistent(bench_run):
+    _, _, res = bench_run
+    rows = [r for r in res["stages"] if r["status"] == "ok"]
+    assert {(r["stage"], r["variant"]) for r in rows} == {(1, "int8"), (1, "float32"), (2, "int8"), (2, "float32")}
+    for r in rows:
+        lat = r["latency"]
+        assert lat["count"] == 5 and len(r["latencies_ms"]) == 5
+        assert 0 < lat["min_ms"] <= lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+        assert lat["throughput_ips"] == pytest.approx(1000.0 / lat["mean_ms"], rel=1e-6)
+        assert r["init_ms"] > 0 and r["first_ms"] > 0 and r["warmup_mean_ms"] > 0 and r["model_mb"] > 0
+        assert r["cpu_ms_per_run"] > 0 and 0 < r["cpu_per_wall"] <= 1.5    # one thread: at most ~1 core busy
+        assert 0 < r["rss_after_import_mb"] <= r["rss_after_init_mb"] <= r["peak_rss_mb"]
+        assert r["gmac"] > 0 and r["achieved_gmacs"] == pytest.approx(r["gmac"] / (lat["mean_ms"] / 1e3))
+    # int8 and float32 graphs of one stage do the same multiply-accumulates
+    macs = {(r["stage"], r["variant"]): r["macs"]["macs"] for r in rows}
+    assert macs[(1, "int8")] == macs[(1, "float32")]
+    assert any(s["baseline"] == "litert float32" for s in res["speedups"])
+
+
+def test_runtimes_reported_side_by_side(bench_run):
+    _, _, res = bench_run
+    assert res["runtimes"]["litert"]["status"] == "ok"
+    if importlib.util.find_spec("tflite_runtime") is None:
+        assert res["runtimes"]["tflite-runtime"]["status"] == "not installed"
+        assert not [r for r in res["stages"] if r["runtime"] == "tflite-runtime"]
+    # the tiny bundle's source_run ("tests") has no stageN.keras: skipped with the reason
+    assert res["runtimes"]["keras"]["status"] in ("skipped", "not installed")
+    assert res["runtimes"]["keras"]["reason"]
+
+
+def test_end_to_end_and_cost_model(bench_run):
+    _, _, res = bench_run
+    assert res["images"]["clean"] == 4 and res["images"]["defective"] == 8   # BRIDGE -> bridges via aliases
+    runs = [r for r in res["pipeline"] if r["status"] == "ok"]
+    assert {r["variant"] for r in runs} == {"int8", "float32"}
+    for run in runs:
+        assert [x["prevalence"] for x in run["summary"]] == [0.2, 0.5]
+        for x in run["summary"]:
+            assert x["images"] == 10 and not x["failures"]
+            assert x["defective_fraction"] == pytest.approx(x["prevalence"])
+            assert 0 <= x["flagged_fraction"] <= 1
+            assert 0 < x["latency"]["p50_ms"] <= x["latency"]["p99_ms"]
+            assert x["preprocess_ms"] > 0 and x["stage1_ms"] > 0
+            # each image's latency covers its preprocessing and Stage 1
+            assert x["latency"]["mean_ms"] >= x["preprocess_ms"] + x["stage1_ms"]
+    models = res["cost_models"]
+    assert {(c["variant"], c["threads"]) for c in models} == {("int8", 1), ("float32", 1)}
+    for c in models:
+        assert c["preprocess_measured"] and c["single_ms"] == c["stage2_ms"]
+        assert c["gate_ms"] > 0 and c["rounds"] == 5
+        assert c["same_network"]["gmac"] > 0      # tiny_cnn in both stages: flagged as the same work
+        # --light-gate FILE (an int8 model) was measured next to the int8 stages only
+        assert (c["light_gate"]["gate_ms"] > 0) if c["variant"] == "int8" else ("light_gate" not in c)
+        at_zero = c["curve"][0]
+        assert at_zero["prevalence"] == 0
+        assert at_zero["two_stage_ms"] == pytest.approx(c["preprocess_ms"] + c["gate_ms"])
+
+
+def test_damaged_bundle_refused(tiny_bundle, tmp_path, capsys):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    (bundle / "stage1.tflite").write_bytes(b"\0" * 64)
+    assert main(["--models", str(bundle), "--out", str(tmp_path / "out")]) == 2
+    assert "sha256" in capsys.readouterr().err
+    assert main(["--models", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    assert main(["--models", str(tiny_bundle), "--images", str(tmp_path / "no-such-folder"),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "no-such-folder" in capsys.readouterr().err
+
+
+def test_worker_broken_model_and_missing_runtime(tmp_path):
+    broken = tmp_path / "broken.tflite"
+    broken.write_bytes(b"not a flatbuffer")
+    spec = {"mode": "stage", "runtime": "litert", "model": str(broken), "threads": 1, "runs": 3, "max_seconds": 1}
+    result = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "benchmarks.worker", "--spec", json.dumps(spec), "--result", str(result)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert json.loads(result.read_text())["status"] == "error"
+    if importlib.util.find_spec("tflite_runtime") is None:
+        spec["runtime"] = "tflite-runtime"
+        cmd[4] = json.dumps(spec)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0
+        assert json.loads(result.read_text())["status"] == "not installed"
+
+
+def test_mac_count_matches_hand_computed(tmp_path):
+    pytest.importorskip("tensorflow")
+    import keras
+
+    from benchmarks.macs import count_macs_file
+    from convert.export import export_tflite
+
+    inputs = keras.Input((10, 12, 3))
+    x = keras.layers.Conv2D(5, 3, padding="valid")(inputs)               # -> 8x10x5
+    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)                # -> 8x10x5
+    x = keras.layers.Flatten()(x)                                         # -> 400
+    outputs = keras.layers.Dense(4)(x)
+    path = tmp_path / "m.tflite"
+    path.write_bytes(export_tflite(keras.Model(inputs, outputs), "float32"))
+    counted = count_macs_file(path)
+    conv = 8 * 10 * 5 * 3 * 3 * 3          # out_H*out_W*out_C*kH*kW*in_C
+    depthwise = 8 * 10 * 5 * 3 * 3         # out_H*out_W*out_C*kH*kW
+    dense = 4 * 400
+    assert counted["by_op"] == {"CONV_2D": conv, "DEPTHWISE_CONV_2D": depthwise, "FULLY_CONNECTED": dense}
+    assert counted["macs"] == conv + depthwise + dense == 16000
+
+
+def test_prevalence_stream_proportions():
+    clean = [(f"c{i}", "clean") for i in range(7)]
+    defective = [(f"d{i}", "cracks") for i in range(5)]
+    for p in (0.0, 0.05, 0.2, 0.5, 1.0):
+        stream = prevalence_stream(clean, defective, p, 40, seed=3)
+        assert len(stream) == 40
+        assert sum(label != "clean" for _, label in stream) == round(p * 40)
+    mixed = prevalence_stream(clean, defective, 0.5, 40, seed=3)
+    assert mixed == prevalence_stream(clean, defective, 0.5, 40, seed=3)         # reproducible
+    assert [lab for _, lab in mixed] != sorted(lab for _, lab in mixed)         # shuffled, not blocked
+    small = prevalence_stream(clean, defective, 0.5, 10, seed=0)                 # pools big enough:
+    assert len({p for p, _ in small}) == 10                                      # no image drawn twice
+    with pytest.raises(ValueError, match="defective"):
+        prevalence_stream(clean, [], 0.2, 10)
+    with pytest.raises(ValueError):
+        prevalence_stream(clean, defective, 1.5, 10)
+
+
+def test_discover_images_maps_folder_names(tmp_path):
+    from benchmarks.streams import label_mapper
+
+    for folder in ("CLEAN_LAYER", "BRIDGE", "Others", "mystery"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / folder / "a.png")
+    (tmp_path / "BRIDGE" / "notes.txt").write_text("not an image")
+    items, unmapped = discover_images(tmp_path, label_mapper()[0])
+    assert sorted(lab for _, lab in items) == ["bridges", "clean", "other"]
+    assert unmapped == {"mystery": 1}
+    clean, defective = split_pools(items)
+    assert len(clean) == 1 and len(defective) == 2
+
+
+def test_cost_model_break_even():
+    be = costmodel.break_even(gate_ms=10, stage2_ms=50, single_ms=50)
+    assert be["prevalence"] == pytest.approx(0.8) and "pays below 80.0%" in be["verdict"]
+    assert costmodel.two_stage_ms(5, 10, 50, 0.8) == pytest.approx(costmodel.single_model_ms(5, 50))
+    assert costmodel.break_even(gate_ms=50, stage2_ms=50, single_ms=50)["verdict"].startswith("never pays")
+    # with false positives the gate sends more images on, so it pays over a narrower range
+    fp = costmodel.break_even(gate_ms=10, stage2_ms=50, single_ms=50, recall=1.0, fpr=0.1)
+    assert fp["prevalence"] == pytest.approx(35 / 45)
+    assert costmodel.two_stage_ms(0, 10, 50, fp["prevalence"], fpr=0.1) == pytest.approx(50)
+
+
+def test_stats_and_peak_estimate():
+    s = summarize(list(range(1, 101)))
+    assert (s["mean_ms"], s["p50_ms"], s["p99_ms"]) == (50.5, 50.5, pytest.approx(99.01))
+    assert s["throughput_ips"] == pytest.approx(1000 / 50.5)
+    arm = cpuinfo("processor : 0\nBogoMIPS : 108.00\nFeatures : fp asimd asimddp\nCPU part : 0xd0b\n")
+    assert "asimddp" in arm["flags"]
+    per = macs_per_cycle("aarch64", arm["flags"])
+    assert per["int8"] == 32
+    info = {"cpu_mhz": 2400.0, "cores": 4, "peak_estimate": {"macs_per_cycle": per}}
+    assert nominal_peak(info, 2, "int8") == pytest.approx(2 * 2.4 * 32)
+    assert nominal_peak(info, 8, "int8") == pytest.approx(4 * 2.4 * 32)    # capped at the cores present
+
+
+@pytest.mark.slow
+def test_keras_notebook_path_side_by_side(tiny_bundle, tmp_path):
+    """With a run's stageN.keras, the Keras model.predict path is measured in the same run and compared."""
+    pytest.importorskip("tensorflow")
+    import keras
+
+    from conftest import TINY_SIZE, TINY_STAGE2
+    from train.models import build_stage_model
+
+    run = tmp_path / "run"
+    run.mkdir()
+    build_stage_model(1, backbone="tiny_cnn", image_size=TINY_SIZE, num_classes=1).save(run / "stage1.keras")
+    build_stage_model(2, backbone="tiny_cnn", image_size=TINY_SIZE,
+                      num_classes=len(TINY_STAGE2)).save(run / "stage2.keras")
+    keras.backend.clear_session()
+    images = make_images(tmp_path / "images", per_class=2)
+    out = tmp_path / "out"
+    rc = main(["--models", str(tiny_bundle), "--images", str(images), "--threads", "1", "--runs", "3",
+               "--stream-length", "4", "--prevalence", "0.5", "--runtime", "litert,keras", "--variants", "int8",
+               "--keras-run", str(run), "--light-gate", "off", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["runtimes"]["keras"]["status"] == "ok"
+    keras_rows = [r for r in res["stages"] if r["runtime"] == "keras"]
+    assert [r["status"] for r in keras_rows] == ["ok", "ok"]
+    assert all(r["gmac"] > 0 and r["latency"]["count"] == 3 for r in keras_rows)   # MACs borrowed from TFLite
+    assert {s["stage"] for s in res["speedups"] if s["baseline"].startswith("keras")} == {1, 2}
+    keras_pipe = [r for r in res["pipeline"] if r["runtime"] == "keras"]
+    assert keras_pipe[0]["status"] == "ok" and keras_pipe[0]["summary"][0]["images"] == 4
+    assert "End-to-end speed-up vs the Keras path" in (out / "results.md").read_text()
+
+
+def test_gate_accounting_follows_the_threshold(tiny_bundle, tmp_path):
+    """Threshold above any score: every image stops at Stage 1 (clean path, no Stage-2 time); threshold 0:
+    every image goes on to Stage 2. The end-to-end numbers must say so."""
+    import yaml
+
+    images = make_images(tmp_path / "images", per_class=2)
+    flagged = {}
+    for threshold in (1.0, 0.0):
+        bundle = tmp_path / f"bundle-{threshold}"
+        shutil.copytree(tiny_bundle, bundle)
+        manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
+        manifest["gating"]["stage1_threshold"] = threshold
+        (bundle / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+        out = tmp_path / f"out-{threshold}"
+        assert main(["--models", str(bundle), "--images", str(images), "--threads", "1", "--runs", "3",
+                     "--variants", "int8", "--runtime", "litert", "--prevalence", "0.5", "--stream-length", "6",
+                     "--light-gate", "off", "--out", str(out)]) == 0
+        row = json.loads((out / "results.json").read_text())["pipeline"][0]["summary"][0]
+        flagged[threshold] = row
+    never, always = flagged[1.0], flagged[0.0]
+    assert never["flagged_fraction"] == 0 and never["stage2_ms"] is None and never["flagged_path_ms"] is None
+    assert never["clean_path_ms"] == pytest.approx(never["latency"]["mean_ms"])
+    assert always["flagged_fraction"] == 1 and always["stage2_ms"] > 0 and always["clean_path_ms"] is None
+    assert always["gate_recall"] == 1 and always["gate_fpr"] == 1

@@ -23,6 +23,7 @@ manifest.yaml (format sem-inspect-bundle/1):
     source_run: /abs/path/runs/NAME
     calibration: {...}                       # int8 only: count, split, per-class counts, seed, files list file
     tools: {python, tensorflow, keras, ...}
+    files: {calibration.txt: {sha256, bytes}}  # the other files written with the bundle (extra_files)
 
 The folder is written to a temporary sibling and renamed into place, so a failed conversion never leaves a
 half-written bundle behind and an existing bundle is replaced whole or not at all.
@@ -51,8 +52,9 @@ def write_bundle(out_dir: str | os.PathLike, models: dict[str, dict[int, bytes]]
                  stage2_classes: list[str], image_size: int, stage1_threshold: float,
                  stage2_review_floor: float, backbones: dict[str, str] | None = None,
                  default_variant: str | None = None, extra: dict | None = None,
-                 extra_files: dict[str, str] | None = None) -> Path:
-    """models: {variant: {1: tflite bytes, 2: tflite bytes}}. Returns the bundle path."""
+                 extra_files: dict[str, str | bytes] | None = None) -> Path:
+    """models: {variant: {1: tflite bytes, 2: tflite bytes}}; extra_files: {name: text or bytes}, written
+    next to the models and listed with their sha256 under `files`. Returns the bundle path."""
     out_dir = Path(out_dir).resolve()
     if not models:
         raise ValueError("no models to write")
@@ -68,8 +70,11 @@ def write_bundle(out_dir: str | os.PathLike, models: dict[str, dict[int, bytes]]
                 (tmp / name).write_bytes(data)
                 variants[variant][f"stage{stage}"] = {
                     "file": name, "sha256": sha256_bytes(data), "bytes": len(data), **io_quantization(data)}
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        files: dict[str, dict] = {}
+        for name, content in (extra_files or {}).items():
+            data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
+            (tmp / name).write_bytes(data)
+            files[name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
         manifest = {
             "format": FORMAT,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -84,6 +89,9 @@ def write_bundle(out_dir: str | os.PathLike, models: dict[str, dict[int, bytes]]
             "backbones": dict(backbones or {}),
             **(extra or {}),
         }
+        if files:
+            manifest["files"] = files
+
         (tmp / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
         for f in tmp.iterdir():          # durable before it becomes visible
             with open(f, "rb") as fh:

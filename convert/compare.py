@@ -1,0 +1,351 @@
+"""Cross-compare: the float Keras stages against every TFLite variant of a bundle, on a held-out split.
+
+Every number comes from predictions made here: the split's images go through the shared preprocessing
+(edge_runtime.preprocess), the Keras models run in float, each TFLite model runs in an interpreter fed the
+way the edge feeds it (its own input quantization; outputs dequantized with their own scale/zero_point).
+
+Per model (keras-float32 and each variant):
+  Stage 1 (all images, clean vs defective at the run's threshold): accuracy, macro P/R/F1, per-class F1,
+    agreement with float (same side of the threshold), mean |P(defective) - float|.
+  Stage 2 (defect images whose class Stage 2 knows): accuracy, macro P/R/F1, per-class F1, agreement with
+    float (same argmax), mean |probability - float|.
+  End to end (8 classes: clean below the threshold, else Stage 2's top-1; Stage 2 runs only on flagged
+    images): accuracy, macro P/R/F1, per-class F1, agreement with float, defect escapes (defective called
+    clean), false alarms, review count (Stage-2 confidence under the review floor).
+  Size: bytes of both stage files, and the ratio to the Keras files and to the float32 TFLite files.
+Writes compare.json, compare.md and confusion_<model>.png; prints the table.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from edge_runtime.preprocess import ImageError, preprocess_file
+from train.metrics import classification_metrics, escape_rate, two_stage_labels
+
+log = logging.getLogger("convert.compare")
+
+KERAS = "keras-float32"
+STAGE1_CLASSES = ["clean", "defective"]
+VARIANT_ORDER = ("float32", "float16", "dynamic", "int8")
+
+
+class CompareError(ValueError):
+    """The bundle or the split cannot be compared: the message says which file and why."""
+
+
+# ---- inputs ----------------------------------------------------------------------------------------------
+
+def read_bundle(bundle_dir: str | os.PathLike, run) -> tuple[Path, dict, dict[str, dict[int, bytes]]]:
+    """manifest + verified model bytes per variant; checks the bundle belongs to this run's stages."""
+    root = Path(bundle_dir).resolve()
+    manifest_path = root / "manifest.yaml"
+    if not manifest_path.is_file():
+        raise CompareError(f"{manifest_path}: missing (not a bundle written by python -m convert)")
+    try:
+        manifest = yaml.safe_load(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CompareError(f"{manifest_path}: unreadable: {exc}") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("variants"), dict) or not manifest["variants"]:
+        raise CompareError(f"{manifest_path}: no variants listed")
+    if list(manifest.get("stage2_classes") or []) != run.stage2_classes:
+        raise CompareError(f"{manifest_path}: Stage-2 classes {manifest.get('stage2_classes')} differ from the "
+                           f"run's {run.stage2_classes}: bundle and run do not belong together")
+    size = (manifest.get("input") or {}).get("height")
+    if size != run.image_size:
+        raise CompareError(f"{manifest_path}: input size {size} differs from the run's image_size {run.image_size}")
+    models: dict[str, dict[int, bytes]] = {}
+    for variant, stages in manifest["variants"].items():
+        models[variant] = {}
+        for stage in (1, 2):
+            entry = (stages or {}).get(f"stage{stage}") or {}
+            file = root / str(entry.get("file", ""))
+            if not entry.get("file") or not file.is_file():
+                raise CompareError(f"{manifest_path}: {variant} stage{stage} model file {entry.get('file')!r} missing")
+            data = file.read_bytes()
+            if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+                raise CompareError(f"{file}: sha256 does not match the manifest (modified or corrupt)")
+            models[variant][stage] = data
+    return root, manifest, models
+
+
+def load_split_images(run, split: str) -> tuple[np.ndarray, list[str], list[str], list[tuple[str, str]]]:
+    """uint8 N x H x W x 3 through the shared preprocessing, with labels and paths; unreadable files skipped."""
+    rows = run.rows(split)
+    if not rows:
+        raise CompareError(f"{run.split_csv}: the {split} split has no images")
+    images, labels, paths, skipped = [], [], [], []
+    for path, label in rows:
+        try:
+            images.append(preprocess_file(run.resolve(path), run.image_size))
+        except ImageError as exc:
+            skipped.append((path, str(exc)))
+            continue
+        labels.append(label)
+        paths.append(path)
+    for path, reason in skipped:
+        log.warning("compare: skipped %s: %s", path, reason)
+    if not images:
+        raise CompareError(f"no readable image in the {split} split ({len(skipped)} unreadable)")
+    return np.stack(images), labels, paths, skipped
+
+
+# ---- predictions -----------------------------------------------------------------------------------------
+
+def keras_predict(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    return np.asarray(model.predict(images.astype(np.float32), batch_size=batch, verbose=0), dtype=np.float64)
+
+
+class TFLiteModel:
+    """One TFLite stage model, fed like the edge feeds it (its own quantization params)."""
+
+    def __init__(self, data: bytes, threads: int = 1):
+        from edge_runtime.interpreter import make_interpreter
+
+        self.interp = make_interpreter(model_content=data, num_threads=threads)
+        self.input = self.interp.get_input_details()[0]
+        self.output = self.interp.get_output_details()[0]
+
+    def _to_input(self, image: np.ndarray) -> np.ndarray:
+        dtype = np.dtype(self.input["dtype"])
+        x = image[None].astype(np.float32)
+        if dtype.kind in "iu":
+            scale, zero = self.input["quantization"]
+            if scale:
+                x = np.round(x / scale + zero)
+            info = np.iinfo(dtype)
+            return np.clip(x, info.min, info.max).astype(dtype)
+        return x.astype(dtype)
+
+    def _from_output(self, y: np.ndarray) -> np.ndarray:
+        if np.dtype(self.output["dtype"]).kind in "iu":
+            scale, zero = self.output["quantization"]
+            return (y.astype(np.float64) - zero) * scale
+        return y.astype(np.float64)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        out = []
+        for image in images:
+            self.interp.set_tensor(self.input["index"], self._to_input(image))
+            self.interp.invoke()
+            out.append(self._from_output(self.interp.get_tensor(self.output["index"]))[0])
+        return np.asarray(out, dtype=np.float64).reshape(len(images), -1)
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------
+
+def _index(labels, classes) -> np.ndarray:
+    pos = {c: i for i, c in enumerate(classes)}
+    return np.array([pos[x] for x in labels], dtype=int)
+
+
+def evaluate(p1: np.ndarray, p2: np.ndarray, labels: list[str], run, ref: dict | None = None) -> dict:
+    """Metrics of one model pair. p1: N P(defective); p2: N x C Stage-2 probabilities (rows used: defect
+    images for the per-stage metrics, flagged images end to end). ref: the float model's p1/p2 for agreement."""
+    thr, clean, classes = run.stage1_threshold, run.clean_label, run.stage2_classes
+    labels_arr = np.asarray(labels, dtype=object)
+    defective_true = labels_arr != clean
+    flagged = p1 >= thr
+
+    s1 = classification_metrics(defective_true.astype(int), flagged.astype(int), STAGE1_CLASSES)
+    in_s2 = np.isin(labels_arr, classes)                 # defect images of a class Stage 2 knows
+    s2 = classification_metrics(_index(labels_arr[in_s2], classes), p2[in_s2].argmax(axis=1), classes) \
+        if in_s2.any() else None
+    final, review = two_stage_labels(p1, np.where(flagged[:, None], p2, 0.0), thr, classes, clean,
+                                     review_floor=run.stage2_review_floor)
+    e2e = classification_metrics(_index(labels_arr, run.taxonomy), _index(final, run.taxonomy), run.taxonomy)
+    esc = escape_rate(labels_arr, final, clean)
+    out = {"stage1": s1, "stage2": s2, "end_to_end": {**e2e, **esc, "review": int(review.sum())},
+           "stage2_excluded": int((defective_true & ~in_s2).sum()), "final_labels": list(map(str, final))}
+    if ref is not None:
+        s1["agreement"] = float(np.mean(flagged == (ref["p1"] >= thr)))
+        s1["mean_abs_error"] = float(np.mean(np.abs(p1 - ref["p1"])))
+        s1["max_abs_error"] = float(np.max(np.abs(p1 - ref["p1"])))
+        if s2 is not None:
+            s2["agreement"] = float(np.mean(p2[in_s2].argmax(axis=1) == ref["p2"][in_s2].argmax(axis=1)))
+            s2["mean_abs_error"] = float(np.mean(np.abs(p2[in_s2] - ref["p2"][in_s2])))
+            s2["max_abs_error"] = float(np.max(np.abs(p2[in_s2] - ref["p2"][in_s2])))
+        out["end_to_end"]["agreement"] = float(np.mean(final == np.asarray(ref["final"], dtype=object)))
+    return out
+
+
+# ---- the command -----------------------------------------------------------------------------------------
+
+def compare_bundle(run, bundle_dir, *, split: str = "test", out_dir=None, threads: int = 1,
+                   echo=print) -> dict:
+    """run: a convert.cli.Run with models loaded. Returns the compare.json content."""
+    root, manifest, variants = read_bundle(bundle_dir, run)
+    out = Path(out_dir).resolve() if out_dir else root
+    images, labels, paths, skipped = load_split_images(run, split)
+    labels_arr = np.asarray(labels, dtype=object)
+    need_s2_base = labels_arr != run.clean_label
+    log.info("compare: %d %s images (%d skipped), variants %s", len(images), split, len(skipped), list(variants))
+
+    keras_bytes = sum((run.path / f"stage{s}.keras").stat().st_size for s in (1, 2))
+    f32_bytes = sum(len(b) for b in variants["float32"].values()) if "float32" in variants else None
+    ref = {"p1": keras_predict(run.models[1], images)[:, 0], "p2": keras_predict(run.models[2], images)}
+    results = {KERAS: evaluate(ref["p1"], ref["p2"], labels, run)}
+    scores = {KERAS: ref["p1"]}
+    ref["final"] = results[KERAS]["final_labels"]
+    results[KERAS]["bytes"] = keras_bytes
+
+    order = [v for v in VARIANT_ORDER if v in variants] + [v for v in variants if v not in VARIANT_ORDER]
+    for variant in order:
+        p1 = TFLiteModel(variants[variant][1], threads).predict(images)[:, 0]
+        need = need_s2_base | (p1 >= run.stage1_threshold)   # Stage 2 runs on defect images + flagged ones
+        p2 = np.zeros_like(ref["p2"])
+        if need.any():
+            p2[need] = TFLiteModel(variants[variant][2], threads).predict(images[need])
+        results[variant] = evaluate(p1, p2, labels, run, ref)
+        scores[variant] = p1
+        results[variant]["bytes"] = sum(len(b) for b in variants[variant].values())
+        log.info("compare: %s done", variant)
+    for r in results.values():
+        r["size_ratio_keras"] = r["bytes"] / keras_bytes
+        r["size_ratio_float32_tflite"] = r["bytes"] / f32_bytes if f32_bytes else None
+
+    report = {
+        "run": str(run.path), "bundle": str(root), "split": split, "images": len(images),
+        "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        "stage1_threshold": run.stage1_threshold, "stage2_review_floor": run.stage2_review_floor,
+        "stage2_classes": run.stage2_classes, "taxonomy": run.taxonomy,
+        "label_counts": {c: int(np.sum(labels_arr == c)) for c in run.taxonomy},
+        "models": {name: {k: v for k, v in r.items() if k != "final_labels"} for name, r in results.items()},
+        # Per image, for audits and for checking the edge runtime against these numbers.
+        "predictions": {"paths": paths, "labels": labels,
+                        "final": {name: r["final_labels"] for name, r in results.items()},
+                        "stage1_score": {name: [round(float(x), 6) for x in sc] for name, sc in scores.items()}},
+    }
+    if "int8" in report["models"]:
+        report["targets"] = int8_targets(report["models"])
+    table = markdown(report)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "compare.json", json.dumps(report, indent=2))
+    _write_text(out / "compare.md", table)
+    for name in results:
+        plot_confusions(report["models"][name], f"{name}: run {run.name}, {split} split ({len(images)} images)",
+                        out / f"confusion_{name}.png")
+    echo(table)
+    log.info("compare written to %s (compare.json, compare.md, confusion_*.png)", out)
+    return report
+
+
+# The issue's acceptance targets for the deployed int8 bundle, checked on every compare.
+TARGETS = {"e2e_macro_f1_drop_pp": 1.0, "stage2_agreement": 0.98, "size_factor": 3.5}
+
+
+def int8_targets(models: dict) -> dict:
+    """int8 vs float: end-to-end macro-F1 within 1 pp, Stage-2 agreement >= 98%, escape rate no worse,
+    about 4x smaller (>= 3.5x smaller than float32 TFLite, or than the Keras files without one)."""
+    f, q = models[KERAS], models["int8"]
+    drop_pp = 100 * (f["end_to_end"]["macro_f1"] - q["end_to_end"]["macro_f1"])
+    agree = (q["stage2"] or {}).get("agreement")
+    ratio = q["size_ratio_float32_tflite"] or q["size_ratio_keras"]
+    checks = {
+        "e2e_macro_f1_drop_pp": {"value": drop_pp, "target": f"<= {TARGETS['e2e_macro_f1_drop_pp']}",
+                                 "ok": drop_pp <= TARGETS["e2e_macro_f1_drop_pp"]},
+        "stage2_agreement": {"value": agree, "target": f">= {TARGETS['stage2_agreement']}",
+                             "ok": agree is not None and agree >= TARGETS["stage2_agreement"]},
+        "escape_rate": {"value": q["end_to_end"]["escape_rate"],
+                        "target": f"<= float {f['end_to_end']['escape_rate']:.4f}",
+                        "ok": q["end_to_end"]["escape_rate"] <= f["end_to_end"]["escape_rate"]},
+        "size_factor": {"value": 1 / ratio, "target": f">= {TARGETS['size_factor']}x smaller",
+                        "ok": 1 / ratio >= TARGETS["size_factor"]},
+    }
+    return {"all_ok": all(c["ok"] for c in checks.values()), "checks": checks}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _err(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def markdown(report: dict) -> str:
+    models = report["models"]
+    head = ["model", "size MB", "x keras", "x tflite-f32", "S1 acc", "S1 F1", "S1 agree", "S1 err",
+            "escapes", "escape %", "S2 acc", "S2 F1", "S2 agree", "S2 err", "E2E acc", "E2E F1", "E2E agree",
+            "review"]
+    lines = [f"Cross-compare on the {report['split']} split: {report['images']} images "
+             f"(Stage-1 threshold {report['stage1_threshold']:.4f}, review floor "
+             f"{report['stage2_review_floor']:.2f}). Percentages; err = mean |score - float|.", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for name, m in models.items():
+        s1, s2, e = m["stage1"], m["stage2"] or {}, m["end_to_end"]
+        ratio_f32 = m["size_ratio_float32_tflite"]
+        cells = [name, f"{m['bytes'] / 1e6:.2f}", f"{m['size_ratio_keras']:.2f}",
+                 "-" if ratio_f32 is None else f"{ratio_f32:.2f}",
+                 _pct(s1["accuracy"]), _pct(s1["macro_f1"]), _pct(s1.get("agreement")), _err(s1.get("mean_abs_error")),
+                 f"{e['escapes']}/{e['defective']}", _pct(e["escape_rate"]),
+                 _pct(s2.get("accuracy")), _pct(s2.get("macro_f1")), _pct(s2.get("agreement")),
+                 _err(s2.get("mean_abs_error")),
+                 _pct(e["accuracy"]), _pct(e["macro_f1"]), _pct(e.get("agreement")), str(e["review"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    if "targets" in report:
+        t = report["targets"]["checks"]
+        verdict = lambda c: "ok" if c["ok"] else "MISSED"   # noqa: E731
+        lines += ["", "int8 targets: "
+                  f"E2E macro-F1 drop {t['e2e_macro_f1_drop_pp']['value']:.2f} pp (<= 1): "
+                  f"{verdict(t['e2e_macro_f1_drop_pp'])}; "
+                  f"Stage-2 agreement {_pct(t['stage2_agreement']['value'])}% (>= 98): "
+                  f"{verdict(t['stage2_agreement'])}; "
+                  f"escape rate {_pct(t['escape_rate']['value'])}% (<= float): {verdict(t['escape_rate'])}; "
+                  f"{t['size_factor']['value']:.1f}x smaller (>= 3.5x): {verdict(t['size_factor'])}."]
+    classes = [c for c in report["taxonomy"] if report["label_counts"].get(c)]
+    lines += ["", "End-to-end per-class F1 (%), classes present in the split:", "",
+              "| model | " + " | ".join(f"{c} (n={report['label_counts'][c]})" for c in classes) + " |",
+              "|" + "|".join("---" for _ in range(len(classes) + 1)) + "|"]
+    for name, m in models.items():
+        pc = m["end_to_end"]["per_class"]
+        lines.append(f"| {name} | " + " | ".join(_pct(pc[c]["f1"]) for c in classes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_confusions(metrics: dict, title: str, path: Path) -> None:
+    """Stage 1, Stage 2 and end-to-end confusion matrices side by side (rows true, columns predicted)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("Stage 1", metrics["stage1"])]
+    if metrics["stage2"] is not None:
+        panels.append(("Stage 2 (defects)", metrics["stage2"]))
+    panels.append(("End to end", metrics["end_to_end"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.0))
+    for ax, (panel, m) in zip(np.atleast_1d(axes), panels):
+        cm = np.asarray(m["confusion_matrix"])
+        ax.imshow(cm, cmap="Blues")
+        ticks = range(len(m["classes"]))
+        ax.set_xticks(ticks, m["classes"], rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(ticks, m["classes"], fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{panel}: acc {100 * m['accuracy']:.1f}%, macro-F1 {100 * m['macro_f1']:.1f}%", fontsize=9)
+        top = cm.max() if cm.size else 0
+        for (i, j), v in np.ndenumerate(cm):
+            if v:
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                        color="white" if v > top / 2 else "black")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from train.metrics import classification_metrics, escape_rate, threshold_for_recall, two_stage_labels
+from train.metrics import classification_metrics, escape_rate, roc_auc, threshold_for_recall, two_stage_labels
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_PROFILE = dict(image_size=32, max_images_per_class=0, batch_size=16, epochs_frozen=0, epochs_finetune=12,
@@ -194,3 +194,11 @@ def test_classification_metrics_by_hand():
     assert m["accuracy"] == 0.75
     assert m["per_class"]["a"]["recall"] == 0.5 and m["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
     assert m["confusion_matrix"] == [[1, 1], [0, 2]]
+
+
+def test_roc_auc_by_hand():
+    assert roc_auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert roc_auc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert roc_auc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5      # ties count half
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert roc_auc([0.1, 0.2], [1, 1]) is None

@@ -37,6 +37,26 @@ def classification_metrics(y_true, y_pred, class_names: list[str]) -> dict:
     }
 
 
+def roc_auc(scores, positive) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U with tied ranks averaged); None without both classes."""
+    scores = np.asarray(scores, float).reshape(-1)
+    positive = np.asarray(positive, bool).reshape(-1)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), float)
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):                      # average ranks over ties
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
 def threshold_for_recall(scores_defective, target_recall: float) -> float:
     """Largest threshold t such that at least `target_recall` of defective scores are >= t."""
     s = np.sort(np.asarray(scores_defective, dtype=float))

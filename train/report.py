@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.metrics import classification_metrics, escape_rate, threshold_for_recall, two_stage_labels
+from train.metrics import classification_metrics, escape_rate, roc_auc, threshold_for_recall, two_stage_labels
 
 log = logging.getLogger("train.report")
 
@@ -21,6 +21,7 @@ def stage1_metrics(scores, y_true, threshold: float) -> dict:
     pred = (np.asarray(scores).reshape(-1) >= threshold).astype(int)
     m = classification_metrics(y_true, pred, ["clean", "defective"])
     m["threshold"] = float(threshold)
+    m["roc_auc"] = roc_auc(scores, np.asarray(y_true) == 1)   # threshold-free: is there any signal at all?
     m["defect_recall"] = m["per_class"]["defective"]["recall"]
     m["escape_rate"] = 1.0 - m["defect_recall"] if m["per_class"]["defective"]["support"] else 0.0
     return m
@@ -166,7 +167,8 @@ def write_markdown(metrics: dict, run: dict, path: Path) -> None:
         lines.append(f"Stage-1 threshold {s1['threshold']:.4f}, calibrated on val for defect recall >= "
                      f"{run['target_defect_recall']}: test defect recall {s1['test']['defect_recall']:.3f}, "
                      f"test escape rate {s1['test']['escape_rate']:.3f} "
-                     f"(at a fixed 0.5: recall {s1['test_at_0.5']['defect_recall']:.3f}).")
+                     f"(at a fixed 0.5: recall {s1['test_at_0.5']['defect_recall']:.3f}); test ROC-AUC "
+                     + ("n/a" if s1["test"]["roc_auc"] is None else f"{s1['test']['roc_auc']:.3f}") + ".")
     if "stage2" in metrics:
         s2 = metrics["stage2"]
         lines.append(f"Stage-2 review floor {s2['review_floor']}: {s2['test']['review_fraction']:.1%} of test defects "

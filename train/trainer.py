@@ -140,11 +140,13 @@ def train_stage(stage: int, rows: dict[str, list], *, cfg, profile, weights, out
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     history: dict[str, list] = {}
 
-    phases = []
-    if weights is not None and profile.epochs_frozen > 0:
-        phases.append(("phase1-frozen", 0, profile.lr_frozen, profile.epochs_frozen))
-    blocks = profile.finetune_blocks if weights is not None else 99  # from scratch: the whole network learns
-    phases.append(("phase2-finetune", blocks, profile.lr_finetune, profile.epochs_finetune))
+    if weights is not None:
+        phases = [("phase1-frozen", 0, profile.lr_frozen, profile.epochs_frozen),
+                  ("phase2-finetune", profile.finetune_blocks, profile.lr_finetune, profile.epochs_finetune)]
+    else:
+        # From scratch there is nothing to freeze or protect: the whole network trains at the head's
+        # (phase-1) rate for the epochs of both phases.
+        phases = [("from-scratch", 99, profile.lr_frozen, profile.epochs_frozen + profile.epochs_finetune)]
     best_val = np.inf
     for name, trainable_blocks, lr, epochs in phases:
         if epochs <= 0:

@@ -24,6 +24,21 @@ import time
 from pathlib import Path
 
 
+def set_random_input(interp, rng) -> np.ndarray:
+    """Fill the model's input once with random values of its own dtype and shape; returns them."""
+    import numpy as np  # imported where used: the worker measures RSS before heavy imports
+
+    inp = interp.get_input_details()[0]
+    dtype = np.dtype(inp["dtype"])
+    shape = tuple(int(s) for s in inp["shape"])
+    if dtype.kind == "f":
+        x = rng.uniform(0, 255, shape).astype(dtype)
+    else:
+        info = np.iinfo(dtype)
+        x = rng.integers(info.min, info.max, shape, endpoint=True, dtype=dtype)
+    interp.set_tensor(inp["index"], x)
+    return x
+
 def memory_mb() -> dict:
     """Current (VmRSS) and peak (VmHWM) resident memory of this process, in MB."""
     status = {}
@@ -125,16 +140,8 @@ def stage(spec: dict) -> dict:
         t0 = time.perf_counter()
         interp = make_interpreter(model_path=model, num_threads=threads, backend=runtime)  # + allocate_tensors
         init_ms = (time.perf_counter() - t0) * 1e3
-        inp = interp.get_input_details()[0]
-        dtype = np.dtype(inp["dtype"])
-        shape = tuple(int(s) for s in inp["shape"])
-        if dtype.kind == "f":
-            x = rng.uniform(0, 255, shape).astype(dtype)
-        else:
-            info = np.iinfo(dtype)
-            x = rng.integers(info.min, info.max, shape, endpoint=True, dtype=dtype)
-        interp.set_tensor(inp["index"], x)   # as benchmark_model: random input set once, invoke timed
-        input_desc = {"shape": list(shape), "dtype": dtype.name}
+        x = set_random_input(interp, rng)   # as benchmark_model: random input set once, invoke timed
+        input_desc = {"shape": list(x.shape), "dtype": x.dtype.name}
         infer = interp.invoke
     after_init = memory_mb()
 
@@ -295,15 +302,7 @@ def paired(spec: dict) -> dict:
     for name in names:
         interp = make_interpreter(model_path=spec["models"][name], num_threads=int(spec["threads"]),
                                   backend=spec["runtime"])
-        inp = interp.get_input_details()[0]
-        dtype = np.dtype(inp["dtype"])
-        shape = tuple(int(s) for s in inp["shape"])
-        if dtype.kind == "f":
-            x = rng.uniform(0, 255, shape).astype(dtype)
-        else:
-            info = np.iinfo(dtype)
-            x = rng.integers(info.min, info.max, shape, endpoint=True, dtype=dtype)
-        interp.set_tensor(inp["index"], x)
+        set_random_input(interp, rng)
         interp.invoke()          # first inference
         _warm_up(interp.invoke, min_seconds=0.1)
         calls[name] = interp.invoke

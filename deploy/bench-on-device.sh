@@ -76,23 +76,7 @@ STAMP=$(date +%Y%m%d-%H%M%S)
 OUT=${OUT:-$REPO/reports/bench-${HOST##*@}-$STAMP}
 
 # What pyproject.toml packages (plus pyproject.toml and the readme): the board gets no data or runs.
-mapfile -t SRC_ITEMS < <(python3 - "$REPO/pyproject.toml" <<'PYEOF'
-import sys
-try:
-    import tomllib
-except ImportError:                     # Python < 3.11 on this machine: the layout is fixed anyway
-    print("\n".join(["README.md", "benchmarks", "convert", "edge_runtime", "pyproject.toml", "train"]))
-    sys.exit(0)
-with open(sys.argv[1], "rb") as fh:
-    project = tomllib.load(fh)
-items = {"pyproject.toml"}
-readme = project.get("project", {}).get("readme")
-if isinstance(readme, str):
-    items.add(readme)
-items.update(project.get("tool", {}).get("setuptools", {}).get("packages", []))
-print("\n".join(sorted(items)))
-PYEOF
-)
+mapfile -t SRC_ITEMS < <(python3 "$SCRIPT_DIR/package-files.py" "$REPO/pyproject.toml")
 ((${#SRC_ITEMS[@]} > 1)) || die "cannot read the package list from $REPO/pyproject.toml"
 
 SSH=(ssh -o BatchMode=yes -o ConnectTimeout=15)

@@ -289,18 +289,7 @@ trap 'rm -rf "$WORK_DIR"' EXIT
 # pip builds a source tree in place (build/, *.egg-info): build from a copy so a checkout owned by a
 # person never gets root-owned files. The copy holds what pyproject.toml packages, nothing else (no data).
 SRC=$WORK_DIR/src
-mapfile -t SRC_ITEMS < <("$PYTHON_BIN" - "$REPO/pyproject.toml" <<'PYEOF'
-import sys, tomllib
-with open(sys.argv[1], "rb") as fh:
-    project = tomllib.load(fh)
-items = {"pyproject.toml"}
-readme = project.get("project", {}).get("readme")
-if isinstance(readme, str):
-    items.add(readme)
-items.update(project.get("tool", {}).get("setuptools", {}).get("packages", []))
-print("\n".join(sorted(items)))
-PYEOF
-)
+mapfile -t SRC_ITEMS < <("$PYTHON_BIN" "$SCRIPT_DIR/package-files.py" "$REPO/pyproject.toml")
 ((${#SRC_ITEMS[@]} > 1)) || die "cannot read the package list from $REPO/pyproject.toml"
 mkdir -p "$SRC"
 for item in "${SRC_ITEMS[@]}"; do

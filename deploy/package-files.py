@@ -1,0 +1,23 @@
+#!/usr/bin/env python3
+"""Print what pyproject.toml packages (plus pyproject.toml and the readme), one per line.
+
+Used by install.sh and bench-on-device.sh so a board only ever receives the packaged source: no data, no runs.
+"""
+import sys
+
+FIXED_LAYOUT = ["README.md", "benchmarks", "convert", "edge_runtime", "pyproject.toml", "train"]
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11 on the machine copying the files: the layout is fixed anyway
+    print("\n".join(FIXED_LAYOUT))
+    sys.exit(0)
+
+with open(sys.argv[1], "rb") as fh:
+    project = tomllib.load(fh)
+items = {"pyproject.toml"}
+readme = project.get("project", {}).get("readme")
+if isinstance(readme, str):
+    items.add(readme)
+items.update(project.get("tool", {}).get("setuptools", {}).get("packages", []))
+print("\n".join(sorted(items)))

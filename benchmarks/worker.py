@@ -24,6 +24,16 @@ import time
 from pathlib import Path
 
 
+# Process CPU time is accounted per scheduler tick on many VMs (4 ms here): over a shorter window a
+# single tick dominates, so CPU shares are only reported for windows long enough to average it out.
+MIN_CPU_WINDOW_S = 0.25
+
+
+def cpu_share(cpu_s: float, wall_s: float) -> float | None:
+    """CPU seconds per wall second over a timed window, or None when the window is too short to tell."""
+    return cpu_s / wall_s if wall_s >= MIN_CPU_WINDOW_S else None
+
+
 def set_random_input(interp, rng) -> np.ndarray:
     """Fill the model's input once with random values of its own dtype and shape; returns them."""
     import numpy as np  # imported where used: the worker measures RSS before heavy imports
@@ -161,9 +171,9 @@ def stage(spec: dict) -> dict:
         "rss_end_mb": end["rss_mb"], "peak_rss_mb": end["peak_rss_mb"],
         # CPU seconds of all this process's threads per wall second while timing: about the thread count
         # on an idle machine, lower when other processes take the cores (the latencies are then inflated)
-        "cpu_per_wall": cpu_s / wall_s if wall_s > 0 else None, "load_average": _load(),
+        "cpu_per_wall": cpu_share(cpu_s, wall_s), "load_average": _load(),
         # with one thread: close to the latency the machine would give with nobody else on the core
-        "cpu_ms_per_run": cpu_s * 1e3 / len(latencies),
+        "cpu_ms_per_run": cpu_s * 1e3 / len(latencies) if cpu_share(cpu_s, wall_s) is not None else None,
     }
     if runtime != "keras" and spec.get("count_macs", True):
         from benchmarks.macs import count_macs
@@ -259,7 +269,7 @@ def pipeline(spec: dict) -> dict:
         wall_s = time.perf_counter() - start
         per_prevalence[key] = {"images": len(records), "requested": len(items), "failures": failures,
                                "wall_s": wall_s, "records": records,
-                               "cpu_per_wall": (time.process_time() - cpu0) / wall_s if wall_s > 0 else None,
+                               "cpu_per_wall": cpu_share(time.process_time() - cpu0, wall_s),
                                "load_average": _load()}
     end = memory_mb()
     return {"status": "ok", "runtime_version": described, "init_ms": init_ms,

@@ -166,14 +166,19 @@ def _unmapped_error(root: Path, unmapped: dict[str, list[str]], config: Config) 
     return DatasetError("\n".join(lines))
 
 
+def source_folder(path: str | Path) -> Path:
+    """A --data argument as an absolute folder, or a DatasetError saying what is wrong with it."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"--data folder not found: {path}")
+    if not path.is_dir():
+        raise DatasetError(f"--data is not a folder: {path}")
+    return path.resolve()
+
+
 def scan_source(root: str | Path, config: Config) -> SourceScan:
     """List the images of one source folder with their labels. Reads names only, never writes."""
-    root = Path(root)
-    if not root.exists():
-        raise DatasetError(f"--data folder not found: {root}")
-    if not root.is_dir():
-        raise DatasetError(f"--data is not a folder: {root}")
-    root = root.resolve()
+    root = source_folder(root)
     layout = detect_layout(root)
     # (split, part, class dir) triples
     class_dirs: list[tuple[str | None, str, Path]] = []

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from train.audit import AuditResult, audit_files, conflict_groups, group_labels
 from train.config import Config, ConfigError, load_config
-from train.datasets import COLUMNS, SPLITS, DatasetError, SourceScan, scan_source
+from train.datasets import COLUMNS, SPLITS, DatasetError, SourceScan, scan_source, source_folder
 from train.split import assign_splits, leaking_pairs
 
 EXIT_USAGE = 2
@@ -56,12 +56,7 @@ def prepare(data_dirs: list[str | Path], out_dir: str | Path, config: Config, lo
     out = Path(out_dir).resolve()
     roots: list[Path] = []
     for d in data_dirs:
-        p = Path(d)
-        if not p.exists():
-            raise DatasetError(f"--data folder not found: {p}")
-        if not p.is_dir():
-            raise DatasetError(f"--data is not a folder: {p}")
-        p = p.resolve()
+        p = source_folder(d)
         if p in roots:
             raise DatasetError(f"--data {p} given twice")
         for other in roots:

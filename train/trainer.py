@@ -29,29 +29,26 @@ log = logging.getLogger("train")
 STAGE1_CLASSES = ["clean", "defective"]
 
 
-class ProgressLogger:
-    """One line per epoch with ETA: long CPU runs must show they are alive and how long is left."""
+def progress_logger(tag: str, epochs: int):
+    """A Keras callback logging one line per epoch with ETA: long CPU runs must show they are alive."""
+    import keras  # training-only dependency, imported when training starts
 
-    def __new__(cls, *args, **kwargs):
-        import keras
+    class Progress(keras.callbacks.Callback):
+        start = None
 
-        class _Progress(keras.callbacks.Callback):
-            def __init__(self, tag: str, epochs: int):
-                super().__init__()
-                self.tag, self.epochs, self.start = tag, epochs, None
+        def on_epoch_begin(self, epoch, logs=None):
+            if self.start is None:
+                self.start = time.time()
 
-            def on_epoch_begin(self, epoch, logs=None):
-                if self.start is None:
-                    self.start = time.time()
+        def on_epoch_end(self, epoch, logs=None):
+            done = epoch + 1
+            elapsed = time.time() - self.start
+            eta = elapsed / done * (epochs - done)
+            vals = " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items() if isinstance(v, float))
+            log.info("%s epoch %d/%d %s | %.0fs/epoch, ETA %.1f min (early stopping may end sooner)",
+                     tag, done, epochs, vals, elapsed / done, eta / 60)
 
-            def on_epoch_end(self, epoch, logs=None):
-                done = epoch + 1
-                elapsed = time.time() - self.start
-                eta = elapsed / done * (self.epochs - done)
-                vals = " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items() if isinstance(v, float))
-                log.info("%s epoch %d/%d %s | %.0fs/epoch, ETA %.1f min (early stopping may end sooner)",
-                         self.tag, done, self.epochs, vals, elapsed / done, eta / 60)
-        return _Progress(*args, **kwargs)
+    return Progress()
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> dict[int, float]:
@@ -162,7 +159,7 @@ def train_stage(stage: int, rows: dict[str, list], *, cfg, profile, weights, out
         reduce = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
                                                    patience=max(2, profile.patience // 2), min_lr=lr / 50)
         fit = model.fit(train_ds, validation_data=val_ds, epochs=epochs, class_weight=weights_by_class,
-                        callbacks=[stopper, saver, reduce, ProgressLogger(f"stage{stage} {name}", epochs)],
+                        callbacks=[stopper, saver, reduce, progress_logger(f"stage{stage} {name}", epochs)],
                         verbose=0)
         for key, values in fit.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)

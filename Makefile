@@ -33,7 +33,7 @@ test-fast: setup
 # -> benchmark -> edge-inspect. About 10-15 minutes on 2 CPU cores.
 demo: setup
 	$(PY) -m train synth --out $(DEMO)/data --per-class 60 --seed 0
-	$(PY) -m train --data $(DEMO)/data --out $(DEMO)/run --profile quick --weights none
+	$(PY) -m train --data $(DEMO)/data --out $(DEMO)/run --profile quick --weights imagenet
 	$(PY) -m convert --int8 --float32 --run $(DEMO)/run --out $(DEMO)/bundle
 	$(PY) -m benchmarks --models $(DEMO)/bundle --threads 1,2 --runs 20 --stream-length 40 --out $(DEMO)/bench
 	$(VENV)/bin/edge-inspect --models $(DEMO)/bundle $(DEMO)/data/clean/clean_0000.png $(DEMO)/data/bridges/bridges_0000.png $(DEMO)/data/vias/vias_0000.png
@@ -45,5 +45,6 @@ demo: setup
 	@echo "  benchmark:        $(DEMO)/bench/results.md"
 	@echo "  deployable bundle: $(DEMO)/bundle"
 
+# models/ holds the committed reference bundle: only what the demo and runs wrote goes.
 clean:
-	rm -rf out runs models .pytest_cache
+	rm -rf out runs data .pytest_cache

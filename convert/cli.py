@@ -295,7 +295,8 @@ def convert_run(args) -> tuple[Path, Run]:
             log.warning("int8 graph keeps float ops (accepted by --allow-float-ops): %s", listing)
 
     extra = {"source_run": str(run.path),
-             "source": {k: run.info.get(k) for k in ("profile", "weights", "created", "split_csv") if k in run.info},
+             "source": {k: run.info.get(k) for k in ("profile", "weights", "weights_source", "created", "split_csv")
+                        if k in run.info},
              "tools": tool_versions()}
     extra_files = {}
     if calibration is not None:

@@ -13,7 +13,7 @@ from PIL import Image
 from train.metrics import classification_metrics, escape_rate, roc_auc, threshold_for_recall, two_stage_labels
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_PROFILE = dict(image_size=32, max_images_per_class=0, batch_size=16, epochs_frozen=0, epochs_finetune=12,
+TINY_PROFILE = dict(backbone="tiny_cnn", image_size=32, max_images_per_class=0, batch_size=16, epochs_frozen=0, epochs_finetune=12,
                     lr_frozen=0.003, lr_finetune=0.003, finetune_blocks=1, patience=12)
 DEFECTS = ["bridges", "cracks", "opens"]
 
@@ -54,7 +54,6 @@ def write_dataset(root: Path, per_split: dict[str, int], shuffle_labels: bool = 
 def tiny_config(tmp_path: Path) -> Path:
     data = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     data["profiles"]["tiny"] = TINY_PROFILE
-    data["models"]["stage1"]["backbone"] = data["models"]["stage2"]["backbone"] = "tiny_cnn"
     data["models"]["stage1"]["dense_units"] = data["models"]["stage2"]["dense_units"] = 32
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -202,3 +201,77 @@ def test_roc_auc_by_hand():
     assert roc_auc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5      # ties count half
     assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
     assert roc_auc([0.1, 0.2], [1, 1]) is None
+
+
+def train_from_pretrained(tmp, **profile):
+    """Stage-1 training from a (tiny) pretrained backbone file; returns (run folder, source backbone)."""
+    from train.models import _tiny_cnn
+    from train.trainer import main
+
+    split_csv = write_dataset(tmp / "data", {"train": 12, "val": 8, "test": 4})
+    weights = tmp / "tiny_backbone.weights.h5"
+    backbone = _tiny_cnn((32, 32, 3), None)
+    for layer in backbone.layers:       # distinctive ImageNet-like statistics, far from BN's 0/1 defaults
+        if layer.weights and "bn" in layer.name:
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([gamma, beta, mean + 7.0, var * 3.0])
+    backbone.save_weights(weights)
+    cfg = yaml.safe_load(tiny_config(tmp).read_text())
+    cfg["profiles"]["tiny"] = dict(TINY_PROFILE, finetune_blocks=3, patience=5, **profile)
+    (tmp / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp / "run"
+    rc = main(["--split", str(split_csv), "--out", str(out), "--config", str(tmp / "tiny.yaml"),
+               "--profile", "tiny", "--weights", str(weights), "--stage", "1"])
+    assert rc == 0
+    return out, backbone
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory):
+    """Fine-tuning only (no frozen phase), so the saved model is the fine-tuned one."""
+    return train_from_pretrained(tmp_path_factory.mktemp("pretrained"), epochs_frozen=0, epochs_finetune=3,
+                                 lr_finetune=0.003)
+
+
+@pytest.fixture(scope="module")
+def diverging_finetune_run(tmp_path_factory):
+    """A fine-tuning rate that wrecks the model: the frozen phase's weights must be the ones saved."""
+    return train_from_pretrained(tmp_path_factory.mktemp("diverging"), epochs_frozen=3, epochs_finetune=2,
+                                 lr_finetune=50.0)
+
+
+def test_pretrained_batchnorm_keeps_its_statistics_while_fine_tuning(pretrained_run):
+    """Keras 3 runs BN on batch statistics once its layers are trainable, whatever `training=False` said:
+    the pretrained statistics must come out of both phases unchanged."""
+    import keras
+
+    from train.models import backbone_of
+
+    out, source = pretrained_run
+    trained = backbone_of(keras.models.load_model(out / "stage1.keras"))
+    history = json.loads((out / "history.json").read_text())["stage1"]
+    assert set(history["phase"]) == {"phase2-finetune"}     # the backbone really was unfrozen
+    for layer in source.layers:
+        if layer.weights and "bn" in layer.name:
+            _g, _b, mean, var = layer.get_weights()
+            _tg, _tb, t_mean, t_var = trained.get_layer(layer.name).get_weights()
+            np.testing.assert_allclose(t_mean, mean, rtol=1e-6)
+            np.testing.assert_allclose(t_var, var, rtol=1e-6)
+
+
+def test_fine_tuning_that_does_not_beat_the_frozen_phase_is_discarded(diverging_finetune_run):
+    import keras
+
+    from edge_runtime.preprocess import preprocess_file
+
+    out, _ = diverging_finetune_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = json.loads((out / "history.json").read_text())["stage1"]
+    assert metrics["stage1"]["best_phase"] == "phase1-frozen"
+    frozen_best = min(v for v, p in zip(history["val_loss"], history["phase"]) if p == "phase1-frozen")
+    rows = [r for r in csv.DictReader((out / "split.csv").open()) if r["split"] == "val"]
+    x = np.stack([preprocess_file(r["path"], 32) for r in rows]).astype(np.float32)
+    y = np.array([r["label"] != "clean" for r in rows], np.float32)
+    p = np.clip(keras.models.load_model(out / "stage1.keras").predict(x, verbose=0).reshape(-1), 1e-7, 1 - 1e-7)
+    saved_loss = float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))
+    assert saved_loss == pytest.approx(frozen_best, rel=1e-3)

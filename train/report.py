@@ -102,7 +102,7 @@ def evaluate_and_report(results: dict, samples, *, cfg, profile, out: Path, run_
         threshold = threshold_for_recall(defective_val, cfg.gating.target_defect_recall)
         run["stage1_threshold"] = threshold
         metrics["stage1"] = {
-            "classes": r["classes"], "threshold": threshold, "seconds": r["seconds"],
+            "classes": r["classes"], "threshold": threshold, "seconds": r["seconds"], "best_phase": r.get("best_phase"),
             "val": stage1_metrics(r["pred"]["val"], r["y"]["val"], threshold),
             "test": stage1_metrics(r["pred"]["test"], r["y"]["test"], threshold),
             "test_at_0.5": stage1_metrics(r["pred"]["test"], r["y"]["test"], 0.5),
@@ -115,7 +115,7 @@ def evaluate_and_report(results: dict, samples, *, cfg, profile, out: Path, run_
         run["stage2_classes"] = r["classes"]
         floor = cfg.gating.stage2_review_floor
         metrics["stage2"] = {
-            "classes": r["classes"], "review_floor": floor, "seconds": r["seconds"],
+            "classes": r["classes"], "review_floor": floor, "seconds": r["seconds"], "best_phase": r.get("best_phase"),
             "val": stage2_metrics(r["pred"]["val"], r["y"]["val"], r["classes"], floor),
             "test": stage2_metrics(r["pred"]["test"], r["y"]["test"], r["classes"], floor),
         }

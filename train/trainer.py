@@ -144,11 +144,11 @@ def train_stage(stage: int, rows: dict[str, list], *, cfg, profile, weights, out
         # From scratch there is nothing to freeze or protect: the whole network trains at the head's
         # (phase-1) rate for the epochs of both phases.
         phases = [("from-scratch", 99, profile.lr_frozen, profile.epochs_frozen + profile.epochs_finetune)]
-    best_val = np.inf
+    best_val, best_weights, best_phase = np.inf, None, None
     for name, trainable_blocks, lr, epochs in phases:
         if epochs <= 0:
             continue
-        n_trainable = set_trainable_blocks(model, trainable_blocks)
+        n_trainable = set_trainable_blocks(model, trainable_blocks, freeze_batchnorm=weights is not None)
         log.info("stage %d %s: %d trainable backbone layers, lr=%g, up to %d epochs",
                  stage, name, n_trainable, lr, epochs)
         model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=metrics)
@@ -164,7 +164,13 @@ def train_stage(stage: int, rows: dict[str, list], *, cfg, profile, weights, out
         for key, values in fit.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
         history.setdefault("phase", []).extend([name] * len(fit.history["loss"]))
-        best_val = min(best_val, float(np.min(fit.history["val_loss"])))
+        phase_best = float(np.min(fit.history["val_loss"]))   # EarlyStopping restored this phase's best
+        if phase_best < best_val:
+            best_val, best_weights, best_phase = phase_best, model.get_weights(), name
+    if best_weights is not None:
+        # Fine-tuning that never beats the frozen phase must not replace it: keep the best of all phases.
+        model.set_weights(best_weights)
+        log.info("stage %d: keeping the weights of %s (val_loss %.4f)", stage, best_phase, best_val)
     model.save(out / f"stage{stage}.keras")
 
     def predict(split):
@@ -173,7 +179,7 @@ def train_stage(stage: int, rows: dict[str, list], *, cfg, profile, weights, out
         ds = make_dataset(sets[split].x, y[split], 64, training=False, seed=seed)
         return model.predict(ds, verbose=0)
 
-    return {"model": model, "classes": classes, "history": history, "sets": sets, "y": y,
+    return {"model": model, "classes": classes, "history": history, "sets": sets, "y": y, "best_phase": best_phase,
             "pred": {s: predict(s) for s in ("val", "test")}}
 
 
@@ -186,11 +192,11 @@ def parse_args(argv):
     src.add_argument("--split", metavar="CSV", help="a split.csv from `python -m train prepare`")
     p.add_argument("--out", required=True, metavar="runs/NAME")
     p.add_argument("--config", default=None, help="config YAML (default configs/default.yaml)")
-    p.add_argument("--profile", default="quick", help="profile in the config: quick | real | full")
+    p.add_argument("--profile", default="quick", help="profile in the config: quick | real | scratch | full")
     p.add_argument("--stage", default="both", choices=["1", "2", "both"])
     p.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a backbone weights file")
-    p.add_argument("--stage1-backbone", choices=BACKBONES, help="override models.stage1.backbone")
-    p.add_argument("--stage2-backbone", choices=BACKBONES, help="override models.stage2.backbone")
+    p.add_argument("--stage1-backbone", choices=BACKBONES, help="override the profile's backbone for Stage 1")
+    p.add_argument("--stage2-backbone", choices=BACKBONES, help="override the profile's backbone for Stage 2")
     p.add_argument("--seed", type=int, help="override the config seed")
     return p.parse_args(argv)
 
@@ -212,8 +218,8 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     weights = resolve_weights(args.weights)
-    backbones = {"stage1": args.stage1_backbone or cfg.models.stage1.backbone,
-                 "stage2": args.stage2_backbone or cfg.models.stage2.backbone}
+    backbones = {"stage1": args.stage1_backbone or profile.backbone,
+                 "stage2": args.stage2_backbone or profile.backbone}
 
     if args.data:
         from train.prepare import main as prepare_main
@@ -233,8 +239,11 @@ def main(argv=None) -> int:
     (out / "split.csv").write_text(split_csv.read_text(encoding="utf-8"), encoding="utf-8")
     samples = limit_samples(samples, profile.max_images_per_class, seed)
 
+    from train.models import WeightsUnavailable, weights_source
+    sources = {stage: weights_source(name, weights) for stage, name in backbones.items()}
     resolved = {"config": cfg.to_dict(), "run": {
         "profile": args.profile, "profile_settings": dataclasses.asdict(profile), "weights": args.weights,
+        "weights_source": sources,
         "stage": args.stage, "backbones": backbones, "seed": seed, "split_csv": str(split_csv),
         "argv": sys.argv if argv is None else ["python", "-m", "train", *argv]}}
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
@@ -242,7 +251,6 @@ def main(argv=None) -> int:
     started = time.time()
     stages = [1, 2] if args.stage == "both" else [int(args.stage)]
     results = {}
-    from train.models import WeightsUnavailable
     for stage in stages:
         pool = samples if stage == 1 else [x for x in samples if x.label != cfg.taxonomy.clean]
         view = "stage1" if stage == 1 else "stage2"
@@ -260,7 +268,7 @@ def main(argv=None) -> int:
     from train.report import evaluate_and_report
     run_info = {
         "image_size": profile.image_size, "taxonomy": cfg.taxonomy.classes, "profile": args.profile,
-        "weights": args.weights, "backbones": backbones, "split_csv": str(split_csv), "seed": seed,
+        "weights": args.weights, "weights_source": sources, "backbones": backbones, "split_csv": str(split_csv), "seed": seed,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count()},
     }

@@ -1,4 +1,5 @@
 """python -m convert --int8 --run runs/NAME [...]   and   python -m convert compare --run runs/NAME --bundle models/NAME
+(and `python -m convert sensitivity --run runs/NAME`: which layers lose the most to int8, convert/sensitivity.py)
 
 Convert: read a training run (run.json, stage1.keras, stage2.keras, split.csv), check that the Keras files
 are our two stages, calibrate int8 on N train-split images, export the requested variants, refuse float
@@ -376,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     from convert.calibration import CalibrationError
     from convert.compare import CompareError, compare_bundle
 
+    if argv and argv[0] == "sensitivity":
+        from convert.sensitivity import main as sensitivity_main
+        return sensitivity_main(argv[1:])
     if argv and argv[0] == "compare":
         args = parse_compare(argv[1:])
         try:

@@ -1,4 +1,4 @@
-"""python -m train [prepare|synth|cross-source] ... ; without a sub-command: train the stage models."""
+"""python -m train [prepare|synth|cross-source|tta] ... ; without a sub-command: train the stage models."""
 from __future__ import annotations
 
 import sys
@@ -12,6 +12,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "synth":
         from train.synth import main as synth_main
         return synth_main(argv[1:])
+    if argv and argv[0] == "tta":
+        from train.tta import main as tta_main
+        return tta_main(argv[1:])
     if argv and argv[0] == "cross-source":
         from train.cross_source import main as cross_main
         return cross_main(argv[1:])

@@ -102,3 +102,11 @@ def test_folder_names_map_to_taxonomy(folder, label):
 @pytest.mark.parametrize("folder", ["blobs", "defective", "unknown", "train"])
 def test_unmapped_folder_names_give_none(folder):
     assert load_config().map_label(folder) is None
+
+
+def test_profiles_name_their_backbone(raw):
+    cfg = config_from_dict(copy.deepcopy(raw))
+    assert cfg.profiles["real"].backbone == "efficientnet_lite0" and cfg.profiles["full"].backbone == "densenet121"
+    raw["profiles"]["real"]["backbone"] = "resnet50"
+    with pytest.raises(ConfigError, match=r"profiles.real.backbone: 'resnet50' is not one of"):
+        config_from_dict(raw)

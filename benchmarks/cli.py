@@ -160,9 +160,9 @@ def runtime_availability(requested: list[str], keras_run: Path | None, keras_rea
     return out
 
 
-def find_keras_run(arg: str | None, manifest: dict) -> tuple[Path | None, str]:
+def find_keras_run(arg: str | None, source_run: str | None) -> tuple[Path | None, str]:
     """The training run whose stageN.keras files are the notebook-path baseline, or (None, why not)."""
-    candidate = arg or manifest.get("source_run")
+    candidate = arg or source_run
     where = "--keras-run" if arg else "the manifest's source_run"
     if not candidate:
         return None, "no --keras-run given and the manifest has no source_run"
@@ -173,15 +173,14 @@ def find_keras_run(arg: str | None, manifest: dict) -> tuple[Path | None, str]:
     return run.resolve(), ""
 
 
-def collect_images(args, manifest: dict, clean_label: str) -> dict:
+def collect_images(args, source_run: str | None, clean_label: str) -> dict:
     """Labelled images for the end-to-end streams, from --images or the source run's split.csv."""
     if args.images:
         mapper, how = label_mapper()
         items, unmapped = discover_images(args.images, mapper)
         source = f"{args.images} (labels: {how})"
     else:
-        run = manifest.get("source_run")
-        split_csv = Path(run) / "split.csv" if run else None
+        split_csv = Path(source_run) / "split.csv" if source_run else None
         if not split_csv or not split_csv.is_file():
             return {"status": "skipped", "reason": "no --images given and the bundle's source run has no split.csv"}
         items, unmapped = images_from_split_csv(split_csv), {}
@@ -338,7 +337,7 @@ def build_cost_models(paired_runs, pipe_runs, light_gate, prevalences, stage_row
 
 def light_gate_models(args, bundle, out: Path, workers: Workers, tflite_rt: str | None) -> dict:
     """Where the lightweight gate's latency comes from: the bundle itself, a given file, or a built one."""
-    backbone = (bundle.manifest.get("backbones") or {}).get("stage1")
+    backbone = bundle.backbones.get("stage1")
     if args.light_gate == "off":
         return {"status": "skipped", "reason": "--light-gate off"}
     if args.light_gate == "auto" and backbone == "mobilenet_v3_small":
@@ -376,11 +375,10 @@ def main(argv=None) -> int:
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    manifest = bundle.manifest
-    variants = args.variants or list(manifest["variants"])
-    missing = [v for v in variants if v not in manifest["variants"]]
+    variants = args.variants or list(bundle.variants)
+    missing = [v for v in variants if v not in bundle.variants]
     if missing:
-        print(f"error: --variants {missing} not in the bundle (has {list(manifest['variants'])})", file=sys.stderr)
+        print(f"error: --variants {missing} not in the bundle (has {list(bundle.variants)})", file=sys.stderr)
         return 2
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"reports/bench-{stamp}")
@@ -391,7 +389,7 @@ def main(argv=None) -> int:
         return 2
 
     machine = describe_machine()
-    keras_run, keras_reason = find_keras_run(args.keras_run, manifest)
+    keras_run, keras_reason = find_keras_run(args.keras_run, bundle.source_run)
     runtimes = runtime_availability(args.runtime, keras_run, keras_reason)
     log(f"machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['architecture']}, "
         f"load {machine['load_average_at_start']}")
@@ -403,7 +401,7 @@ def main(argv=None) -> int:
 
     clean_label = bundle.clean_label
     try:
-        images = collect_images(args, manifest, clean_label)
+        images = collect_images(args, bundle.source_run, clean_label)
     except (FileNotFoundError, OSError, KeyError) as exc:   # a wrong --images folder or a malformed split.csv
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -429,13 +427,13 @@ def main(argv=None) -> int:
                             "images": args.images, "keras_run": str(keras_run) if keras_run else None,
                             "seed": args.seed, "command": " ".join(["python -m benchmarks"] + (argv or sys.argv[1:]))},
                "bundle": {"path": str(bundle.root), "image_size": list(bundle.image_size),
-                          "backbones": manifest.get("backbones", {}), "variants": list(manifest["variants"]),
+                          "backbones": bundle.backbones, "variants": list(bundle.variants),
                           "stage1_threshold": bundle.stage1_threshold, "stage2_classes": list(bundle.stage2_classes),
-                          "source_run": manifest.get("source_run")},
+                          "source_run": bundle.source_run},
                "runtimes": runtimes, "images": images, "stages": [], "pipeline": [], "notes": []}
 
     def model_path(stage: int, variant: str) -> Path:
-        return bundle.root / manifest["variants"][variant][f"stage{stage}"]["file"]
+        return bundle.stage(stage, variant).path
 
     stage_jobs = []
     for threads in args.threads:
@@ -454,7 +452,7 @@ def main(argv=None) -> int:
             if use_keras:
                 pipe_jobs.append(("float32", "keras", threads))
     paired_jobs = [(variant, rt, threads) for threads in args.threads for rt in tflite_rts for variant in variants]
-    backbone1 = (manifest.get("backbones") or {}).get("stage1")
+    backbone1 = bundle.backbones.get("stage1")
     gate_planned = bool(tflite_rts) and (
         (args.light_gate not in ("off", "auto") and Path(args.light_gate).is_file())
         or (args.light_gate == "auto" and backbone1 != "mobilenet_v3_small"
@@ -533,7 +531,8 @@ def main(argv=None) -> int:
                 f"{len(streams)} streams x {args.stream_length} images ...")
             spec = {"mode": "pipeline", "runtime": rt, "variant": variant, "threads": threads,
                     "bundle": str(bundle.root), "streams": streams, "max_seconds": args.max_seconds,
-                    "clean_label": clean_label, "keras_run": str(keras_run) if keras_run else None}
+                    "clean_label": clean_label, "keras_run": str(keras_run) if keras_run else None,
+                    "image_size": list(bundle.image_size), "stage1_threshold": bundle.stage1_threshold}
             res = workers.run(spec)
             run = {"variant": variant, "runtime": rt, "threads": threads, "status": res["status"]}
             if res["status"] == "ok":

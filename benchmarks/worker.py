@@ -187,15 +187,14 @@ def _keras_pipeline(spec: dict):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import numpy as np
-    import yaml
 
     from edge_runtime.gate import is_defective
     from edge_runtime.preprocess import preprocess_file
 
     _set_threads_tf(int(spec["threads"]))
-    manifest = yaml.safe_load((Path(spec["bundle"]) / "manifest.yaml").read_text(encoding="utf-8"))
-    size = (int(manifest["input"]["height"]), int(manifest["input"]["width"]))
-    threshold = float(manifest["gating"]["stage1_threshold"])
+    # From the bundle the parent loaded (edge_runtime.bundle): the same size and gating as the Inspector path.
+    size = tuple(int(x) for x in spec["image_size"])
+    threshold = float(spec["stage1_threshold"])
     run = Path(spec["keras_run"])
     t0 = time.perf_counter()
     m1 = keras.models.load_model(run / "stage1.keras", compile=False)

@@ -150,7 +150,7 @@ def test_tampered_or_foreign_bundle_is_refused(converted, tmp_path, capsys):
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
     argv = ["compare", "--run", str(converted["run"]), "--bundle", str(bundle), "--out", str(tmp_path / "o")]
-    assert main(argv) == 2 and "sha256 does not match" in capsys.readouterr().err
+    assert main(argv) == 2 and "stage2.tflite: sha256 mismatch" in capsys.readouterr().err
 
     shutil.rmtree(bundle)
     shutil.copytree(converted["bundle"], bundle)
@@ -185,3 +185,30 @@ def test_edge_inspector_reproduces_the_int8_labels(converted):
         result = edge.inspect(path)
         assert result.label == pred["final"]["int8"][i], path
         assert result.stage1_score == pytest.approx(pred["stage1_score"]["int8"][i], abs=1e-5)
+
+
+def test_bundle_is_read_by_edge_runtime_each_file_hashed_once(tiny_bundle, tmp_path, monkeypatch):
+    """compare reads bundles through edge_runtime.bundle: every variant's models, each sha256-checked once."""
+    from conftest import TINY_SIZE, TINY_STAGE2
+    from convert.compare import CompareError, read_bundle
+    from edge_runtime import bundle as bundle_mod
+
+    hashed = []
+    real_bytes, real_file = bundle_mod.sha256_bytes, bundle_mod.sha256_file
+    monkeypatch.setattr(bundle_mod, "sha256_bytes", lambda data: hashed.append(len(data)) or real_bytes(data))
+    monkeypatch.setattr(bundle_mod, "sha256_file", lambda path: hashed.append(path) or real_file(path))
+    run = SimpleNamespace(stage2_classes=TINY_STAGE2, image_size=TINY_SIZE)
+    bundle, models = read_bundle(tiny_bundle, run)
+    assert sorted(models) == ["float32", "int8"] and len(hashed) == 4          # 2 variants x 2 stages, once each
+    for variant in models:
+        for stage in (1, 2):
+            assert models[variant][stage] == bundle.stage(stage, variant).path.read_bytes()
+    # A changed model of a variant other than the default one is refused too, naming the file.
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    with open(copy / "stage2_float32.tflite", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(CompareError, match=r"stage2_float32\.tflite: sha256 mismatch"):
+        read_bundle(copy, run)
+    with pytest.raises(CompareError, match="do not belong together"):
+        read_bundle(tiny_bundle, SimpleNamespace(stage2_classes=list(reversed(TINY_STAGE2)), image_size=TINY_SIZE))

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.schema import PairedResult, PipelineResult, StageResult
+
 
 # Process CPU time is accounted per scheduler tick on many VMs (4 ms here): over a shorter window a
 # single tick dominates, so CPU shares are only reported for windows long enough to average it out.
@@ -111,7 +113,7 @@ def _set_threads_tf(threads: int) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-def stage(spec: dict) -> dict:
+def stage(spec: dict) -> StageResult:
     import numpy as np
 
     runtime, threads, model = spec["runtime"], int(spec["threads"]), spec["model"]
@@ -231,7 +233,7 @@ def _inspector_pipeline(spec: dict):
     return inspect, init_ms, insp.describe()
 
 
-def pipeline(spec: dict) -> dict:
+def pipeline(spec: dict) -> PipelineResult:
     from edge_runtime.preprocess import ImageError
 
     if spec["runtime"] != "keras":
@@ -295,7 +297,7 @@ def build_gate(spec: dict) -> dict:
     return {"status": "ok", "model": str(out), "bytes": len(data), "weights": "random (latency only)"}
 
 
-def paired(spec: dict) -> dict:
+def paired(spec: dict) -> PairedResult:
     """Several TFLite models in one process, invoked in turn (rotating the order every round), so their
     latency ratios are measured under the same conditions: what the gate cost model needs on a busy machine."""
     import numpy as np

@@ -21,8 +21,8 @@ from edge_runtime.bundle import BundleError
 from edge_runtime.exits import EXIT_FAILED, EXIT_OK, EXIT_SETUP, EXIT_STORAGE, WatchError
 from edge_runtime.interpreter import NoInterpreter
 from edge_runtime.preprocess import ImageError, SUPPORTED_SUFFIXES, is_supported
-from edge_runtime.service_config import (ConfigError, add_flags, check_setting, flag_values, load_service_config,
-                                         service_flags_given)
+from edge_runtime.service_config import (ConfigError, add_flags, check_inspect_flags, flag_values,
+                                         load_service_config, service_flags_given)
 from edge_runtime.store import StorageError
 from edge_runtime.watch import WatchService, is_ignored_name
 
@@ -153,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.models:
         return _error("--models BUNDLE is required", EXIT_SETUP)
     try:
-        for name in ("variant", "threads", "runtime"):      # the same checks as in a service config
-            if getattr(args, name) is not None:
-                check_setting(name, getattr(args, name))
+        check_inspect_flags(args)
     except ConfigError as exc:
         return _error(str(exc), EXIT_SETUP)
     return run_batch(args)

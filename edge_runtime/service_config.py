@@ -221,6 +221,13 @@ def flag_values(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in SETTINGS}
 
 
+def check_inspect_flags(args: argparse.Namespace) -> None:
+    """One-off inspection: the INSPECT settings given on the command line, checked as in a config file."""
+    for name, f in SETTINGS.items():
+        if f.metadata["flag"] == INSPECT and getattr(args, name) is not None:
+            check_setting(name, getattr(args, name))
+
+
 def service_flags_given(args: argparse.Namespace) -> list[str]:
     """Flags of SERVICE settings present on the command line (they need --watch DIR)."""
     return [flag_name(n) for n, f in SETTINGS.items() if f.metadata["flag"] == SERVICE and getattr(args, n) is not None]

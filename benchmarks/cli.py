@@ -21,6 +21,8 @@ from pathlib import Path
 
 from benchmarks import costmodel, report
 from benchmarks.machine import describe_machine, nominal_peak
+from benchmarks.schema import (FORMAT, BundleInfo, CostModel, Images, LightGate, Machine, PairedRun, PipelineRun,
+                               PrevalenceSummary, Results, Runtime, Settings, Speedup, StageRow)
 from benchmarks.stats import summarize
 from benchmarks.streams import (discover_images, images_from_split_csv, label_mapper, prevalence_stream,
                                 split_pools)
@@ -128,7 +130,7 @@ class Workers:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def runtime_availability(requested: list[str], keras_run: Path | None, keras_reason: str) -> dict:
+def runtime_availability(requested: list[str], keras_run: Path | None, keras_reason: str) -> dict[str, Runtime]:
     """Which requested runtimes can run here, with versions or the reason they cannot (nothing imported)."""
     from importlib import metadata
 
@@ -160,9 +162,9 @@ def runtime_availability(requested: list[str], keras_run: Path | None, keras_rea
     return out
 
 
-def find_keras_run(arg: str | None, manifest: dict) -> tuple[Path | None, str]:
+def find_keras_run(arg: str | None, source_run: str | None) -> tuple[Path | None, str]:
     """The training run whose stageN.keras files are the notebook-path baseline, or (None, why not)."""
-    candidate = arg or manifest.get("source_run")
+    candidate = arg or source_run
     where = "--keras-run" if arg else "the manifest's source_run"
     if not candidate:
         return None, "no --keras-run given and the manifest has no source_run"
@@ -173,15 +175,15 @@ def find_keras_run(arg: str | None, manifest: dict) -> tuple[Path | None, str]:
     return run.resolve(), ""
 
 
-def collect_images(args, manifest: dict, clean_label: str) -> dict:
-    """Labelled images for the end-to-end streams, from --images or the source run's split.csv."""
+def collect_images(args, source_run: str | None, clean_label: str) -> dict:
+    """Labelled images for the end-to-end streams, from --images or the source run's split.csv: the Images
+    entry of results.json, plus "pools" (clean, defective) for the streams."""
     if args.images:
         mapper, how = label_mapper()
         items, unmapped = discover_images(args.images, mapper)
         source = f"{args.images} (labels: {how})"
     else:
-        run = manifest.get("source_run")
-        split_csv = Path(run) / "split.csv" if run else None
+        split_csv = Path(source_run) / "split.csv" if source_run else None
         if not split_csv or not split_csv.is_file():
             return {"status": "skipped", "reason": "no --images given and the bundle's source run has no split.csv"}
         items, unmapped = images_from_split_csv(split_csv), {}
@@ -194,9 +196,10 @@ def collect_images(args, manifest: dict, clean_label: str) -> dict:
     return info
 
 
-def stage_row(stage: int, variant: str, runtime: str, threads: int, model: Path, result: dict) -> dict:
-    row = {"stage": stage, "variant": variant, "runtime": runtime, "threads": threads, "model": str(model),
-           "model_mb": model.stat().st_size / 1e6 if model.is_file() else None, "status": result["status"]}
+def stage_row(stage: int, variant: str, runtime: str, threads: int, model: Path, result: dict) -> StageRow:
+    """The results.json row of one `stage` worker result."""
+    row = StageRow(stage=stage, variant=variant, runtime=runtime, threads=threads, model=str(model),
+                   model_mb=model.stat().st_size / 1e6 if model.is_file() else None, status=result["status"])
     if result["status"] != "ok":
         row["reason"] = result.get("reason", "")
         return row
@@ -214,7 +217,7 @@ def stage_row(stage: int, variant: str, runtime: str, threads: int, model: Path,
     return row
 
 
-def add_roofline(rows: list[dict], machine: dict) -> None:
+def add_roofline(rows: list[StageRow], machine: Machine) -> None:
     """GMAC per inference (TFLite graph; Keras rows borrow their stage's float32 count) and GMAC/s."""
     by_stage = {}
     for r in rows:
@@ -236,7 +239,7 @@ def add_roofline(rows: list[dict], machine: dict) -> None:
             r["pct_of_peak_estimate"] = 100.0 * r["achieved_gmacs"] / peak
 
 
-def speedups(rows: list[dict]) -> list[dict]:
+def speedups(rows: list[StageRow]) -> list[Speedup]:
     """Ratios of mean latencies measured in this run: every config vs Keras, and int8 vs float32."""
     ok = {(r["stage"], r["runtime"], r["variant"], r["threads"]): r["latency"]["mean_ms"]
           for r in rows if r["status"] == "ok"}
@@ -244,16 +247,16 @@ def speedups(rows: list[dict]) -> list[dict]:
     for (stage, runtime, variant, threads), mean in sorted(ok.items()):
         keras = ok.get((stage, "keras", "float32", threads))
         if runtime != "keras" and keras:
-            out.append({"stage": stage, "threads": threads, "config": f"{runtime} {variant}",
-                        "baseline": "keras float32 model.predict", "speedup": keras / mean})
+            out.append(Speedup(stage=stage, threads=threads, config=f"{runtime} {variant}",
+                               baseline="keras float32 model.predict", speedup=keras / mean))
         fp32 = ok.get((stage, runtime, "float32", threads))
         if runtime != "keras" and variant != "float32" and fp32:
-            out.append({"stage": stage, "threads": threads, "config": f"{runtime} {variant}",
-                        "baseline": f"{runtime} float32", "speedup": fp32 / mean})
+            out.append(Speedup(stage=stage, threads=threads, config=f"{runtime} {variant}",
+                               baseline=f"{runtime} float32", speedup=fp32 / mean))
     return out
 
 
-def pipeline_summary(result: dict, prevalences: list[float], invoke_means: dict | None) -> list[dict]:
+def pipeline_summary(result: dict, prevalences: list[float], invoke_means: dict | None) -> list[PrevalenceSummary]:
     """Per-prevalence numbers of one pipeline worker; `invoke_means` = raw stage invokes for the model check."""
     out = []
     for p in prevalences:
@@ -268,23 +271,23 @@ def pipeline_summary(result: dict, prevalences: list[float], invoke_means: dict 
         s2 = [r["stage2_ms"] for r in recs if r["stage2_ms"] is not None]
         clean_path = [r["latency_ms"] for r in recs if not r["flagged"]]
         flagged_path = [r["latency_ms"] for r in recs if r["flagged"]]
-        row = {"prevalence": p, "images": len(recs), "failures": data.get("failures", []),
-               "defective_fraction": len(defective) / len(recs),
-               "flagged_fraction": sum(flagged) / len(recs),
-               "gate_recall": (sum(r["flagged"] for r in defective) / len(defective)) if defective else None,
-               "gate_fpr": (sum(r["flagged"] for r in clean) / len(clean)) if clean else None,
-               "latency": summarize(lat), "latencies_ms": lat,
-               "preprocess_ms": sum(r["preprocess_ms"] for r in recs) / len(recs),
-               "stage1_ms": sum(r["stage1_ms"] for r in recs) / len(recs),
-               "stage2_ms": (sum(s2) / len(s2)) if s2 else None,
-               # per-image latency when Stage 1 stops the image (clean path) and when Stage 2 runs too
-               "clean_path_ms": (sum(clean_path) / len(clean_path)) if clean_path else None,
-               "flagged_path_ms": (sum(flagged_path) / len(flagged_path)) if flagged_path else None,
-               "stream_throughput_ips": len(recs) / data["wall_s"] if data["wall_s"] > 0 else None,
-               "cpu_per_wall": data.get("cpu_per_wall"), "load_average": data.get("load_average"),
-               # CPU time per image: with 1 thread, about the latency on an otherwise idle core
-               "cpu_ms_per_image": (data["cpu_per_wall"] * data["wall_s"] * 1e3 / len(recs))
-               if data.get("cpu_per_wall") is not None else None}
+        row = PrevalenceSummary(
+            prevalence=p, images=len(recs), failures=data.get("failures", []),
+            defective_fraction=len(defective) / len(recs), flagged_fraction=sum(flagged) / len(recs),
+            gate_recall=(sum(r["flagged"] for r in defective) / len(defective)) if defective else None,
+            gate_fpr=(sum(r["flagged"] for r in clean) / len(clean)) if clean else None,
+            latency=summarize(lat), latencies_ms=lat,
+            preprocess_ms=sum(r["preprocess_ms"] for r in recs) / len(recs),
+            stage1_ms=sum(r["stage1_ms"] for r in recs) / len(recs),
+            stage2_ms=(sum(s2) / len(s2)) if s2 else None,
+            # per-image latency when Stage 1 stops the image (clean path) and when Stage 2 runs too
+            clean_path_ms=(sum(clean_path) / len(clean_path)) if clean_path else None,
+            flagged_path_ms=(sum(flagged_path) / len(flagged_path)) if flagged_path else None,
+            stream_throughput_ips=len(recs) / data["wall_s"] if data["wall_s"] > 0 else None,
+            cpu_per_wall=data.get("cpu_per_wall"), load_average=data.get("load_average"),
+            # CPU time per image: with 1 thread, about the latency on an otherwise idle core
+            cpu_ms_per_image=(data["cpu_per_wall"] * data["wall_s"] * 1e3 / len(recs))
+            if data.get("cpu_per_wall") is not None else None)
         if invoke_means:
             row["cost_model_ms"] = costmodel.two_stage_ms(row["preprocess_ms"], invoke_means[1], invoke_means[2],
                                                           row["flagged_fraction"])
@@ -292,7 +295,8 @@ def pipeline_summary(result: dict, prevalences: list[float], invoke_means: dict 
     return out
 
 
-def build_cost_models(paired_runs, pipe_runs, light_gate, prevalences, stage_rows=()) -> list[dict]:
+def build_cost_models(paired_runs: list[PairedRun], pipe_runs: list[PipelineRun], light_gate: LightGate,
+                      prevalences: list[float], stage_rows: list[StageRow] = ()) -> list[CostModel]:
     """Two-stage vs one model per (runtime, variant, threads), from medians of the paired invokes (Stage 1,
     Stage 2 and the light gate timed in turn in one process) and the measured preprocessing."""
     pre_by_threads = {}
@@ -308,11 +312,10 @@ def build_cost_models(paired_runs, pipe_runs, light_gate, prevalences, stage_row
         gate, s2 = run["latency"]["stage1"]["p50_ms"], run["latency"]["stage2"]["p50_ms"]
         pre_list = pre_by_threads.get(threads)
         pre = sum(pre_list) / len(pre_list) if pre_list else 0.0
-        entry = {"runtime": runtime, "variant": variant, "threads": threads, "preprocess_ms": pre,
-                 "preprocess_measured": bool(pre_list), "gate_ms": gate, "stage2_ms": s2, "single_ms": s2,
-                 "estimator": "median of paired invokes", "rounds": run["rounds"],
-                 "break_even": costmodel.break_even(gate, s2, s2),
-                 "curve": costmodel.curve(pre, gate, s2, s2, grid)}
+        entry = CostModel(runtime=runtime, variant=variant, threads=threads, preprocess_ms=pre,
+                          preprocess_measured=bool(pre_list), gate_ms=gate, stage2_ms=s2, single_ms=s2,
+                          estimator="median of paired invokes", rounds=run["rounds"],
+                          break_even=costmodel.break_even(gate, s2, s2), curve=costmodel.curve(pre, gate, s2, s2, grid))
         gmac = {r["stage"]: r["gmac"] for r in stage_rows
                 if r.get("gmac") and r["variant"] == variant and r["runtime"] == runtime}
         if len(gmac) == 2 and abs(gmac[1] - gmac[2]) <= 0.01 * gmac[2]:
@@ -336,9 +339,9 @@ def build_cost_models(paired_runs, pipe_runs, light_gate, prevalences, stage_row
     return models
 
 
-def light_gate_models(args, bundle, out: Path, workers: Workers, tflite_rt: str | None) -> dict:
+def light_gate_models(args, bundle, out: Path, workers: Workers, tflite_rt: str | None) -> LightGate:
     """Where the lightweight gate's latency comes from: the bundle itself, a given file, or a built one."""
-    backbone = (bundle.manifest.get("backbones") or {}).get("stage1")
+    backbone = bundle.backbones.get("stage1")
     if args.light_gate == "off":
         return {"status": "skipped", "reason": "--light-gate off"}
     if args.light_gate == "auto" and backbone == "mobilenet_v3_small":
@@ -363,205 +366,246 @@ def light_gate_models(args, bundle, out: Path, workers: Workers, tflite_rt: str 
                       "weights do not change speed)"}
 
 
-def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from edge_runtime.bundle import BundleError, load_bundle
+class SetupError(Exception):
+    """The run cannot start (bad bundle, variants, --out or --images): exit 2 with the message."""
 
-    try:
-        bundle = load_bundle(args.models)   # refuses a damaged bundle (sha256) before anything is timed
-    except BundleError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    manifest = bundle.manifest
-    variants = args.variants or list(manifest["variants"])
-    missing = [v for v in variants if v not in manifest["variants"]]
-    if missing:
-        print(f"error: --variants {missing} not in the bundle (has {list(manifest['variants'])})", file=sys.stderr)
-        return 2
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out or f"reports/bench-{stamp}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"error: cannot create --out {out}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
 
-    machine = describe_machine()
-    keras_run, keras_reason = find_keras_run(args.keras_run, manifest)
-    runtimes = runtime_availability(args.runtime, keras_run, keras_reason)
-    log(f"machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['architecture']}, "
-        f"load {machine['load_average_at_start']}")
-    for name, info in runtimes.items():
-        log(f"runtime {name}: {info['status']}" + (f" {info['version']}" if info.get("version") else "")
-            + (f" ({info['reason']})" if info.get("reason") else ""))
-    tflite_rts = [r for r in args.runtime if r in TFLITE_RUNTIMES and runtimes[r]["status"] == "ok"]
-    use_keras = "keras" in runtimes and runtimes["keras"]["status"] == "ok"
+class Benchmark:
+    """One `python -m benchmarks` run: set up from the arguments, then the four measurement passes, each
+    worker in a fresh process, results.json saved after every measurement."""
 
-    clean_label = bundle.clean_label
-    try:
-        images = collect_images(args, manifest, clean_label)
-    except (FileNotFoundError, OSError, KeyError) as exc:   # a wrong --images folder or a malformed split.csv
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    streams = {}
-    if images["status"] == "ok":
-        clean, defective = images.pop("pools")
-        for p in args.prevalence:
-            try:
-                streams[str(p)] = [list(it) for it in prevalence_stream(clean, defective, p, args.stream_length,
-                                                                        seed=args.seed)]
-            except ValueError as exc:
-                images.setdefault("skipped_prevalences", {})[str(p)] = str(exc)
-        log(f"images: {images['clean']} clean, {images['defective']} defective from {images['source']}"
-            + (f"; unmapped folders ignored: {images['unmapped_folders']}" if images["unmapped_folders"] else ""))
-    else:
-        images.pop("pools", None)
-        log(f"end-to-end: skipped ({images['reason']})")
+    def __init__(self, args: argparse.Namespace, argv: list[str] | None):
+        from edge_runtime.bundle import BundleError, load_bundle
 
-    results = {"format": "sem-inspect-benchmark/1", "machine": machine,
-               "settings": {"bundle": str(bundle.root), "variants": variants, "threads": args.threads,
-                            "runtimes": args.runtime, "prevalences": args.prevalence, "runs": args.runs,
-                            "max_seconds": args.max_seconds, "stream_length": args.stream_length,
-                            "images": args.images, "keras_run": str(keras_run) if keras_run else None,
-                            "seed": args.seed, "command": " ".join(["python -m benchmarks"] + (argv or sys.argv[1:]))},
-               "bundle": {"path": str(bundle.root), "image_size": list(bundle.image_size),
-                          "backbones": manifest.get("backbones", {}), "variants": list(manifest["variants"]),
-                          "stage1_threshold": bundle.stage1_threshold, "stage2_classes": list(bundle.stage2_classes),
-                          "source_run": manifest.get("source_run")},
-               "runtimes": runtimes, "images": images, "stages": [], "pipeline": [], "notes": []}
+        self.args = args
+        try:
+            self.bundle = load_bundle(args.models)   # refuses a damaged bundle (sha256) before anything is timed
+        except BundleError as exc:
+            raise SetupError(str(exc)) from None
+        self.variants = args.variants or list(self.bundle.variants)
+        missing = [v for v in self.variants if v not in self.bundle.variants]
+        if missing:
+            raise SetupError(f"--variants {missing} not in the bundle (has {list(self.bundle.variants)})")
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.out = Path(args.out or f"reports/bench-{stamp}")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SetupError(f"cannot create --out {self.out}: {exc.strerror or exc}") from None
+        self.machine = describe_machine()
+        self.keras_run, keras_reason = find_keras_run(args.keras_run, self.bundle.source_run)
+        self.runtimes = runtime_availability(args.runtime, self.keras_run, keras_reason)
+        log(f"machine: {self.machine['cpu_model']}, {self.machine['cores']} cores, {self.machine['architecture']}, "
+            f"load {self.machine['load_average_at_start']}")
+        for name, info in self.runtimes.items():
+            log(f"runtime {name}: {info['status']}" + (f" {info['version']}" if info.get("version") else "")
+                + (f" ({info['reason']})" if info.get("reason") else ""))
+        self.tflite_rts = [r for r in args.runtime if r in TFLITE_RUNTIMES and self.runtimes[r]["status"] == "ok"]
+        self.use_keras = "keras" in self.runtimes and self.runtimes["keras"]["status"] == "ok"
+        self.images, self.streams = self._streams()
+        self.results = self._skeleton(argv)
+        self.failures = 0
+        self._step = 0
+        self._total = 0
 
-    def model_path(stage: int, variant: str) -> Path:
-        return bundle.root / manifest["variants"][variant][f"stage{stage}"]["file"]
+    def _streams(self) -> tuple[Images, dict[str, list]]:
+        args = self.args
+        try:
+            images = collect_images(args, self.bundle.source_run, self.bundle.clean_label)
+        except (FileNotFoundError, OSError, KeyError) as exc:   # a wrong --images folder or a malformed split.csv
+            raise SetupError(str(exc)) from None
+        streams = {}
+        pools = images.pop("pools", None)
+        if images["status"] == "ok":
+            clean, defective = pools
+            for p in args.prevalence:
+                try:
+                    streams[str(p)] = [list(it) for it in prevalence_stream(clean, defective, p, args.stream_length,
+                                                                            seed=args.seed)]
+                except ValueError as exc:
+                    images.setdefault("skipped_prevalences", {})[str(p)] = str(exc)
+            log(f"images: {images['clean']} clean, {images['defective']} defective from {images['source']}"
+                + (f"; unmapped folders ignored: {images['unmapped_folders']}" if images["unmapped_folders"] else ""))
+        else:
+            log(f"end-to-end: skipped ({images['reason']})")
+        return images, streams
 
-    stage_jobs = []
-    for threads in args.threads:
-        for stage in (1, 2):
-            for rt in tflite_rts:
-                for variant in variants:
-                    stage_jobs.append((stage, variant, rt, threads, model_path(stage, variant)))
-            if use_keras:
-                stage_jobs.append((stage, "float32", "keras", threads, keras_run / f"stage{stage}.keras"))
-    pipe_jobs = []
-    if streams:
-        for threads in args.threads:
-            for rt in tflite_rts:
-                for variant in variants:
-                    pipe_jobs.append((variant, rt, threads))
-            if use_keras:
-                pipe_jobs.append(("float32", "keras", threads))
-    paired_jobs = [(variant, rt, threads) for threads in args.threads for rt in tflite_rts for variant in variants]
-    backbone1 = (manifest.get("backbones") or {}).get("stage1")
-    gate_planned = bool(tflite_rts) and (
-        (args.light_gate not in ("off", "auto") and Path(args.light_gate).is_file())
-        or (args.light_gate == "auto" and backbone1 != "mobilenet_v3_small"
-            and importlib.util.find_spec("tensorflow") is not None))
-    total = len(stage_jobs) + len(paired_jobs) + len(pipe_jobs) + (len(args.threads) if gate_planned else 0)
-    step = iter(range(1, total + 1))
-    workers = Workers(args.timeout)
-    failures = 0
-    t_start = time.perf_counter()
-    try:
-        # 1. each stage, variant, runtime and thread count alone in a fresh process
-        for stage, variant, rt, threads, path in stage_jobs:
-            log(f"[{next(step)}/{total}] stage{stage} {variant} {rt} threads={threads} ...")
+    def _skeleton(self, argv) -> Results:
+        args, bundle = self.args, self.bundle
+        settings = Settings(bundle=str(bundle.root), variants=self.variants, threads=args.threads,
+                            runtimes=args.runtime, prevalences=args.prevalence, runs=args.runs,
+                            max_seconds=args.max_seconds, stream_length=args.stream_length, images=args.images,
+                            keras_run=str(self.keras_run) if self.keras_run else None, seed=args.seed,
+                            command=" ".join(["python -m benchmarks"] + (argv or sys.argv[1:])))
+        info = BundleInfo(path=str(bundle.root), image_size=list(bundle.image_size), backbones=bundle.backbones,
+                          variants=list(bundle.variants), stage1_threshold=bundle.stage1_threshold,
+                          stage2_classes=list(bundle.stage2_classes), source_run=bundle.source_run)
+        return Results(format=FORMAT, machine=self.machine, settings=settings, bundle=info, runtimes=self.runtimes,
+                       images=self.images, stages=[], pipeline=[], notes=[])
+
+    # -- the plan ---------------------------------------------------------------------------------------
+    def _stage_jobs(self) -> list[tuple[int, str, str, int, Path]]:
+        jobs = []
+        for threads in self.args.threads:
+            for stage in (1, 2):
+                for rt in self.tflite_rts:
+                    for variant in self.variants:
+                        jobs.append((stage, variant, rt, threads, self.bundle.stage(stage, variant).path))
+                if self.use_keras:
+                    jobs.append((stage, "float32", "keras", threads, self.keras_run / f"stage{stage}.keras"))
+        return jobs
+
+    def _pipeline_jobs(self) -> list[tuple[str, str, int]]:
+        jobs = []
+        if self.streams:
+            for threads in self.args.threads:
+                jobs += [(variant, rt, threads) for rt in self.tflite_rts for variant in self.variants]
+                if self.use_keras:
+                    jobs.append(("float32", "keras", threads))
+        return jobs
+
+    def _paired_jobs(self) -> list[tuple[str, str, int]]:
+        return [(variant, rt, threads) for threads in self.args.threads for rt in self.tflite_rts
+                for variant in self.variants]
+
+    def _gate_planned(self) -> bool:
+        light = self.args.light_gate
+        return bool(self.tflite_rts) and (
+            (light not in ("off", "auto") and Path(light).is_file())
+            or (light == "auto" and self.bundle.backbones.get("stage1") != "mobilenet_v3_small"
+                and importlib.util.find_spec("tensorflow") is not None))
+
+    def _progress(self, what: str) -> None:
+        self._step += 1
+        log(f"[{self._step}/{self._total}] {what}")
+
+    def _save(self) -> None:
+        """results.json after every measurement: an interrupted run keeps what it measured."""
+        report.write_json(self.out / "results.json", self.results)
+
+    # -- the run ----------------------------------------------------------------------------------------
+    def run(self) -> int:
+        stage_jobs, paired_jobs, pipe_jobs = self._stage_jobs(), self._paired_jobs(), self._pipeline_jobs()
+        self._total = (len(stage_jobs) + len(paired_jobs) + len(pipe_jobs)
+                       + (len(self.args.threads) if self._gate_planned() else 0))
+        workers = Workers(self.args.timeout)
+        t_start = time.perf_counter()
+        try:
+            self._measure_stages(workers, stage_jobs)
+            gate = self._measure_light_gate(workers)
+            self._measure_paired(workers, paired_jobs, gate)
+            self._measure_pipelines(workers, pipe_jobs)
+            self.results["cost_models"] = build_cost_models(self.results.get("paired", []), self.results["pipeline"],
+                                                            gate, self.args.prevalence, self.results["stages"])
+        finally:
+            workers.close()
+        self.results["elapsed_s"] = time.perf_counter() - t_start
+        self.results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        paths = report.write_all(self.out, self.results)
+        log(f"done in {self.results['elapsed_s']:.0f} s; wrote " + ", ".join(str(p) for p in paths))
+        return 1 if self.failures else 0
+
+    def _measure_stages(self, workers: Workers, jobs) -> None:
+        """1. each stage, variant, runtime and thread count alone in a fresh process."""
+        for stage, variant, rt, threads, path in jobs:
+            self._progress(f"stage{stage} {variant} {rt} threads={threads} ...")
             res = workers.run({"mode": "stage", "runtime": rt, "model": str(path), "threads": threads,
-                               "runs": args.runs, "max_seconds": args.max_seconds})
+                               "runs": self.args.runs, "max_seconds": self.args.max_seconds})
             row = stage_row(stage, variant, rt, threads, path, res)
-            results["stages"].append(row)
+            self.results["stages"].append(row)
             if row["status"] == "ok":
                 s = row["latency"]
                 log(f"    init {row['init_ms']:.1f} ms, first {row['first_ms']:.1f} ms, mean {s['mean_ms']:.2f} ms "
                     f"p99 {s['p99_ms']:.2f} ms ({s['count']} runs, {s['throughput_ips']:.1f} img/s), "
                     f"peak RSS {row['peak_rss_mb']:.0f} MB, CPU/wall {row['cpu_per_wall'] or 0:.2f}")
             else:
-                failures += row["status"] == "error"
+                self.failures += row["status"] == "error"
                 log(f"    {row['status']}: {row.get('reason', '')}")
-            _save_partial(out, results)
-        add_roofline(results["stages"], machine)
-        results["speedups"] = speedups(results["stages"])
+            self._save()
+        add_roofline(self.results["stages"], self.machine)
+        self.results["speedups"] = speedups(self.results["stages"])
 
-        # 2. the lightweight gate, alone, at each thread count
-        gate = light_gate_models(args, bundle, out, workers, tflite_rts[0] if tflite_rts else None)
+    def _measure_light_gate(self, workers: Workers) -> LightGate:
+        """2. the lightweight gate, alone, at each thread count."""
+        gate = light_gate_models(self.args, self.bundle, self.out, workers,
+                                 self.tflite_rts[0] if self.tflite_rts else None)
         if gate["status"] == "ok" and not gate.get("from_bundle"):
-            gate["rows"] = []
-            for threads in args.threads:
-                log(f"[{next(step)}/{total}] light gate {Path(gate['model']).name} {tflite_rts[0]} "
-                    f"threads={threads} ...")
-                res = workers.run({"mode": "stage", "runtime": tflite_rts[0], "model": gate["model"],
-                                   "threads": threads, "runs": args.runs, "max_seconds": args.max_seconds})
-                row = stage_row(1, "int8", tflite_rts[0], threads, Path(gate["model"]), res)
+            rt, gate["rows"] = self.tflite_rts[0], []
+            for threads in self.args.threads:
+                self._progress(f"light gate {Path(gate['model']).name} {rt} threads={threads} ...")
+                res = workers.run({"mode": "stage", "runtime": rt, "model": gate["model"], "threads": threads,
+                                   "runs": self.args.runs, "max_seconds": self.args.max_seconds})
+                row = stage_row(1, "int8", rt, threads, Path(gate["model"]), res)
                 gate["rows"].append(row)
                 log(f"    mean {row['latency']['mean_ms']:.2f} ms" if row["status"] == "ok"
                     else f"    {row['status']}: {row.get('reason', '')}")
-            add_roofline(gate["rows"], machine)
+            add_roofline(gate["rows"], self.machine)
         elif gate["status"] != "ok":
-            failures += gate["status"] == "error"
+            self.failures += gate["status"] == "error"
             log(f"light gate: {gate['status']} ({gate.get('reason', '')})")
-        results["light_gate"] = gate
+        self.results["light_gate"] = gate
+        return gate
 
-        # 3. Stage 1, Stage 2 (and the light gate, next to int8) in turn in one process: the cost model's ratios
-        for variant, rt, threads in paired_jobs:
-            models = {"stage1": str(model_path(1, variant)), "stage2": str(model_path(2, variant))}
+    def _measure_paired(self, workers: Workers, jobs, gate: LightGate) -> None:
+        """3. Stage 1, Stage 2 (and the light gate, next to int8) in turn in one process: the cost model's ratios."""
+        for variant, rt, threads in jobs:
+            models = {"stage1": str(self.bundle.stage(1, variant).path),
+                      "stage2": str(self.bundle.stage(2, variant).path)}
             if gate["status"] == "ok" and not gate.get("from_bundle") and variant == "int8":
                 models["light_gate"] = gate["model"]
-            log(f"[{next(step)}/{total}] paired {'/'.join(models)} {variant} {rt} threads={threads} ...")
+            self._progress(f"paired {'/'.join(models)} {variant} {rt} threads={threads} ...")
             res = workers.run({"mode": "paired", "runtime": rt, "threads": threads, "models": models,
-                               "runs": args.runs, "max_seconds": args.max_seconds})
-            run = {"variant": variant, "runtime": rt, "threads": threads, "status": res["status"]}
+                               "runs": self.args.runs, "max_seconds": self.args.max_seconds})
+            run = PairedRun(variant=variant, runtime=rt, threads=threads, status=res["status"])
             if res["status"] == "ok":
                 run.update(rounds=res["rounds"], load_average=res["load_average"],
                            latency={k: summarize(v) for k, v in res["latencies_ms"].items()})
                 log("    medians " + ", ".join(f"{k} {v['p50_ms']:.2f} ms" for k, v in run["latency"].items()))
             else:
-                failures += res["status"] == "error"
+                self.failures += res["status"] == "error"
                 run["reason"] = res.get("reason", "")
                 log(f"    {res['status']}: {run['reason']}")
-            results["paired"] = results.get("paired", []) + [run]
+            self.results.setdefault("paired", []).append(run)
 
-        # 4. end to end through the Inspector (or the Keras notebook path) on the prevalence streams
+    def _measure_pipelines(self, workers: Workers, jobs) -> None:
+        """4. end to end through the Inspector (or the Keras notebook path) on the prevalence streams."""
         invoke_means = {}
-        for r in results["stages"]:
+        for r in self.results["stages"]:
             if r["status"] == "ok":
                 invoke_means.setdefault((r["runtime"], r["variant"], r["threads"]), {})[r["stage"]] = \
                     r["latency"]["mean_ms"]
-        for variant, rt, threads in pipe_jobs:
-            log(f"[{next(step)}/{total}] end to end {variant} {rt} threads={threads}: "
-                f"{len(streams)} streams x {args.stream_length} images ...")
+        bundle = self.bundle
+        for variant, rt, threads in jobs:
+            self._progress(f"end to end {variant} {rt} threads={threads}: "
+                           f"{len(self.streams)} streams x {self.args.stream_length} images ...")
             spec = {"mode": "pipeline", "runtime": rt, "variant": variant, "threads": threads,
-                    "bundle": str(bundle.root), "streams": streams, "max_seconds": args.max_seconds,
-                    "clean_label": clean_label, "keras_run": str(keras_run) if keras_run else None}
+                    "bundle": str(bundle.root), "streams": self.streams, "max_seconds": self.args.max_seconds,
+                    "clean_label": bundle.clean_label, "keras_run": str(self.keras_run) if self.keras_run else None,
+                    "image_size": list(bundle.image_size), "stage1_threshold": bundle.stage1_threshold}
             res = workers.run(spec)
-            run = {"variant": variant, "runtime": rt, "threads": threads, "status": res["status"]}
+            run = PipelineRun(variant=variant, runtime=rt, threads=threads, status=res["status"])
             if res["status"] == "ok":
                 means = invoke_means.get((rt, variant, threads))
                 run.update({k: res[k] for k in ("runtime_version", "init_ms", "rss_after_import_mb",
                                                 "rss_after_init_mb", "peak_rss_mb")})
-                run["summary"] = pipeline_summary(res, args.prevalence, means if means and len(means) == 2 else None)
+                run["summary"] = pipeline_summary(res, self.args.prevalence,
+                                                  means if means and len(means) == 2 else None)
                 for row in run["summary"]:
                     log(f"    prevalence {row['prevalence']:.2f}: {row['latency']['mean_ms']:.2f} ms/img mean, "
                         f"{row['stream_throughput_ips']:.1f} img/s, flagged {100 * row['flagged_fraction']:.0f}%")
             else:
-                failures += res["status"] == "error"
+                self.failures += res["status"] == "error"
                 run["reason"] = res.get("reason", "")
                 log(f"    {res['status']}: {run['reason']}")
-            results["pipeline"].append(run)
-            _save_partial(out, results)
-
-        results["cost_models"] = build_cost_models(results.get("paired", []), results["pipeline"], gate,
-                                                   args.prevalence, results["stages"])
-    finally:
-        workers.close()
-    results["elapsed_s"] = time.perf_counter() - t_start
-    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    paths = report.write_all(out, results)
-    log(f"done in {results['elapsed_s']:.0f} s; wrote " + ", ".join(str(p) for p in paths))
-    return 1 if failures else 0
+            self.results["pipeline"].append(run)
+            self._save()
 
 
-def _save_partial(out: Path, results: dict) -> None:
-    """results.json after every measurement: an interrupted run keeps what it measured."""
-    report.write_json(out / "results.json", results)
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        bench = Benchmark(args, argv)
+    except (UsageError, SetupError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return bench.run()

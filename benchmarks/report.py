@@ -1,12 +1,15 @@
-"""results.json, results.md (Markdown tables) and PNG plots of one benchmark run."""
+"""results.json, results.md (Markdown tables) and PNG plots of one benchmark run (schema: benchmarks/schema.py)."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
+from benchmarks.schema import PipelineRun, Results, StageRow, problems
 
-def write_json(path: Path, results: dict) -> Path:
+
+def write_json(path: Path, results: Results) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     os.replace(tmp, path)
@@ -29,11 +32,11 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + [""]
 
 
-def config_label(row: dict) -> str:
+def config_label(row: StageRow | PipelineRun) -> str:
     return f"{row['runtime']} {row['variant']} t{row['threads']}"
 
 
-def markdown(results: dict) -> str:
+def markdown(results: Results) -> str:
     m = results["machine"]
     s = results["settings"]
     b = results["bundle"]
@@ -170,7 +173,7 @@ def markdown(results: dict) -> str:
     return "\n".join(out)
 
 
-def _e2e_speedups(results: dict) -> list[str]:
+def _e2e_speedups(results: Results) -> list[str]:
     """End-to-end mean latency of each TFLite config vs the Keras path, same threads and prevalence."""
     keras = {(r["threads"], x["prevalence"]): x["latency"]["mean_ms"]
              for r in results["pipeline"] if r["status"] == "ok" and r["runtime"] == "keras" for x in r["summary"]}
@@ -189,7 +192,7 @@ def _e2e_speedups(results: dict) -> list[str]:
         _table(["config", "threads", "prevalence", "speed-up"], rows)
 
 
-def plots(out: Path, results: dict) -> list[Path]:
+def plots(out: Path, results: Results) -> list[Path]:
     try:
         import matplotlib
 
@@ -274,7 +277,7 @@ def plots(out: Path, results: dict) -> list[Path]:
     return written
 
 
-def write_all(out: Path, results: dict) -> list[Path]:
+def write_all(out: Path, results: Results) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     pngs = plots(out, results)
     md = out / "results.md"
@@ -292,6 +295,11 @@ def main(argv=None) -> int:
     path = Path(args.results)
     results = json.loads(path.read_text(encoding="utf-8"))
     results.setdefault("notes", [])
+    bad = problems(results)
+    if bad:
+        print(f"error: {path} does not match the results schema (benchmarks/schema.py): " + "; ".join(bad[:5])
+              + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""), file=sys.stderr)
+        return 2
     for p in write_all(path.parent, results):
         print(p)
     return 0

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.schema import PairedResult, PipelineResult, StageResult
+
 
 # Process CPU time is accounted per scheduler tick on many VMs (4 ms here): over a shorter window a
 # single tick dominates, so CPU shares are only reported for windows long enough to average it out.
@@ -111,7 +113,7 @@ def _set_threads_tf(threads: int) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-def stage(spec: dict) -> dict:
+def stage(spec: dict) -> StageResult:
     import numpy as np
 
     runtime, threads, model = spec["runtime"], int(spec["threads"]), spec["model"]
@@ -187,14 +189,14 @@ def _keras_pipeline(spec: dict):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import numpy as np
-    import yaml
 
+    from edge_runtime.gate import is_defective
     from edge_runtime.preprocess import preprocess_file
 
     _set_threads_tf(int(spec["threads"]))
-    manifest = yaml.safe_load((Path(spec["bundle"]) / "manifest.yaml").read_text(encoding="utf-8"))
-    size = (int(manifest["input"]["height"]), int(manifest["input"]["width"]))
-    threshold = float(manifest["gating"]["stage1_threshold"])
+    # From the bundle the parent loaded (edge_runtime.bundle): the same size and gating as the Inspector path.
+    size = tuple(int(x) for x in spec["image_size"])
+    threshold = float(spec["stage1_threshold"])
     run = Path(spec["keras_run"])
     t0 = time.perf_counter()
     m1 = keras.models.load_model(run / "stage1.keras", compile=False)
@@ -208,7 +210,7 @@ def _keras_pipeline(spec: dict):
         score = float(m1.predict(x, verbose=0)[0, 0])
         c = time.perf_counter()
         s2 = None
-        if score >= threshold:
+        if is_defective(score, threshold):
             m2.predict(x, verbose=0)
             s2 = (time.perf_counter() - c) * 1e3
         return {"preprocess_ms": (b - a) * 1e3, "stage1_ms": (c - b) * 1e3, "stage2_ms": s2}
@@ -231,7 +233,7 @@ def _inspector_pipeline(spec: dict):
     return inspect, init_ms, insp.describe()
 
 
-def pipeline(spec: dict) -> dict:
+def pipeline(spec: dict) -> PipelineResult:
     from edge_runtime.preprocess import ImageError
 
     if spec["runtime"] != "keras":
@@ -295,7 +297,7 @@ def build_gate(spec: dict) -> dict:
     return {"status": "ok", "model": str(out), "bytes": len(data), "weights": "random (latency only)"}
 
 
-def paired(spec: dict) -> dict:
+def paired(spec: dict) -> PairedResult:
     """Several TFLite models in one process, invoked in turn (rotating the order every round), so their
     latency ratios are measured under the same conditions: what the gate cost model needs on a busy machine."""
     import numpy as np

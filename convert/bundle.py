@@ -31,7 +31,6 @@ half-written bundle behind and an existing bundle is replaced whole or not at al
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import os
 import shutil
 import tempfile
@@ -40,12 +39,8 @@ from pathlib import Path
 import yaml
 
 from convert.export import io_quantization, model_filename
-
-FORMAT = "sem-inspect-bundle/1"
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+from edge_runtime.bundle import FORMAT, MANIFEST
+from edge_runtime.digest import sha256_bytes
 
 
 def write_bundle(out_dir: str | os.PathLike, models: dict[str, dict[int, bytes]], *, taxonomy: list[str],
@@ -92,7 +87,7 @@ def write_bundle(out_dir: str | os.PathLike, models: dict[str, dict[int, bytes]]
         if files:
             manifest["files"] = files
 
-        (tmp / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
+        (tmp / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
         for f in tmp.iterdir():          # durable before it becomes visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -17,7 +17,6 @@ Writes compare.json, compare.md and confusion_<model>.png; prints the table.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,8 +24,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import yaml
 
+from edge_runtime.bundle import MANIFEST, Bundle, BundleError, StageSpec, load_bundle
+from edge_runtime.gate import is_defective
+from edge_runtime.inspector import StageRunner
 from edge_runtime.preprocess import ImageError, preprocess_file
 from train.metrics import classification_metrics, escape_rate, two_stage_labels
 
@@ -43,37 +44,22 @@ class CompareError(ValueError):
 
 # ---- inputs ----------------------------------------------------------------------------------------------
 
-def read_bundle(bundle_dir: str | os.PathLike, run) -> tuple[Path, dict, dict[str, dict[int, bytes]]]:
-    """manifest + verified model bytes per variant; checks the bundle belongs to this run's stages."""
-    root = Path(bundle_dir).resolve()
-    manifest_path = root / "manifest.yaml"
-    if not manifest_path.is_file():
-        raise CompareError(f"{manifest_path}: missing (not a bundle written by python -m convert)")
+def read_bundle(bundle_dir: str | os.PathLike, run) -> tuple[Bundle, dict[str, dict[int, bytes]]]:
+    """The bundle as edge_runtime reads it, with every variant's model bytes (each file's sha256 checked once);
+    checks the bundle belongs to this run's stages."""
     try:
-        manifest = yaml.safe_load(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise CompareError(f"{manifest_path}: unreadable: {exc}") from exc
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("variants"), dict) or not manifest["variants"]:
-        raise CompareError(f"{manifest_path}: no variants listed")
-    if list(manifest.get("stage2_classes") or []) != run.stage2_classes:
-        raise CompareError(f"{manifest_path}: Stage-2 classes {manifest.get('stage2_classes')} differ from the "
+        bundle = load_bundle(bundle_dir, verify_all=False)
+        models = {variant: {n: bundle.model_bytes(n, variant) for n in (1, 2)} for variant in bundle.variants}
+    except BundleError as exc:
+        raise CompareError(str(exc)) from exc
+    where = bundle.root / MANIFEST
+    if list(bundle.stage2_classes) != run.stage2_classes:
+        raise CompareError(f"{where}: Stage-2 classes {list(bundle.stage2_classes)} differ from the "
                            f"run's {run.stage2_classes}: bundle and run do not belong together")
-    size = (manifest.get("input") or {}).get("height")
-    if size != run.image_size:
-        raise CompareError(f"{manifest_path}: input size {size} differs from the run's image_size {run.image_size}")
-    models: dict[str, dict[int, bytes]] = {}
-    for variant, stages in manifest["variants"].items():
-        models[variant] = {}
-        for stage in (1, 2):
-            entry = (stages or {}).get(f"stage{stage}") or {}
-            file = root / str(entry.get("file", ""))
-            if not entry.get("file") or not file.is_file():
-                raise CompareError(f"{manifest_path}: {variant} stage{stage} model file {entry.get('file')!r} missing")
-            data = file.read_bytes()
-            if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-                raise CompareError(f"{file}: sha256 does not match the manifest (modified or corrupt)")
-            models[variant][stage] = data
-    return root, manifest, models
+    if bundle.image_size != (run.image_size, run.image_size):
+        raise CompareError(f"{where}: input size {bundle.image_size[0]}x{bundle.image_size[1]} differs from the "
+                           f"run's image_size {run.image_size}")
+    return bundle, models
 
 
 def load_split_images(run, split: str) -> tuple[np.ndarray, list[str], list[str], list[tuple[str, str]]]:
@@ -104,38 +90,14 @@ def keras_predict(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
 
 
 class TFLiteModel:
-    """One TFLite stage model, fed like the edge feeds it (its own quantization params)."""
+    """One TFLite stage model, fed exactly as the edge feeds it: through edge_runtime's StageRunner (its own
+    input quantization; outputs dequantized with their own scale/zero_point)."""
 
-    def __init__(self, data: bytes, threads: int = 1):
-        from edge_runtime.interpreter import make_interpreter
-
-        self.interp = make_interpreter(model_content=data, num_threads=threads)
-        self.input = self.interp.get_input_details()[0]
-        self.output = self.interp.get_output_details()[0]
-
-    def _to_input(self, image: np.ndarray) -> np.ndarray:
-        dtype = np.dtype(self.input["dtype"])
-        x = image[None].astype(np.float32)
-        if dtype.kind in "iu":
-            scale, zero = self.input["quantization"]
-            if scale:
-                x = np.round(x / scale + zero)
-            info = np.iinfo(dtype)
-            return np.clip(x, info.min, info.max).astype(dtype)
-        return x.astype(dtype)
-
-    def _from_output(self, y: np.ndarray) -> np.ndarray:
-        if np.dtype(self.output["dtype"]).kind in "iu":
-            scale, zero = self.output["quantization"]
-            return (y.astype(np.float64) - zero) * scale
-        return y.astype(np.float64)
+    def __init__(self, spec: StageSpec, data: bytes, threads: int = 1):
+        self.runner = StageRunner(spec, data, threads, None)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        out = []
-        for image in images:
-            self.interp.set_tensor(self.input["index"], self._to_input(image))
-            self.interp.invoke()
-            out.append(self._from_output(self.interp.get_tensor(self.output["index"]))[0])
+        out = [self.runner.run(image).astype(np.float64) for image in images]   # run() reuses its buffer: copy
         return np.asarray(out, dtype=np.float64).reshape(len(images), -1)
 
 
@@ -152,7 +114,7 @@ def evaluate(p1: np.ndarray, p2: np.ndarray, labels: list[str], run, ref: dict |
     thr, clean, classes = run.stage1_threshold, run.clean_label, run.stage2_classes
     labels_arr = np.asarray(labels, dtype=object)
     defective_true = labels_arr != clean
-    flagged = p1 >= thr
+    flagged = is_defective(p1, thr)
 
     s1 = classification_metrics(defective_true.astype(int), flagged.astype(int), STAGE1_CLASSES)
     in_s2 = np.isin(labels_arr, classes)                 # defect images of a class Stage 2 knows
@@ -165,7 +127,7 @@ def evaluate(p1: np.ndarray, p2: np.ndarray, labels: list[str], run, ref: dict |
     out = {"stage1": s1, "stage2": s2, "end_to_end": {**e2e, **esc, "review": int(review.sum())},
            "stage2_excluded": int((defective_true & ~in_s2).sum()), "final_labels": list(map(str, final))}
     if ref is not None:
-        s1["agreement"] = float(np.mean(flagged == (ref["p1"] >= thr)))
+        s1["agreement"] = float(np.mean(flagged == is_defective(ref["p1"], thr)))
         s1["mean_abs_error"] = float(np.mean(np.abs(p1 - ref["p1"])))
         s1["max_abs_error"] = float(np.max(np.abs(p1 - ref["p1"])))
         if s2 is not None:
@@ -181,7 +143,8 @@ def evaluate(p1: np.ndarray, p2: np.ndarray, labels: list[str], run, ref: dict |
 def compare_bundle(run, bundle_dir, *, split: str = "test", out_dir=None, threads: int = 1,
                    echo=print) -> dict:
     """run: a convert.cli.Run with models loaded. Returns the compare.json content."""
-    root, manifest, variants = read_bundle(bundle_dir, run)
+    bundle, variants = read_bundle(bundle_dir, run)
+    root = bundle.root
     out = Path(out_dir).resolve() if out_dir else root
     images, labels, paths, skipped = load_split_images(run, split)
     labels_arr = np.asarray(labels, dtype=object)
@@ -198,11 +161,11 @@ def compare_bundle(run, bundle_dir, *, split: str = "test", out_dir=None, thread
 
     order = [v for v in VARIANT_ORDER if v in variants] + [v for v in variants if v not in VARIANT_ORDER]
     for variant in order:
-        p1 = TFLiteModel(variants[variant][1], threads).predict(images)[:, 0]
-        need = need_s2_base | (p1 >= run.stage1_threshold)   # Stage 2 runs on defect images + flagged ones
+        p1 = TFLiteModel(bundle.stage(1, variant), variants[variant][1], threads).predict(images)[:, 0]
+        need = need_s2_base | is_defective(p1, run.stage1_threshold)   # Stage 2 runs on defect images + flagged ones
         p2 = np.zeros_like(ref["p2"])
         if need.any():
-            p2[need] = TFLiteModel(variants[variant][2], threads).predict(images[need])
+            p2[need] = TFLiteModel(bundle.stage(2, variant), variants[variant][2], threads).predict(images[need])
         results[variant] = evaluate(p1, p2, labels, run, ref)
         scores[variant] = p1
         results[variant]["bytes"] = sum(len(b) for b in variants[variant].values())

@@ -21,7 +21,8 @@
 # shows the crash. tflite-runtime 2.14 crashes elsewhere (see --runtime).
 #
 # Exit status: edge-inspect's own; 77 when this machine cannot run the test (no qemu, not Debian/apt,
-# offline): the reason is printed, and tests skip on it.
+# offline): the reason is printed, and tests skip on it; 2 on a packaging failure (no aarch64 wheel for a
+# dependency: a board could not install it either), and tests fail on it.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -45,6 +46,9 @@ DEB_PACKAGES=(python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc
     libgcc-s1 libstdc++6 libzstd1 media-types)
 # What pyproject.toml's edge extra asks for (the version a board gets).
 LITERT_DEFAULT="ai-edge-litert>=2.0,<3"
+# What pip prints when it cannot reach the index (then the test skips); any other failure to download is a
+# packaging failure (then it fails).
+NETWORK_ERRORS='NewConnectionError|Failed to establish a new connection|Temporary failure in name resolution|Name or service not known|Network is unreachable|No route to host|Connection refused|ConnectTimeout|Read timed out|ProxyError|SSLError|CERTIFICATE_VERIFY_FAILED'
 FAKE_CPUINFO=1
 # tflite-runtime's last release is built against numpy 1.x.
 TFLITE_SPECS=("tflite-runtime==2.14.0" "numpy<2")
@@ -155,6 +159,45 @@ QEMU_VERSION=$("$QEMU" --version | sed -n 's/.*version \([0-9][0-9.]*\).*/\1/p' 
 [[ -n $QEMU_VERSION ]] || die "cannot read the version of $QEMU"
 LITERT_SPEC=${LITERT_SPEC:-$LITERT_DEFAULT}
 
+# --- aarch64 wheels -----------------------------------------------------------------------------------
+# The project's own dependencies (numpy, Pillow, PyYAML) from pyproject.toml, plus the interpreter.
+mapfile -t REQS < <("$PYTHON" - "$REPO/pyproject.toml" <<'PYEOF'
+import sys, tomllib
+with open(sys.argv[1], "rb") as fh:
+    print("\n".join(tomllib.load(fh)["project"]["dependencies"]))
+PYEOF
+)
+((${#REQS[@]})) || die "cannot read the dependencies from $REPO/pyproject.toml"
+if [[ $RUNTIME == litert ]]; then REQS+=("$LITERT_SPEC"); else REQS+=("${TFLITE_SPECS[@]}"); fi
+SITE_KEY=$(printf '%s\n' "${REQS[@]}" | sha256sum | cut -c1-16)
+SITE=$CACHE/site-$RUNTIME-$SITE_KEY
+if [[ ! -f $SITE/.complete ]]; then
+    say "downloading aarch64 wheels into $SITE: ${REQS[*]}"
+    # Wheels for glibc <= 2.36 (Debian 12 / Raspberry Pi OS 12); pip wants each manylinux tag spelled out.
+    platforms=(--platform manylinux2014_aarch64)
+    for minor in $(seq 17 36); do platforms+=(--platform "manylinux_2_${minor}_aarch64"); done
+    rm -rf "$SITE.partial" "$SITE.wheels"
+    if ! "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all: --implementation cp \
+        --python-version 3.11 "${platforms[@]}" --dest "$SITE.wheels" "${REQS[@]}" >"$CACHE/pip-download.log" 2>&1; then
+        # Offline is this machine's limit (skip); a missing aarch64 wheel is a packaging failure a board would
+        # hit too (fail).
+        if grep -qiE "$NETWORK_ERRORS" "$CACHE/pip-download.log"; then
+            cannot "pip cannot reach the package index (offline?); see $CACHE/pip-download.log"
+        fi
+        why=$(grep -m1 -iE 'no matching distribution|could not find a version' "$CACHE/pip-download.log" ||
+            tail -n1 "$CACHE/pip-download.log")
+        die "packaging failure, a board could not install this either: no aarch64 wheel (CPython 3.11," \
+            "glibc <= 2.36) for ${REQS[*]}: $why (see $CACHE/pip-download.log)"
+    fi
+    mkdir -p "$SITE.partial"
+    for wheel in "$SITE.wheels"/*.whl; do
+        "$PYTHON" -m zipfile -e "$wheel" "$SITE.partial/"
+    done
+    rm -rf "$SITE.wheels"
+    touch "$SITE.partial/.complete"
+    mv "$SITE.partial" "$SITE"
+fi
+
 # --- aarch64 Python root ------------------------------------------------------------------------------
 ROOT=$CACHE/root
 ROOT_KEY=$(printf '%s\n' "$MIRROR" "${DEB_PACKAGES[@]}" | sha256sum | cut -c1-16)
@@ -190,36 +233,6 @@ if ((FAKE_CPUINFO)); then
         printf 'processor\t: %d\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n' "$i"
         printf 'CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: %s\nCPU revision\t: 3\n\n' "$part"
     done >"$ROOT/proc/cpuinfo"
-fi
-
-# --- aarch64 wheels -----------------------------------------------------------------------------------
-# The project's own dependencies (numpy, Pillow, PyYAML) from pyproject.toml, plus the interpreter.
-mapfile -t REQS < <("$PYTHON" - "$REPO/pyproject.toml" <<'PYEOF'
-import sys, tomllib
-with open(sys.argv[1], "rb") as fh:
-    print("\n".join(tomllib.load(fh)["project"]["dependencies"]))
-PYEOF
-)
-((${#REQS[@]})) || die "cannot read the dependencies from $REPO/pyproject.toml"
-if [[ $RUNTIME == litert ]]; then REQS+=("$LITERT_SPEC"); else REQS+=("${TFLITE_SPECS[@]}"); fi
-SITE_KEY=$(printf '%s\n' "${REQS[@]}" | sha256sum | cut -c1-16)
-SITE=$CACHE/site-$RUNTIME-$SITE_KEY
-if [[ ! -f $SITE/.complete ]]; then
-    say "downloading aarch64 wheels into $SITE: ${REQS[*]}"
-    # Wheels for glibc <= 2.36 (Debian 12 / Raspberry Pi OS 12); pip wants each manylinux tag spelled out.
-    platforms=(--platform manylinux2014_aarch64)
-    for minor in $(seq 17 36); do platforms+=(--platform "manylinux_2_${minor}_aarch64"); done
-    rm -rf "$SITE.partial" "$SITE.wheels"
-    "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all: --implementation cp \
-        --python-version 3.11 "${platforms[@]}" --dest "$SITE.wheels" "${REQS[@]}" >"$CACHE/pip-download.log" 2>&1 ||
-        cannot "pip download of the aarch64 wheels failed (offline, or no aarch64 wheel for: ${REQS[*]}); see $CACHE/pip-download.log"
-    mkdir -p "$SITE.partial"
-    for wheel in "$SITE.wheels"/*.whl; do
-        "$PYTHON" -m zipfile -e "$wheel" "$SITE.partial/"
-    done
-    rm -rf "$SITE.wheels"
-    touch "$SITE.partial/.complete"
-    mv "$SITE.partial" "$SITE"
 fi
 
 # --- run ----------------------------------------------------------------------------------------------

@@ -8,16 +8,16 @@ its sha256: a board never runs a model other than the one that was validated.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from edge_runtime.digest import sha256_bytes, sha256_file
+
 FORMAT = "sem-inspect-bundle/1"
 MANIFEST = "manifest.yaml"
-_CHUNK = 1 << 20
 
 
 class BundleError(RuntimeError):
@@ -57,6 +57,9 @@ class Bundle:
     stage2_review_floor: float
     stage1: StageSpec
     stage2: StageSpec
+    specs: dict[str, dict[int, StageSpec]] = field(default_factory=dict, repr=False)   # every variant's stages
+    backbones: dict[str, str] = field(default_factory=dict)    # {"stage1": name, "stage2": name} (informative)
+    source_run: str | None = None                              # the training run the bundle was converted from
     # Verified model bytes of the selected variant (what was hashed is exactly what gets run).
     _model_bytes: dict[int, bytes] = field(default_factory=dict, repr=False)
 
@@ -64,19 +67,21 @@ class Bundle:
     def clean_label(self) -> str:
         return self.taxonomy[0]
 
-    def stage(self, n: int) -> StageSpec:
-        return {1: self.stage1, 2: self.stage2}[n]
+    def stage(self, n: int, variant: str | None = None) -> StageSpec:
+        if variant is None or variant == self.variant:
+            return {1: self.stage1, 2: self.stage2}[n]
+        if variant not in self.specs:
+            raise BundleError(f"{self.root / MANIFEST}: no variant {variant!r} in this bundle "
+                              f"(available: {', '.join(self.variants)})")
+        return self.specs[variant][n]
 
-    def model_bytes(self, n: int) -> bytes:
-        return self._model_bytes[n]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    def model_bytes(self, n: int, variant: str | None = None) -> bytes:
+        """The model file of stage n, sha256-checked. The selected variant's bytes were read and checked when
+        the bundle was loaded; another variant's are read and checked now (load with verify_all=False to
+        hash each file once when every variant is read)."""
+        if variant is None or variant == self.variant:
+            return self._model_bytes[n]
+        return _check_file(self.stage(n, variant), keep=True)
 
 
 def _require(mapping, key, kind, where):
@@ -113,7 +118,7 @@ def _check_file(spec: StageSpec, keep: bool) -> bytes | None:
     try:
         if keep:
             data = spec.path.read_bytes()
-            digest = hashlib.sha256(data).hexdigest()
+            digest = sha256_bytes(data)
         else:
             data, digest = None, sha256_file(spec.path)
     except FileNotFoundError:
@@ -170,6 +175,11 @@ def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all:
     if not 0.0 <= threshold <= 1.0 or not 0.0 <= floor <= 1.0:
         raise BundleError(f"{where}: gating values must lie in [0, 1] (got {threshold}, {floor})")
 
+    backbones = manifest.get("backbones") or {}
+    source_run = manifest.get("source_run")
+    if not isinstance(backbones, dict) or not (source_run is None or isinstance(source_run, str)):
+        raise BundleError(f"{where}: backbones must be a mapping and source_run a path")
+
     variants_raw = _require(manifest, "variants", dict, where)
     if not variants_raw:
         raise BundleError(f"{where}: no model variants listed")
@@ -201,4 +211,6 @@ def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all:
     return Bundle(root=root.resolve(), manifest=manifest, variant=chosen, variants=tuple(variants_raw),
                   taxonomy=taxonomy, stage2_classes=stage2_classes, image_size=(height, width),
                   stage1_threshold=threshold, stage2_review_floor=floor,
-                  stage1=chosen_specs[1], stage2=chosen_specs[2], _model_bytes=model_bytes)
+                  stage1=chosen_specs[1], stage2=chosen_specs[2], specs=specs,
+                  backbones={str(k): str(v) for k, v in backbones.items()}, source_run=source_run,
+                  _model_bytes=model_bytes)

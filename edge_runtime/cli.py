@@ -18,11 +18,13 @@ import sys
 from pathlib import Path
 
 from edge_runtime.bundle import BundleError
+from edge_runtime.exits import EXIT_FAILED, EXIT_OK, EXIT_SETUP, EXIT_STORAGE, WatchError
 from edge_runtime.interpreter import NoInterpreter
 from edge_runtime.preprocess import ImageError, SUPPORTED_SUFFIXES, is_supported
+from edge_runtime.service_config import (ConfigError, add_flags, check_inspect_flags, flag_values,
+                                         load_service_config, service_flags_given)
 from edge_runtime.store import StorageError
-from edge_runtime.watch import (EXIT_FAILED, EXIT_OK, EXIT_SETUP, EXIT_STORAGE, RUNTIMES, ConfigError,
-                                WatchError, WatchService, is_ignored_name, load_service_config)
+from edge_runtime.watch import WatchService, is_ignored_name
 
 PROG = "edge-inspect"
 
@@ -32,26 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="exit status: 0 ok, 1 some input failed, 2 setup error, 3 storage full/failed")
     p.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders (searched recursively)")
-    p.add_argument("--models", metavar="BUNDLE", help="model bundle folder (from `python -m convert`)")
-    p.add_argument("--variant", help="model variant in the bundle (default: the bundle's default, int8)")
-    p.add_argument("--threads", type=int, help="interpreter threads (default: all cores)")
-    p.add_argument("--runtime", choices=RUNTIMES, help="TFLite interpreter (default: the first installed)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
-    w = p.add_argument_group("watch-folder service")
-    w.add_argument("--watch", metavar="DIR", help="watch this drop folder and inspect every new image")
+    w = p.add_argument_group("watch-folder service (each setting of the service config file is also a flag)")
     w.add_argument("--config", metavar="FILE", help="service config (YAML); command-line flags override it")
     w.add_argument("--once", action="store_true", help="process what is in the folder, then exit")
-    dest = w.add_mutually_exclusive_group()
-    dest.add_argument("--processed", metavar="DIR", help="move inspected images here (default: DIR/processed)")
-    dest.add_argument("--leave-in-place", action="store_true", default=None,
-                      help="record results but leave inspected images where they are")
-    w.add_argument("--quarantine", metavar="DIR", help="unusable files go here (default: DIR/quarantine)")
-    w.add_argument("--db", metavar="PATH", help="SQLite results (default: DIR/.edge-inspect.sqlite3)")
-    w.add_argument("--jsonl", metavar="PATH", help="also append each result to this JSONL file")
-    w.add_argument("--settle-seconds", type=float, metavar="S", help="a file is complete once unchanged this long (1.0)")
-    w.add_argument("--poll-seconds", type=float, metavar="S", help="polling interval when inotify is unavailable (1.0)")
-    w.add_argument("--inotify", choices=("auto", "on", "off"), help="use inotify (auto) or always poll (off)")
-    w.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    add_flags(p, w)     # --models, --variant, --threads, --runtime here; the service's settings in the group
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     return p
 
 
@@ -136,13 +123,8 @@ def run_batch(args) -> int:
 
 
 def run_watch(args) -> int:
-    overrides = {"models": args.models, "watch": args.watch, "processed": args.processed,
-                 "leave_in_place": args.leave_in_place, "quarantine": args.quarantine, "db": args.db,
-                 "jsonl": args.jsonl, "variant": args.variant, "threads": args.threads, "runtime": args.runtime,
-                 "settle_seconds": args.settle_seconds, "poll_seconds": args.poll_seconds,
-                 "inotify": args.inotify, "log_level": args.log_level}
     try:
-        cfg = load_service_config(args.config, overrides)
+        cfg = load_service_config(args.config, flag_values(args))
     except ConfigError as exc:
         return _error(str(exc), EXIT_SETUP)
     logging.basicConfig(level=getattr(logging, cfg.log_level), stream=sys.stderr,
@@ -165,14 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             return _error("--json is for PATHs; the service writes JSON lines with --jsonl", EXIT_SETUP)
         return run_watch(args)
-    service_only = [f for f in ("once", "processed", "leave_in_place", "quarantine", "db", "jsonl",
-                                "settle_seconds", "poll_seconds", "inotify") if getattr(args, f)]
+    service_only = (["--once"] if args.once else []) + service_flags_given(args)
     if service_only:
-        return _error(f"--{service_only[0].replace('_', '-')} needs --watch DIR", EXIT_SETUP)
+        return _error(f"{service_only[0]} needs --watch DIR", EXIT_SETUP)
     if not args.models:
         return _error("--models BUNDLE is required", EXIT_SETUP)
-    if args.threads is not None and args.threads <= 0:
-        return _error("--threads must be > 0", EXIT_SETUP)
+    try:
+        check_inspect_flags(args)
+    except ConfigError as exc:
+        return _error(str(exc), EXIT_SETUP)
     return run_batch(args)
 
 

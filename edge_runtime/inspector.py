@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from edge_runtime.bundle import Bundle, BundleError, StageSpec, load_bundle
+from edge_runtime.gate import is_defective, needs_review
 from edge_runtime.interpreter import make_interpreter
 from edge_runtime.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, preprocess_array, preprocess_file
 
@@ -167,14 +168,14 @@ class Inspector:
     def _classify(self, pixels, t0, t1, path) -> InspectionResult:
         score = float(self.stage1.run(pixels)[0])
         t2 = time.perf_counter()
-        if score >= self.threshold:
+        if is_defective(score, self.threshold):
             probs = self.stage2.run(pixels)
             top = int(probs.argmax())
             confidence = float(probs[top])
             defect = self.stage2_classes[top]
             t3 = time.perf_counter()
             return InspectionResult(path=path, label=defect, stage1_score=score, defect_class=defect,
-                                    confidence=confidence, review=confidence < self.review_floor,
+                                    confidence=confidence, review=needs_review(confidence, self.review_floor),
                                     latency_ms=(t3 - t0) * 1e3, preprocess_ms=(t1 - t0) * 1e3,
                                     stage1_ms=(t2 - t1) * 1e3, stage2_ms=(t3 - t2) * 1e3)
         return InspectionResult(path=path, label=self.clean_label, stage1_score=score, defect_class=None,

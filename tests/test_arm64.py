@@ -2,7 +2,7 @@
 labels and scores as on x86-64, for the int8 and float32 variants of a tiny bundle.
 
 Skips with the script's reason where the machine cannot run it (no qemu-aarch64-static, not a Debian/apt
-host, offline). The aarch64 root and wheels are cached in ~/.cache/sem-inspect-arm64 (or
+host, offline); a packaging failure (no aarch64 wheel for a dependency) fails. The aarch64 root and wheels are cached in ~/.cache/sem-inspect-arm64 (or
 $SEM_INSPECT_ARM64_CACHE); $SEM_INSPECT_ARM64_QEMU picks the qemu (auto | trixie | a path) and
 $SEM_INSPECT_ARM64_CPU the emulated core (default cortex-a72).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -145,3 +146,44 @@ def test_float32_results_match_x86_64(split_bundle):
         if abs(a["stage1_score"] - threshold) > 1e-5:     # a label right at the threshold may legitimately flip
             assert b["label"] == a["label"], (name, a, b)
     print(f"\n{versions}: float32 largest score difference {worst:g}")
+
+
+NO_WHEEL = """\
+ERROR: Could not find a version that satisfies the requirement ai-edge-litert<3,>=2.0 (from versions: none)
+ERROR: No matching distribution found for ai-edge-litert<3,>=2.0
+"""
+OFFLINE = """\
+WARNING: Retrying (Retry(total=4, connect=None, read=None, redirect=None, status=None)) after connection broken by \
+'NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object>: Failed to establish a new connection: \
+[Errno -3] Temporary failure in name resolution')': /simple/numpy/
+ERROR: Could not find a version that satisfies the requirement numpy<3,>=1.24 (from versions: none)
+ERROR: No matching distribution found for numpy<3,>=1.24
+"""
+
+
+@pytest.mark.parametrize("pip_says, status", [(NO_WHEEL, 2), (OFFLINE, SKIP_STATUS)], ids=["no-wheel", "offline"])
+def test_missing_aarch64_wheel_fails_and_only_offline_skips(tmp_path, pip_says, status):
+    """pip's answer decides: no aarch64 wheel is a packaging failure (exit 2: the smoke test fails, as a board's
+    install would), unreachable index is this machine's limit (exit 77: skip). pip and qemu are stand-ins here
+    (a pip download that answers `pip_says`, a qemu that only reports its version); the rest is the script."""
+    missing = [tool for tool in ("apt-get", "dpkg", "flock") if shutil.which(tool) is None]
+    if missing or not Path("/usr/share/keyrings/debian-archive-keyring.gpg").is_file():
+        pytest.skip(f"not a Debian/apt host ({missing or 'no debian-archive-keyring'}): the script stops earlier")
+    (tmp_path / "pip-says.txt").write_text(pip_says)
+    python = tmp_path / "python"
+    python.write_text("#!/usr/bin/env bash\n"
+                      f'if [[ "$1 $2 $3" == "-m pip download" ]]; then cat {shlex.quote(str(tmp_path / "pip-says.txt"))}; '
+                      "exit 1; fi\n"
+                      f'exec {shlex.quote(sys.executable)} "$@"\n')
+    qemu = tmp_path / "qemu-aarch64"
+    qemu.write_text("#!/bin/sh\necho 'qemu-aarch64 version 8.2.2'\n")
+    for exe in (python, qemu):
+        exe.chmod(0o755)
+    proc = subprocess.run(["bash", str(SCRIPT), "--cache", str(tmp_path / "cache"), "--qemu", str(qemu),
+                           "--python", str(python), "--setup-only"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == status, proc.stderr
+    if status == 2:
+        assert "packaging failure" in proc.stderr and "ai-edge-litert<3,>=2.0 (from versions: none)" in proc.stderr
+    else:
+        assert "cannot reach the package index" in proc.stderr
+    assert not (tmp_path / "cache" / "root").exists()      # stopped before fetching the arm64 Python

@@ -62,6 +62,32 @@ def test_union_find_components():
     assert uf.components() == [[0, 3, 5], [1, 2], [4]]
 
 
+def test_union_find_joins_group_roots_so_a_chain_is_one_group():
+    """A~C and B~C with A !~ B: one group, whatever the order the pairs arrive in. Joining the two images
+    instead of their groups' roots splits it (union(0, 2) then union(1, 2) would re-parent 2 away from 0)."""
+    for n, pairs in ((3, [(0, 2), (1, 2)]), (3, [(1, 2), (0, 2)]), (4, [(0, 3), (1, 3), (2, 3)]),
+                     (5, [(3, 4), (1, 4), (0, 2), (2, 4)])):
+        uf = UnionFind(n)
+        for a, b in pairs:
+            uf.union(a, b)
+        assert uf.components() == [list(range(n))], pairs
+
+
+def test_a_near_duplicate_chain_is_one_group_in_the_audit(tmp_path):
+    """Three real files: A and B each correlate >= 0.97 with C (their mean) but not with each other."""
+    base, noise = smooth(20).astype(float), smooth(21).astype(float)
+    noise -= noise.mean()
+    images = {"a.png": base + 0.2 * noise, "b.png": base - 0.2 * noise, "c.png": base}
+    entries = []
+    for name, pixels in images.items():
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L").save(tmp_path / name)
+        entries.append({"path": str(tmp_path / name), "label": "clean", "source": 0})
+    result = audit_files(entries, CFG.audit.near_duplicate_correlation, CFG.audit.max_image_pixels,
+                         CFG.audit.max_file_bytes)
+    assert [(i, j) for i, j, _ in result.pairs] == [(0, 2), (1, 2)]       # a chain, not a triangle
+    assert result.groups == [[0, 1, 2]] and result.group_of == [0, 0, 0]
+
+
 def test_resized_and_colour_mode_copies_are_found(tmp_path):
     img = Image.fromarray(smooth(5, 120), "L")
     paths = {"orig.png": img, "small_rgb.png": img.resize((48, 48)).convert("RGB"),

@@ -60,6 +60,25 @@ def test_writes_json_markdown_and_plots(bench_run):
     assert "ai-edge-litert" in m["versions"]
 
 
+def test_results_match_the_schema_and_the_report_refuses_others(bench_run, tmp_path):
+    from benchmarks import report
+    from benchmarks.schema import problems
+
+    _, out, res = bench_run
+    assert problems(res) == []
+    # The check is live: a renamed key in a nested row, or a missing section, is reported with its place.
+    drifted = json.loads(json.dumps(res))
+    drifted["stages"][0]["p99"] = drifted["stages"][0]["latency"].pop("p99_ms")
+    del drifted["bundle"]
+    found = problems(drifted)
+    assert "Results: missing key 'bundle'" in found
+    assert "Results.stages[0]: undeclared key 'p99'" in found
+    assert "Results.stages[0].latency: missing key 'p99_ms'" in found
+    (tmp_path / "results.json").write_text(json.dumps(drifted))
+    assert report.main([str(tmp_path / "results.json")]) == 2
+    assert not (tmp_path / "results.md").exists()
+
+
 def test_report_rerenders_from_json(bench_run, tmp_path):
     from benchmarks import report
 
@@ -101,17 +120,28 @@ def test_runtimes_reported_side_by_side(bench_run):
     assert res["runtimes"]["keras"]["reason"]
 
 
-def test_end_to_end_and_cost_model(bench_run):
-    _, _, res = bench_run
+def test_end_to_end_and_cost_model(bench_run, tiny_bundle):
+    from benchmarks.streams import label_mapper
+    from edge_runtime.gate import is_defective
+    from edge_runtime.inspector import Inspector
+
+    _, out, res = bench_run
     assert res["images"]["clean"] == 4 and res["images"]["defective"] == 8   # BRIDGE -> bridges via aliases
     runs = [r for r in res["pipeline"] if r["status"] == "ok"]
     assert {r["variant"] for r in runs} == {"int8", "float32"}
+    # The same streams (seed 0), gated here in-process: the flagged share the workers report must be this one.
+    clean, defective = split_pools(discover_images(out.parent / "images", label_mapper()[0])[0])
     for run in runs:
+        inspector = Inspector(tiny_bundle, variant=run["variant"], threads=1)
         assert [x["prevalence"] for x in run["summary"]] == [0.2, 0.5]
         for x in run["summary"]:
             assert x["images"] == 10 and not x["failures"]
             assert x["defective_fraction"] == pytest.approx(x["prevalence"])
-            assert 0 <= x["flagged_fraction"] <= 1
+            stream = prevalence_stream(clean, defective, x["prevalence"], 10, seed=0)
+            flagged = [is_defective(inspector.inspect(path).stage1_score, inspector.threshold) for path, _ in stream]
+            assert x["flagged_fraction"] == pytest.approx(sum(flagged) / len(flagged))
+            truly = [f for f, (_, label) in zip(flagged, stream) if label != "clean"]
+            assert x["gate_recall"] == pytest.approx(sum(truly) / len(truly))
             assert 0 < x["latency"]["p50_ms"] <= x["latency"]["p99_ms"]
             assert x["preprocess_ms"] > 0 and x["stage1_ms"] > 0
             # each image's latency covers its preprocessing and Stage 1

@@ -98,12 +98,59 @@ def test_setup_errors_exit_2_with_a_clear_message(tiny_bundle, tmp_path, capsys)
     assert "--models" in capsys.readouterr().err
 
 
-def test_variant_and_runtime_flags(tiny_bundle, tmp_path, capsys):
+@pytest.fixture
+def built_inspectors(monkeypatch) -> list:
+    """Every Inspector the CLI builds (one-off or service), recorded as built."""
+    import edge_runtime.inspector as inspector_mod
+
+    built = []
+
+    class Recording(inspector_mod.Inspector):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+    monkeypatch.setattr(inspector_mod, "Inspector", Recording)
+    return built
+
+
+def test_variant_threads_and_runtime_reach_the_inspector(tiny_bundle, tmp_path, capsys, built_inspectors):
     img = make_images(tmp_path, ["a.png"])[0]
+    threads = (os.cpu_count() or 1) + 1          # not the default (all cores)
+    assert main(["--models", str(tiny_bundle), "--json", str(img)]) == 0
+    capsys.readouterr()
+    default = built_inspectors.pop()
+    assert (default.bundle.variant, default.runtime, default.threads) == ("int8", None, os.cpu_count() or 1)
     assert main(["--models", str(tiny_bundle), "--variant", "float32", "--runtime", "litert",
-                 "--threads", "2", "--json", str(img)]) == 0
+                 "--threads", str(threads), "--json", str(img)]) == 0
     (row,) = json_lines(capsys.readouterr().out)
     assert row["path"] == str(img)
+    (insp,) = built_inspectors
+    assert (insp.bundle.variant, insp.runtime, insp.threads) == ("float32", "litert", threads)
+    assert type(insp.stage1.interpreter).__module__.startswith("ai_edge_litert")
+    assert insp.bundle.stage1.input.dtype == "float32"       # the float32 model, not the default int8 one
+    assert main(["--models", str(tiny_bundle), "--threads", "0", str(img)]) == 2
+    assert "threads: must be > 0" in capsys.readouterr().err
+
+
+def test_variant_threads_and_runtime_reach_the_service_inspector(tiny_bundle, tmp_path, built_inspectors):
+    import sqlite3
+
+    incoming = tmp_path / "in"
+    make_images(incoming, ["a.png"])
+    db = tmp_path / "r.sqlite3"
+    config = tmp_path / "service.yaml"
+    config.write_text(f"models: {tiny_bundle}\nwatch: {incoming}\ndb: {db}\nvariant: int8\nthreads: 1\n"
+                      "settle_seconds: 0\nsummary_seconds: 0\n")
+    threads = (os.cpu_count() or 1) + 1
+    assert main(["--config", str(config), "--once", "--variant", "float32", "--runtime", "litert",
+                 "--threads", str(threads)]) == 0          # flags override the file
+    (insp,) = built_inspectors
+    assert (insp.bundle.variant, insp.runtime, insp.threads) == ("float32", "litert", threads)
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("SELECT name, variant FROM results").fetchall() == [("a.png", "float32")]
+    finally:
+        con.close()
 
 
 def test_console_entry_point_runs_as_a_module(tiny_bundle, tmp_path):
@@ -116,9 +163,54 @@ def test_console_entry_point_runs_as_a_module(tiny_bundle, tmp_path):
     assert row["path"] == str(img)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can read unreadable files")
+# Imports everything edge-inspect needs while still root (the interpreter and the tree may live where nobody
+# cannot read, e.g. /root/.pyenv), then drops to nobody (65534) and runs the command.
+UNPRIVILEGED = """
+import os, sys
+from PIL import Image
+Image.init()
+import edge_runtime.cli, edge_runtime.inspector
+from edge_runtime.interpreter import load_backend
+load_backend()
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+sys.exit(edge_runtime.cli.main(sys.argv[1:]))
+"""
+
+
+def run_unprivileged(argv: list[str]) -> tuple[int, str]:
+    """edge-inspect ARGV in a fresh process that has dropped to an unprivileged user, so that file permissions
+    apply even when the tests run as root (CI does)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-c", UNPRIVILEGED, *argv], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=120)
+    return proc.returncode, proc.stderr
+
+
 def test_unreadable_file_fails_cleanly(tiny_bundle, tmp_path, capsys):
-    img = make_images(tmp_path, ["a.png"])[0]
-    img.chmod(0)
-    assert main(["--models", str(tiny_bundle), str(img)]) == 1
-    assert "Permission denied" in capsys.readouterr().err
+    """An image this process may not read is reported and the others are still inspected. As root (CI) it runs
+    as an unprivileged user: root reads every file whatever its mode."""
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="unreadable-"))      # pytest's tmp_path is private to root
+    try:
+        shared.chmod(0o755)
+        bundle = shared / "bundle"
+        shutil.copytree(tiny_bundle, bundle)
+        for path in [bundle, *bundle.iterdir()]:                    # written private (mkdtemp + rename)
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        ok, img = make_images(shared, ["ok.png", "a.png"])
+        img.chmod(0)
+        argv = ["--models", str(bundle), "--threads", "1", str(ok), str(img)]
+        if os.geteuid() != 0:
+            code, err = main(argv), capsys.readouterr().err
+        elif not hasattr(os, "setuid"):
+            pytest.skip("running as root on a system without setuid: cannot drop privileges to test this")
+        else:
+            code, err = run_unprivileged(argv)
+        assert code == 1, err
+        assert f"{img}: " in err and "Permission denied" in err
+        assert "1 inspected" in err and "1 failed" in err
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -40,7 +40,14 @@ def independent(converted):
         interp.set_tensor(inp["index"], img[None])          # uint8 pixels: input scale 1.0, zero point 0
         interp.invoke()
         q1.append((float(interp.get_tensor(out["index"])[0, 0]) - zero) * scale)
-    return {"labels": labels, "p1": p1, "p2": p2, "int8_p1": np.array(q1)}
+    interp2 = make_interpreter(model_path=str(converted["bundle"] / "stage2.tflite"), num_threads=1)
+    inp2, out2 = interp2.get_input_details()[0], interp2.get_output_details()[0]
+    q2_top = []
+    for img in x:
+        interp2.set_tensor(inp2["index"], img[None])
+        interp2.invoke()
+        q2_top.append(int(interp2.get_tensor(out2["index"])[0].argmax()))   # dequantizing keeps the order
+    return {"labels": labels, "p1": p1, "p2": p2, "int8_p1": np.array(q1), "int8_p2_top": np.array(q2_top)}
 
 
 def test_keras_numbers_match_an_independent_evaluation(converted, independent):
@@ -69,8 +76,10 @@ def test_int8_numbers_match_the_interpreter(converted, independent):
     assert int8["agreement"] == pytest.approx(np.mean((q1 >= THRESHOLD) == (p1 >= THRESHOLD)))
     assert int8["mean_abs_error"] == pytest.approx(np.mean(np.abs(q1 - p1)), abs=1e-6)
     assert 0.0 < int8["mean_abs_error"] < 0.2       # quantised: close to float, but not bit-identical
-    for stage in ("stage1", "stage2"):
-        assert 0.0 <= report["models"]["int8"][stage]["agreement"] <= 1.0
+    # Stage 2 is compared on the defect images of a class it knows: same top-1 class as the float model.
+    known = np.isin(labels, DEFECTS)
+    same = independent["int8_p2_top"][known] == independent["p2"][known].argmax(axis=1)
+    assert report["models"]["int8"]["stage2"]["agreement"] == pytest.approx(same.mean())
 
 
 def test_float32_tflite_agrees_with_keras(converted):
@@ -150,7 +159,7 @@ def test_tampered_or_foreign_bundle_is_refused(converted, tmp_path, capsys):
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
     argv = ["compare", "--run", str(converted["run"]), "--bundle", str(bundle), "--out", str(tmp_path / "o")]
-    assert main(argv) == 2 and "sha256 does not match" in capsys.readouterr().err
+    assert main(argv) == 2 and "stage2.tflite: sha256 mismatch" in capsys.readouterr().err
 
     shutil.rmtree(bundle)
     shutil.copytree(converted["bundle"], bundle)
@@ -185,3 +194,30 @@ def test_edge_inspector_reproduces_the_int8_labels(converted):
         result = edge.inspect(path)
         assert result.label == pred["final"]["int8"][i], path
         assert result.stage1_score == pytest.approx(pred["stage1_score"]["int8"][i], abs=1e-5)
+
+
+def test_bundle_is_read_by_edge_runtime_each_file_hashed_once(tiny_bundle, tmp_path, monkeypatch):
+    """compare reads bundles through edge_runtime.bundle: every variant's models, each sha256-checked once."""
+    from conftest import TINY_SIZE, TINY_STAGE2
+    from convert.compare import CompareError, read_bundle
+    from edge_runtime import bundle as bundle_mod
+
+    hashed = []
+    real_bytes, real_file = bundle_mod.sha256_bytes, bundle_mod.sha256_file
+    monkeypatch.setattr(bundle_mod, "sha256_bytes", lambda data: hashed.append(len(data)) or real_bytes(data))
+    monkeypatch.setattr(bundle_mod, "sha256_file", lambda path: hashed.append(path) or real_file(path))
+    run = SimpleNamespace(stage2_classes=TINY_STAGE2, image_size=TINY_SIZE)
+    bundle, models = read_bundle(tiny_bundle, run)
+    assert sorted(models) == ["float32", "int8"] and len(hashed) == 4          # 2 variants x 2 stages, once each
+    for variant in models:
+        for stage in (1, 2):
+            assert models[variant][stage] == bundle.stage(stage, variant).path.read_bytes()
+    # A changed model of a variant other than the default one is refused too, naming the file.
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    with open(copy / "stage2_float32.tflite", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(CompareError, match=r"stage2_float32\.tflite: sha256 mismatch"):
+        read_bundle(copy, run)
+    with pytest.raises(CompareError, match="do not belong together"):
+        read_bundle(tiny_bundle, SimpleNamespace(stage2_classes=list(reversed(TINY_STAGE2)), image_size=TINY_SIZE))

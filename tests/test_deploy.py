@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 from conftest import REPO
-from edge_runtime.watch import ConfigError, load_service_config
+from edge_runtime.service_config import ConfigError, load_service_config
 
 DEPLOY = REPO / "deploy"
 UNIT = DEPLOY / "sem-inspect.service"

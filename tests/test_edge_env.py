@@ -23,7 +23,7 @@ INSPECT_SCRIPT = textwrap.dedent("""
     import numpy as np
     {prelude}
     from edge_runtime.inspector import Inspector
-    import edge_runtime.cli, edge_runtime.watch, edge_runtime.store
+    import edge_runtime.cli, edge_runtime.watch, edge_runtime.recorder, edge_runtime.store
     insp = Inspector(sys.argv[1], threads=1)
     img = np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint8)
     result = insp.inspect(img).to_dict()

@@ -159,23 +159,90 @@ def test_outputs_are_dequantized_with_the_model_parameters(tiny_bundle):
     assert abs(insp.stage1.run(pixels)[0] - ref32.stage1.run(pixels)[0]) < 0.05
 
 
-def test_quantized_input_path_uses_scale_and_zero_point(tiny_bundle):
+def test_uint8_input_with_scale_one_and_zero_point_zero_takes_the_pixels_as_they_are(tiny_bundle):
     insp = Inspector(tiny_bundle, threads=1)
     runner: StageRunner = insp.stage1
-    assert runner._in_mode == "direct"          # uint8, scale 1, zero point 0: pixels copied straight in
     pixels = np.arange(TINY_SIZE * TINY_SIZE * 3, dtype=np.int64).reshape(TINY_SIZE, TINY_SIZE, 3) % 256
     pixels = pixels.astype(np.uint8)
     runner.set_input(pixels)
     index = runner.interpreter.get_input_details()[0]["index"]
     np.testing.assert_array_equal(runner.interpreter.get_tensor(index)[0], pixels)
-    # Force the general path (a model whose input is quantized with scale 2, zero point 10).
-    runner._in_mode = "quantize"
-    runner._in_inv_scale, runner._in_zero = np.float32(0.5), np.float32(10)
-    runner._in_lo, runner._in_hi = 0, 255
-    runner._scratch = np.empty(pixels.shape, np.float32)
+
+
+def _quantized_input_model(lo: float, hi: float, input_type: str) -> bytes:
+    """A small model converted with an integer input calibrated on [lo, hi]: the converter picks the input's
+    scale and zero point from that range."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(2, 3)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
+    rng = np.random.default_rng(0)
+
+    def representative():
+        for _ in range(8):
+            yield [rng.uniform(lo, hi, (1, 8, 8, 3)).astype(np.float32)]
+        for value in (lo, hi):
+            yield [np.full((1, 8, 8, 3), value, np.float32)]
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = getattr(tf, input_type)
+    converter.inference_output_type = tf.int8
+    return converter.convert()
+
+
+# (calibration range, input type) -> the input quantization the converter gives it
+QUANTIZED_INPUTS = {"int8, scale 0.5, zero point -128": (0.0, 127.5, "int8"),
+                    "uint8, scale 1, zero point 20": (-20.0, 235.0, "uint8"),
+                    "uint8, scale 2, zero point 0": (0.0, 510.0, "uint8")}
+
+
+@pytest.fixture(scope="module")
+def quantized_input_models():
+    pytest.importorskip("tensorflow")
+    return {name: _quantized_input_model(*args) for name, args in QUANTIZED_INPUTS.items()}
+
+
+@pytest.mark.parametrize("name", QUANTIZED_INPUTS)
+def test_quantized_input_uses_the_models_scale_and_zero_point(quantized_input_models, name):
+    """Through the constructor, as a bundle's model would come: the runner reads the input quantization from
+    the model and quantizes raw pixels with it (then the model's output is what it gives for that input)."""
+    from convert.export import io_quantization
+    from edge_runtime.bundle import StageSpec, TensorSpec
+
+    data = quantized_input_models[name]
+    q = io_quantization(data)
+    scale, zero, dtype = q["input"]["scale"], q["input"]["zero_point"], np.dtype(q["input"]["dtype"])
+    assert (dtype.name, scale, zero) == {"int8, scale 0.5, zero point -128": ("int8", 0.5, -128),
+                                         "uint8, scale 1, zero point 20": ("uint8", 1.0, 20),
+                                         "uint8, scale 2, zero point 0": ("uint8", 2.0, 0)}[name]
+    specs = {k: TensorSpec(name=v["name"], shape=tuple(v["shape"]), dtype=v["dtype"], scale=v["scale"],
+                           zero_point=v["zero_point"]) for k, v in q.items()}
+    spec = StageSpec(stage=1, file="m.tflite", path=Path("m.tflite"), sha256="", bytes=len(data),
+                     input=specs["input"], output=specs["output"])
+    runner = StageRunner(spec, data, threads=1, runtime=None)
+    pixels = (np.arange(8 * 8 * 3) * 37 % 256).astype(np.uint8).reshape(8, 8, 3)
+    pixels.flat[:4] = (0, 255, 127, 128)
+    info = np.iinfo(dtype)
+    expected = np.clip(np.rint(pixels / scale + zero), info.min, info.max).astype(dtype)
+    assert not np.array_equal(expected, pixels.astype(dtype))      # the quantization changes the values
+
     runner.set_input(pixels)
-    expected = np.clip(np.rint(pixels / 2.0 + 10), 0, 255).astype(np.uint8)
+    index = runner.interpreter.get_input_details()[0]["index"]
     np.testing.assert_array_equal(runner.interpreter.get_tensor(index)[0], expected)
+
+    ref = make_interpreter(model_content=data, num_threads=1)
+    ref.set_tensor(ref.get_input_details()[0]["index"], expected[None])
+    ref.invoke()
+    out = ref.get_output_details()[0]
+    out_scale, out_zero = out["quantization"]
+    want = (ref.get_tensor(out["index"]).astype(np.float32) - np.float32(out_zero)) * np.float32(out_scale)
+    np.testing.assert_array_equal(runner.run(pixels), want[0])
 
 
 def test_path_bytes_and_array_give_the_same_result(tiny_bundle, tmp_path):

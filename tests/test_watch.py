@@ -19,14 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from conftest import REPO
-from edge_runtime import watch as watch_mod
+from edge_runtime import fileops, service_config
 from edge_runtime.cli import main
+from edge_runtime.exits import WatchError
 from edge_runtime.inspector import Inspector
-from edge_runtime.store import StorageError
-from edge_runtime.watch import ConfigError, WatchError, WatchService, is_ignored_name, load_service_config
+from edge_runtime.journal import Journal
+from edge_runtime.service_config import ConfigError, load_service_config
+from edge_runtime.store import StorageError, is_disk_full
+from edge_runtime.watch import WatchService, is_ignored_name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -267,7 +271,7 @@ def test_crash_between_record_and_move_is_recovered(tiny_bundle, inspector, fold
     names = [f"img{i}.png" for i in range(4)]
     for i, name in enumerate(names):
         (folders["watch"] / name).write_bytes(png_bytes(i))
-    real_move = watch_mod._move
+    real_move = fileops.move
     calls = {"n": 0}
 
     def crashing_move(src, dest):
@@ -275,13 +279,13 @@ def test_crash_between_record_and_move_is_recovered(tiny_bundle, inspector, fold
         if calls["n"] == 2:
             raise Crash()           # the process dies after the commit and the JSONL line, before the move
         real_move(src, dest)
-    monkeypatch.setattr(watch_mod, "_move", crashing_move)
+    monkeypatch.setattr(fileops, "move", crashing_move)
     with pytest.raises(Crash):
         WatchService(make_config(tiny_bundle, folders), inspector=inspector).run(once=True)
     recorded_before = {r["name"] for r in rows(folders["db"])}
     assert len(files_in(folders["processed"])) == 1 and len(recorded_before) >= 2
     assert all(r["state"] == "recorded" for r in rows(folders["db"])[1:])
-    monkeypatch.setattr(watch_mod, "_move", real_move)
+    monkeypatch.setattr(fileops, "move", real_move)
     spy = Spy(inspector)
     assert WatchService(make_config(tiny_bundle, folders), inspector=spy).run(once=True) == 0
     assert_consistent(folders, set(names))
@@ -295,7 +299,7 @@ def test_crash_in_the_middle_of_a_jsonl_line_is_repaired(tiny_bundle, inspector,
 
     for i in range(3):
         (folders["watch"] / f"img{i}.png").write_bytes(png_bytes(i))
-    real_append = watch_mod.Journal.append
+    real_append = Journal.append
     calls = {"n": 0}
 
     def half_append(self, obj):
@@ -305,10 +309,10 @@ def test_crash_in_the_middle_of_a_jsonl_line_is_repaired(tiny_bundle, inspector,
             self.fh.flush()
             raise Crash()
         real_append(self, obj)
-    monkeypatch.setattr(watch_mod.Journal, "append", half_append)
+    monkeypatch.setattr(Journal, "append", half_append)
     with pytest.raises(Crash):
         WatchService(make_config(tiny_bundle, folders), inspector=inspector).run(once=True)
-    monkeypatch.setattr(watch_mod.Journal, "append", real_append)
+    monkeypatch.setattr(Journal, "append", real_append)
     assert WatchService(make_config(tiny_bundle, folders), inspector=inspector).run(once=True) == 0
     assert_consistent(folders, {"img0.png", "img1.png", "img2.png"})
 
@@ -319,14 +323,14 @@ def test_disk_full_on_move_stops_and_keeps_the_image(tiny_bundle, inspector, fol
 
     def full(src, dest):
         raise OSError(errno.ENOSPC, "No space left on device")
-    real_move = watch_mod._move
-    monkeypatch.setattr(watch_mod, "_move", full)
+    real_move = fileops.move
+    monkeypatch.setattr(fileops, "move", full)
     caplog.set_level("ERROR", logger="edge_inspect")
     assert WatchService(make_config(tiny_bundle, folders), inspector=inspector).run(once=True) == 3
     assert "disk full" in caplog.text and "No space left" in caplog.text
     assert files_in(folders["watch"]) >= {"img0.png", "img1.png", "img2.png"}   # nothing lost
     assert files_in(folders["processed"]) == set()   # stopped taking work at the first failure
-    monkeypatch.setattr(watch_mod, "_move", real_move)
+    monkeypatch.setattr(fileops, "move", real_move)
     assert WatchService(make_config(tiny_bundle, folders), inspector=inspector).run(once=True) == 0
     assert_consistent(folders, {"img0.png", "img1.png", "img2.png"})
 
@@ -355,6 +359,43 @@ def test_disk_full_on_database_write_stops_and_keeps_the_image(tiny_bundle, insp
     assert files_in(folders["watch"]) >= {"a.png"} and rows(folders["db"]) == []
     assert WatchService(make_config(tiny_bundle, folders), inspector=inspector).run(once=True) == 0
     assert_consistent(folders, {"a.png"})
+
+
+def test_images_of_an_open_group_are_not_taken_again_before_its_commit(tiny_bundle, inspector, folders):
+    """While a group's transaction is open (another file is still being written) its images stay in the folder
+    and rescans keep seeing them; the loop must leave them alone (Recorder.holds), or they would be found by
+    key and moved before their result is committed."""
+    w = folders["watch"]
+    for name in ("a.png", "b.png"):
+        (w / name).write_bytes(png_bytes(len(name) + ord(name[0])))
+    slow = png_bytes(9, size=120)
+    (w / "slow.png").write_bytes(slow[:100])
+    spy = Spy(inspector)
+    service = WatchService(make_config(tiny_bundle, folders, settle_seconds=0.2, rescan_seconds=0.05,
+                                       poll_seconds=0.05, commit_seconds=30, commit_every=100), inspector=spy)
+    at_commit = []
+    real_commit = service.store.commit
+
+    def commit(*args, **kwargs):
+        at_commit.append(files_in(folders["processed"]))
+        return real_commit(*args, **kwargs)
+    service.store.commit = commit
+    thread, out = run_in_thread(service)
+    try:
+        step = len(slow) // 12 + 1
+        for i in range(100, len(slow), step):     # ~1.2 s of a slow writer: a.png and b.png wait in the group
+            time.sleep(0.1)
+            with open(w / "slow.png", "ab") as fh:
+                fh.write(slow[i:i + step])
+        assert wait_for(lambda: len(files_in(folders["processed"])) == 3, timeout=15)
+    finally:
+        service.stop()
+        thread.join(10)
+    assert out["rc"] == 0
+    assert at_commit and at_commit[0] == set(), f"moved before their commit: {at_commit[0]}"
+    assert sorted(n for n, _ in spy.calls) == ["a.png", "b.png", "slow.png"]
+    assert service.stats.total.recovered == 0
+    assert_consistent(folders, {"a.png", "b.png", "slow.png"})
 
 
 def test_unexpected_inspection_error_quarantines_only_that_file(tiny_bundle, inspector, folders):
@@ -407,8 +448,8 @@ def test_move_across_file_systems_copies_then_removes(tmp_path, monkeypatch):
         if Path(a).parent != Path(b).parent:
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         real_rename(a, b)
-    monkeypatch.setattr(watch_mod.os, "rename", rename)
-    watch_mod._move(src, dest)
+    monkeypatch.setattr(fileops.os, "rename", rename)
+    fileops.move(src, dest)
     assert not src.exists() and dest.read_bytes() == png_bytes(3)
     assert dest.stat().st_mtime_ns == 1_600_000_000_000_000_000
     assert sorted(p.name for p in dest.parent.iterdir()) == ["a b.png"]     # no temporary left behind
@@ -443,7 +484,7 @@ def test_watch_folder_removed_while_running_is_a_clear_error(tiny_bundle, inspec
 
 def test_storage_error_type_reports_disk_full():
     err = StorageError("x", disk_full=True)
-    assert err.disk_full and watch_mod.is_disk_full(OSError(errno.ENOSPC, "full"))
+    assert err.disk_full and is_disk_full(OSError(errno.ENOSPC, "full"))
 
 
 def test_memory_stays_flat_over_a_long_run(tiny_bundle, inspector, folders):
@@ -466,7 +507,7 @@ def test_memory_stays_flat_over_a_long_run(tiny_bundle, inspector, folders):
     assert out["rc"] == 0 and len(rows(folders["db"])) == 160
     growth = sizes[-1] - sizes[1]
     assert growth < 100 * 1024, f"Python heap grew by {growth} bytes over 80 images: {sizes}"
-    assert service.pending == {} and service._done_ids == []
+    assert service.pending == {} and service.recorder.pending_marks == 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -493,14 +534,74 @@ def test_service_config_file_validation_and_overrides(tiny_bundle, folders, tmp_
         load_service_config(tmp_path / "none.yaml")
 
 
-def test_example_service_config_is_valid_and_complete():
+def test_example_service_config_is_generated_valid_and_complete():
     import yaml
     example = REPO / "edge_runtime" / "service.example.yaml"
+    text = example.read_text()
+    assert text == service_config.example_yaml(), \
+        "regenerate it: python -m edge_runtime.service_config > edge_runtime/service.example.yaml"
     cfg = load_service_config(example)
     assert cfg.watch == "/srv/sem/incoming" and cfg.processed == "/srv/sem/processed"
-    documented = set(yaml.safe_load(example.read_text())) | {"leave_in_place", "variant", "threads", "runtime"}
-    assert documented == set(watch_mod._TYPES), "every setting appears in the example"
-    assert "# leave_in_place: true" in example.read_text()
+    commented = {m[1] for line in text.splitlines() if (m := re.match(r"# ([a-z_]+): ", line))
+                 and m[1] in service_config.SETTINGS}
+    assert commented == {"leave_in_place", "variant", "threads", "runtime"}
+    assert set(yaml.safe_load(text)) | commented == set(service_config.SETTINGS), "every setting appears"
+    assert "# leave_in_place: true" in text
+
+
+def _another_value(name: str, tmp_path: Path):
+    """A valid value of a setting that differs from its default."""
+    f = service_config.SETTINGS[name]
+    meta, kind = f.metadata, service_config.kind_of(name)
+    if meta["path"]:
+        return str(tmp_path / name)
+    if meta["choices"]:
+        return next(c for c in reversed(meta["choices"]) if c != f.default)
+    if kind is bool:
+        return not f.default
+    if kind is str:
+        return "float32"
+    return kind((f.default or 1) + 1) if kind is int else (f.default or 0.0) + 0.25
+
+
+def test_every_setting_is_a_flag_that_reaches_the_config(tmp_path):
+    """The flags are derived from the settings: each one, given on the command line, ends up in the config."""
+    from edge_runtime.cli import build_parser
+
+    expected = {name: _another_value(name, tmp_path) for name in service_config.SETTINGS}
+    for exclusive, dropped in (("processed", "leave_in_place"), ("leave_in_place", "processed")):
+        argv = []
+        for name, value in expected.items():
+            if name == dropped:
+                continue
+            flag = service_config.flag_name(name)
+            argv += [flag] if value is True else [flag, str(value)]
+        args = build_parser().parse_args(argv)
+        cfg = load_service_config(None, service_config.flag_values(args))
+        for name, value in expected.items():
+            if name != dropped:
+                assert getattr(cfg, name) == value, name
+        assert bool(cfg.leave_in_place) == (exclusive == "leave_in_place")
+
+
+def test_every_setting_is_checked_in_files_and_flags(tiny_bundle, tmp_path):
+    """Types, choices and bounds come from the setting's definition, for a config file and for flags alike."""
+    cfg_file = tmp_path / "service.yaml"
+    for name, f in service_config.SETTINGS.items():
+        meta, kind = f.metadata, service_config.kind_of(name)
+        bad = [[1, 2]] if kind is not bool else ["yes"]
+        if meta["choices"]:
+            bad.append("bogus")
+        if meta["positive"]:
+            bad.append(kind(0))
+        if meta["minimum"] is not None:
+            bad.append(kind(meta["minimum"] - 1))
+        for value in bad:
+            cfg_file.write_text(yaml.safe_dump({"models": str(tiny_bundle), "watch": "incoming", name: value}))
+            with pytest.raises(ConfigError, match=name):
+                load_service_config(cfg_file)
+            with pytest.raises(ConfigError, match=name):
+                load_service_config(None, {"models": str(tiny_bundle), "watch": str(tmp_path), name: value})
 
 
 def test_cli_watch_once_with_config_file(tiny_bundle, folders, tmp_path):
@@ -526,7 +627,7 @@ def test_setup_errors_are_clear(tiny_bundle, folders, tmp_path, capsys, monkeypa
     assert "bundle folder does not exist" in capsys.readouterr().err
     assert main(args + [str(folders["watch"]), "--processed", str(folders["watch"])]) == 2
     assert "different folder" in capsys.readouterr().err
-    monkeypatch.setattr(watch_mod.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(fileops.os, "access", lambda path, mode: False)
     assert main(args + [str(folders["watch"])]) == 2
     assert "no permission" in capsys.readouterr().err
     with pytest.raises(WatchError, match="no permission"):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge_runtime.gate import is_defective, needs_review
+
 
 def confusion_matrix(y_true, y_pred, n_classes: int) -> np.ndarray:
     """Rows: true class, columns: predicted class."""
@@ -72,8 +74,9 @@ def two_stage_labels(stage1_scores, stage2_probs, threshold: float, stage2_class
     s1 = np.asarray(stage1_scores, float).reshape(-1)
     p2 = np.asarray(stage2_probs, float)
     top = p2.argmax(axis=1)
-    labels = np.where(s1 >= threshold, np.asarray(stage2_classes, dtype=object)[top], clean_label)
-    review = (s1 >= threshold) & (p2.max(axis=1) < review_floor) if review_floor is not None else None
+    defective = is_defective(s1, threshold)
+    labels = np.where(defective, np.asarray(stage2_classes, dtype=object)[top], clean_label)
+    review = defective & needs_review(p2.max(axis=1), review_floor) if review_floor is not None else None
     return labels, review
 
 

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.gate import is_defective, needs_review
 from train.metrics import classification_metrics, escape_rate, roc_auc, threshold_for_recall, two_stage_labels
 
 log = logging.getLogger("train.report")
 
 
 def stage1_metrics(scores, y_true, threshold: float) -> dict:
-    pred = (np.asarray(scores).reshape(-1) >= threshold).astype(int)
+    pred = is_defective(np.asarray(scores).reshape(-1), threshold).astype(int)
     m = classification_metrics(y_true, pred, ["clean", "defective"])
     m["threshold"] = float(threshold)
     m["roc_auc"] = roc_auc(scores, np.asarray(y_true) == 1)   # threshold-free: is there any signal at all?
@@ -31,8 +32,9 @@ def stage2_metrics(probs, y_true, classes, review_floor: float) -> dict:
     probs = np.asarray(probs)
     pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, int)
     m = classification_metrics(y_true, pred, classes)
-    confident = probs.max(axis=1) >= review_floor if len(probs) else np.zeros(0, bool)
-    m["review_fraction"] = float(1 - confident.mean()) if len(probs) else 0.0
+    review = needs_review(probs.max(axis=1), review_floor) if len(probs) else np.zeros(0, bool)
+    confident = ~review
+    m["review_fraction"] = float(review.mean()) if len(probs) else 0.0
     m["accuracy_when_confident"] = float((pred[confident] == np.asarray(y_true)[confident]).mean()) \
         if confident.any() else None
     return m

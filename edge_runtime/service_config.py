@@ -1,0 +1,259 @@
+"""The watch service's settings, defined once.
+
+Each setting is a typed field of ServiceConfig with its default, help text and checks (`setting(...)`). Everything
+else is derived from those definitions:
+    add_flags()             the `edge-inspect` command-line flags (type, choices, help, mutual exclusion)
+    load_service_config()   a config file and command-line overrides, checked (check_setting) and resolved
+    example_yaml()          edge_runtime/service.example.yaml; regenerate it with
+                            `python -m edge_runtime.service_config > edge_runtime/service.example.yaml`
+                            (a test compares the two)
+A new setting is one field below plus its test.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from edge_runtime.interpreter import BACKENDS
+from edge_runtime.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+INSPECT = "inspect"     # a flag of one-off inspection too (edge-inspect --models B PATH...)
+SERVICE = "service"     # a flag of the service only (with --watch DIR or --config FILE)
+_NO_EXAMPLE = object()
+
+
+class ConfigError(ValueError):
+    """The service configuration is invalid; the message names the key."""
+
+
+def setting(default, help: str, *, example=_NO_EXAMPLE, commented: bool = False, choices: tuple = (),
+            minimum: float | None = None, positive: bool = False, path: bool = False, flag: str = SERVICE,
+            metavar: str | None = None, exclusive: str | None = None):
+    """One setting. help: the flag's help and the example file's comment; example: the value shown in the
+    example file (default: the default), `commented` to show it as a commented-out line; choices / minimum
+    (inclusive) / positive (> 0) / path (text, relative to the config file's folder): its checks; flag: INSPECT
+    or SERVICE; exclusive: flags sharing this name exclude each other on the command line."""
+    return field(default=default, metadata={
+        "help": help, "example": default if example is _NO_EXAMPLE else example, "commented": commented,
+        "choices": tuple(choices), "minimum": minimum, "positive": positive, "path": path, "flag": flag,
+        "metavar": metavar, "exclusive": exclusive})
+
+
+@dataclass
+class ServiceConfig:
+    models: str | None = setting(None, "model bundle folder (from `python -m convert`; sha256-checked at start)",
+                                 example="/opt/sem-inspect/models/current", path=True, flag=INSPECT,
+                                 metavar="BUNDLE")
+    watch: str | None = setting(None, "the drop folder to watch (flat: sub-folders are not entered)",
+                                example="/srv/sem/incoming", path=True, metavar="DIR")
+    processed: str | None = setting(None, "inspected images are moved here (default: WATCH/processed)",
+                                    example="/srv/sem/processed", path=True, metavar="DIR", exclusive="destination")
+    leave_in_place: bool = setting(False, "record results but leave inspected images where they are "
+                                   "(instead of processed)", example=True, commented=True, exclusive="destination")
+    quarantine: str | None = setting(None, "unusable files (corrupt, truncated, unsupported, oversized) go here "
+                                     "with NAME.reason.txt (default: WATCH/quarantine)",
+                                     example="/srv/sem/quarantine", path=True, metavar="DIR")
+    db: str | None = setting(None, "SQLite results, WAL (default: WATCH/.edge-inspect.sqlite3); schema in "
+                             "edge_runtime/store.py", example="/srv/sem/results.sqlite3", path=True, metavar="PATH")
+    jsonl: str | None = setting(None, "also append each result to this JSONL file (optional)",
+                                example="/srv/sem/results.jsonl", path=True, metavar="PATH")
+    variant: str | None = setting(None, "model variant in the bundle (default: the bundle's default_variant)",
+                                  example="int8", commented=True, flag=INSPECT, metavar="NAME")
+    threads: int | None = setting(None, "interpreter threads (default: all cores)", example=2, commented=True,
+                                  positive=True, flag=INSPECT, metavar="N")
+    runtime: str | None = setting(None, "TFLite interpreter (default: the first installed)", example="litert",
+                                  commented=True, choices=tuple(BACKENDS), flag=INSPECT)
+    settle_seconds: float = setting(1.0, "a file is complete once its size and mtime hold still this long "
+                                    "(files renamed into the folder: at once)", minimum=0.0, metavar="S")
+    poll_seconds: float = setting(1.0, "polling interval when inotify is unavailable", positive=True, metavar="S")
+    rescan_seconds: float = setting(30.0, "full rescan interval with inotify (a safety net)", positive=True,
+                                    metavar="S")
+    inotify: str = setting("auto", "see new files through inotify (auto: when available; on: required) or "
+                           "always poll (off)", choices=("auto", "on", "off"))
+    summary_seconds: float = setting(300.0, "one summary line this often, only when something happened (0: never)",
+                                     minimum=0.0, metavar="S")
+    max_file_bytes: int = setting(DEFAULT_MAX_BYTES, "larger files are quarantined unread", positive=True,
+                                  metavar="N")
+    max_image_pixels: int = setting(DEFAULT_MAX_PIXELS, "larger images are quarantined", positive=True, metavar="N")
+    max_pending: int = setting(10000, "files tracked at once (bounded memory); more are found by later scans",
+                               positive=True, metavar="N")
+    commit_every: int = setting(16, "group commit: at most this many results per transaction ...", positive=True,
+                                metavar="N")
+    commit_seconds: float = setting(0.5, "... held open at most this long while more files are waiting",
+                                    minimum=0.0, metavar="S")
+    durability: str = setting("full", "full: each commit fsynced (survives power loss); normal: survives "
+                              "process kills only", choices=("full", "normal"))
+    log_level: str = setting("INFO", "log verbosity", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def resolved(self) -> "ServiceConfig":
+        """Check every value, fill the defaults that depend on the watch folder, check the folders."""
+        for f in fields(self):
+            if getattr(self, f.name) is not None:
+                check_setting(f.name, getattr(self, f.name))
+        if not self.models:
+            raise ConfigError("models: the bundle folder is required (--models or `models:` in the config)")
+        if not self.watch:
+            raise ConfigError("watch: the folder to watch is required (--watch or `watch:` in the config)")
+        if self.leave_in_place and self.processed:
+            raise ConfigError("processed and leave_in_place exclude each other")
+        watch = Path(self.watch).expanduser()
+        out = replace(self, watch=str(watch),
+                      processed=None if self.leave_in_place else
+                      str(Path(self.processed).expanduser() if self.processed else watch / "processed"),
+                      quarantine=str(Path(self.quarantine).expanduser() if self.quarantine else watch / "quarantine"),
+                      db=str(Path(self.db).expanduser() if self.db else watch / ".edge-inspect.sqlite3"))
+        for name in ("processed", "quarantine"):
+            value = getattr(out, name)
+            if value and Path(value).resolve() == watch.resolve():
+                raise ConfigError(f"{name}: must be a different folder from the watch folder")
+        return out
+
+
+SETTINGS = {f.name: f for f in fields(ServiceConfig)}
+_HINTS = typing.get_type_hints(ServiceConfig)
+
+
+def kind_of(name: str) -> type:
+    """The value type of a setting: str, int, float or bool (None = unset is allowed where the default is None)."""
+    hint = _HINTS[name]
+    return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+
+
+def check_setting(name: str, value):
+    """The value, checked against its setting (an int is accepted for a float); ConfigError naming it if not."""
+    if name not in SETTINGS:
+        raise ConfigError(f"unknown setting {name!r}")
+    meta, kind = SETTINGS[name].metadata, kind_of(name)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if meta["path"] and not isinstance(value, str):
+        raise ConfigError(f"{name} must be a path (text), got {value!r}")
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{name} must be {kind.__name__}, got {value!r}")
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"{name}: {value!r} is not one of {list(meta['choices'])}")
+    if meta["minimum"] is not None and value < meta["minimum"]:
+        raise ConfigError(f"{name}: must be >= {meta['minimum']:g}")
+    if meta["positive"] and value <= 0:
+        raise ConfigError(f"{name}: must be > 0")
+    return value
+
+
+def _read_file(cfg_path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{cfg_path}: service config file not found") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{cfg_path}: cannot read service config: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_path}: expected a mapping of settings")
+    values = {}
+    for key, value in raw.items():
+        if key not in SETTINGS:
+            raise ConfigError(f"{cfg_path}: unknown key {key!r} (known: {', '.join(SETTINGS)})")
+        if value is None:
+            continue
+        try:
+            value = check_setting(key, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{cfg_path}: {exc}") from None
+        if SETTINGS[key].metadata["path"]:
+            value = str(cfg_path.parent / Path(value).expanduser())
+        values[key] = value
+    return values
+
+
+def load_service_config(path: str | os.PathLike | None, overrides: dict | None = None) -> ServiceConfig:
+    """Read a service YAML file (unknown keys and wrong types are errors), then apply non-None overrides
+    (command-line flags). Relative paths in the file are relative to the file's folder."""
+    values = _read_file(Path(path)) if path is not None else {}
+    overrides = overrides or {}
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = check_setting(key, value)
+        elif key not in SETTINGS:
+            raise ConfigError(f"unknown setting {key!r}")
+    if values.get("leave_in_place") and overrides.get("leave_in_place") is None and overrides.get("processed"):
+        values["leave_in_place"] = False     # --processed on the command line overrides the file
+    if overrides.get("leave_in_place"):
+        values.pop("processed", None)        # --leave-in-place on the command line overrides the file
+    return ServiceConfig(**values).resolved()
+
+
+# ---- derived: command-line flags -------------------------------------------------------------------------
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser, service_group) -> None:
+    """One flag per setting (default None: unset, the config file or the setting's default applies):
+    INSPECT settings on `parser`, SERVICE settings in `service_group`."""
+    exclusive = {}
+    for f in fields(ServiceConfig):
+        meta, kind = f.metadata, kind_of(f.name)
+        target = parser if meta["flag"] == INSPECT else service_group
+        if meta["exclusive"]:
+            if meta["exclusive"] not in exclusive:
+                exclusive[meta["exclusive"]] = target.add_mutually_exclusive_group()
+            target = exclusive[meta["exclusive"]]
+        shown = f.default not in (None, False) and "default" not in meta["help"]
+        kwargs = {"dest": f.name, "default": None,
+                  "help": meta["help"] + (f" (default: {f.default})" if shown else "")}
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(type=kind, metavar=meta["metavar"], choices=meta["choices"] or None)
+        target.add_argument(flag_name(f.name), **kwargs)
+
+
+def flag_values(args: argparse.Namespace) -> dict:
+    """The settings given on the command line, as load_service_config overrides."""
+    return {name: getattr(args, name) for name in SETTINGS}
+
+
+def check_inspect_flags(args: argparse.Namespace) -> None:
+    """One-off inspection: the INSPECT settings given on the command line, checked as in a config file."""
+    for name, f in SETTINGS.items():
+        if f.metadata["flag"] == INSPECT and getattr(args, name) is not None:
+            check_setting(name, getattr(args, name))
+
+
+def service_flags_given(args: argparse.Namespace) -> list[str]:
+    """Flags of SERVICE settings present on the command line (they need --watch DIR)."""
+    return [flag_name(n) for n, f in SETTINGS.items() if f.metadata["flag"] == SERVICE and getattr(args, n) is not None]
+
+
+# ---- derived: the example file ---------------------------------------------------------------------------
+EXAMPLE_HEADER = """\
+# edge-inspect --config service.yaml : the watch-folder service, one validated file.
+# Unknown keys and wrong types stop the service with an error naming the key; command-line flags override
+# any value here. Relative paths are relative to this file's folder.
+# Generated from edge_runtime/service_config.py (python -m edge_runtime.service_config): every setting, with
+# its default unless an example value is more telling; commented-out lines are optional.
+"""
+
+
+def example_yaml(width: int = 110) -> str:
+    """Every setting: its help as a comment, then `key: value` (commented out where the setting is optional)."""
+    lines = [EXAMPLE_HEADER]
+    for f in fields(ServiceConfig):
+        meta = f.metadata
+        note = meta["help"] + (f" [{' | '.join(meta['choices'])}]" if meta["choices"] else "")
+        value = yaml.safe_dump({f.name: meta["example"]}, default_flow_style=False, width=1000).strip()
+        lines += ["\n"] + [f"# {text}\n" for text in textwrap.wrap(note, width - 2)]
+        lines.append(("# " if meta["commented"] else "") + value + "\n")
+    return "".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(example_yaml())

@@ -208,7 +208,9 @@ def test_bundle_is_read_by_edge_runtime_each_file_hashed_once(tiny_bundle, tmp_p
     monkeypatch.setattr(bundle_mod, "sha256_file", lambda path: hashed.append(path) or real_file(path))
     run = SimpleNamespace(stage2_classes=TINY_STAGE2, image_size=TINY_SIZE)
     bundle, models = read_bundle(tiny_bundle, run)
-    assert sorted(models) == ["float32", "int8"] and len(hashed) == 4          # 2 variants x 2 stages, once each
+    manifest_size = (tiny_bundle / "manifest.yaml").stat().st_size
+    # 2 variants x 2 stages, once each, and the manifest once (the bundle id)
+    assert sorted(models) == ["float32", "int8"] and len(hashed) == 5 and hashed.count(manifest_size) == 1
     for variant in models:
         for stage in (1, 2):
             assert models[variant][stage] == bundle.stage(stage, variant).path.read_bytes()

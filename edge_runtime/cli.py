@@ -4,6 +4,7 @@
     edge-inspect --models BUNDLE --watch DIR        the drop-folder service (see edge_runtime/watch.py)
     edge-inspect --config service.yaml              the service, configured by one validated file
     edge-inspect review --db results.sqlite3        the operator review page (edge_runtime/review_server.py)
+    edge-inspect export-labels --db ... --out DIR   reviewed images as training data (edge_runtime/export_labels.py)
 
 Exit status: 0 all good; 1 some input failed (the others were still processed); 2 a setup problem a person
 must fix (bundle, folder, permission, config); 3 the service stopped because results could not be stored
@@ -29,7 +30,7 @@ from edge_runtime.store import StorageError
 from edge_runtime.watch import WatchService, is_ignored_name
 
 PROG = "edge-inspect"
-SUBCOMMANDS = {"review": "edge_runtime.review_server"}
+SUBCOMMANDS = {"review": "edge_runtime.review_server", "export-labels": "edge_runtime.export_labels"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,15 @@ class ExportError(ValueError):
     """The export cannot be written where asked; the message says why."""
 
 
+def read_manifest(folder: str | os.PathLike) -> dict[str, dict]:
+    """An export's manifest rows keyed by the resolved path of each exported file ({} if not an export)."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return {}
+    with open(folder / MANIFEST, newline="", encoding="utf-8") as fh:
+        return {str((folder / row["file"]).resolve()): row for row in csv.DictReader(fh)}
+
+
 def check_out(out: Path) -> None:
     """DIR may be new, an empty folder, or an earlier export; anything else is refused (nothing is lost)."""
     if not out.exists():

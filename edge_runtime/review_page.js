@@ -114,9 +114,11 @@ function renderDetail(item) {
   const top = el("ol", null, "top3");
   for (const [cls, p] of item.top3) {
     const li = el("li");
+    const track = el("span", null, "track");
     const bar = el("span", null, "bar");
     bar.style.width = `${Math.round(p * 100)}%`;
-    li.append(el("span", cls, "cls"), bar, el("span", fmt(p), "p"));
+    track.append(bar);
+    li.append(el("span", cls, "cls"), track, el("span", fmt(p), "p"));
     top.append(li);
   }
   add("Stage 2", item.top3.length ? top : "not run (Stage 1 called it clean)",

@@ -208,8 +208,10 @@ class Reviews:
         operator label) and, per bundle, how often the operators agreed with the model."""
         with self.lock:
             rows = [dict(r) for r in self.db.execute(
-                f"SELECT model_label, current_label, review_state, bundle_id, flagged FROM {_ROWS}")]
+                f"SELECT model_label, current_label, review_state, bundle_id, flagged, count(*) AS n FROM {_ROWS} "
+                "GROUP BY model_label, current_label, review_state, bundle_id, flagged")]
             reviews = self.db.execute("SELECT count(*) FROM reviews").fetchone()[0]
+
         def counts():
             return {"model": 0, "current": 0, "reviewed": 0, "confirmed": 0, "corrected_from": 0, "corrected_to": 0}
         per_label = {lab: counts() for lab in self.labels}
@@ -217,28 +219,29 @@ class Reviews:
         corrections: dict[tuple[str, str], int] = {}
         bundles: dict[str, dict] = {}
         for r in rows:
-            model, now, state = r["model_label"], r["current_label"], r["review_state"]
-            per_label.setdefault(model, counts())["model"] += 1
-            per_label.setdefault(now, counts())["current"] += 1
-            states[state] += 1
+            model, now, state, n = r["model_label"], r["current_label"], r["review_state"], r["n"]
+            per_label.setdefault(model, counts())["model"] += n
+            per_label.setdefault(now, counts())["current"] += n
+            states[state] += n
             b = bundles.setdefault(r["bundle_id"] or "unknown", {"results": 0, "reviewed": 0, "confirmed": 0,
-                                                           "corrected": 0, "unusable": 0})
-            b["results"] += 1
+                                                                  "corrected": 0, "unusable": 0})
+            b["results"] += n
             if state == "unreviewed":
                 continue
-            per_label[model]["reviewed"] += 1
-            b["reviewed"] += 1
-            b[state] += 1
+            per_label[model]["reviewed"] += n
+            b["reviewed"] += n
+            b[state] += n
             if state == "confirmed":
-                per_label[model]["confirmed"] += 1
+                per_label[model]["confirmed"] += n
             elif state == "corrected":
-                per_label[model]["corrected_from"] += 1
-                per_label[now]["corrected_to"] += 1
-                corrections[(model, now)] = corrections.get((model, now), 0) + 1
+                per_label[model]["corrected_from"] += n
+                per_label[now]["corrected_to"] += n
+                corrections[(model, now)] = corrections.get((model, now), 0) + n
         for b in bundles.values():
             judged = b["confirmed"] + b["corrected"]
             b["model_accuracy"] = round(b["confirmed"] / judged, 4) if judged else None
-        return {"results": len(rows), "flagged": sum(bool(r["flagged"]) for r in rows), "reviews": reviews,
+        return {"results": sum(r["n"] for r in rows), "flagged": sum(r["n"] for r in rows if r["flagged"]),
+                "reviews": reviews,
                 "states": states, "per_label": per_label,
                 "corrections": [{"from": a, "to": b, "count": n}
                                 for (a, b), n in sorted(corrections.items(), key=lambda kv: (-kv[1], kv[0]))],

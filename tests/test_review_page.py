@@ -7,50 +7,29 @@ Skips with the reason where Chromium, chromedriver or Selenium is missing or Chr
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from benchmarks.browser import BrowserUnavailable, quit_chromium, start_chromium, wait_for
 from conftest import REPO
 from test_review import Client, db_rows, make_review_site, start_review_cli
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 # Where the screenshot goes (kept after the run; out/ is git-ignored).
 ARTEFACTS = Path(os.environ.get("TEST_ARTEFACTS", REPO / "out" / "test-artefacts"))
 WINDOW = (1600, 1000)
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", f"--window-size={WINDOW[0]},{WINDOW[1]}"]
 
 
 @pytest.fixture(scope="module")
 def browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install '.[dev]')")
-    from selenium.common.exceptions import WebDriverException
-    from selenium.webdriver.chrome.service import Service
-
-    if not CHROMIUM or not CHROMEDRIVER:
-        pytest.skip("Chromium or chromedriver not found (Debian: apt-get install chromium chromium-driver; "
-                    ".ci/run installs them)")
-    profile = tempfile.mkdtemp(prefix="review-chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
-        opts.add_argument(flag)
     try:
-        driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
-    except WebDriverException as exc:
-        shutil.rmtree(profile, ignore_errors=True)
-        pytest.skip(f"Chromium cannot start here: {(exc.msg or str(exc)).splitlines()[0]}")
-    driver.set_page_load_timeout(60)
+        driver = start_chromium(WINDOW)
+    except BrowserUnavailable as exc:
+        pytest.skip(str(exc))
     yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    quit_chromium(driver)
 
 
 @pytest.fixture
@@ -67,11 +46,6 @@ def page(tmp_path, tiny_bundle, browser):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-
-
-def wait_for(browser, script: str, timeout: float = 20):
-    from selenium.webdriver.support.ui import WebDriverWait
-    return WebDriverWait(browser, timeout, poll_frequency=0.05).until(lambda d: d.execute_script(script))
 
 
 def queue_ids(browser) -> list[int]:

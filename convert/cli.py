@@ -358,6 +358,8 @@ def parse_compare(argv):
     p.add_argument("--run", required=True, metavar="runs/NAME", help="training run folder (the float models)")
     p.add_argument("--bundle", required=True, metavar="models/NAME", help="bundle folder from python -m convert")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default test)")
+    p.add_argument("--only", metavar="DIR", help="only the split's images under DIR (e.g. an `edge-inspect "
+                                                 "export-labels` folder: then also the deployed bundle as recorded)")
     p.add_argument("--out", metavar="DIR", help="where compare.json/.md and PNGs go (default: the bundle folder)")
     p.add_argument("--threads", type=int, default=2, help="interpreter threads")
     return p.parse_args(argv)
@@ -385,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run = read_run(args.run)
             load_models(run)
-            compare_bundle(run, args.bundle, split=args.split, out_dir=args.out, threads=args.threads)
+            compare_bundle(run, args.bundle, split=args.split, out_dir=args.out, threads=args.threads,
+                           only=args.only)
         except (RunError, CompareError) as exc:
             return _fail(exc, 2)
         return 0

@@ -14,6 +14,12 @@ Per model (keras-float32 and each variant):
     clean), false alarms, review count (Stage-2 confidence under the review floor).
   Size: bytes of both stage files, and the ratio to the Keras files and to the float32 TFLite files.
 Writes compare.json, compare.md and confusion_<model>.png; prints the table.
+
+`only` (--only DIR) keeps the split's images under DIR, e.g. a fab's reviewed images exported by
+`edge-inspect export-labels` and ingested by prepare. When DIR is such an export, its manifest holds the label
+each image got on the board from the deployed bundle (model_label): the report then also scores those recorded
+labels against the reviewed ones on the same images, beside every model here ("recorded"), so a new bundle
+is seen to beat (or not) the deployed one on the fab's own images before it is deployed.
 """
 from __future__ import annotations
 
@@ -62,9 +68,15 @@ def read_bundle(bundle_dir: str | os.PathLike, run) -> tuple[Bundle, dict[str, d
     return bundle, models
 
 
-def load_split_images(run, split: str) -> tuple[np.ndarray, list[str], list[str], list[tuple[str, str]]]:
-    """uint8 N x H x W x 3 through the shared preprocessing, with labels and paths; unreadable files skipped."""
+def load_split_images(run, split: str, only: Path | None = None
+                      ) -> tuple[np.ndarray, list[str], list[str], list[tuple[str, str]]]:
+    """uint8 N x H x W x 3 through the shared preprocessing, with labels and paths; unreadable files skipped.
+    only: keep the images under this folder."""
     rows = run.rows(split)
+    if only is not None:
+        rows = [(p, lab) for p, lab in rows if only in run.resolve(p).resolve().parents]
+        if not rows:
+            raise CompareError(f"{run.split_csv}: no image of the {split} split lies under --only {only}")
     if not rows:
         raise CompareError(f"{run.split_csv}: the {split} split has no images")
     images, labels, paths, skipped = [], [], [], []
@@ -140,13 +152,39 @@ def evaluate(p1: np.ndarray, p2: np.ndarray, labels: list[str], run, ref: dict |
 
 # ---- the command -----------------------------------------------------------------------------------------
 
+def recorded_comparison(run, paths: list[str], labels: list[str], only: Path, results: dict) -> dict | None:
+    """The deployed bundles' labels as recorded on the board (an export manifest's model_label) against the
+    reviewed labels, and every model here on exactly the same images; None when `only` is not an export."""
+    from edge_runtime.export_labels import read_manifest
+
+    rows = read_manifest(only)
+    hits = [k for k, p in enumerate(paths) if str(run.resolve(p).resolve()) in rows
+            and rows[str(run.resolve(p).resolve())]["model_label"] in run.taxonomy]
+    if not hits:
+        return None
+    truth = [labels[k] for k in hits]
+
+    def score(pred: list[str]) -> dict:
+        m = classification_metrics(_index(truth, run.taxonomy), _index(pred, run.taxonomy), run.taxonomy)
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], **escape_rate(truth, pred, run.clean_label)}
+
+    recorded = [rows[str(run.resolve(paths[k]).resolve())] for k in hits]
+    bundles: dict[str, int] = {}
+    for r in recorded:
+        bundles[r["bundle_id"] or "unknown"] = bundles.get(r["bundle_id"] or "unknown", 0) + 1
+    return {"images": len(hits), "of": len(paths), "bundles": bundles,
+            "recorded": score([r["model_label"] for r in recorded]),
+            "models": {name: score([r["final_labels"][k] for k in hits]) for name, r in results.items()}}
+
+
 def compare_bundle(run, bundle_dir, *, split: str = "test", out_dir=None, threads: int = 1,
-                   echo=print) -> dict:
+                   echo=print, only=None) -> dict:
     """run: a convert.cli.Run with models loaded. Returns the compare.json content."""
     bundle, variants = read_bundle(bundle_dir, run)
     root = bundle.root
     out = Path(out_dir).resolve() if out_dir else root
-    images, labels, paths, skipped = load_split_images(run, split)
+    only = Path(only).resolve() if only is not None else None
+    images, labels, paths, skipped = load_split_images(run, split, only)
     labels_arr = np.asarray(labels, dtype=object)
     need_s2_base = labels_arr != run.clean_label
     log.info("compare: %d %s images (%d skipped), variants %s", len(images), split, len(skipped), list(variants))
@@ -176,6 +214,8 @@ def compare_bundle(run, bundle_dir, *, split: str = "test", out_dir=None, thread
 
     report = {
         "run": str(run.path), "bundle": str(root), "split": split, "images": len(images),
+        "only": str(only) if only is not None else None,
+        "reviewed": recorded_comparison(run, paths, labels, only, results) if only is not None else None,
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
         "stage1_threshold": run.stage1_threshold, "stage2_review_floor": run.stage2_review_floor,
         "stage2_classes": run.stage2_classes, "taxonomy": run.taxonomy,
@@ -238,7 +278,8 @@ def markdown(report: dict) -> str:
     head = ["model", "size MB", "x keras", "x tflite-f32", "S1 acc", "S1 F1", "S1 agree", "S1 err",
             "escapes", "escape %", "S2 acc", "S2 F1", "S2 agree", "S2 err", "E2E acc", "E2E F1", "E2E agree",
             "review"]
-    lines = [f"Cross-compare on the {report['split']} split: {report['images']} images "
+    where = f" under {report['only']}" if report.get("only") else ""
+    lines = [f"Cross-compare on the {report['split']} split{where}: {report['images']} images "
              f"(Stage-1 threshold {report['stage1_threshold']:.4f}, review floor "
              f"{report['stage2_review_floor']:.2f}). Percentages; err = mean |score - float|.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -263,6 +304,15 @@ def markdown(report: dict) -> str:
                   f"{verdict(t['stage2_agreement'])}; "
                   f"escape rate {_pct(t['escape_rate']['value'])}% (<= float): {verdict(t['escape_rate'])}; "
                   f"{t['size_factor']['value']:.1f}x smaller (>= 3.5x): {verdict(t['size_factor'])}."]
+    if report.get("reviewed"):
+        rv = report["reviewed"]
+        deployed = ", ".join(f"{b[:12]} ({n})" for b, n in rv["bundles"].items())
+        lines += ["", f"On the fab's reviewed images ({rv['images']} of {report['images']} have the label the board "
+                      f"recorded): the deployed bundle(s) {deployed} as recorded, against the models here. "
+                      "Percentages.", "", "| model | E2E acc | E2E macro-F1 | escapes |", "|---|---|---|---|"]
+        for name, s in [("recorded on the board", rv["recorded"]), *rv["models"].items()]:
+            lines.append(f"| {name} | {_pct(s['accuracy'])} | {_pct(s['macro_f1'])} | "
+                         f"{s['escapes']}/{s['defective']} |")
     classes = [c for c in report["taxonomy"] if report["label_counts"].get(c)]
     lines += ["", "End-to-end per-class F1 (%), classes present in the split:", "",
               "| model | " + " | ".join(f"{c} (n={report['label_counts'][c]})" for c in classes) + " |",

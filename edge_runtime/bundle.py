@@ -60,6 +60,8 @@ class Bundle:
     specs: dict[str, dict[int, StageSpec]] = field(default_factory=dict, repr=False)   # every variant's stages
     backbones: dict[str, str] = field(default_factory=dict)    # {"stage1": name, "stage2": name} (informative)
     source_run: str | None = None                              # the training run the bundle was converted from
+    # sha256 of manifest.yaml: the model version (the manifest pins every model file's sha256). Results record it.
+    bundle_id: str = ""
     # Verified model bytes of the selected variant (what was hashed is exactly what gets run).
     _model_bytes: dict[int, bytes] = field(default_factory=dict, repr=False)
 
@@ -143,15 +145,15 @@ def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all:
         raise BundleError(f"{root}: not a folder (expected a bundle folder containing {MANIFEST})")
     manifest_path = root / MANIFEST
     try:
-        text = manifest_path.read_text(encoding="utf-8")
+        raw = manifest_path.read_bytes()
     except FileNotFoundError:
         raise BundleError(f"{manifest_path}: not a model bundle (no {MANIFEST}); "
                           "build one with `python -m convert`") from None
     except OSError as exc:
         raise BundleError(f"{manifest_path}: cannot read: {exc.strerror or exc}") from exc
     try:
-        manifest = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        manifest = yaml.safe_load(raw.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
         raise BundleError(f"{manifest_path}: not valid YAML: {exc}") from exc
     where = str(manifest_path)
     if not isinstance(manifest, dict):
@@ -213,4 +215,5 @@ def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all:
                   stage1_threshold=threshold, stage2_review_floor=floor,
                   stage1=chosen_specs[1], stage2=chosen_specs[2], specs=specs,
                   backbones={str(k): str(v) for k, v in backbones.items()}, source_run=source_run,
+                  bundle_id=sha256_bytes(raw),
                   _model_bytes=model_bytes)

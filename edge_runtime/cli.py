@@ -3,6 +3,8 @@
     edge-inspect --models BUNDLE PATH...            files or folders (recursive): a table, or --json lines
     edge-inspect --models BUNDLE --watch DIR        the drop-folder service (see edge_runtime/watch.py)
     edge-inspect --config service.yaml              the service, configured by one validated file
+    edge-inspect review --db results.sqlite3        the operator review page (edge_runtime/review_server.py)
+    edge-inspect export-labels --db ... --out DIR   reviewed images as training data (edge_runtime/export_labels.py)
 
 Exit status: 0 all good; 1 some input failed (the others were still processed); 2 a setup problem a person
 must fix (bundle, folder, permission, config); 3 the service stopped because results could not be stored
@@ -11,6 +13,7 @@ must fix (bundle, folder, permission, config); 3 the service stopped because res
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -27,6 +30,7 @@ from edge_runtime.store import StorageError
 from edge_runtime.watch import WatchService, is_ignored_name
 
 PROG = "edge-inspect"
+SUBCOMMANDS = {"review": "edge_runtime.review_server", "export-labels": "edge_runtime.export_labels"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +143,9 @@ def run_watch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     watching = args.watch is not None or args.config is not None
     if watching:

@@ -36,9 +36,12 @@ class InspectionResult:
     preprocess_ms: float
     stage1_ms: float
     stage2_ms: float | None       # None when Stage 2 was skipped
+    stage2_probs: dict[str, float] | None = None   # every Stage-2 class's probability; None when skipped
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if d["stage2_probs"] is not None:
+            d["stage2_probs"] = {c: round(p, 6) for c, p in d["stage2_probs"].items()}
         for k in ("stage1_score", "confidence"):
             d[k] = round(d[k], 6)
         for k in ("latency_ms", "preprocess_ms", "stage1_ms", "stage2_ms"):
@@ -177,7 +180,8 @@ class Inspector:
             return InspectionResult(path=path, label=defect, stage1_score=score, defect_class=defect,
                                     confidence=confidence, review=needs_review(confidence, self.review_floor),
                                     latency_ms=(t3 - t0) * 1e3, preprocess_ms=(t1 - t0) * 1e3,
-                                    stage1_ms=(t2 - t1) * 1e3, stage2_ms=(t3 - t2) * 1e3)
+                                    stage1_ms=(t2 - t1) * 1e3, stage2_ms=(t3 - t2) * 1e3,
+                                    stage2_probs={c: float(p) for c, p in zip(self.stage2_classes, probs)})
         return InspectionResult(path=path, label=self.clean_label, stage1_score=score, defect_class=None,
                                 confidence=1.0 - score, review=False, latency_ms=(t2 - t0) * 1e3,
                                 preprocess_ms=(t1 - t0) * 1e3, stage1_ms=(t2 - t1) * 1e3, stage2_ms=None)

@@ -80,4 +80,6 @@ def row_to_json(row: dict) -> dict:
             "confidence": row.get("confidence"), "review": None if review is None else bool(review),
             "latency_ms": row.get("latency_ms"), "outcome": row["outcome"], "reason": row.get("reason"),
             "moved_to": row["dest_path"], "sha256": row.get("sha256"), "variant": row.get("variant"),
+            "bundle_id": row.get("bundle_id"),
+            "stage2_probs": json.loads(row["stage2_probs"]) if row.get("stage2_probs") else None,
             "recorded_at": row["recorded_at"]}

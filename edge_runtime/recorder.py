@@ -26,6 +26,7 @@ complete files (handle) and asks which files it must leave alone (holds); everyt
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import time
@@ -70,6 +71,7 @@ class Recorder:
         self.quarantine = Path(cfg.quarantine)
         self.inspector = inspector
         self.variant = inspector.bundle.variant
+        self.bundle_id = inspector.bundle.bundle_id     # model provenance, recorded with every result
         self.store = store
         self.journal = journal
         self.stats = stats
@@ -209,12 +211,14 @@ class Recorder:
         row = {"key": key, "name": db_text(name), "src_path": db_text(path), "dest_path": db_text(dest),
                "size": size, "mtime_ns": mtime_ns, "sha256": digest,
                "outcome": "quarantined" if quarantined else "inspected", "reason": reason,
-               "variant": self.variant, "state": "done" if in_place else "recorded",
+               "variant": self.variant, "bundle_id": self.bundle_id, "state": "done" if in_place else "recorded",
                "journaled": 0 if self.journal else 1, "recorded_at": utc_now()}
         if result is not None:
             row.update(label=result.label, stage1_score=round(result.stage1_score, 6),
                        defect_class=result.defect_class, confidence=round(result.confidence, 6),
                        review=int(result.review), latency_ms=round(result.latency_ms, 3))
+            if result.stage2_probs is not None:
+                row["stage2_probs"] = json.dumps(result.to_dict()["stage2_probs"])
         # (3) into the open group transaction; nothing is done to the file before the commit returns.
         row["id"] = self.store.insert(row)
         if not self._batch:

@@ -1,6 +1,6 @@
 """The watch service's result store: one SQLite file (standard library, WAL journal).
 
-Schema (PRAGMA user_version = 1):
+Schema (PRAGMA user_version = 2; a version-1 file is migrated in place on open, its rows kept):
 
     CREATE TABLE results (
         id            INTEGER PRIMARY KEY,   -- also written into each JSONL line as "id"
@@ -24,12 +24,35 @@ Schema (PRAGMA user_version = 1):
         state         TEXT NOT NULL,         -- 'recorded' (file not yet moved) | 'done' | 'missing'
         journaled     INTEGER NOT NULL,      -- 1 once the JSONL line is written (or no JSONL configured)
         recorded_at   TEXT NOT NULL,         -- ISO-8601 UTC
-        done_at       TEXT
+        done_at       TEXT,
+        bundle_id     TEXT,                  -- the model: sha256 of the bundle's manifest.yaml (NULL: before v2)
+        stage2_probs  TEXT                   -- JSON {class: probability} of Stage 2; NULL when it did not run
+    );                                       --   (or before v2: then only defect_class/confidence exist)
+    CREATE TABLE bundles (                   -- each model bundle that produced results
+        id                  TEXT PRIMARY KEY,    -- = results.bundle_id
+        path                TEXT NOT NULL,       -- the folder it was loaded from when first seen
+        taxonomy            TEXT NOT NULL,       -- JSON list of the classes, clean first
+        stage2_classes      TEXT NOT NULL,       -- JSON list
+        stage1_threshold    REAL NOT NULL,
+        stage2_review_floor REAL NOT NULL,
+        first_seen          TEXT NOT NULL
+    );
+    CREATE TABLE reviews (                   -- operator reviews; results are never edited
+        id          INTEGER PRIMARY KEY,
+        result_id   INTEGER NOT NULL REFERENCES results(id),
+        supersedes  INTEGER NOT NULL DEFAULT 0,  -- the review of this result it replaces (0: the first one);
+                                                 --   unique per result, so concurrent edits cannot fork
+        old_label   TEXT NOT NULL,           -- the label in force before: the model's or the previous review's
+        new_label   TEXT NOT NULL,           -- a taxonomy class, or 'unusable'
+        reviewer    TEXT NOT NULL,
+        reviewed_at TEXT NOT NULL,           -- ISO-8601 UTC
+        UNIQUE (result_id, supersedes)
     );
     CREATE INDEX results_state ON results(state) WHERE state != 'done';
     CREATE INDEX results_journal ON results(journaled) WHERE journaled = 0;
     CREATE INDEX results_dest ON results(dest_path);
     CREATE INDEX results_src ON results(src_path, size, mtime_ns);
+    CREATE INDEX reviews_result ON reviews(result_id, id);
 
 Query it with the sqlite3 shell, e.g. `SELECT label, count(*) FROM results GROUP BY label`.
 
@@ -40,11 +63,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import json
 import os
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
     id INTEGER PRIMARY KEY,
@@ -67,16 +91,41 @@ CREATE TABLE IF NOT EXISTS results (
     state TEXT NOT NULL CHECK (state IN ('recorded', 'done', 'missing')),
     journaled INTEGER NOT NULL DEFAULT 0,
     recorded_at TEXT NOT NULL,
-    done_at TEXT
+    done_at TEXT,
+    bundle_id TEXT,
+    stage2_probs TEXT
 );
 CREATE INDEX IF NOT EXISTS results_state ON results(state) WHERE state != 'done';
 CREATE INDEX IF NOT EXISTS results_journal ON results(journaled) WHERE journaled = 0;
 CREATE INDEX IF NOT EXISTS results_dest ON results(dest_path);
 CREATE INDEX IF NOT EXISTS results_src ON results(src_path, size, mtime_ns);
+CREATE TABLE IF NOT EXISTS bundles (
+    id TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    taxonomy TEXT NOT NULL,
+    stage2_classes TEXT NOT NULL,
+    stage1_threshold REAL NOT NULL,
+    stage2_review_floor REAL NOT NULL,
+    first_seen TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reviews (
+    id INTEGER PRIMARY KEY,
+    result_id INTEGER NOT NULL REFERENCES results(id),
+    supersedes INTEGER NOT NULL DEFAULT 0,
+    old_label TEXT NOT NULL,
+    new_label TEXT NOT NULL,
+    reviewer TEXT NOT NULL CHECK (length(reviewer) > 0),
+    reviewed_at TEXT NOT NULL,
+    UNIQUE (result_id, supersedes)
+);
+CREATE INDEX IF NOT EXISTS reviews_result ON reviews(result_id, id)
 """
 COLUMNS = ("id", "key", "name", "src_path", "dest_path", "size", "mtime_ns", "sha256", "outcome", "label",
            "stage1_score", "defect_class", "confidence", "review", "latency_ms", "reason", "variant", "state",
-           "journaled", "recorded_at", "done_at")
+           "journaled", "recorded_at", "done_at", "bundle_id", "stage2_probs")
+# Version 1 -> 2: results gain these columns (appended, so a migrated table matches a new one); the bundles and
+# reviews tables are created.
+V2_RESULT_COLUMNS = (("bundle_id", "TEXT"), ("stage2_probs", "TEXT"))
 
 
 class StorageError(RuntimeError):
@@ -120,16 +169,37 @@ class Store:
             # must not grow with the size of the database.
             self.db.execute("PRAGMA cache_size=-512")
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 raise StorageError(f"{self.path}: result database schema version {version} is not supported "
                                    f"(this version writes {SCHEMA_VERSION})")
-            self.db.executescript(SCHEMA)
-            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if version != SCHEMA_VERSION:
+                self._create_or_migrate()
         except sqlite3.Error as exc:
             raise StorageError(f"{self.path}: cannot open result database: {exc}", is_disk_full(exc)) from exc
         except OSError as exc:
             raise StorageError(f"{self.path}: cannot create result database: {exc.strerror or exc}",
                                is_disk_full(exc)) from exc
+
+    def _create_or_migrate(self) -> None:
+        """Create the schema, or bring a version-1 file to this version, in one transaction: a service and a
+        review server opening the same old file at once migrate it once."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]     # again, under the write lock
+            if version == 1:
+                have = {r[1] for r in self.db.execute("PRAGMA table_info(results)")}
+                for column, kind in V2_RESULT_COLUMNS:
+                    if column not in have:
+                        self.db.execute(f"ALTER TABLE results ADD COLUMN {column} {kind}")
+            if version != SCHEMA_VERSION:
+                for statement in SCHEMA.split(";"):      # executescript would commit half-way
+                    self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         """Close; an uncommitted group transaction is rolled back (those images were not moved)."""
@@ -183,6 +253,19 @@ class Store:
             return out
         except sqlite3.Error as exc:
             raise self._fail(exc) from exc
+
+    def transaction(self, fn):
+        """fn() inside BEGIN IMMEDIATE ... COMMIT (rolled back if it raises); sqlite errors as StorageError."""
+        return self._write(fn)
+
+    def register_bundle(self, bundle) -> None:
+        """Record the model bundle (an edge_runtime.bundle.Bundle) whose id the next results carry."""
+        self._write(lambda: self.db.execute(
+            "INSERT OR IGNORE INTO bundles (id, path, taxonomy, stage2_classes, stage1_threshold, "
+            "stage2_review_floor, first_seen) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (bundle.bundle_id, db_text(bundle.root), json.dumps(list(bundle.taxonomy)),
+             json.dumps(list(bundle.stage2_classes)), bundle.stage1_threshold, bundle.stage2_review_floor,
+             utc_now())))
 
     @property
     def in_transaction(self) -> bool:

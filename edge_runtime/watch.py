@@ -70,6 +70,7 @@ class WatchService:
         self.inspector = inspector
         durable = config.durability == "full"
         self.store = Store(config.db, durable=durable)
+        self.store.register_bundle(inspector.bundle)      # model provenance: results carry its id
         try:
             self.journal = Journal(Path(config.jsonl), durable) if config.jsonl else None
         except OSError as exc:

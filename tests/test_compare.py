@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -208,7 +209,9 @@ def test_bundle_is_read_by_edge_runtime_each_file_hashed_once(tiny_bundle, tmp_p
     monkeypatch.setattr(bundle_mod, "sha256_file", lambda path: hashed.append(path) or real_file(path))
     run = SimpleNamespace(stage2_classes=TINY_STAGE2, image_size=TINY_SIZE)
     bundle, models = read_bundle(tiny_bundle, run)
-    assert sorted(models) == ["float32", "int8"] and len(hashed) == 4          # 2 variants x 2 stages, once each
+    manifest_size = (tiny_bundle / "manifest.yaml").stat().st_size
+    # 2 variants x 2 stages, once each, and the manifest once (the bundle id)
+    assert sorted(models) == ["float32", "int8"] and len(hashed) == 5 and hashed.count(manifest_size) == 1
     for variant in models:
         for stage in (1, 2):
             assert models[variant][stage] == bundle.stage(stage, variant).path.read_bytes()
@@ -221,3 +224,61 @@ def test_bundle_is_read_by_edge_runtime_each_file_hashed_once(tiny_bundle, tmp_p
         read_bundle(copy, run)
     with pytest.raises(CompareError, match="do not belong together"):
         read_bundle(tiny_bundle, SimpleNamespace(stage2_classes=list(reversed(TINY_STAGE2)), image_size=TINY_SIZE))
+
+
+def test_only_the_fabs_reviewed_images_beside_the_deployed_bundle_as_recorded(converted, tmp_path, capsys):
+    """`compare --only EXPORT`: the split's images under an `edge-inspect export-labels` folder, and the labels
+    the deployed bundle gave them on the board (its manifest's model_label) scored on the same images."""
+    import csv
+
+    from convert.cli import main
+    from edge_runtime.export_labels import FIELDS, MANIFEST
+
+    run = tmp_path / "run"
+    shutil.copytree(converted["run"], run)
+    with open(run / "split.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    test = [r for r in rows if r["split"] == "test"]
+    exported, manifest = test[:8], []
+    reviewed = tmp_path / "reviewed"
+    for k, r in enumerate(exported):            # the board got the first 5 right and called the rest "clean"
+        rel = f"{r['label']}/{k}-{Path(r['path']).name}"
+        (reviewed / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(r["path"], reviewed / rel)
+        r["path"] = str(reviewed / rel)
+        manifest.append({"file": rel, "label": r["label"], "model_label": r["label"] if k < 5 else "clean",
+                         "result_id": k + 1, "bundle_id": "ab" * 32})
+    with open(run / "split.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(reviewed / MANIFEST, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, FIELDS, restval="")
+        writer.writeheader()
+        writer.writerows(manifest)
+    truth = [r["label"] for r in exported]
+    expected_acc = np.mean([m["model_label"] == t for m, t in zip(manifest, truth)])
+
+    out = tmp_path / "out"
+    assert main(["compare", "--run", str(run), "--bundle", str(converted["bundle"]), "--only", str(reviewed),
+                 "--out", str(out), "--threads", "1"]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert report["images"] == 8 and report["only"] == str(reviewed.resolve())
+    assert sorted(report["predictions"]["paths"]) == sorted(r["path"] for r in exported)
+    rv = report["reviewed"]
+    assert rv["images"] == 8 and rv["bundles"] == {"ab" * 32: 8}
+    assert rv["recorded"]["accuracy"] == pytest.approx(expected_acc)
+    assert rv["recorded"]["escapes"] == sum(t != "clean" for t in truth[5:])
+    for name, m in report["models"].items():      # the models here, on exactly those images
+        assert rv["models"][name]["accuracy"] == pytest.approx(m["end_to_end"]["accuracy"])
+    table = (out / "compare.md").read_text()
+    assert f"| recorded on the board | {100 * expected_acc:.1f} |" in table and "under " + str(reviewed.resolve()) in table
+
+    (reviewed / MANIFEST).unlink()              # not an export: only the subset, nothing recorded to compare
+    assert main(["compare", "--run", str(run), "--bundle", str(converted["bundle"]), "--only", str(reviewed),
+                 "--out", str(out), "--threads", "1"]) == 0
+    assert json.loads((out / "compare.json").read_text())["reviewed"] is None
+    capsys.readouterr()
+    assert main(["compare", "--run", str(run), "--bundle", str(converted["bundle"]), "--only", str(tmp_path / "x"),
+                 "--out", str(out)]) == 2
+    assert "no image of the test split lies under --only" in capsys.readouterr().err

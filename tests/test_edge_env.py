@@ -24,6 +24,7 @@ INSPECT_SCRIPT = textwrap.dedent("""
     {prelude}
     from edge_runtime.inspector import Inspector
     import edge_runtime.cli, edge_runtime.watch, edge_runtime.recorder, edge_runtime.store
+    import edge_runtime.review_server, edge_runtime.export_labels
     insp = Inspector(sys.argv[1], threads=1)
     img = np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint8)
     result = insp.inspect(img).to_dict()

@@ -1,0 +1,281 @@
+// The operator review page: plain JavaScript, no framework, no build step (served by edge_runtime/review_server.py).
+// Text from the database is only ever set as textContent, never parsed as HTML.
+"use strict";
+
+const PAGE = 100;
+const page = {meta: null, items: [], total: 0, index: 0, busy: false};
+const $ = (id) => document.getElementById(id);
+
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+
+function fmt(x, digits = 3) {
+  return x === null || x === undefined ? "n/a" : Number(x).toFixed(digits);
+}
+
+function status(text, kind = "") {
+  const s = $("status");
+  s.textContent = text;
+  s.className = kind;
+}
+
+async function api(path, options) {
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (e) {
+    return {status: 0, ok: false, body: {error: "the review server cannot be reached"}};
+  }
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = {error: `HTTP ${response.status}`}; }
+  return {status: response.status, ok: response.ok, body};
+}
+
+function filters() {
+  const q = new URLSearchParams();
+  q.set("state", $("f-state").value);
+  for (const [key, id] of [["label", "f-label"], ["from", "f-from"], ["to", "f-to"]]) {
+    if ($(id).value) q.set(key, $(id).value);
+  }
+  return q;
+}
+
+// -- the queue ---------------------------------------------------------------------------------------------
+async function loadQueue(append = false) {
+  const q = filters();
+  q.set("limit", PAGE);
+  q.set("offset", append ? page.items.length : 0);
+  const r = await api(`/api/queue?${q}`);
+  if (!r.ok) { status(r.body.error, "error"); return; }
+  page.items = append ? page.items.concat(r.body.items) : r.body.items;
+  page.total = r.body.total;
+  if (!append) page.index = 0;
+  renderQueue();
+  select(Math.min(page.index, Math.max(page.items.length - 1, 0)));
+}
+
+function queueLine(item) {
+  const li = el("li", null, `state-${item.state}${item.flagged ? " flagged" : ""}`);
+  li.dataset.id = item.id;
+  li.append(el("span", `#${item.id}`, "id"), el("span", item.name, "name"), el("span", item.label, "label"),
+            el("span", `P ${fmt(item.stage1_score, 2)}`, "score"));
+  const flag = el("span", item.flagged ? "\u2691" : "", "flag");
+  if (item.flagged) flag.title = "flagged for review (Stage 2 unsure)";
+  li.append(flag);
+  li.addEventListener("click", () => select(page.items.findIndex((i) => i.id === item.id)));
+  return li;
+}
+
+function renderQueue() {
+  const ol = $("queue");
+  ol.replaceChildren(...page.items.map(queueLine));
+  $("queue-count").textContent = `${page.total.toLocaleString("en")} in this view`;
+  $("more").hidden = page.items.length >= page.total;
+}
+
+function select(i) {
+  page.index = i;
+  document.querySelectorAll("#queue li").forEach((li, k) => li.classList.toggle("current", k === i));
+  const current = document.querySelector("#queue li.current");
+  if (current) current.scrollIntoView({block: "nearest"});
+  renderDetail(page.items[i]);
+}
+
+// -- one image ---------------------------------------------------------------------------------------------
+function renderDetail(item) {
+  $("empty").hidden = Boolean(item);
+  $("figure").hidden = !item;
+  $("actions").hidden = !item;
+  const facts = $("facts");
+  facts.replaceChildren();
+  if (!item) { document.body.dataset.current = ""; markReady(); return; }
+  document.body.dataset.current = item.id;
+  const img = $("image");
+  img.onload = img.onerror = markReady;
+  img.alt = item.name;
+  img.src = `/api/results/${item.id}/image`;
+  $("caption").textContent = `#${item.id} ${item.name} · recorded ${item.recorded_at.slice(0, 19).replace("T", " ")} UTC`;
+
+  const add = (term, ...values) => {
+    facts.append(el("dt", term));
+    const dd = el("dd");
+    dd.append(...values.map((v) => (v instanceof Node ? v : el("span", v))));
+    facts.append(dd);
+  };
+  add("label", el("strong", item.label, "label"),
+      item.label !== item.model_label ? ` (model: ${item.model_label})` : " (model's)");
+  add("Stage 1", `P(defective) ${fmt(item.stage1_score)}`,
+      item.threshold === null ? " · threshold unknown (recorded before provenance)"
+                              : ` · threshold ${fmt(item.threshold)} · margin ${fmt(item.margin)}`);
+  const top = el("ol", null, "top3");
+  for (const [cls, p] of item.top3) {
+    const li = el("li");
+    const track = el("span", null, "track");
+    const bar = el("span", null, "bar");
+    bar.style.width = `${Math.round(p * 100)}%`;
+    track.append(bar);
+    li.append(el("span", cls, "cls"), track, el("span", fmt(p), "p"));
+    top.append(li);
+  }
+  add("Stage 2", item.top3.length ? top : "not run (Stage 1 called it clean)",
+      item.top3_complete ? "" : " (top-1 only: recorded before Stage-2 probabilities were kept)",
+      item.flagged ? el("span", " flagged for review", "flag") : "");
+  add("review", item.review
+    ? `${item.state}: ${item.review.old_label} → ${item.review.new_label} by ${item.review.reviewer} at ` +
+      `${item.review.reviewed_at.slice(0, 19).replace("T", " ")} UTC`
+    : "not reviewed yet");
+  add("model", item.bundle_id ? `bundle ${item.bundle_id.slice(0, 12)} (${item.variant})` : "unknown (before provenance)");
+  document.querySelectorAll("#actions button").forEach((b) => {
+    b.classList.toggle("is-current", b.dataset.label === item.label);
+  });
+}
+
+function markReady() {
+  if (!document.body.dataset.ready) {
+    window.reviewReadyMs = performance.now();
+    document.body.dataset.ready = "1";
+  }
+}
+
+// -- reviewing ---------------------------------------------------------------------------------------------
+function operator() {
+  const name = $("operator").value.trim();
+  return name || page.meta.operator || "";
+}
+
+async function review(label) {
+  const item = page.items[page.index];
+  if (!item || page.busy) return;
+  if (!operator()) {
+    status("Enter your name in Operator first.", "error");
+    $("operator").focus();
+    return;
+  }
+  page.busy = true;
+  try {
+    const r = await api(`/api/results/${item.id}/reviews`, {
+      method: "POST",
+      headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({label, reviewer: operator(), expected_review_id: item.review ? item.review.id : 0}),
+    });
+    if (r.status === 201) {
+      const saved = r.body.review;
+      status(`#${item.id}: ${saved.old_label} → ${saved.new_label} saved (${r.body.item.state})`, "ok");
+      const stays = $("f-state").value === "all" || $("f-state").value === r.body.item.state ||
+                    ($("f-state").value === "reviewed");
+      const labelOk = !$("f-label").value || $("f-label").value === r.body.item.label;
+      if (stays && labelOk) {
+        page.items[page.index] = r.body.item;
+        renderQueue();
+        select(Math.min(page.index + 1, page.items.length - 1));
+      } else {
+        page.items.splice(page.index, 1);
+        page.total -= 1;
+        renderQueue();
+        if (page.items.length === 0 && page.total > 0) await loadQueue();
+        else select(Math.min(page.index, page.items.length - 1));
+      }
+      loadSummary();
+    } else if (r.status === 409) {
+      page.items[page.index] = r.body.item;
+      renderQueue();
+      select(page.index);
+      const c = r.body.current;
+      status(`#${item.id} was reviewed meanwhile${c ? ` by ${c.reviewer} (now ${c.new_label})` : ""}; ` +
+             "nothing saved. Press again to override.", "error");
+    } else {
+      status(r.body.error, "error");
+    }
+  } finally {
+    page.busy = false;
+  }
+}
+
+function buildActions() {
+  const box = $("actions");
+  page.meta.taxonomy.forEach((label, k) => {
+    const b = el("button", null);
+    b.type = "button";
+    b.dataset.label = label;
+    b.append(el("kbd", String(k + 1)), ` ${label}`);
+    b.addEventListener("click", () => review(label));
+    box.append(b);
+  });
+  const confirm = el("button", null, "confirm");
+  confirm.type = "button";
+  confirm.append(el("kbd", "Enter"), " confirm");
+  confirm.addEventListener("click", () => { const i = page.items[page.index]; if (i) review(i.label); });
+  const unusable = el("button", null, "unusable");
+  unusable.type = "button";
+  unusable.dataset.label = "unusable";
+  unusable.append(el("kbd", "0"), " unusable");
+  unusable.addEventListener("click", () => review("unusable"));
+  box.append(confirm, unusable);
+}
+
+function onKey(e) {
+  if (e.ctrlKey || e.metaKey || e.altKey) return;
+  if (["INPUT", "SELECT", "TEXTAREA"].includes(e.target.tagName)) {
+    if (e.key === "Escape") e.target.blur();
+    return;
+  }
+  const taxonomy = page.meta.taxonomy;
+  const n = Number(e.key);
+  let handled = true;
+  if (/^[1-9]$/.test(e.key) && n <= taxonomy.length) review(taxonomy[n - 1]);
+  else if (e.key === "0" || e.key === "u") review("unusable");
+  else if (e.key === "Enter" || e.key === "y") { const i = page.items[page.index]; if (i) review(i.label); }
+  else if (e.key === "j" || e.key === "ArrowDown" || e.key === "ArrowRight") select(Math.min(page.index + 1, page.items.length - 1));
+  else if (e.key === "k" || e.key === "ArrowUp" || e.key === "ArrowLeft") select(Math.max(page.index - 1, 0));
+  else handled = false;
+  if (handled) e.preventDefault();
+}
+
+// -- the summary -------------------------------------------------------------------------------------------
+async function loadSummary() {
+  const r = await api("/api/summary");
+  if (!r.ok) { status(r.body.error, "error"); return; }
+  const s = r.body;
+  $("states").textContent = `${s.results.toLocaleString("en")} results, ${s.flagged.toLocaleString("en")} flagged · ` +
+    Object.entries(s.states).map(([k, v]) => `${k} ${v.toLocaleString("en")}`).join(" · ");
+  const body = document.querySelector("#per-label tbody");
+  body.replaceChildren(...Object.entries(s.per_label).map(([label, c]) => {
+    const tr = el("tr");
+    tr.append(el("th", label), ...["model", "current", "reviewed", "confirmed", "corrected_from", "corrected_to"]
+      .map((k) => el("td", c[k].toLocaleString("en"))));
+    return tr;
+  }));
+  $("corrections").replaceChildren(...(s.corrections.length
+    ? s.corrections.map((c) => el("li", `${c.from} → ${c.to}: ${c.count}`))
+    : [el("li", "none yet")]));
+  document.querySelector("#bundles tbody").replaceChildren(...Object.entries(s.bundles).map(([id, b]) => {
+    const tr = el("tr");
+    tr.append(el("td", id === "unknown" ? "unknown" : id.slice(0, 12)), el("td", b.results.toLocaleString("en")),
+              el("td", b.reviewed.toLocaleString("en")),
+              el("td", b.model_accuracy === null ? "–" : `${(b.model_accuracy * 100).toFixed(1)} %`));
+    return tr;
+  }));
+}
+
+// -- start -------------------------------------------------------------------------------------------------
+async function start() {
+  const r = await api("/api/meta");
+  if (!r.ok) { status(r.body.error, "error"); return; }
+  page.meta = r.body;
+  for (const s of page.meta.states) $("f-state").append(new Option(s, s, s === "unreviewed", s === "unreviewed"));
+  for (const l of page.meta.labels) $("f-label").append(new Option(l, l));
+  const name = $("operator");
+  name.value = localStorage.getItem("sem-inspect.operator") || page.meta.operator || "";
+  name.addEventListener("input", () => localStorage.setItem("sem-inspect.operator", name.value.trim()));
+  for (const id of ["f-state", "f-label", "f-from", "f-to"]) $(id).addEventListener("change", () => loadQueue());
+  $("more").addEventListener("click", () => loadQueue(true));
+  buildActions();
+  document.addEventListener("keydown", onKey);
+  await Promise.all([loadQueue(), loadSummary()]);
+}
+
+start();

@@ -1,0 +1,345 @@
+"""`edge-inspect review`: the operator review page, served by the board itself (standard library only).
+
+    edge-inspect review --db results.sqlite3 [--http 127.0.0.1:8081] [--processed DIR] [--operator NAME]
+                        [--models BUNDLE]
+
+The page (edge_runtime/review_page.html, .css and .js: plain HTML, CSS and JavaScript, no build step, no
+framework) shows the review queue (edge_runtime/reviews.py), one image at a time with its label, Stage-1 score
+and Stage-2 top-3; a click or a key confirms or corrects the label or marks the image unusable. Reviews go into the store's
+`reviews` table; results are never edited.
+
+Routes; every input is checked, a bad request gets a 4xx status with {"error": "..."}:
+    GET  /  /review.css  /review.js     the page (a fixed list of files: no path from the URL touches the disk)
+    GET  /api/meta                      labels (the taxonomy + unusable), default operator, bundles
+    GET  /api/queue?label=&state=&from=YYYY-MM-DD&to=YYYY-MM-DD&limit=&offset=
+    GET  /api/summary                   counts per label and review state, corrections, per-bundle agreement
+    GET  /api/results/ID                one result with its latest review
+    GET  /api/results/ID/image          its image, served only from inside the processed folder (resolved:
+                                        `..` and symlinks that lead outside are refused); TIFF is sent as PNG
+    POST /api/results/ID/reviews        {"label", "reviewer", "expected_review_id"} -> 201, or 409 when another
+                                        review landed since (see reviews.py: optimistic concurrency)
+
+It binds to loopback by default; the page has no login, so bind another address only on a trusted network.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from edge_runtime.reviews import Conflict, ReviewError, Reviews, check_reviewer, open_reviews
+from edge_runtime.store import StorageError
+
+log = logging.getLogger("edge_inspect.review")
+
+PROG = "edge-inspect review"
+EXIT_OK, EXIT_SETUP = 0, 2
+DEFAULT_HTTP = "127.0.0.1:8081"
+STATIC_DIR = Path(__file__).resolve().parent
+STATIC = {"/": ("review_page.html", "text/html; charset=utf-8"),
+          "/review.css": ("review_page.css", "text/css; charset=utf-8"),
+          "/review.js": ("review_page.js", "text/javascript; charset=utf-8")}
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp"}
+QUEUE_PARAMS = {"label", "state", "from", "to", "limit", "offset"}
+REVIEW_FIELDS = {"label", "reviewer", "expected_review_id"}
+MAX_BODY = 4096
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+_RESULT = re.compile(r"^/api/results/([^/]+)(/image|/reviews)?$")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, **extra):
+        super().__init__(message)
+        self.status, self.extra = status, extra
+
+
+class ReviewServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], reviews: Reviews, operator: str | None = None):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.reviews = reviews
+        self.operator = operator
+        self.static = {route: ((STATIC_DIR / name).read_bytes(), ctype) for route, (name, ctype) in STATIC.items()}
+        super().__init__(address, Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: ReviewServer
+    server_version = "edge-inspect-review"
+    protocol_version = "HTTP/1.1"
+
+    # -- plumbing ----------------------------------------------------------------------------------------
+    def log_message(self, fmt, *args):
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+    def _headers(self, status: int, ctype: str, length: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(length))
+        for k, v in SECURITY_HEADERS.items():
+            self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+    def _send(self, status: int, body: bytes, ctype: str) -> None:
+        self._headers(status, ctype, len(body))
+        self.wfile.write(body)
+
+    def _json(self, status: int, obj) -> None:
+        self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8")
+
+    def _dispatch(self, fn) -> None:
+        self._body_read = False
+        try:
+            try:
+                fn()
+                return
+            except HTTPError as exc:
+                status, body = exc.status, {"error": str(exc), **exc.extra}
+            except ReviewError as exc:
+                status, body = exc.status, {"error": str(exc)}
+            except StorageError as exc:
+                log.error("storage: %s", exc)
+                status, body = HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"the result database cannot be written: {exc}"}
+            except (BrokenPipeError, ConnectionResetError):
+                return
+            except Exception as exc:        # a bug must not take the page down
+                log.exception("unexpected error on %s %s", self.command, self.path)
+                status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(exc).__name__}"}
+            if not self._body_read and self.headers.get("Content-Length", "0") != "0":
+                self.close_connection = True    # an unread request body must not be taken for the next request
+            self._json(status, body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _route(self) -> tuple[str, dict[str, list[str]]]:
+        parts = urlsplit(self.path)
+        return unquote(parts.path, errors="strict"), parse_qs(parts.query, keep_blank_values=True)
+
+    @staticmethod
+    def _result_id(raw: str) -> int:
+        if not re.fullmatch(r"[1-9][0-9]{0,17}", raw):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"result id must be a positive integer, got {raw!r}")
+        return int(raw)
+
+    # -- GET ---------------------------------------------------------------------------------------------
+    def do_GET(self):
+        self._dispatch(self._get)
+
+    def _get(self) -> None:
+        try:
+            path, query = self._route()
+        except UnicodeDecodeError:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "the URL is not valid UTF-8") from None
+        reviews = self.server.reviews
+        if path == "/favicon.ico":
+            return self._send(HTTPStatus.NO_CONTENT, b"", "image/x-icon")
+        if path in self.server.static:
+            body, ctype = self.server.static[path]
+            return self._send(HTTPStatus.OK, body, ctype)
+        if path == "/api/meta":
+            return self._json(HTTPStatus.OK, {**reviews.meta(), "operator": self.server.operator})
+        if path == "/api/summary":
+            return self._json(HTTPStatus.OK, reviews.summary())
+        if path == "/api/queue":
+            return self._json(HTTPStatus.OK, reviews.queue(**self._queue_args(query)))
+        m = _RESULT.match(path)
+        if m and m.group(2) is None:
+            return self._json(HTTPStatus.OK, reviews.item(self._result_id(m.group(1))))
+        if m and m.group(2) == "/image":
+            return self._image(reviews.image_file(self._result_id(m.group(1))))
+        raise HTTPError(HTTPStatus.NOT_FOUND, f"no such page: {path}")
+
+    @staticmethod
+    def _queue_args(query: dict[str, list[str]]) -> dict:
+        unknown = sorted(set(query) - QUEUE_PARAMS)
+        if unknown:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"unknown parameter(s) {', '.join(unknown)} "
+                                                    f"(known: {', '.join(sorted(QUEUE_PARAMS))})")
+        args = {}
+        for key, values in query.items():
+            if len(values) != 1:
+                raise HTTPError(HTTPStatus.BAD_REQUEST, f"parameter {key} given {len(values)} times")
+            value = values[0]
+            if value == "":
+                continue                    # an empty filter field means "any"
+            if key in ("limit", "offset"):
+                if not re.fullmatch(r"[0-9]{1,9}", value):
+                    raise HTTPError(HTTPStatus.BAD_REQUEST, f"{key} must be a whole number, got {value!r}")
+                value = int(value)
+            args[{"from": "date_from", "to": "date_to"}.get(key, key)] = value
+        return args
+
+    def _image(self, path: Path) -> None:
+        ctype = IMAGE_TYPES.get(path.suffix.lower())
+        if ctype is None:           # TIFF and the like: browsers cannot show them; decode as the model does
+            from PIL import Image
+
+            from edge_runtime.preprocess import ImageError, decode_image
+            try:
+                pixels = decode_image(path)
+            except ImageError as exc:
+                raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, f"image cannot be decoded: {exc}") from None
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format="PNG")
+            return self._send(HTTPStatus.OK, buf.getvalue(), "image/png")
+        with open(path, "rb") as fh:
+            self._headers(HTTPStatus.OK, ctype, os.fstat(fh.fileno()).st_size)
+            shutil.copyfileobj(fh, self.wfile, 1 << 16)
+
+    # -- POST --------------------------------------------------------------------------------------------
+    def do_POST(self):
+        self._dispatch(self._post)
+
+    def _post(self) -> None:
+        try:
+            path, query = self._route()
+        except UnicodeDecodeError:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "the URL is not valid UTF-8") from None
+        m = _RESULT.match(path)
+        if not m or m.group(2) != "/reviews":
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"no such page: {path}")
+        result_id = self._result_id(m.group(1))
+        body = self._body()
+        reviewer = body.get("reviewer") or self.server.operator
+        if reviewer is None:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "reviewer is required: enter the operator name")
+        if "expected_review_id" not in body:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "expected_review_id is required (0 if the result had no review)")
+        reviews = self.server.reviews
+        try:
+            review = reviews.add(result_id, body.get("label"), reviewer, body["expected_review_id"])
+        except Conflict as exc:
+            raise HTTPError(HTTPStatus.CONFLICT, str(exc), current=exc.current, item=reviews.item(result_id)) from None
+        self._json(HTTPStatus.CREATED, {"review": review, "item": reviews.item(result_id)})
+
+    def _body(self) -> dict:
+        # Cross-site requests: a browser cannot send application/json to another origin without a CORS
+        # preflight, which this server never grants; an Origin header must name this server.
+        origin = self.headers.get("Origin")
+        if origin is not None and origin != f"http://{self.headers.get('Host', '')}":
+            raise HTTPError(HTTPStatus.FORBIDDEN, f"cross-origin request refused (Origin {origin})")
+        if (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
+            raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the review as application/json")
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
+        if int(length) > MAX_BODY:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY} bytes")
+        raw = self.rfile.read(int(length))
+        self._body_read = True
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "request body must be a JSON object")
+        unknown = sorted(set(body) - REVIEW_FIELDS)
+        if unknown:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"unknown field(s) {', '.join(unknown)} "
+                                                    f"(known: {', '.join(sorted(REVIEW_FIELDS))})")
+        return body
+
+    # -- anything else -----------------------------------------------------------------------------------
+    def _not_allowed(self):
+        def refuse():
+            raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command} is not allowed")
+        self._dispatch(refuse)
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------------
+def parse_http(value: str) -> tuple[str, int]:
+    """HOST:PORT ([::1]:PORT for IPv6); port 0 picks a free one."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:([0-9]{1,5})|([^:\[\]]+):([0-9]{1,5})", value or "")
+    if not m:
+        raise ValueError(f"--http {value!r}: expected HOST:PORT, e.g. {DEFAULT_HTTP}")
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"--http {value!r}: port must be 0..65535")
+    return host, int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="The operator review page for a result database.")
+    p.add_argument("--db", required=True, metavar="PATH", help="the service's SQLite result database")
+    p.add_argument("--http", default=DEFAULT_HTTP, metavar="HOST:PORT",
+                   help=f"address to serve on (default {DEFAULT_HTTP}: this machine only; port 0: any free one)")
+    p.add_argument("--processed", metavar="DIR",
+                   help="the service's processed folder; images are served only from inside it "
+                        "(default: 'processed' beside the database, as the service defaults)")
+    p.add_argument("--operator", metavar="NAME", help="reviewer name used when the page sends none")
+    p.add_argument("--models", metavar="BUNDLE",
+                   help="take the class list from this bundle (needed only for a database that records no bundle)")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
+
+
+def _error(msg: str) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return EXIT_SETUP
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt       # SIGTERM: leave serve_forever and close the database like Ctrl-C
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        host, port = parse_http(args.http)
+        operator = None if args.operator is None else check_reviewer(args.operator)
+    except ValueError as exc:                       # ReviewError is a ValueError
+        return _error(f"--operator: {exc}" if isinstance(exc, ReviewError) else str(exc))
+    try:
+        reviews = open_reviews(args.db, args.processed, args.models)
+    except (ReviewError, StorageError) as exc:
+        return _error(str(exc))
+    try:
+        server = ReviewServer((host, port), reviews, operator)
+    except OSError as exc:
+        reviews.store.close()
+        return _error(f"--http {args.http}: cannot listen: {exc.strerror or exc}")
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("serving on %s: reachable from the network, and the page has no login", host)
+    signal.signal(signal.SIGTERM, _stop)
+    print(f"{PROG}: serving {server.url} (db {reviews.store.path}, images from {reviews.processed})",
+          file=sys.stderr, flush=True)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        reviews.store.close()
+    return EXIT_OK

@@ -30,12 +30,12 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 # The whole chain on the embedded synthetic data: synth -> train (quick) -> int8 convert + cross-compare
-# -> benchmark -> edge-inspect. About 10-15 minutes on 2 CPU cores.
+# -> benchmark -> edge-inspect. About 9 minutes on 2 CPU cores (README).
 demo: setup
 	$(PY) -m train synth --out $(DEMO)/data --per-class 60 --seed 0
 	$(PY) -m train --data $(DEMO)/data --out $(DEMO)/run --profile quick --weights imagenet
 	$(PY) -m convert --int8 --float32 --run $(DEMO)/run --out $(DEMO)/bundle
-	$(PY) -m benchmarks --models $(DEMO)/bundle --threads 1,2 --runs 20 --stream-length 40 --out $(DEMO)/bench
+	$(PY) -m benchmarks --models $(DEMO)/bundle --threads 1,2 --runs 20 --stream-length 20 --out $(DEMO)/bench
 	$(VENV)/bin/edge-inspect --models $(DEMO)/bundle $(DEMO)/data/clean/clean_0000.png $(DEMO)/data/bridges/bridges_0000.png $(DEMO)/data/vias/vias_0000.png
 	@echo
 	@echo "demo done. Reports:"

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+from convert.export import DEFAULT_DENSE_QUANTIZATION, DENSE_QUANTIZATION
+
 log = logging.getLogger("convert")
 
 STAGE_FILES = {1: "stage1.keras", 2: "stage2.keras"}
@@ -275,7 +277,7 @@ def convert_run(args) -> tuple[Path, Run]:
         for stage in (1, 2):
             try:
                 data = _quiet(export_tflite, run.models[stage], variant,
-                              representative if variant == "int8" else None)
+                              representative if variant == "int8" else None, args.dense_quantization)
             except Exception as exc:
                 raise RuntimeError(f"Stage-{stage} {variant} conversion failed: {type(exc).__name__}: {exc}") from exc
             if variant == "int8":
@@ -301,6 +303,7 @@ def convert_run(args) -> tuple[Path, Run]:
              "tools": tool_versions()}
     extra_files = {}
     if calibration is not None:
+        extra["quantization"] = {"convolutions": "per-channel", "dense": args.dense_quantization}
         extra["calibration"] = calibration.record("calibration.txt")
         extra_files["calibration.txt"] = calibration.files_text()
         if float_fallbacks:
@@ -336,6 +339,10 @@ def parse_convert(argv):
     v.add_argument("--float32", action="store_true", help="plain float32 TFLite")
     p.add_argument("--calibration", type=int, default=200, metavar="N",
                    help="int8 calibration images from the train split, stratified by class (default 200)")
+    p.add_argument("--dense-quantization", choices=DENSE_QUANTIZATION, default=DEFAULT_DENSE_QUANTIZATION,
+                   help="int8 weights of dense (FULLY_CONNECTED) layers: per-tensor runs on every runtime, "
+                        "tflite-runtime 2.14 included; per-channel needs a newer one (default "
+                        f"{DEFAULT_DENSE_QUANTIZATION}; measurements in the README)")
     p.add_argument("--allow-float-ops", action="store_true",
                    help="accept an int8 graph in which some ops still run in float")
     p.add_argument("--no-compare", action="store_true", help="skip the float-vs-TFLite cross-compare")

@@ -13,6 +13,9 @@ BACKENDS = {
     "tflite-runtime": ("tflite_runtime.interpreter", "Interpreter"),
     "tensorflow": ("tensorflow", "lite.Interpreter"),
 }
+# Which kernels run the model: the runtime's default (LiteRT and TensorFlow apply XNNPACK, also to int8;
+# tflite-runtime 2.14 only to float), TFLite's built-in optimized kernels alone, or its reference kernels.
+KERNELS = {"default": "AUTO", "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "reference": "BUILTIN_REF"}
 
 
 class NoInterpreter(RuntimeError):
@@ -40,9 +43,17 @@ def load_backend(preferred: str | None = None):
 
 
 def make_interpreter(model_path: str | None = None, model_content: bytes | None = None,
-                     num_threads: int | None = None, backend: str | None = None):
-    _, cls = load_backend(backend)
+                     num_threads: int | None = None, backend: str | None = None, *,
+                     kernels: str = "default"):
+    """Build and allocate an interpreter. `kernels`: default, builtin or reference (KERNELS)."""
+    if kernels not in KERNELS:
+        raise NoInterpreter(f"unknown kernels {kernels!r}; choose from {list(KERNELS)}")
+    name, cls = load_backend(backend)
     threads = num_threads or os.cpu_count() or 1
-    interp = cls(model_path=model_path, model_content=model_content, num_threads=threads)
+    options = {}
+    if kernels != "default":
+        resolver = importlib.import_module(cls.__module__).OpResolverType
+        options["experimental_op_resolver_type"] = getattr(resolver, KERNELS[kernels])
+    interp = cls(model_path=model_path, model_content=model_content, num_threads=threads, **options)
     interp.allocate_tensors()
     return interp

@@ -81,3 +81,29 @@ def conv_weight_scales(data: bytes) -> list[int]:
 def tiny_bundle(tmp_path_factory) -> Path:
     """A read-only-by-convention tiny bundle (int8 + float32). Copy it before modifying."""
     return build_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_per_channel(tmp_path_factory) -> Path:
+    """The tiny bundle (int8 only) with per-channel dense layers: what tflite-runtime 2.14 must refuse."""
+    return build_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-pc", variants=("int8",), dense="per-channel")
+
+
+TFLRT_VENV = REPO / ".venv-tflrt"      # made by `make setup-tflrt` (tflite-runtime 2.14 + numpy<2 + the project)
+
+
+def tflite_runtime_python() -> str:
+    """A Python with tflite-runtime 2.14 (and no LiteRT): $SEM_INSPECT_TFLRT_PYTHON or .venv-tflrt; else skip
+    with the reason `make setup-tflrt` recorded (it has wheels for CPython 3.8-3.11, x86-64 and aarch64 only)."""
+    import subprocess
+
+    python = os.environ.get("SEM_INSPECT_TFLRT_PYTHON") or str(TFLRT_VENV / "bin" / "python")
+    if not Path(python).exists():
+        reason = TFLRT_VENV / ".unavailable"
+        pytest.skip(f"tflite-runtime is not installed here: {reason.read_text().strip()}" if reason.is_file() else
+                    f"no tflite-runtime environment ({python} is missing): run `make setup-tflrt`")
+    probe = subprocess.run([python, "-c", "import tflite_runtime; print(tflite_runtime.__version__)"],
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"{python} cannot import tflite_runtime: {(probe.stderr.strip().splitlines() or [''])[-1]}")
+    return python

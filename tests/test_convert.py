@@ -150,12 +150,13 @@ def test_bundle_has_models_manifest_and_calibration(converted):
 
 def test_int8_dense_layers_are_per_tensor_and_recorded(converted):
     """The default (--dense-quantization per-tensor): one weight scale per FULLY_CONNECTED, per-channel convolutions,
-    and the manifest says so."""
+    and the manifest says so and what runtime versions that needs (tests/test_runtime_versions.py: the rule)."""
     manifest = manifest_of(converted["bundle"])
     assert manifest["quantization"] == {"convolutions": "per-channel", "dense": "per-tensor"}
     for stage in (1, 2):
         data = (converted["bundle"] / f"stage{stage}.tflite").read_bytes()
         assert set(fc_weight_scales(data)) == {1} and max(conv_weight_scales(data)) > 1
+        assert manifest["variants"]["int8"][f"stage{stage}"]["min_runtime"]["tflite-runtime"].startswith("1.")
 
 
 def test_sha256_of_every_file_matches(converted):

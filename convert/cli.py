@@ -1,5 +1,6 @@
 """python -m convert --int8 --run runs/NAME [...]   and   python -m convert compare --run runs/NAME --bundle models/NAME
-(and `python -m convert sensitivity --run runs/NAME`: which layers lose the most to int8, convert/sensitivity.py)
+(and `python -m convert sensitivity --run runs/NAME`: which layers lose the most to int8, convert/sensitivity.py;
+`python -m convert check BUNDLE --images DIR`: the same answers on every runtime?, convert/parity.py)
 
 Convert: read a training run (run.json, stage1.keras, stage2.keras, split.csv), check that the Keras files
 are our two stages, calibrate int8 on N train-split images, export the requested variants, refuse float
@@ -377,6 +378,9 @@ def _fail(exc: Exception, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "check":          # edge_runtime only: runs where TensorFlow is not installed
+        from convert.parity import main as check_main
+        return check_main(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     for noisy in ("tensorflow", "absl"):   # "Assets written to ..." per conversion

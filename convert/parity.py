@@ -166,7 +166,8 @@ def parse(argv):
     p.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
     p.add_argument("--tolerance", type=float, default=1.0, help="Stage-1 score tolerance in steps (default 1)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per runtime (default 3600)")
-    p.add_argument("--json", metavar="FILE", help="also write the full report (per-image disagreements) here")
+    p.add_argument("--json", metavar="FILE",
+                   help="also write the full report here (every runtime's scores per image, the disagreements)")
     return p.parse_args(argv)
 
 
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "machine": r["result"].get("machine"),
                                                  "reason": r["result"].get("reason"),
                                                  "stage1_ms": mean_ms(r["result"], 1),
-                                                 "stage2_ms": mean_ms(r["result"], 2)} for r in rows]}
+                                                 "stage2_ms": mean_ms(r["result"], 2),
+                                                 "images": r["result"].get("images")} for r in rows]}
         Path(args.json).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
     return 0 if holds else 1

@@ -13,8 +13,8 @@ A runtime spec is [LABEL=]NAME[:KERNELS]: NAME litert, tflite-runtime or tensorf
 runtime does on its own: LiteRT applies XNNPACK), builtin (TFLite's own kernels) or reference. A runtime the
 bundle's manifest says is too old refuses it (as edge-inspect does): that is safe and reported, not a failure.
 
-Parity holds when, for every runtime that ran, labels agree on every image and Stage-1 scores lie within
---tolerance output steps (default 1) of the first runtime's.
+Parity holds when every runtime that ran scored every image the first one scored, labels agree on all of them
+and Stage-1 scores lie within --tolerance output steps (default 1) of the first runtime's.
 Exit status: 0 parity holds; 1 it does not (or a runtime crashed); 2 bad input (bundle, images, arguments) or
 fewer than two runtimes ran.
 """
@@ -137,8 +137,9 @@ def report(bundle, rows: list[dict], tolerance: float) -> tuple[str, bool]:
         if cmp_ is None:
             verdict, agree, d1, d2 = "reference", "-", "-", "-"
         else:
-            ok = cmp_["labels_agree"] == cmp_["images"] and (cmp_["unit"] != "steps"
-                                                             or cmp_["stage1_max_diff"] <= tolerance)
+            scored = len([r for r in rows[0]["result"]["images"] if "error" not in r])
+            ok = (cmp_["images"] == scored > 0 and cmp_["labels_agree"] == cmp_["images"]
+                  and (cmp_["unit"] != "steps" or cmp_["stage1_max_diff"] <= tolerance))
             holds &= ok
             verdict = "parity" if ok else "DIFFERS"
             agree = f"{cmp_['labels_agree']}/{cmp_['images']}"

@@ -88,6 +88,25 @@ def test_a_planted_difference_is_reported_in_steps_and_labels(tiny_bundle, image
     assert json.loads((tmp_path / "r.json").read_text())["parity"] is False
 
 
+DROP = textwrap.dedent("""
+    # Runs the real worker, then reports every image as unreadable: nothing compared must not pass as parity.
+    import json, subprocess, sys
+    proc = subprocess.run([sys.executable] + sys.argv[1:], capture_output=True, text=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["images"] = [{"path": r["path"], "error": "cannot read"} for r in result["images"]]
+    print(json.dumps(result))
+""")
+
+
+def test_a_runtime_that_scored_no_image_is_not_parity(tiny_bundle, images, capsys, tmp_path):
+    drop = tmp_path / "drop.py"
+    drop.write_text(DROP)
+    code, out, err = check(capsys, tiny_bundle, "--images", images, "--runtime", "a=litert:builtin,b=litert:builtin",
+                           "--python", f"b={sys.executable} {drop}")
+    assert code == 1, err
+    assert table_rows(out)["b"][4:6] == ["0", "0/0"] and table_rows(out)["b"][-1] == "DIFFERS"
+
+
 def test_a_runtime_too_old_for_the_bundle_is_refused_and_that_is_safe(tiny_bundle, images, capsys, tmp_path):
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)

@@ -53,6 +53,7 @@ def load_backend(preferred: str | None = None):
             continue
         for part in attr.split("."):
             obj = getattr(obj, part)
+        backend_version(name)       # read now, with the import (a service may drop privileges afterwards)
         return name, obj
     raise NoInterpreter("no TFLite interpreter found (" + "; ".join(errors) + "). "
                         "Install one: pip install 'ai-edge-litert' (or tflite-runtime).")
@@ -66,15 +67,24 @@ def version_key(version: str) -> tuple[int, int, int]:
     return tuple(int(g or 0) for g in match.groups())
 
 
+_VERSIONS: dict[str, tuple[str, str | None]] = {}
+
+
 def backend_version(name: str) -> tuple[str, str | None]:
-    """(distribution, version) of an importable backend; version None when it cannot be read."""
-    for dist in DISTRIBUTIONS[name]:
-        try:
-            return dist, importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    module = importlib.import_module(BACKENDS[name][0].split(".")[0])
-    return DISTRIBUTIONS[name][0], getattr(module, "__version__", None)
+    """(distribution, version) of an importable backend (read once); version None when it cannot be read."""
+    if name not in _VERSIONS:
+        found = None
+        for dist in DISTRIBUTIONS[name]:
+            try:
+                found = (dist, importlib.metadata.version(dist))
+                break
+            except Exception:        # not installed under that name, or its metadata unreadable
+                continue
+        if found is None:
+            module = importlib.import_module(BACKENDS[name][0].split(".")[0])
+            found = (DISTRIBUTIONS[name][0], getattr(module, "__version__", None))
+        _VERSIONS[name] = found
+    return _VERSIONS[name]
 
 
 def check_runtime_version(name: str, min_runtime: dict[str, str] | None, what: str, reason: str = "") -> None:

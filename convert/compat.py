@@ -11,7 +11,8 @@ Two sources, the larger wins:
      (its table, tensorflow/lite/tools/versioning/runtime_version.cc); tflite-runtime and tensorflow share
      that numbering.
   2. what op versions do not say: per-channel int8 FULLY_CONNECTED weights. The converter switched dense
-     layers to per-channel in 2024 (TensorFlow 2.16) without raising FULLY_CONNECTED's version (it stays 4),
+     layers to per-channel in 2024 (tensorflow/tflite-micro#2602, May 2024) without raising FULLY_CONNECTED's
+     version (it stays 4; 2.16.0, the first TensorFlow of 2024, is asked for: newer ones were not measured),
      so an older runtime takes the model and runs it: tflite-runtime 2.14 on aarch64 crashes in it (measured,
      README "Runtime parity"), and runtimes without support read one scale where there are many.
 LiteRT (ai-edge-litert) numbers its releases on its own; its first release (1.0.1) already had everything
@@ -32,7 +33,8 @@ from edge_runtime.interpreter import version_key
 # LiteRT's first release and the TensorFlow version its kernels were taken from.
 LITERT_FIRST = "1.0.1"
 LITERT_FIRST_HAS_TF = "2.18.0"
-# The first TensorFlow whose converter writes per-channel dense layers (and whose runtime is meant to run them).
+# Asked for by per-channel dense layers: the first TensorFlow release of 2024, the year the converter began to
+# write them (tflite-runtime has no release after 2.14, so it refuses them).
 PER_CHANNEL_DENSE_TF = "2.16.0"
 
 

@@ -3,10 +3,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 EDGE_VENV ?= .venv-edge
+TFLRT_VENV ?= .venv-tflrt
 PY     := $(VENV)/bin/python
 DEMO   ?= out/demo
 
-.PHONY: setup setup-edge demo test test-fast clean
+.PHONY: setup setup-edge setup-tflrt demo test test-fast clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -23,7 +24,21 @@ $(EDGE_VENV)/.installed: pyproject.toml
 	$(EDGE_VENV)/bin/pip install --quiet -e ".[edge]"
 	touch $@
 
-test: setup setup-edge
+# tflite-runtime 2.14 (its last release; CPython 3.8-3.11, numpy < 2), the interpreter many board images have,
+# with the project: the tests of that path use it. Where it cannot be installed, the reason is written to
+# $(TFLRT_VENV)/.unavailable and those tests skip with it.
+setup-tflrt: $(TFLRT_VENV)/.installed
+$(TFLRT_VENV)/.installed: pyproject.toml
+	@rm -rf $(TFLRT_VENV)
+	@if $(PYTHON) -m venv $(TFLRT_VENV) && $(TFLRT_VENV)/bin/pip install --quiet --upgrade pip \
+	    && $(TFLRT_VENV)/bin/pip install --quiet "tflite-runtime==2.14.0" "numpy<2" > $(TFLRT_VENV)/install.log 2>&1 \
+	    && $(TFLRT_VENV)/bin/pip install --quiet -e . >> $(TFLRT_VENV)/install.log 2>&1; \
+	then touch $@; \
+	else why="$$( (tail -n1 $(TFLRT_VENV)/install.log 2>/dev/null) || true)"; rm -rf $(TFLRT_VENV); mkdir -p $(TFLRT_VENV); \
+	    echo "pip install tflite-runtime==2.14.0 failed on $$($(PYTHON) --version 2>&1) $$(uname -m) (wheels: CPython 3.8-3.11, x86-64 and aarch64): $$why" > $(TFLRT_VENV)/.unavailable; \
+	    cat $(TFLRT_VENV)/.unavailable; touch $@; fi
+
+test: setup setup-edge setup-tflrt
 	$(PY) -m pytest -q
 
 test-fast: setup

@@ -17,7 +17,11 @@ manifest.yaml (format sem-inspect-bundle/1):
     default_variant: int8
     variants:
       int8:
-        stage1: {file, sha256, bytes, input: {name, shape, dtype, scale, zero_point}, output: {...}}
+        stage1: {file, sha256, bytes, input: {name, shape, dtype, scale, zero_point}, output: {...},
+                 ops: {CONV_2D: 3, ...},                  # builtin operators and their versions in the model
+                 min_runtime: {litert: 1.0.1, tflite-runtime: 2.14.0, tensorflow: 2.14.0},
+                 min_runtime_reason: "..."}               # oldest interpreters that run it (convert/compat.py);
+                                                          # edge_runtime refuses older ones
         stage2: {...}
     backbones: {stage1: densenet121, stage2: densenet121}
     source_run: /abs/path/runs/NAME
@@ -38,6 +42,7 @@ from pathlib import Path
 
 import yaml
 
+from convert.compat import runtime_needs
 from convert.export import io_quantization, model_filename
 from edge_runtime.bundle import FORMAT, MANIFEST
 from edge_runtime.digest import sha256_bytes
@@ -64,7 +69,8 @@ def write_bundle(out_dir: str | os.PathLike, models: dict[str, dict[int, bytes]]
                 name = model_filename(stage, variant)
                 (tmp / name).write_bytes(data)
                 variants[variant][f"stage{stage}"] = {
-                    "file": name, "sha256": sha256_bytes(data), "bytes": len(data), **io_quantization(data)}
+                    "file": name, "sha256": sha256_bytes(data), "bytes": len(data), **io_quantization(data),
+                    **runtime_needs(data).manifest()}
         files: dict[str, dict] = {}
         for name, content in (extra_files or {}).items():
             data = content.encode("utf-8") if isinstance(content, str) else bytes(content)

@@ -1,5 +1,6 @@
 """python -m convert --int8 --run runs/NAME [...]   and   python -m convert compare --run runs/NAME --bundle models/NAME
-(and `python -m convert sensitivity --run runs/NAME`: which layers lose the most to int8, convert/sensitivity.py)
+(and `python -m convert sensitivity --run runs/NAME`: which layers lose the most to int8, convert/sensitivity.py;
+`python -m convert check BUNDLE --images DIR`: the same answers on every runtime?, convert/parity.py)
 
 Convert: read a training run (run.json, stage1.keras, stage2.keras, split.csv), check that the Keras files
 are our two stages, calibrate int8 on N train-split images, export the requested variants, refuse float
@@ -24,6 +25,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
+from convert.export import DEFAULT_DENSE_QUANTIZATION, DENSE_QUANTIZATION
 
 log = logging.getLogger("convert")
 
@@ -275,7 +278,7 @@ def convert_run(args) -> tuple[Path, Run]:
         for stage in (1, 2):
             try:
                 data = _quiet(export_tflite, run.models[stage], variant,
-                              representative if variant == "int8" else None)
+                              representative if variant == "int8" else None, args.dense_quantization)
             except Exception as exc:
                 raise RuntimeError(f"Stage-{stage} {variant} conversion failed: {type(exc).__name__}: {exc}") from exc
             if variant == "int8":
@@ -301,6 +304,7 @@ def convert_run(args) -> tuple[Path, Run]:
              "tools": tool_versions()}
     extra_files = {}
     if calibration is not None:
+        extra["quantization"] = {"convolutions": "per-channel", "dense": args.dense_quantization}
         extra["calibration"] = calibration.record("calibration.txt")
         extra_files["calibration.txt"] = calibration.files_text()
         if float_fallbacks:
@@ -336,6 +340,10 @@ def parse_convert(argv):
     v.add_argument("--float32", action="store_true", help="plain float32 TFLite")
     p.add_argument("--calibration", type=int, default=200, metavar="N",
                    help="int8 calibration images from the train split, stratified by class (default 200)")
+    p.add_argument("--dense-quantization", choices=DENSE_QUANTIZATION, default=DEFAULT_DENSE_QUANTIZATION,
+                   help="int8 weights of dense (FULLY_CONNECTED) layers: per-tensor runs on every runtime, "
+                        "tflite-runtime 2.14 included; per-channel needs a newer one (default "
+                        f"{DEFAULT_DENSE_QUANTIZATION}; measurements in the README)")
     p.add_argument("--allow-float-ops", action="store_true",
                    help="accept an int8 graph in which some ops still run in float")
     p.add_argument("--no-compare", action="store_true", help="skip the float-vs-TFLite cross-compare")
@@ -372,6 +380,9 @@ def _fail(exc: Exception, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "check":          # edge_runtime only: runs where TensorFlow is not installed
+        from convert.parity import main as check_main
+        return check_main(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     for noisy in ("tensorflow", "absl"):   # "Assets written to ..." per conversion

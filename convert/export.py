@@ -14,6 +14,14 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 VARIANTS = ("int8", "float16", "dynamic", "float32")
+# How the int8 variant quantizes the weights of dense (FULLY_CONNECTED) layers; convolutions are always
+# per-channel. TensorFlow's converter made dense layers per-channel by default in 2024 without raising the
+# op's version (FULLY_CONNECTED stays at version 4), so an interpreter older than that cannot tell it is
+# handed something it was never built for: tflite-runtime 2.14 on aarch64 crashes in a per-channel int8
+# FULLY_CONNECTED without a bias (deploy/README.md). "per-tensor" runs on every runtime; the default was
+# chosen from measurements (README, "Runtime parity").
+DENSE_QUANTIZATION = ("per-tensor", "per-channel")
+DEFAULT_DENSE_QUANTIZATION = "per-tensor"
 # Ops allowed to touch float tensors in a full-integer model: the quantize/dequantize at the edges.
 BOUNDARY_OPS = {"QUANTIZE", "DEQUANTIZE"}
 
@@ -22,13 +30,17 @@ def model_filename(stage: int, variant: str) -> str:
     return f"stage{stage}.tflite" if variant == "int8" else f"stage{stage}_{variant}.tflite"
 
 
-def export_tflite(model, variant: str, representative: np.ndarray | Callable[[], Iterable] | None = None) -> bytes:
+def export_tflite(model, variant: str, representative: np.ndarray | Callable[[], Iterable] | None = None,
+                  dense: str = DEFAULT_DENSE_QUANTIZATION) -> bytes:
     """Convert a Keras stage model. `representative` (int8 only): uint8/float array N x H x W x 3 of
-    preprocessed pixels, or a generator factory yielding such single-image batches."""
+    preprocessed pixels, or a generator factory yielding such single-image batches. `dense` (int8 only):
+    per-tensor or per-channel weights in FULLY_CONNECTED layers (DENSE_QUANTIZATION)."""
     import tensorflow as tf
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    if dense not in DENSE_QUANTIZATION:
+        raise ValueError(f"unknown dense quantization {dense!r}; choose from {DENSE_QUANTIZATION}")
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if variant == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -53,6 +65,9 @@ def export_tflite(model, variant: str, representative: np.ndarray | Callable[[],
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.uint8   # raw pixels straight from preprocessing
         converter.inference_output_type = tf.int8
+        # Measured with TF 2.21: this flag alone makes FULLY_CONNECTED weights per-tensor (one scale) and leaves
+        # the convolutions per-channel (tests/test_convert.py checks the scales in the written model).
+        converter._experimental_disable_per_channel_quantization_for_dense_layers = dense == "per-tensor"
     return converter.convert()
 
 

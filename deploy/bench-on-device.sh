@@ -7,7 +7,7 @@
 # Copies the project source (what pyproject.toml packages) and the bundle to the board, makes (once) a
 # virtual environment there with `pip install .[edge]` (no TensorFlow; re-used next time, re-synced only when
 # pyproject.toml changed), runs the benchmark there, and copies results.json, results.md and the plots into
-# a local folder. Needs key-based ssh to HOST (ssh-copy-id HOST) and Python 3.11/3.12 on the board.
+# a local folder. Needs key-based ssh to HOST (ssh-copy-id HOST) and Python 3.10 to 3.13 on the board.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -18,7 +18,7 @@ BUNDLE=""
 IMAGES=""
 OUT=""
 REMOTE_DIR=sem-inspect-bench
-REMOTE_PYTHON=python3.11
+REMOTE_PYTHON=python3
 DRY_RUN=0
 FORCE_TAR=0
 BENCH_ARGS=()
@@ -142,9 +142,9 @@ info "setting up the virtual environment on $HOST (re-used when pyproject.toml i
 SETUP='set -euo pipefail
 dir=$1 python=$2
 cd "$dir"
-command -v "$python" >/dev/null || { echo "ERROR: $python not found on $(hostname); see deploy/README.md (Python 3.11)" >&2; exit 2; }
+command -v "$python" >/dev/null || { echo "ERROR: $python not found on $(hostname); see deploy/README.md (Python 3.10 to 3.13)" >&2; exit 2; }
 if [[ ! -x venv/bin/python ]]; then
-    "$python" -m venv venv || { echo "ERROR: cannot create a venv: sudo apt install python3.11-venv" >&2; exit 2; }
+    "$python" -m venv venv || { echo "ERROR: cannot create a venv: sudo apt install python3-venv" >&2; exit 2; }
 fi
 want=$(sha256sum src/pyproject.toml | cut -d" " -f1)
 if [[ $(cat venv/.pyproject.sha256 2>/dev/null) != "$want" ]]; then

@@ -43,7 +43,7 @@ Options:
   --data-dir DIR      drop folder, processed/, quarantine/, db/ (default: $DATA_DIR)
   --config-dir DIR    service config folder (default: $CONF_DIR)
   --user NAME         unprivileged system user the service runs as (default: $SERVICE_USER)
-  --python PATH       Python 3.11 or 3.12 to build the venv with (default: python3.12, python3.11, python3)
+  --python PATH       Python 3.10 to 3.13 to build the venv with (default: python3.13 ... python3.10, python3)
   --runtime NAME      auto | litert | tflite-runtime (default: auto = LiteRT, else tflite-runtime + numpy<2)
   --no-start          install and enable the service but do not (re)start it now
   --no-service        venv and bundle only: no user, folders, config or systemd unit
@@ -188,17 +188,18 @@ python_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2
 python_ok() {
     local v
     v=$(python_version "$1") || return 1
-    [[ $v == 3.11 || $v == 3.12 ]]
+    [[ $v == 3.10 || $v == 3.11 || $v == 3.12 || $v == 3.13 ]]
 }
 
 explain_python() {
     cat >&2 <<EOF
 
-This project needs Python 3.11 or 3.12 (pyproject.toml: requires-python >=3.11,<3.13); found: ${1:-none}.
+The edge runtime needs Python 3.10 to 3.13 (pyproject.toml: requires-python >=3.10,<3.14); found: ${1:-none}.
 How to get it:
-  * Raspberry Pi OS 12 (bookworm) 64-bit ships 3.11:   sudo apt install python3 python3-venv
-  * Raspberry Pi OS 11 (bullseye) has 3.9: re-image with the bookworm 64-bit OS (recommended), or use pyenv.
-  * Jetson JetPack 6 (Ubuntu 22.04, Python 3.10) and JetPack 5 (Ubuntu 20.04, Python 3.8): deadsnakes PPA
+  * Raspberry Pi OS 13 (trixie) 64-bit ships 3.13, Raspberry Pi OS 12 (bookworm) 3.11, JetPack 6 (Ubuntu 22.04)
+    3.10: all fine as they are:   sudo apt install python3 python3-venv
+  * Raspberry Pi OS 11 (bullseye) has 3.9: re-image with a 64-bit OS 12 or 13 (recommended), or use pyenv.
+  * Jetson JetPack 5 (Ubuntu 20.04, Python 3.8): deadsnakes PPA
       sudo apt install software-properties-common
       sudo add-apt-repository ppa:deadsnakes/ppa && sudo apt update
       sudo apt install python3.11 python3.11-venv
@@ -217,13 +218,14 @@ if [[ -n $PYTHON_BIN ]]; then
     command -v "$PYTHON_BIN" >/dev/null 2>&1 || die "--python $PYTHON_BIN: not found"
     if ! python_ok "$PYTHON_BIN"; then
         explain_python "$PYTHON_BIN $(python_version "$PYTHON_BIN" || echo '?')"
-        die "--python $PYTHON_BIN is not Python 3.11/3.12"
+        die "--python $PYTHON_BIN is not Python 3.10 to 3.13"
     fi
 else
     found=""
     # PATH first, then the system ones (a PATH entry may be a pyenv Python in a home folder).
-    for candidate in python3.12 python3.11 python3 /usr/bin/python3.12 /usr/bin/python3.11 /usr/bin/python3 \
-        /usr/local/bin/python3.12 /usr/local/bin/python3.11; do
+    for candidate in python3.13 python3.12 python3.11 python3.10 python3 /usr/bin/python3.13 /usr/bin/python3.12 \
+        /usr/bin/python3.11 /usr/bin/python3.10 /usr/bin/python3 /usr/local/bin/python3.13 /usr/local/bin/python3.12 \
+        /usr/local/bin/python3.11 /usr/local/bin/python3.10; do
         command -v "$candidate" >/dev/null 2>&1 || continue
         found="$found $candidate=$(python_version "$candidate" || echo '?')"
         python_ok "$candidate" || continue
@@ -236,7 +238,7 @@ else
     done
     if [[ -z $PYTHON_BIN ]]; then
         explain_python "${found# }"
-        die "no Python 3.11/3.12 found"
+        die "no Python 3.10 to 3.13 found"
     fi
 fi
 # The interpreter itself, not a wrapper (pyenv shim, alternatives link): the venv records this path.
@@ -302,10 +304,11 @@ run "${PIP[@]}" install --quiet --upgrade pip
 
 step "Installing the edge runtime (pip install .[edge]: numpy, Pillow, PyYAML, LiteRT; no TensorFlow)"
 install_tflite_runtime() {
-    # tflite-runtime's last release (2.14) is built against numpy 1.x. Under arm64 emulation it crashed on
-    # the per-channel int8 FULLY_CONNECTED layers that current converters emit (see deploy/README.md): the
-    # bundle check below runs both stages, so a crash shows here and not in the service.
-    warn "tflite-runtime 2.14 is a fallback: prefer a platform where ai-edge-litert installs (Python 3.11/3.12, glibc >= 2.27)"
+    # tflite-runtime's last release (2.14) is built against numpy 1.x, for Python <= 3.11. It crashes on aarch64
+    # in per-channel int8 FULLY_CONNECTED layers without a bias: bundles converted with per-channel dense
+    # layers say so in their manifest and the runtime refuses them (the bundle check below fails, exit 2);
+    # the default per-tensor bundles run (see deploy/README.md).
+    warn "tflite-runtime 2.14 is a fallback: prefer a platform where ai-edge-litert installs (Python 3.10-3.13, glibc >= 2.27)"
     run "${PIP[@]}" install --quiet "$SRC" "numpy<2" "tflite-runtime"
 }
 case $RUNTIME in

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from edge_runtime.digest import sha256_bytes, sha256_file
+from edge_runtime.interpreter import version_key
 
 FORMAT = "sem-inspect-bundle/1"
 MANIFEST = "manifest.yaml"
@@ -42,6 +43,10 @@ class StageSpec:
     bytes: int
     input: TensorSpec
     output: TensorSpec
+    # Oldest interpreter versions that run this model ({backend: version}, from `python -m convert`; empty in
+    # bundles written before they were recorded) and why; checked when an interpreter is built for it.
+    min_runtime: dict[str, str] = field(default_factory=dict)
+    min_runtime_reason: str = ""
 
 
 @dataclass
@@ -104,15 +109,32 @@ def _tensor(d, where) -> TensorSpec:
                       zero_point=_require(d, "zero_point", int, where))
 
 
+def _min_runtime(d, where) -> tuple[dict[str, str], str]:
+    """The optional min_runtime ({backend: version}) and min_runtime_reason of a stage."""
+    raw = d.get("min_runtime") or {}
+    reason = d.get("min_runtime_reason") or ""
+    if not isinstance(raw, dict) or not isinstance(reason, str):
+        raise BundleError(f"{where}: min_runtime must map runtime names to versions, min_runtime_reason be text")
+    for name, version in raw.items():
+        try:
+            version_key(version if isinstance(version, str) else "")
+        except ValueError:
+            raise BundleError(f"{where}: min_runtime.{name} must be a version such as '2.14.0', got "
+                              f"{version!r}") from None
+    return {str(k): v for k, v in raw.items()}, reason
+
+
 def _stage(root: Path, variant: str, n: int, d, manifest_path: Path) -> StageSpec:
     where = f"{manifest_path}: variants.{variant}.stage{n}"
     name = _require(d, "file", str, where)
     if Path(name).name != name:
         raise BundleError(f"{where}: file {name!r} must be a plain file name inside the bundle")
+    min_runtime, reason = _min_runtime(d, where)
     return StageSpec(stage=n, file=name, path=root / name, sha256=_require(d, "sha256", str, where).lower(),
                      bytes=_require(d, "bytes", int, where),
                      input=_tensor(_require(d, "input", dict, where), where + ".input"),
-                     output=_tensor(_require(d, "output", dict, where), where + ".output"))
+                     output=_tensor(_require(d, "output", dict, where), where + ".output"),
+                     min_runtime=min_runtime, min_runtime_reason=reason)
 
 
 def _check_file(spec: StageSpec, keep: bool) -> bytes | None:

@@ -57,10 +57,14 @@ class StageRunner:
     is already in the input tensor (for raw-invoke benchmarks).
     """
 
-    def __init__(self, spec: StageSpec, model: bytes, threads: int | None, runtime: str | None):
+    def __init__(self, spec: StageSpec, model: bytes, threads: int | None, runtime: str | None,
+                 kernels: str = "default"):
         self.spec = spec
         self._model = model    # the interpreter reads from this buffer: keep it alive
-        self.interpreter = make_interpreter(model_content=model, num_threads=threads, backend=runtime)
+        # Refuses (RuntimeTooOld) an interpreter older than the manifest's min_runtime for this model.
+        self.interpreter = make_interpreter(model_content=model, num_threads=threads, backend=runtime,
+                                            min_runtime=spec.min_runtime, what=str(spec.path),
+                                            reason=spec.min_runtime_reason, kernels=kernels)
         inp = self.interpreter.get_input_details()[0]
         out = self.interpreter.get_output_details()[0]
         self.input_shape = tuple(int(s) for s in inp["shape"])

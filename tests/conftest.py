@@ -26,8 +26,10 @@ def shared_data(name: str) -> Path:
 
 
 def build_tiny_bundle(out_dir: Path, variants=("int8", "float32"), image_size: int = TINY_SIZE,
-                      stage1_threshold: float = 0.5, review_floor: float = 0.5, seed: int = 0) -> Path:
-    """Two random-init tiny_cnn stages exported through the real converter and bundle writer."""
+                      stage1_threshold: float = 0.5, review_floor: float = 0.5, seed: int = 0,
+                      dense: str | None = None) -> Path:
+    """Two random-init tiny_cnn stages exported through the real converter and bundle writer (int8 dense layers
+    as `dense` says, default the converter's)."""
     import keras
 
     from convert.bundle import write_bundle
@@ -44,7 +46,8 @@ def build_tiny_bundle(out_dir: Path, variants=("int8", "float32"), image_size: i
                     2: build_stage_model(2, backbone="tiny_cnn", image_size=image_size,
                                          num_classes=len(TINY_STAGE2))}
     for variant in variants:
-        models[variant] = {s: export_tflite(m, variant, rep if variant == "int8" else None)
+        models[variant] = {s: export_tflite(m, variant, rep if variant == "int8" else None,
+                                            **({"dense": dense} if dense else {}))
                            for s, m in stage_models.items()}
     return write_bundle(out_dir, models, taxonomy=TAXONOMY, stage2_classes=TINY_STAGE2,
                         image_size=image_size, stage1_threshold=stage1_threshold,
@@ -53,7 +56,54 @@ def build_tiny_bundle(out_dir: Path, variants=("int8", "float32"), image_size: i
                         extra={"source_run": "tests", "tools": {}})
 
 
+def weight_scales(data: bytes, op_name: str) -> list[int]:
+    """Number of weight scales of every `op_name`, as the model file has them. Read with TFLite's built-in
+    kernels: LiteRT's default XNNPACK delegate rewrites a per-tensor weight's quantization in place into one
+    scale per output channel (measured: a per-tensor [32, 8] dense weight then shows 32 scales), which is how
+    per-tensor dense layers looked per-channel when inspected through LiteRT's defaults."""
+    from edge_runtime.interpreter import make_interpreter
+
+    interp = make_interpreter(model_content=data, num_threads=1, kernels="builtin")
+    tensors = {t["index"]: t for t in interp.get_tensor_details()}
+    return [len(tensors[op["inputs"][1]]["quantization_parameters"]["scales"])
+            for op in interp._get_ops_details() if op["op_name"] == op_name]
+
+
+def fc_weight_scales(data: bytes) -> list[int]:
+    return weight_scales(data, "FULLY_CONNECTED")
+
+
+def conv_weight_scales(data: bytes) -> list[int]:
+    return weight_scales(data, "CONV_2D")
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """A read-only-by-convention tiny bundle (int8 + float32). Copy it before modifying."""
     return build_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_per_channel(tmp_path_factory) -> Path:
+    """The tiny bundle (int8 only) with per-channel dense layers: what tflite-runtime 2.14 must refuse."""
+    return build_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-pc", variants=("int8",), dense="per-channel")
+
+
+TFLRT_VENV = REPO / ".venv-tflrt"      # made by `make setup-tflrt` (tflite-runtime 2.14 + numpy<2 + the project)
+
+
+def tflite_runtime_python() -> str:
+    """A Python with tflite-runtime 2.14 (and no LiteRT): $SEM_INSPECT_TFLRT_PYTHON or .venv-tflrt; else skip
+    with the reason `make setup-tflrt` recorded (it has wheels for CPython 3.8-3.11, x86-64 and aarch64 only)."""
+    import subprocess
+
+    python = os.environ.get("SEM_INSPECT_TFLRT_PYTHON") or str(TFLRT_VENV / "bin" / "python")
+    if not Path(python).exists():
+        reason = TFLRT_VENV / ".unavailable"
+        pytest.skip(f"tflite-runtime is not installed here: {reason.read_text().strip()}" if reason.is_file() else
+                    f"no tflite-runtime environment ({python} is missing): run `make setup-tflrt`")
+    probe = subprocess.run([python, "-c", "import tflite_runtime; print(tflite_runtime.__version__)"],
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"{python} cannot import tflite_runtime: {(probe.stderr.strip().splitlines() or [''])[-1]}")
+    return python

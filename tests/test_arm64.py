@@ -1,5 +1,7 @@
 """arm64 smoke test without a board: edge-inspect under qemu-aarch64 (deploy/arm64-smoke.sh) gives the same
-labels and scores as on x86-64, for the int8 and float32 variants of a tiny bundle.
+labels and scores as on x86-64, for the int8 and float32 variants of a tiny bundle, on Debian 12 (Python 3.11)
+and Debian 13 (Python 3.13, as Raspberry Pi OS has now) roots; tflite-runtime 2.14 on aarch64 runs the default
+(per-tensor dense) bundle like LiteRT and refuses a per-channel one with exit 2 instead of crashing in it.
 
 Skips with the script's reason where the machine cannot run it (no qemu-aarch64-static, not a Debian/apt
 host, offline); a packaging failure (no aarch64 wheel for a dependency) fails. The aarch64 root and wheels are cached in ~/.cache/sem-inspect-arm64 (or
@@ -63,14 +65,21 @@ def x86_run(bundle: Path, images: Path, variant: str) -> dict[str, dict]:
     return rows_by_name(proc.stdout)
 
 
-def arm64_run(bundle: Path, images: Path, variant: str) -> tuple[dict[str, dict], str]:
+def arm64_proc(bundle: Path, images: Path, variant: str, suite: str = "bookworm",
+               runtime: str = "litert") -> subprocess.CompletedProcess:
     proc = subprocess.run(["bash", str(SCRIPT), "--cache", str(CACHE), "--qemu", QEMU, "--cpu", CPU,
-                           "--python", sys.executable,
+                           "--python", sys.executable, "--suite", suite, "--runtime", runtime,
                            "--", "--models", str(bundle), "--variant", variant, "--threads", "1", "--json",
                            str(images)],
                           cwd=REPO, capture_output=True, text=True, timeout=1200)
     if proc.returncode == SKIP_STATUS:
         pytest.skip(proc.stderr.strip().splitlines()[-1])
+    return proc
+
+
+def arm64_run(bundle: Path, images: Path, variant: str, suite: str = "bookworm",
+              runtime: str = "litert") -> tuple[dict[str, dict], str]:
+    proc = arm64_proc(bundle, images, variant, suite, runtime)
     assert proc.returncode == 0, f"arm64 edge-inspect failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
     versions = [line for line in proc.stderr.splitlines() if line.startswith("[arm64-smoke] qemu")]
     return rows_by_name(proc.stdout), (versions[-1] if versions else "")
@@ -108,12 +117,15 @@ def split_bundle(tiny_bundle, tmp_path_factory) -> tuple[Path, Path]:
     return bundle, images
 
 
-def test_int8_results_match_x86_64(split_bundle):
+@pytest.mark.parametrize("suite, runtime", [("bookworm", "litert"), ("trixie", "litert"),
+                                            ("bookworm", "tflite-runtime")],
+                         ids=["debian12-py3.11-litert", "debian13-py3.13-litert", "debian12-py3.11-tflite-runtime"])
+def test_int8_results_match_x86_64(split_bundle, suite, runtime):
     bundle, images = split_bundle
     x86 = x86_run(bundle, images, "int8")
     labels = {r["label"] for r in x86.values()}
     assert "clean" in labels and labels - {"clean"}, f"the gating split did not work: {labels}"
-    arm, versions = arm64_run(bundle, images, "int8")
+    arm, versions = arm64_run(bundle, images, "int8", suite, runtime)
     assert sorted(arm) == sorted(x86), "arm64 did not report every image"
     manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
     steps = {1: manifest["variants"]["int8"]["stage1"]["output"]["scale"],
@@ -127,7 +139,20 @@ def test_int8_results_match_x86_64(split_bundle):
         step = steps[2] if a["defect_class"] else steps[1]
         assert abs(b["confidence"] - a["confidence"]) <= step + 1e-6, (name, a, b)
         exact += (b["stage1_score"], b["confidence"]) == (a["stage1_score"], a["confidence"])
-    print(f"\n{versions}: int8 {exact}/{len(x86)} images bit-identical to x86-64, labels all equal")
+    print(f"\n{versions}: int8 {exact}/{len(x86)} images bit-identical to x86-64 LiteRT, labels all equal")
+
+
+def test_tflite_runtime_on_arm64_refuses_per_channel_dense_layers(tiny_bundle_per_channel, tmp_path):
+    """tflite-runtime 2.14 segfaults in a per-channel int8 FULLY_CONNECTED without a bias on aarch64; the
+    manifest's minimum (2.16.0 for per-channel dense layers) makes it refuse the bundle first: one line, exit 2."""
+    if shutil.which("qemu-aarch64-static") is None and shutil.which("qemu-aarch64") is None and QEMU == "auto":
+        pytest.skip("qemu-aarch64-static is not installed (apt-get install qemu-user-static)")
+    images = tmp_path / "images"
+    make_pattern_images(images)
+    proc = arm64_proc(tiny_bundle_per_channel, images, "int8", "bookworm", "tflite-runtime")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-3000:]
+    refusal = [line for line in proc.stderr.splitlines() if line.startswith("edge-inspect: error:")]
+    assert len(refusal) == 1 and "needs tflite-runtime >= 2.16.0, this is tflite-runtime 2.14.0" in refusal[0]
 
 
 def test_float32_results_match_x86_64(split_bundle):
@@ -161,12 +186,9 @@ ERROR: No matching distribution found for numpy<3,>=1.24
 """
 
 
-@pytest.mark.parametrize("pip_says, status", [(NO_WHEEL, 2), (OFFLINE, SKIP_STATUS)], ids=["no-wheel", "offline"])
-def test_missing_aarch64_wheel_fails_and_only_offline_skips(tmp_path, pip_says, status):
-    """pip's answer decides: no aarch64 wheel is a packaging failure (exit 2: the smoke test fails, as a board's
-    install would), unreachable index is this machine's limit (exit 77: skip). pip and qemu are stand-ins here
-    (a pip download that answers `pip_says`, a qemu that only reports its version); the rest is the script."""
-    missing = [tool for tool in ("apt-get", "dpkg", "flock") if shutil.which(tool) is None]
+def stand_ins(tmp_path: Path, pip_says: str) -> tuple[Path, Path]:
+    """A Python whose `pip download` answers `pip_says` and fails, and a qemu that only reports its version."""
+    missing = [tool for tool in ("apt-get", "apt-config", "dpkg", "flock") if shutil.which(tool) is None]
     if missing or not Path("/usr/share/keyrings/debian-archive-keyring.gpg").is_file():
         pytest.skip(f"not a Debian/apt host ({missing or 'no debian-archive-keyring'}): the script stops earlier")
     (tmp_path / "pip-says.txt").write_text(pip_says)
@@ -179,6 +201,15 @@ def test_missing_aarch64_wheel_fails_and_only_offline_skips(tmp_path, pip_says, 
     qemu.write_text("#!/bin/sh\necho 'qemu-aarch64 version 8.2.2'\n")
     for exe in (python, qemu):
         exe.chmod(0o755)
+    return python, qemu
+
+
+@pytest.mark.parametrize("pip_says, status", [(NO_WHEEL, 2), (OFFLINE, SKIP_STATUS)], ids=["no-wheel", "offline"])
+def test_missing_aarch64_wheel_fails_and_only_offline_skips(tmp_path, pip_says, status):
+    """pip's answer decides: no aarch64 wheel is a packaging failure (exit 2: the smoke test fails, as a board's
+    install would), unreachable index is this machine's limit (exit 77: skip). pip and qemu are stand-ins here
+    (a pip download that answers `pip_says`, a qemu that only reports its version); the rest is the script."""
+    python, qemu = stand_ins(tmp_path, pip_says)
     proc = subprocess.run(["bash", str(SCRIPT), "--cache", str(tmp_path / "cache"), "--qemu", str(qemu),
                            "--python", str(python), "--setup-only"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == status, proc.stderr
@@ -187,3 +218,47 @@ def test_missing_aarch64_wheel_fails_and_only_offline_skips(tmp_path, pip_says, 
     else:
         assert "cannot reach the package index" in proc.stderr
     assert not (tmp_path / "cache" / "root").exists()      # stopped before fetching the arm64 Python
+
+
+FAB_LIST = "# the fab's mirror\ndeb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://mirror.fab.example/debian/ bookworm main\n"
+FAB_SOURCES = """Types: deb
+URIs: http://mirror.fab.example/debian-security
+Suites: bookworm-security
+Components: main
+
+Types: deb
+URIs: http://disabled.example/debian
+Suites: bookworm
+Components: main
+Enabled: no
+"""
+UBUNTU_LIST = "deb http://archive.ubuntu.com/ubuntu jammy main universe\n"
+
+
+@pytest.mark.parametrize("sources, option, expected", [
+    ((FAB_LIST, FAB_SOURCES), [],
+     "Debian archive: http://mirror.fab.example/debian (this machine's apt sources, {etc}/sources.list); "
+     "security: http://mirror.fab.example/debian-security"),
+    ((FAB_LIST, FAB_SOURCES), ["--mirror", "http://other.example/debian"],
+     "Debian archive: http://other.example/debian (--mirror); security: none"),
+    ((UBUNTU_LIST, ""), [],
+     "Debian archive: http://deb.debian.org/debian (default: this machine's apt sources name no Debian archive); "
+     "security: http://deb.debian.org/debian-security"),
+], ids=["host-sources", "option", "no-debian-sources"])
+def test_debian_archive_is_the_hosts_unless_an_option_says_otherwise(tmp_path, sources, option, expected):
+    """The host's apt sources (one-line and deb822, disabled entries skipped) name the archive, as behind a
+    fab's internal mirror; --mirror overrides them. apt-config reads APT_CONFIG, which points at a test copy of
+    Dir::Etc here; the script stops at the (stand-in) wheel download, after saying which archive it uses."""
+    python, qemu = stand_ins(tmp_path, NO_WHEEL)
+    etc = tmp_path / "etc"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "sources.list").write_text(sources[0])
+    (etc / "sources.list.d" / "fab.sources").write_text(sources[1])
+    (tmp_path / "apt.conf").write_text(f'Dir::Etc::sourcelist "{etc}/sources.list";\n'
+                                       f'Dir::Etc::sourceparts "{etc}/sources.list.d";\n')
+    env = dict(os.environ, APT_CONFIG=str(tmp_path / "apt.conf"))
+    proc = subprocess.run(["bash", str(SCRIPT), "--cache", str(tmp_path / "cache"), "--qemu", str(qemu),
+                           "--python", str(python), *option, "--setup-only"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert f"[arm64-smoke] {expected.format(etc=etc)}\n" in proc.stderr

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import TAXONOMY
+from conftest import TAXONOMY, conv_weight_scales, fc_weight_scales
 
 SIZE = 32
 DEFECTS = TAXONOMY[1:]
@@ -146,6 +146,17 @@ def test_bundle_has_models_manifest_and_calibration(converted):
     assert cal["input_range_anchor"] is True          # synthetic pixels span 30..220 only
     assert m["variants"]["int8"]["stage1"]["input"]["dtype"] == "uint8"
     assert m["variants"]["float32"]["stage2"]["input"]["dtype"] == "float32"
+
+
+def test_int8_dense_layers_are_per_tensor_and_recorded(converted):
+    """The default (--dense-quantization per-tensor): one weight scale per FULLY_CONNECTED, per-channel convolutions,
+    and the manifest says so and what runtime versions that needs (tests/test_runtime_versions.py: the rule)."""
+    manifest = manifest_of(converted["bundle"])
+    assert manifest["quantization"] == {"convolutions": "per-channel", "dense": "per-tensor"}
+    for stage in (1, 2):
+        data = (converted["bundle"] / f"stage{stage}.tflite").read_bytes()
+        assert set(fc_weight_scales(data)) == {1} and max(conv_weight_scales(data)) > 1
+        assert manifest["variants"]["int8"][f"stage{stage}"]["min_runtime"]["tflite-runtime"].startswith("1.")
 
 
 def test_sha256_of_every_file_matches(converted):

@@ -4,6 +4,8 @@
    Inspector run and the CLI work, and TensorFlow is neither imported nor importable.
 2. In the main environment (where TensorFlow is installed), the runtime still works when every
    `import tensorflow` is made to fail by a meta-path blocker.
+3. The code a board runs parses as Python 3.10 (the oldest the edge supports, JetPack 6); 3.11-3.13 run it in
+   the arm64 smoke test (Debian 12 / 13 roots) and the x86 suite.
 """
 from __future__ import annotations
 
@@ -78,3 +80,21 @@ def test_runtime_works_with_tensorflow_blocked(tiny_bundle, tmp_path):
     assert out["tf_loaded"] == []
     assert out["rc"] == 0
     assert out["result"]["label"] in ("clean", "bridges", "cracks", "opens")
+
+
+EDGE_CODE = sorted((REPO / "edge_runtime").glob("*.py")) + [REPO / "convert" / "parity_worker.py"]
+
+
+@pytest.mark.parametrize("path", EDGE_CODE, ids=lambda p: str(p.relative_to(REPO)))
+def test_edge_code_is_python_3_10(path):
+    """ast's feature_version rejects grammar newer than 3.10 (except*, PEP 695 type parameters, ...)."""
+    import ast
+
+    ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 10))
+
+
+def test_the_3_10_check_would_catch_newer_syntax():
+    import ast
+
+    with pytest.raises(SyntaxError):
+        ast.parse("try:\n    pass\nexcept* ValueError:\n    pass\n", feature_version=(3, 10))

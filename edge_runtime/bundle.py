@@ -16,6 +16,7 @@ import yaml
 
 from edge_runtime.digest import sha256_bytes, sha256_file
 from edge_runtime.interpreter import version_key
+from edge_runtime.safeopen import open_regular
 
 FORMAT = "sem-inspect-bundle/1"
 MANIFEST = "manifest.yaml"
@@ -104,6 +105,8 @@ def _require(mapping, key, kind, where):
 
 def _tensor(d, where) -> TensorSpec:
     shape = _require(d, "shape", list, where)
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        raise BundleError(f"{where}: 'shape' must be a list of integers, got {shape!r}")
     return TensorSpec(name=str(d.get("name", "")), shape=tuple(int(s) for s in shape),
                       dtype=_require(d, "dtype", str, where), scale=_require(d, "scale", float, where),
                       zero_point=_require(d, "zero_point", int, where))
@@ -141,7 +144,9 @@ def _check_file(spec: StageSpec, keep: bool) -> bytes | None:
     """Hash one model file against the manifest. Returns its bytes when `keep`."""
     try:
         if keep:
-            data = spec.path.read_bytes()
+            fh, _ = open_regular(spec.path)     # never blocks: a FIFO in place of a model is refused
+            with fh:
+                data = fh.read()
             digest = sha256_bytes(data)
         else:
             data, digest = None, sha256_file(spec.path)
@@ -167,15 +172,20 @@ def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all:
         raise BundleError(f"{root}: not a folder (expected a bundle folder containing {MANIFEST})")
     manifest_path = root / MANIFEST
     try:
-        raw = manifest_path.read_bytes()
+        fh, _ = open_regular(manifest_path)
+        with fh:
+            raw = fh.read()
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise BundleError(f"{manifest_path}: not a model bundle (no {MANIFEST}); "
                           "build one with `python -m convert`") from None
     except OSError as exc:
         raise BundleError(f"{manifest_path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{manifest_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
-        manifest = yaml.safe_load(raw.decode("utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        manifest = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
         raise BundleError(f"{manifest_path}: not valid YAML: {exc}") from exc
     where = str(manifest_path)
     if not isinstance(manifest, dict):
@@ -186,6 +196,9 @@ def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all:
 
     taxonomy = tuple(_require(manifest, "taxonomy", list, where))
     stage2_classes = tuple(_require(manifest, "stage2_classes", list, where))
+    for key, names in (("taxonomy", taxonomy), ("stage2_classes", stage2_classes)):
+        if not all(isinstance(n, str) for n in names):
+            raise BundleError(f"{where}: {key} must be a list of class names (text), got {list(names)!r}")
     if not taxonomy or len(set(taxonomy)) != len(taxonomy):
         raise BundleError(f"{where}: taxonomy must be a non-empty list of distinct names")
     unknown = [c for c in stage2_classes if c not in taxonomy[1:]]
@@ -208,7 +221,7 @@ def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all:
     if not variants_raw:
         raise BundleError(f"{where}: no model variants listed")
     chosen = variant or manifest.get("default_variant") or next(iter(variants_raw))
-    if chosen not in variants_raw:
+    if not isinstance(chosen, str) or chosen not in variants_raw:
         raise BundleError(f"{where}: no variant {chosen!r} in this bundle (available: {', '.join(variants_raw)})")
 
     specs: dict[str, dict[int, StageSpec]] = {}
@@ -221,8 +234,8 @@ def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all:
         if spec.input.shape != expected:
             raise BundleError(f"{spec.path}: input shape {spec.input.shape} does not match the manifest input "
                               f"{expected}")
-    if chosen_specs[2].output.shape[-1] != len(stage2_classes):
-        raise BundleError(f"{chosen_specs[2].path}: {chosen_specs[2].output.shape[-1]} outputs but "
+    if chosen_specs[2].output.shape[-1:] != (len(stage2_classes),):
+        raise BundleError(f"{chosen_specs[2].path}: {(chosen_specs[2].output.shape or ('no',))[-1]} outputs but "
                           f"{len(stage2_classes)} stage2_classes")
 
     model_bytes = {n: _check_file(spec, keep=True) for n, spec in chosen_specs.items()}

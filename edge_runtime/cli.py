@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 from edge_runtime.bundle import BundleError
 from edge_runtime.exits import EXIT_FAILED, EXIT_OK, EXIT_SETUP, EXIT_STORAGE, WatchError
 from edge_runtime.interpreter import NoInterpreter
+from edge_runtime.names import json_line, shown
 from edge_runtime.preprocess import ImageError, SUPPORTED_SUFFIXES, is_supported
 from edge_runtime.service_config import (ConfigError, add_flags, check_inspect_flags, flag_values,
                                          load_service_config, service_flags_given)
@@ -73,7 +73,8 @@ def collect_inputs(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
 
 def _table_row(r) -> str:
     review = "REVIEW" if r.review else ""
-    return f"{r.label:<10} {r.stage1_score:>8.3f} {r.confidence:>6.3f} {review:<6} {r.latency_ms:>8.1f}  {r.path}"
+    return (f"{r.label:<10} {r.stage1_score:>8.3f} {r.confidence:>6.3f} {review:<6} {r.latency_ms:>8.1f}  "
+            f"{shown(r.path)}")
 
 
 def run_batch(args) -> int:
@@ -92,9 +93,9 @@ def run_batch(args) -> int:
     def fail(path, reason):
         nonlocal failed
         failed += 1
-        print(f"{PROG}: {path}: {reason}", file=sys.stderr)
+        print(f"{PROG}: {shown(path)}: {reason}", file=sys.stderr)
         if args.json:
-            out.write(json.dumps({"path": str(path), "error": reason}, ensure_ascii=False) + "\n")
+            out.write(json_line({"path": str(path), "error": reason}) + "\n")
 
     for path, reason in problems:
         fail(path, reason)
@@ -117,7 +118,7 @@ def run_batch(args) -> int:
         counts["defective" if r.defect_class else "clean"] += 1
         counts["review"] += r.review
         total_ms += r.latency_ms
-        out.write((json.dumps(r.to_dict(), ensure_ascii=False) if args.json else _table_row(r)) + "\n")
+        out.write((json_line(r.to_dict()) if args.json else _table_row(r)) + "\n")
         out.flush()
     done = counts["clean"] + counts["defective"]
     print(f"{PROG}: {done} inspected ({counts['clean']} clean, {counts['defective']} defective, "

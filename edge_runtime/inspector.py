@@ -20,8 +20,9 @@ import numpy as np
 
 from edge_runtime.bundle import Bundle, BundleError, StageSpec, load_bundle
 from edge_runtime.gate import is_defective, needs_review
-from edge_runtime.interpreter import make_interpreter
-from edge_runtime.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, preprocess_array, preprocess_file
+from edge_runtime.interpreter import NoInterpreter, make_interpreter
+from edge_runtime.preprocess import (DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODE_MB, DEFAULT_MAX_PIXELS, preprocess_array,
+                                     preprocess_file)
 
 
 @dataclass
@@ -61,10 +62,15 @@ class StageRunner:
                  kernels: str = "default"):
         self.spec = spec
         self._model = model    # the interpreter reads from this buffer: keep it alive
-        # Refuses (RuntimeTooOld) an interpreter older than the manifest's min_runtime for this model.
-        self.interpreter = make_interpreter(model_content=model, num_threads=threads, backend=runtime,
-                                            min_runtime=spec.min_runtime, what=str(spec.path),
-                                            reason=spec.min_runtime_reason, kernels=kernels)
+        try:
+            # Refuses (RuntimeTooOld) an interpreter older than the manifest's min_runtime for this model.
+            self.interpreter = make_interpreter(model_content=model, num_threads=threads, backend=runtime,
+                                                min_runtime=spec.min_runtime, what=str(spec.path),
+                                                reason=spec.min_runtime_reason, kernels=kernels)
+        except NoInterpreter:
+            raise
+        except Exception as exc:    # bytes that match the manifest's sha256 but are no TFLite model
+            raise BundleError(f"{spec.path}: not a usable TFLite model: {' '.join(str(exc).split())}") from None
         inp = self.interpreter.get_input_details()[0]
         out = self.interpreter.get_output_details()[0]
         self.input_shape = tuple(int(s) for s in inp["shape"])
@@ -134,7 +140,8 @@ class Inspector:
 
     def __init__(self, bundle: str | os.PathLike | Bundle, variant: str | None = None,
                  threads: int | None = None, runtime: str | None = None, *,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_decode_mb: float = DEFAULT_MAX_DECODE_MB):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, variant)
         if variant and self.bundle.variant != variant:
             raise BundleError(f"bundle was loaded with variant {self.bundle.variant!r}, not {variant!r}")
@@ -145,7 +152,7 @@ class Inspector:
         self.review_floor = self.bundle.stage2_review_floor
         self.clean_label = self.bundle.clean_label
         self.stage2_classes = self.bundle.stage2_classes
-        self.limits = {"max_pixels": max_pixels, "max_bytes": max_bytes}
+        self.limits = {"max_pixels": max_pixels, "max_bytes": max_bytes, "max_decode_mb": max_decode_mb}
         self.stage1 = StageRunner(self.bundle.stage1, self.bundle.model_bytes(1), self.threads, runtime)
         self.stage2 = StageRunner(self.bundle.stage2, self.bundle.model_bytes(2), self.threads, runtime)
         if self.stage1._out.size != 1:

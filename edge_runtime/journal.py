@@ -11,6 +11,8 @@ import logging
 import os
 from pathlib import Path
 
+from edge_runtime.names import json_line
+
 log = logging.getLogger("edge_inspect")
 
 
@@ -58,7 +60,7 @@ class Journal:
     def append(self, obj: dict) -> None:
         """Write one line. It survives a process kill at once (flushed to the OS); it is fsynced by sync()
         before its row is flagged journaled, so a power loss can only lose lines that are re-emitted."""
-        self.fh.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
+        self.fh.write((json_line(obj) + "\n").encode("utf-8"))
         self.fh.flush()
 
     def sync(self) -> None:

@@ -1,17 +1,28 @@
 """The watch service's exactly-once recorder: each complete image is recorded once, across crashes and kill -9.
 
 Per image, in this order:
-    1. read the bytes once; key = sha256(content) + "/" + file name. If the key is already in the database,
-       the image was recorded before a crash: only finish its move (step 4), never re-record.
+    1. open it without blocking or following a symlink, check on the opened descriptor that it is the regular
+       file the loop judged complete (same device, inode, size, mtime, ctime), and read the bytes once;
+       key = sha256(content) + "/" + file name (edge_runtime/names.py). If the key is already in the database,
+       the image was recorded before a crash: only finish its move (step 4), never re-record. A FIFO, socket or
+       device is not opened: it is quarantined as such. A file this process cannot read (permissions, I/O
+       error) is left where it is and retried when it changes (e.g. chmod).
     2. inspect those same bytes (or decide why it must be quarantined: unsupported type, too large, corrupt,
-       truncated, unreadable). If a decode fails while the file is still changing, it goes back to settle
-       instead of being quarantined.
+       truncated, over the decode memory budget). Any failure to decode is that file's problem. A file that
+       fails to decode while it may still be written (not renamed in, not closed by its writer, not left alone
+       for `incomplete_seconds`) is handed back to the loop to retry, not quarantined; a decode that fails
+       because the file changed meanwhile goes back to settle.
     3. insert the result (state 'recorded', destination chosen now: processed/, quarantine/ or in place) into
        the open SQLite transaction. Results are group-committed: up to `commit_every` images per transaction,
-       held open at most `commit_seconds`, committed at once when nothing else is waiting. When COMMIT returns
+       held open at most `commit_seconds`, committed at once when nothing else is waiting. Before each commit
+       the watch folder and the database are checked to be the ones the service started with (a folder deleted
+       and re-created around the database would take the results with it). When COMMIT returns
        (synchronous=FULL), the group's results are durable.
-    4. only then, per image: append the JSONL line (with the row id), move the file (rename; across file
-       systems copy + fsync + rename + unlink); quarantined files get NAME.reason.txt beside them.
+    4. only then, per image: append the JSONL line (with the row id), check that the file is still the version
+       that was read and move it (rename; across file systems copy + fsync + rename + unlink); quarantined files
+       get NAME.reason.txt beside them. A file replaced or rewritten since it was read is not moved: its row
+       (the version that was read, now gone) is marked 'missing' and the new content is inspected as a new
+       image.
     5. mark the rows 'done' and 'journaled' (deferred into the next transaction; the JSONL file is fsynced
        before its rows are flagged).
 A kill at any point leaves one of: nothing recorded and the file in the folder (-> processed again); recorded
@@ -25,23 +36,36 @@ complete files (handle) and asks which files it must leave alone (holds); everyt
 """
 from __future__ import annotations
 
+import enum
 import errno
 import json
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 
 from edge_runtime import fileops
-from edge_runtime.digest import sha256_bytes, sha256_file
+from edge_runtime.digest import sha256_bytes, sha256_fileobj
 from edge_runtime.exits import WatchError
+from edge_runtime.fileops import FileChanged, FileSig
 from edge_runtime.journal import Journal, row_to_json
+from edge_runtime.names import db_text, name_key, name_of_key, shown
 from edge_runtime.preprocess import SUPPORTED_SUFFIXES, ImageError
+from edge_runtime.safeopen import NotRegularFile, kind_of, open_regular
 from edge_runtime.service_config import ServiceConfig
 from edge_runtime.service_stats import ServiceStats
-from edge_runtime.store import Store, StorageError, db_text, is_disk_full, utc_now
+from edge_runtime.store import Store, StorageError, is_disk_full, utc_now
 
 log = logging.getLogger("edge_inspect")
+
+NOTE_SUFFIX = ".reason.txt"
+
+
+class Handled(enum.Enum):
+    DONE = "done"               # recorded, finished, held (unreadable) or gone: the loop forgets it
+    RESETTLE = "resettle"       # changed since it was judged complete: let it settle again
+    RETRY = "retry"             # failed to decode but may still be being written: retry later
 
 
 class Recorder:
@@ -49,16 +73,22 @@ class Recorder:
 
     The watching loop's interface:
         reconcile()                     at start-up: finish what an interruption left
-        handle(name, size, mtime_ns)    one complete file; returns False when the file changed since it was
-                                        judged complete (the loop lets it settle again)
-        holds(name, size, mtime_ns)     True while the loop must not queue that file: its result is in the
-                                        open group, it could not be moved, or it was recorded in place
+        handle(name, seen, final)       one complete file as the loop saw it (FileSig); final: its writer is
+                                        surely done (renamed in, closed, or left alone incomplete_seconds), so
+                                        a file that does not decode is quarantined instead of retried.
+                                        Returns Handled.DONE, RESETTLE or RETRY
+        holds(name, sig)                True while the loop must not queue that file: its result is in the
+                                        open group, it could not be moved or read, or it was recorded in place
+        take_requeued()                 names to look at again (changed after they were read)
+        check_places()                  WatchError unless the watch folder and the database are still the
+                                        ones the service started with
         forget_absent(present)          names no longer in the folder
         commit_if_due(waiting)          group commit (waiting: more files are about to be handled)
         commit_deadline()               when the open group must be committed (monotonic), or None
         has_open_group                  results inserted but not yet committed
         idle()                          nothing to do: sync the JSONL, write the deferred marks
         flush()                         at stop: everything committed, synced and marked
+        unreadable                      names left in the folder because they cannot be read
     """
 
     MAX_UNEXPECTED_IN_A_ROW = 10
@@ -75,25 +105,55 @@ class Recorder:
         self.store = store
         self.journal = journal
         self.stats = stats
-        self._stuck: dict[str, tuple[int, int]] = {}       # cannot be moved now; retried when it changes
-        self._in_place: dict[str, tuple[int, int]] = {}    # leave-in-place: already recorded
-        self._batch: list[tuple[dict, Path, bool]] = []    # inserted, not yet committed (not moved)
+        st = os.stat(self.watch)
+        self._watch_id = (st.st_dev, st.st_ino)
+        self._stuck: dict[str, FileSig] = {}        # cannot be moved now; retried when it changes
+        self._in_place: dict[str, FileSig] = {}     # leave-in-place: already recorded
+        self._unreadable: dict[str, FileSig] = {}   # cannot be read now; retried when it changes (chmod)
+        self._batch: list[tuple[dict, Path, bool, FileSig]] = []    # inserted, not committed (not moved)
         self._batch_names: set[str] = set()
         self._batch_started = 0.0
         self._done_ids: list[int] = []          # moved; marked 'done' with the next transaction
+        self._missing_ids: list[int] = []       # the version that was read is gone; marked with the next one
         self._unsynced_ids: list[int] = []      # JSONL line written, not yet fsynced
         self._journaled_ids: list[int] = []     # JSONL line durable; flagged with the next transaction
+        self._requeue: list[str] = []
         self._unexpected = 0
 
     # -- the loop's interface ---------------------------------------------------------------------------
-    def holds(self, name: str, size: int, mtime_ns: int) -> bool:
-        sig = (size, mtime_ns)
-        return name in self._batch_names or self._stuck.get(name) == sig or self._in_place.get(name) == sig
+    def holds(self, name: str, sig: FileSig) -> bool:
+        return (name in self._batch_names or self._stuck.get(name) == sig or self._in_place.get(name) == sig
+                or self._unreadable.get(name) == sig)
+
+    def take_requeued(self) -> list[str]:
+        names, self._requeue = self._requeue, []
+        return names
+
+    @property
+    def unreadable(self) -> list[str]:
+        return sorted(self._unreadable)
 
     def forget_absent(self, present: set[str]) -> None:
-        for table in (self._stuck, self._in_place):
+        for table in (self._stuck, self._in_place, self._unreadable):
             for name in [n for n in table if n not in present]:
                 del table[name]
+
+    def check_places(self) -> None:
+        """Stop (WatchError) unless the watch folder and the result database are still the ones this service
+        started with: a folder deleted and re-created, or a database deleted, must not swallow results."""
+        try:
+            st = os.stat(self.watch)
+        except FileNotFoundError:
+            raise WatchError(f"watch folder {self.watch} no longer exists") from None
+        except OSError as exc:
+            raise WatchError(f"watch folder {self.watch}: {exc.strerror or exc}") from None
+        if (st.st_dev, st.st_ino) != self._watch_id:
+            raise WatchError(f"watch folder {self.watch} was deleted and re-created (or replaced) while the service "
+                             "ran; stopping: restart the service to watch the new folder")
+        if not self.store.still_at_path():
+            raise WatchError(f"result database {self.store.path} was deleted or replaced while the service ran "
+                             "(was the folder around it deleted?); stopping without writing to it: the images "
+                             "not yet committed stay where they are. Restart the service to continue")
 
     @property
     def has_open_group(self) -> bool:
@@ -101,8 +161,9 @@ class Recorder:
 
     @property
     def pending_marks(self) -> int:
-        """Rows whose 'done' or 'journaled' mark is not written yet (0 after flush())."""
-        return len(self._done_ids) + len(self._unsynced_ids) + len(self._journaled_ids)
+        """Rows whose 'done', 'missing' or 'journaled' mark is not written yet (0 after flush())."""
+        return (len(self._done_ids) + len(self._missing_ids) + len(self._unsynced_ids)
+                + len(self._journaled_ids))
 
     def commit_deadline(self) -> float | None:
         return self._batch_started + self.cfg.commit_seconds if self._batch else None
@@ -123,37 +184,64 @@ class Recorder:
             self._commit()
         if self.journal:
             self._sync_journal()
-        if self._done_ids or self._journaled_ids:
-            self.store.update(self._done_ids, self._journaled_ids)
-            self._done_ids, self._journaled_ids = [], []
+        if self._done_ids or self._journaled_ids or self._missing_ids:
+            self.store.update(self._done_ids, self._journaled_ids, self._missing_ids)
+            self._done_ids, self._journaled_ids, self._missing_ids = [], [], []
 
     # -- one image --------------------------------------------------------------------------------------
-    def handle(self, name: str, size: int, mtime_ns: int) -> bool:
+    def handle(self, name: str, seen: FileSig, final: bool = True) -> Handled:
         path = self.watch / name
-        if self.cfg.leave_in_place and self.store.seen_in_place(db_text(path), size, mtime_ns):
-            self._in_place[name] = (size, mtime_ns)      # recorded in an earlier run; not read again
-            return True
-        data, digest, reason = None, None, None
+        if self.cfg.leave_in_place and self.store.seen_in_place(db_text(path), seen.size, seen.mtime_ns):
+            self._in_place[name] = seen      # recorded in an earlier run; not read again
+            return Handled.DONE
         try:
-            if size > self.cfg.max_file_bytes:
-                digest = sha256_file(path)
-                reason = f"file too large ({size} bytes > {self.cfg.max_file_bytes})"
-            else:
-                with open(path, "rb") as fh:
-                    data = fh.read(self.cfg.max_file_bytes + 1)
-                if len(data) != size:
-                    return False        # changed since it was judged complete: settle again
-                digest = sha256_bytes(data)
+            st = os.lstat(path)
         except FileNotFoundError:
-            return True                 # taken away before we got to it
+            return Handled.DONE             # taken away before we got to it
         except OSError as exc:
-            reason = f"cannot read file: {exc.strerror or exc}"
-        key = f"{digest}/{name}" if digest else f"unreadable:{size}:{mtime_ns}/{name}"
+            return self._hold_unreadable(name, seen, exc)
+        if FileSig.of(st) != seen:
+            return Handled.RESETTLE
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            return Handled.DONE             # not an input (the loop does not queue these)
+        if not stat.S_ISREG(st.st_mode):    # FIFO, socket, device: never opened
+            reason = f"not a regular file ({kind_of(st.st_mode)})"
+            key = f"special:{seen.size}:{seen.mtime_ns}/{name_key(name)}"
+            return self._decide(name, path, seen, None, key, None, reason)
+        data, reason = None, None
+        try:
+            fh, opened = open_regular(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return Handled.DONE
+        except NotRegularFile:
+            return Handled.RESETTLE         # swapped for something else since lstat: look again
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:    # a symlink swapped in: look again (symlinks are not inputs)
+                return Handled.RESETTLE
+            return self._hold_unreadable(name, seen, exc)
+        try:
+            with fh:
+                if FileSig.of(opened) != seen:
+                    return Handled.RESETTLE
+                if seen.size > self.cfg.max_file_bytes:
+                    digest = sha256_fileobj(fh)
+                    reason = f"file too large ({seen.size} bytes > {self.cfg.max_file_bytes})"
+                else:
+                    data = fh.read(self.cfg.max_file_bytes + 1)
+                    if len(data) != seen.size:
+                        return Handled.RESETTLE     # changed since it was judged complete: settle again
+                    digest = sha256_bytes(data)
+        except OSError as exc:
+            return self._hold_unreadable(name, seen, exc)
+        self._unreadable.pop(name, None)
+        return self._decide(name, path, seen, digest, f"{digest}/{name_key(name)}", data, reason, final)
+
+    def _decide(self, name, path, seen, digest, key, data, reason, final=True) -> Handled:
         row = self.store.get(key)
         if row is not None:
             # Recorded before an interruption (or the very same file dropped again): finish, never re-record.
-            self._finish(row, path, recovered=True)
-            return True
+            self._finish(row, path, seen, recovered=True)
+            return Handled.DONE
         result = None
         if reason is None and Path(name).suffix.lower() not in SUPPORTED_SUFFIXES:
             reason = (f"unsupported file type {Path(name).suffix or '(no extension)'!r} "
@@ -163,53 +251,80 @@ class Recorder:
                 result = self.inspector.inspect(data, path=str(path))
                 self._unexpected = 0
             except ImageError as exc:
-                if self._changed(path, size, mtime_ns):
-                    return False        # still being written: settle again
+                if self._changed(path, seen):
+                    return Handled.RESETTLE     # still being written: settle again
+                if exc.incomplete and not final:      # (one line per image: its outcome; this is detail)
+                    log.debug("%s: %s; it may still be being written: retried when it changes, quarantined once "
+                             "its writer closes it or it is left alone %gs", shown(name), exc,
+                             self.cfg.incomplete_seconds)
+                    return Handled.RETRY
                 reason = str(exc)
-            except Exception as exc:    # one bad file must not stop the service...
+            except Exception as exc:    # the runtime, not the image (decoding errors are ImageError)...
                 self._unexpected += 1
-                log.exception("%s: unexpected error while inspecting", name)
-                if self._unexpected >= self.MAX_UNEXPECTED_IN_A_ROW:   # ...but a broken runtime must
+                log.exception("%s: unexpected error while inspecting", shown(name))
+                if self._unexpected >= self.MAX_UNEXPECTED_IN_A_ROW:   # ...a broken runtime must stop
+                    self.flush()        # the results already in the group are good: keep them
                     raise WatchError(f"{self._unexpected} images in a row failed unexpectedly (last: "
                                      f"{type(exc).__name__}: {exc}); stopping, the rest stay in {self.watch}")
                 reason = f"could not be inspected: {type(exc).__name__}: {exc}"
-        self._record(name, path, size, mtime_ns, digest, key, result, reason)
-        return True
+        self._record(name, path, seen, digest, key, result, reason)
+        return Handled.DONE
+
+    def _hold_unreadable(self, name: str, seen: FileSig, exc: OSError) -> Handled:
+        """A file this process cannot read stays where it is (nothing is recorded) until it changes: a
+        permission fixed with chmod changes its ctime, and the next look retries it."""
+        if self._unreadable.get(name) != seen:
+            log.warning("%s: cannot read it (%s); left in %s and retried when it changes (e.g. chmod)",
+                        shown(name), exc.strerror or exc, self.watch)
+        self._unreadable[name] = seen
+        return Handled.DONE
 
     @staticmethod
-    def _changed(path: Path, size: int, mtime_ns: int) -> bool:
+    def _changed(path: Path, seen: FileSig) -> bool:
         """Whether the file changed (or went) since it was judged complete."""
         try:
-            st = os.stat(path)
+            now = FileSig.of(os.lstat(path))
         except OSError:
             return True
-        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-            log.info("%s is still changing; waiting for it to settle", path.name)
+        if now != seen:
+            log.info("%s is still changing; waiting for it to settle", shown(path.name))
             return True
         return False
 
+    def _free(self, dest: Path, quarantined: bool) -> bool:
+        """Nothing (not even a dangling symlink) at dest, or at its reason note, and no row going there."""
+        if os.path.lexists(dest) or self.store.dest_taken(db_text(dest)):
+            return False
+        return not (quarantined and os.path.lexists(dest.with_name(dest.name + NOTE_SUFFIX)))
+
     def _destination(self, name: str, digest: str | None, quarantined: bool) -> Path:
+        """A free name in processed/ or quarantine/: the file's own name when free, else NAME.<sha256[:12]>,
+        shortened to fit the file system's name limit with room for the reason note."""
         folder = self.quarantine if quarantined else self.processed
         if folder is None:
             return self.watch / name
         safe = db_text(name)        # stored in the database: must be valid UTF-8
-        dest = folder / safe
-        if not dest.exists() and not self.store.dest_taken(db_text(dest)):
-            return dest
-        stem, suffix = Path(safe).stem, Path(safe).suffix
-        tag = (digest or "unreadable")[:12]
+        limit = fileops.name_max(folder) - len(NOTE_SUFFIX.encode())
+        stem, suffix = os.path.splitext(safe)
+        if len(suffix.encode()) > 16:   # not a real extension
+            stem, suffix = safe, ""
+        if len(safe.encode()) <= limit and self._free(folder / safe, quarantined):
+            return folder / safe
+        tag = (digest or "special")[:12]
         for i in range(10000):
-            dest = folder / (f"{stem}.{tag}{suffix}" if i == 0 else f"{stem}.{tag}.{i}{suffix}")
-            if not dest.exists() and not self.store.dest_taken(db_text(dest)):
+            tail = f".{tag}{suffix}" if i == 0 else f".{tag}.{i}{suffix}"
+            room = limit - len(tail.encode())
+            dest = folder / (stem.encode()[:room].decode("utf-8", "ignore") + tail)
+            if self._free(dest, quarantined):
                 return dest
-        raise WatchError(f"{folder}: no free name for {name}")
+        raise WatchError(f"{folder}: no free name for {shown(name)}")
 
-    def _record(self, name, path, size, mtime_ns, digest, key, result, reason) -> None:
+    def _record(self, name, path, seen: FileSig, digest, key, result, reason) -> None:
         quarantined = reason is not None
         in_place = self.processed is None and not quarantined
         dest = self._destination(name, digest, quarantined)
         row = {"key": key, "name": db_text(name), "src_path": db_text(path), "dest_path": db_text(dest),
-               "size": size, "mtime_ns": mtime_ns, "sha256": digest,
+               "size": seen.size, "mtime_ns": seen.mtime_ns, "sha256": digest,
                "outcome": "quarantined" if quarantined else "inspected", "reason": reason,
                "variant": self.variant, "bundle_id": self.bundle_id, "state": "done" if in_place else "recorded",
                "journaled": 0 if self.journal else 1, "recorded_at": utc_now()}
@@ -223,23 +338,25 @@ class Recorder:
         row["id"] = self.store.insert(row)
         if not self._batch:
             self._batch_started = time.monotonic()
-        self._batch.append((row, path, in_place))
+        self._batch.append((row, path, in_place, seen))
         self._batch_names.add(name)
 
     def _commit(self) -> None:
         """Commit the group, then (4) journal and move each of its images, (5) deferred marks."""
-        self.store.commit(self._done_ids, self._journaled_ids)
-        self._done_ids, self._journaled_ids = [], []
+        self.check_places()
+        self.store.commit(self._done_ids, self._journaled_ids, self._missing_ids)
+        self._done_ids, self._journaled_ids, self._missing_ids = [], [], []
         batch, self._batch = self._batch, []
         self._batch_names.clear()
-        for row, path, in_place in batch:
+        for row, path, in_place, seen in batch:
             self._journal(row)
             if in_place:
-                self._in_place[path.name] = (row["size"], row["mtime_ns"])
+                self._in_place[path.name] = seen
+                moved = False
             else:
-                self._finish(row, path)
+                moved = self._finish(row, path, seen)
             self.stats.count(row)
-            _log_result(row, Path(row["dest_path"]), moved=not in_place)
+            _log_result(row, Path(row["dest_path"]), moved=moved)
 
     def _journal(self, row: dict) -> None:
         if self.journal:
@@ -265,69 +382,86 @@ class Recorder:
             raise StorageError(f"{self.journal.path}: cannot append result: {exc.strerror or exc}",
                                is_disk_full(exc)) from exc
 
-    def _finish(self, row: dict, path: Path, recovered: bool = False) -> None:
-        """Move a recorded file to its destination (idempotent) and schedule the row's 'done' mark."""
+    def _finish(self, row: dict, path: Path, seen: FileSig, recovered: bool = False) -> bool:
+        """Move a recorded file to its destination (idempotent) and schedule the row's 'done' mark, unless the
+        file is no longer the version that was read (`seen`). Returns whether the file was moved."""
         dest = Path(row["dest_path"])
-        if dest == path:
+        name = path.name
+        if dest == path:                # recorded in place (leave_in_place): nothing to move
+            self._in_place[name] = seen
+            return False
+        try:
+            if os.path.lexists(dest) and os.path.lexists(path):
+                # Copied across file systems before an interruption, or the same file dropped again.
+                if fileops.same_content(path, dest):
+                    path.unlink()
+                else:
+                    raise FileExistsError(errno.EEXIST, f"{dest} exists with other content")
+            elif os.path.lexists(path):
+                fileops.move(path, dest, expect=seen)
+        except FileChanged:
+            log.warning("%s changed after it was read (replaced or rewritten): not moved; it will be inspected "
+                        "again as it is now%s", shown(name),
+                        f" (result id {row['id']}, for the version that was read, marked missing)"
+                        if row["state"] == "recorded" else "")
+            if row["state"] == "recorded":
+                self._missing_ids.append(row["id"])
+            self._requeue.append(name)
+            return False
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise StorageError(f"cannot move {shown(name)} to {dest.parent}: {exc.strerror or exc}",
+                                   True) from exc
+            log.error("%s: recorded (id %s) but cannot move it to %s: %s; will retry on restart",
+                      shown(name), row["id"], dest.parent, exc.strerror or exc)
             try:
-                st = os.stat(path)
-                self._in_place[path.name] = (st.st_size, st.st_mtime_ns)
+                self._stuck[name] = FileSig.of(os.lstat(path))
             except OSError:
                 pass
-        else:
-            try:
-                if dest.exists() and path.exists():
-                    # Copied across file systems before an interruption, or the same file dropped again.
-                    if fileops.same_content(path, dest):
-                        path.unlink()
-                    else:
-                        raise FileExistsError(errno.EEXIST, f"{dest} exists with other content")
-                elif path.exists():
-                    fileops.move(path, dest)
-            except OSError as exc:
-                if is_disk_full(exc):
-                    raise StorageError(f"cannot move {path.name} to {dest.parent}: {exc.strerror or exc}",
-                                       True) from exc
-                log.error("%s: recorded (id %s) but cannot move it to %s: %s; will retry on restart",
-                          path.name, row["id"], dest.parent, exc.strerror or exc)
-                try:
-                    st = os.stat(path)
-                    self._stuck[path.name] = (st.st_size, st.st_mtime_ns)
-                except OSError:
-                    pass
-                return
+            return False
         if row["outcome"] == "quarantined":
-            note = dest.with_name(dest.name + ".reason.txt")
-            try:
-                if not note.exists():
-                    note.write_text(f"{row['name']}: {row['reason']}\nrecorded {row['recorded_at']} "
-                                    f"(id {row['id']}, sha256 {row['sha256']})\n", encoding="utf-8")
-            except OSError as exc:
-                if is_disk_full(exc):
-                    raise StorageError(f"cannot write {note}: {exc.strerror or exc}", True) from exc
-                log.warning("cannot write %s: %s", note, exc.strerror or exc)
+            self._write_note(row, dest)
         if row["state"] != "done":
             self._done_ids.append(row["id"])
         if recovered:
             self.stats.recovered()
-            log.info("%s: already recorded (id %s, %s); finished its move to %s", row["name"], row["id"],
+            log.info("%s: already recorded (id %s, %s); finished its move to %s", shown(row["name"]), row["id"],
                      row["label"] or "quarantined", dest.parent)
+        return True
+
+    def _write_note(self, row: dict, dest: Path) -> None:
+        """NAME.reason.txt beside a quarantined file, created new and renamed into place (never through a
+        symlink; a file planted under that name is replaced by the real reason)."""
+        note = dest.with_name(dest.name + NOTE_SUFFIX)
+        try:
+            fileops.write_new(note, f"{row['name']}: {row['reason']}\nrecorded {row['recorded_at']} "
+                                    f"(id {row['id']}, sha256 {row['sha256']})\n")
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise StorageError(f"cannot write {note}: {exc.strerror or exc}", True) from exc
+            log.warning("cannot write %s: %s", shown(note), exc.strerror or exc)
 
     # -- start-up recovery ------------------------------------------------------------------------------
+    def _source_of(self, row: dict) -> Path:
+        """Where a row's file was found. Its key holds the exact name: a name that is not UTF-8 is stored
+        escaped in src_path, which does not name the file."""
+        exact = self.watch / name_of_key(row["key"])
+        return exact if db_text(exact) == row["src_path"] else Path(row["src_path"])
+
     def reconcile(self) -> None:
         """Finish what an interruption left: rows recorded but not marked done, rows not journaled."""
         done, missing = [], []
         for row in self.store.unfinished():
-            src, dest = Path(row["src_path"]), Path(row["dest_path"])
-            if dest.exists():       # moved before the interruption (a same-content copy left in the
-                done.append(row["id"])      # watch folder is removed when the scan finds its key)
+            src, dest = self._source_of(row), Path(row["dest_path"])
+            if os.path.lexists(dest):   # moved before the interruption (a same-content copy left in the
+                done.append(row["id"])  # watch folder is removed when the scan finds its key)
                 if row["outcome"] == "quarantined":
-                    self._finish(row, dest)
-            elif src.exists():
+                    self._write_note(row, dest)
+            elif os.path.lexists(src):
                 continue            # not moved yet: the scan finds its key and finishes the move
             else:
                 log.warning("%s: recorded (id %s) but the file is in neither %s nor %s; marked missing",
-                            row["name"], row["id"], src.parent, dest.parent)
+                            shown(row["name"]), row["id"], src.parent, dest.parent)
                 missing.append(row["id"])
         journaled = []
         rows = self.store.unjournaled()
@@ -349,12 +483,13 @@ class Recorder:
 
 def _log_result(row: dict, dest: Path, moved: bool) -> None:
     """One log line per recorded image, naming where it went when it was moved."""
-    where = f" -> {dest}" if moved else ""
+    where = f" -> {shown(dest)}" if moved else ""
+    name = shown(row["name"])
     if row["outcome"] == "quarantined":
-        log.warning("%s: quarantined: %s%s", row["name"], row["reason"], where)
+        log.warning("%s: quarantined: %s%s", name, row["reason"], where)
     elif row["defect_class"]:
-        log.info("%s: %s (P(defect) %.3f, confidence %.3f%s) %.1f ms%s", row["name"], row["label"],
+        log.info("%s: %s (P(defect) %.3f, confidence %.3f%s) %.1f ms%s", name, row["label"],
                  row["stage1_score"], row["confidence"], ", REVIEW" if row["review"] else "",
                  row["latency_ms"], where)
     else:
-        log.info("%s: clean (P(defect) %.3f) %.1f ms%s", row["name"], row["stage1_score"], row["latency_ms"], where)
+        log.info("%s: clean (P(defect) %.3f) %.1f ms%s", name, row["stage1_score"], row["latency_ms"], where)

@@ -12,6 +12,7 @@ A new setting is one field below plus its test.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import textwrap
@@ -22,7 +23,8 @@ from pathlib import Path
 import yaml
 
 from edge_runtime.interpreter import BACKENDS
-from edge_runtime.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from edge_runtime.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODE_MB, DEFAULT_MAX_PIXELS
+from edge_runtime.service_lock import lock_path
 
 INSPECT = "inspect"     # a flag of one-off inspection too (edge-inspect --models B PATH...)
 SERVICE = "service"     # a flag of the service only (with --watch DIR or --config FILE)
@@ -72,6 +74,10 @@ class ServiceConfig:
                                   commented=True, choices=tuple(BACKENDS), flag=INSPECT)
     settle_seconds: float = setting(1.0, "a file is complete once its size and mtime hold still this long "
                                     "(files renamed into the folder: at once)", minimum=0.0, metavar="S")
+    incomplete_seconds: float = setting(60.0, "a file that does not decode while it may still be written "
+                                        "(truncated, empty, corrupt) is retried when it changes; quarantined once "
+                                        "its writer closed it, it was renamed in, or it was left alone this long",
+                                        minimum=0.0, metavar="S")
     poll_seconds: float = setting(1.0, "polling interval when inotify is unavailable", positive=True, metavar="S")
     rescan_seconds: float = setting(30.0, "full rescan interval with inotify (a safety net)", positive=True,
                                     metavar="S")
@@ -82,6 +88,9 @@ class ServiceConfig:
     max_file_bytes: int = setting(DEFAULT_MAX_BYTES, "larger files are quarantined unread", positive=True,
                                   metavar="N")
     max_image_pixels: int = setting(DEFAULT_MAX_PIXELS, "larger images are quarantined", positive=True, metavar="N")
+    max_decode_mb: float = setting(float(DEFAULT_MAX_DECODE_MB), "memory budget for decoding one image (file bytes + "
+                                   "decoded pixels + 8-bit copy, estimated from its header before decoding); images "
+                                   "that need more are quarantined", positive=True, metavar="MB")
     max_pending: int = setting(10000, "files tracked at once (bounded memory); more are found by later scans",
                                positive=True, metavar="N")
     commit_every: int = setting(16, "group commit: at most this many results per transaction ...", positive=True,
@@ -113,7 +122,30 @@ class ServiceConfig:
             value = getattr(out, name)
             if value and Path(value).resolve() == watch.resolve():
                 raise ConfigError(f"{name}: must be a different folder from the watch folder")
+        if out.jsonl:
+            db_files = own_files(replace(out, jsonl=None))
+            if any(_same_file(out.jsonl, f) for f in db_files):
+                raise ConfigError(f"jsonl: {out.jsonl} is the result database (or one of its files, "
+                                  f"{', '.join(f.name for f in db_files)}): give the JSONL file its own path")
         return out
+
+
+def own_files(cfg: ServiceConfig) -> list[Path]:
+    """The files the service itself writes beside its inputs: the database with its WAL, shared-memory and
+    lock files, and the JSONL file. Where they sit in the watch folder they are never taken as images."""
+    db = Path(cfg.db)
+    files = [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal")), lock_path(db)]
+    return files + ([Path(cfg.jsonl)] if cfg.jsonl else [])
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """The same path once resolved, or (both existing) the same file under two names."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 SETTINGS = {f.name: f for f in fields(ServiceConfig)}
@@ -137,6 +169,8 @@ def check_setting(name: str, value):
         raise ConfigError(f"{name} must be a path (text), got {value!r}")
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise ConfigError(f"{name} must be {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{name}: must be a finite number, got {value!r}")
     if meta["choices"] and value not in meta["choices"]:
         raise ConfigError(f"{name}: {value!r} is not one of {list(meta['choices'])}")
     if meta["minimum"] is not None and value < meta["minimum"]:

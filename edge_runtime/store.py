@@ -4,14 +4,15 @@ Schema (PRAGMA user_version = 2; a version-1 file is migrated in place on open, 
 
     CREATE TABLE results (
         id            INTEGER PRIMARY KEY,   -- also written into each JSONL line as "id"
-        key           TEXT NOT NULL UNIQUE,  -- identity of one dropped image: "<sha256>/<file name>"
-                                             --   ("unreadable:<size>:<mtime_ns>/<file name>" if it could not be read)
-        name          TEXT NOT NULL,         -- file name as dropped
+        key           TEXT NOT NULL UNIQUE,  -- identity of one dropped image: "<sha256>/<file name>"; a name
+                                             --   that is not UTF-8 as "/" + hex of its bytes (edge_runtime/names.py)
+                                             --   ("special:<size>:<mtime_ns>/<file name>": a FIFO, socket or device)
+        name          TEXT NOT NULL,         -- file name as dropped (bytes that are not UTF-8 as \\xNN escapes)
         src_path      TEXT NOT NULL,         -- where it was found
         dest_path     TEXT NOT NULL,         -- where it goes: processed/, quarantine/ or src_path (leave in place)
         size          INTEGER NOT NULL,      -- bytes
         mtime_ns      INTEGER NOT NULL,
-        sha256        TEXT,                  -- of the file content (NULL when unreadable)
+        sha256        TEXT,                  -- of the file content (NULL for a FIFO, socket or device)
         outcome       TEXT NOT NULL,         -- 'inspected' | 'quarantined'
         label         TEXT,                  -- final 8-class label (clean or the defect class); NULL if quarantined
         stage1_score  REAL,                  -- P(defective)
@@ -21,7 +22,8 @@ Schema (PRAGMA user_version = 2; a version-1 file is migrated in place on open, 
         latency_ms    REAL,
         reason        TEXT,                  -- why it was quarantined
         variant       TEXT,                  -- model variant that produced the result
-        state         TEXT NOT NULL,         -- 'recorded' (file not yet moved) | 'done' | 'missing'
+        state         TEXT NOT NULL,         -- 'recorded' (file not yet moved) | 'done' | 'missing' (the file
+                                             --   is gone: not found at restart, or replaced after it was read)
         journaled     INTEGER NOT NULL,      -- 1 once the JSONL line is written (or no JSONL configured)
         recorded_at   TEXT NOT NULL,         -- ISO-8601 UTC
         done_at       TEXT,
@@ -67,6 +69,8 @@ import json
 import os
 import sqlite3
 from pathlib import Path
+
+from edge_runtime.names import db_text  # noqa: F401  (re-exported: paths as database text)
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -146,11 +150,6 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def db_text(path: str | os.PathLike) -> str:
-    """A path as valid UTF-8 text (names that are not UTF-8 get backslash escapes)."""
-    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
-
-
 class Store:
     def __init__(self, path: str | os.PathLike, durable: bool = True):
         self.path = Path(path)
@@ -174,6 +173,8 @@ class Store:
                                    f"(this version writes {SCHEMA_VERSION})")
             if version != SCHEMA_VERSION:
                 self._create_or_migrate()
+            st = os.stat(self.path)
+            self.identity = (st.st_dev, st.st_ino)
         except sqlite3.Error as exc:
             raise StorageError(f"{self.path}: cannot open result database: {exc}", is_disk_full(exc)) from exc
         except OSError as exc:
@@ -209,6 +210,15 @@ class Store:
             self.db.close()
         except sqlite3.Error:
             pass
+
+    def still_at_path(self) -> bool:
+        """Whether the file this connection writes is still the one at its path (not deleted or replaced, e.g.
+        by a watch folder deleted and re-created around it): results committed to a deleted file are lost."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.identity
 
     # -- reads -------------------------------------------------------------------------------------------
     def get(self, key: str) -> dict | None:
@@ -284,12 +294,12 @@ class Store:
         except sqlite3.Error as exc:
             raise self._fail(exc) from exc
 
-    def commit(self, done_ids=(), journaled_ids=()) -> None:
+    def commit(self, done_ids=(), journaled_ids=(), missing_ids=()) -> None:
         """Apply the deferred state updates and commit: durable when this returns."""
         try:
             if not self.db.in_transaction:
                 self.db.execute("BEGIN IMMEDIATE")
-            self._apply(done_ids, journaled_ids)
+            self._apply(done_ids, journaled_ids, missing_ids)
             self.db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise self._fail(exc) from exc
@@ -304,15 +314,13 @@ class Store:
         if not (done_ids or journaled_ids or missing_ids):
             return
 
-        def fn():
-            self._apply(done_ids, journaled_ids)
-            now = utc_now()
+        self._write(lambda: self._apply(done_ids, journaled_ids, missing_ids))
+
+    def _apply(self, done_ids, journaled_ids, missing_ids=()) -> None:
+        now = utc_now()
+        if missing_ids:
             self.db.executemany("UPDATE results SET state = 'missing', done_at = ? WHERE id = ?",
                                 [(now, i) for i in missing_ids])
-        self._write(fn)
-
-    def _apply(self, done_ids, journaled_ids) -> None:
-        now = utc_now()
         if done_ids:
             self.db.executemany("UPDATE results SET state = 'done', done_at = ? WHERE id = ? AND state != 'done'",
                                 [(now, i) for i in done_ids])

@@ -5,14 +5,25 @@ Finding files
     The watch folder is flat (sub-folders are not entered). New files are seen through Linux inotify
     (edge_runtime/inotify.py) with a full rescan every `rescan_seconds` as a safety net; without inotify the
     folder is polled every `poll_seconds`. A file is taken only once it is complete: renamed into the folder
-    (write-then-rename: IN_MOVED_TO), or with size and mtime unchanged for `settle_seconds`. Hidden and
-    temporary names are ignored (.*, ~*, *.tmp, *.part, *.partial, *.crdownload, *.swp). Files present at
-    start-up (the backlog) are processed first.
+    (write-then-rename: IN_MOVED_TO), or unchanged (inode, size, mtime, ctime) for `settle_seconds`. Hidden
+    and temporary names are ignored (.*, ~*, *.tmp, *.part, *.partial, *.crdownload, *.swp), and so are the
+    service's own files when they live in the folder (database, its -wal/-shm, lock, JSONL), folders and
+    symlinks. FIFOs, sockets and devices are quarantined without being opened. Files present at start-up
+    (the backlog) are processed first; at most `max_pending` are tracked at once, and the folder is scanned
+    again as soon as those are done.
+
+Files still being written
+    A file that fails to decode before its writer is surely done (it was not renamed in, no close-after-write
+    was seen, and it has not been left alone for `incomplete_seconds`) is not quarantined: it waits, and is
+    tried again when it changes or once one of those holds. A writer that pauses longer than settle_seconds
+    therefore loses nothing.
 
 Stopping
     SIGTERM/SIGINT: the current image is finished and flushed, then exit 0. `--once`: drain the folder
-    (including files still settling) and exit. Disk full or any other storage failure: stop taking work,
-    leave the remaining images where they are, log why and exit 3.
+    (including files still settling or still being written) and exit. Disk full or any other storage failure:
+    stop taking work, leave the remaining images where they are, log why and exit 3. The watch folder or the
+    database deleted or replaced while running, or a second instance on the same folder or database: exit 2
+    with a message saying which.
 """
 from __future__ import annotations
 
@@ -26,12 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_runtime.exits import EXIT_OK, EXIT_SETUP, EXIT_STORAGE, WatchError
-from edge_runtime.fileops import check_folder
-from edge_runtime.inotify import (IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF, IN_MOVED_FROM, IN_MOVED_TO,
-                                  IN_Q_OVERFLOW, Inotify)
+from edge_runtime.fileops import FileSig, check_folder
+from edge_runtime.inotify import (IN_CLOSE_WRITE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF, IN_MOVED_FROM,
+                                  IN_MOVED_TO, IN_Q_OVERFLOW, Inotify)
 from edge_runtime.journal import Journal
-from edge_runtime.recorder import Recorder
-from edge_runtime.service_config import ServiceConfig
+from edge_runtime.names import shown
+from edge_runtime.recorder import Handled, Recorder
+from edge_runtime.service_config import ServiceConfig, own_files
+from edge_runtime.service_lock import ServiceLock
 from edge_runtime.service_stats import ServiceStats, rss_mb
 from edge_runtime.store import Store, StorageError, is_disk_full
 
@@ -48,10 +61,11 @@ def is_ignored_name(name: str) -> bool:
 
 @dataclass
 class _Candidate:
-    size: int
-    mtime_ns: int
+    sig: FileSig
     since: float            # monotonic time of the last observed change
     renamed_in: bool = False
+    closed: bool = False    # its writer closed it after the last change (IN_CLOSE_WRITE)
+    incomplete: bool = False    # failed to decode while it may still be written: waits for a change or the end
 
 
 class WatchService:
@@ -62,11 +76,20 @@ class WatchService:
         if config.processed:
             check_folder(Path(config.processed), "processed folder", write=True, create=True)
         check_folder(Path(config.quarantine), "quarantine folder", write=True, create=True)
+        # One service per folder and per database: a second instance is refused here, naming the first.
+        self.lock = ServiceLock(self.watch, Path(config.db))
+        try:
+            self._open(config, inspector)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, config: ServiceConfig, inspector) -> None:
         if inspector is None:
             from edge_runtime.inspector import Inspector
             inspector = Inspector(config.models, variant=config.variant, threads=config.threads,
                                   runtime=config.runtime, max_pixels=config.max_image_pixels,
-                                  max_bytes=config.max_file_bytes)
+                                  max_bytes=config.max_file_bytes, max_decode_mb=config.max_decode_mb)
         self.inspector = inspector
         durable = config.durability == "full"
         self.store = Store(config.db, durable=durable)
@@ -79,6 +102,9 @@ class WatchService:
         self.stats = ServiceStats()
         self.recorder = Recorder(config, inspector, self.store, self.journal, self.stats)
         self.pending: dict[str, _Candidate] = {}
+        self._capped = False        # a file was left out because max_pending were tracked: scan again
+        # The service's own files, where they sit in the watch folder, are never inputs.
+        self._own = {p.name for p in own_files(config) if p.parent.resolve() == self.watch.resolve()}
         self.stop_requested = False
         # A self-pipe wakes the main loop's select() at once on a signal or stop().
         self._wake_r, self._wake_w = os.pipe()
@@ -152,6 +178,10 @@ class WatchService:
             if fd is not None:
                 os.close(fd)
         self._wake_r = self._wake_w = None
+        self.lock.release()
+
+    def _skip(self, name: str) -> bool:
+        return is_ignored_name(name) or name in self._own
 
     def _run(self, once: bool) -> int:
         cfg, recorder = self.cfg, self.recorder
@@ -168,20 +198,30 @@ class WatchService:
         next_rescan = time.monotonic() + rescan_every
         next_summary = time.monotonic() + cfg.summary_seconds if cfg.summary_seconds else None
         while not self.stop_requested:
-            ready = self._ready(time.monotonic())
+            now = time.monotonic()
+            ready = self._ready(now)
             for name in ready:
                 if self.stop_requested:
                     break
                 cand = self.pending.pop(name)
-                if not recorder.handle(name, cand.size, cand.mtime_ns):
+                outcome = recorder.handle(name, cand.sig, final=self._final(cand, time.monotonic()))
+                if outcome is Handled.RESETTLE:
                     self._observe(name)         # changed since it was judged complete: settle again
+                elif outcome is Handled.RETRY:
+                    cand.incomplete, cand.closed = True, False     # waits for a change or for the end
+                    self.pending[name] = cand
                 recorder.commit_if_due(waiting=True)
+                self._requeue()
             # Group commit: keep the transaction open while more files are on their way, for at most
             # commit_seconds; commit at once when the folder has nothing else waiting.
             recorder.commit_if_due(waiting=bool(self.pending))
+            self._requeue()
             if ready:
                 continue            # look for events/ready files again before sleeping
             recorder.idle()
+            if self._capped and not self.pending:
+                self._scan()        # files left out while max_pending were tracked: take them now
+                continue
             if once and not self.pending and not recorder.has_open_group:
                 break
             now = time.monotonic()
@@ -190,8 +230,7 @@ class WatchService:
                 next_summary = now + cfg.summary_seconds
             timeout = max(0.0, next_rescan - now)
             if self.pending:
-                timeout = min(timeout, max(0.01, min(c.since for c in self.pending.values())
-                                           + cfg.settle_seconds - now))
+                timeout = min(timeout, max(0.01, min(self._due(c, now) for c in self.pending.values()) - now))
             deadline = recorder.commit_deadline()
             if deadline is not None:
                 timeout = min(timeout, max(0.0, deadline - now))
@@ -202,8 +241,15 @@ class WatchService:
                 self._scan()
                 next_rescan = time.monotonic() + rescan_every
         recorder.flush()
+        if recorder.unreadable:
+            log.warning("%d file(s) left in %s because they cannot be read: %s", len(recorder.unreadable),
+                        self.watch, ", ".join(shown(n) for n in recorder.unreadable[:10]))
         log.info("stopped: %s", self.stats.total.line())
         return EXIT_OK
+
+    def _requeue(self) -> None:
+        for name in self.recorder.take_requeued():
+            self._observe(name)
 
     def _summary(self) -> None:
         recent = self.stats.take_recent()
@@ -234,15 +280,17 @@ class WatchService:
                     log.warning("inotify queue overflow; rescanning %s", self.watch)
                     self._scan()
                     continue
-                if not name or is_ignored_name(name):
+                if not name or self._skip(name):
                     continue
                 if mask & (IN_DELETE | IN_MOVED_FROM):
                     self.pending.pop(name, None)
                 else:
-                    self._observe(name, renamed_in=bool(mask & IN_MOVED_TO))
+                    self._observe(name, renamed_in=bool(mask & IN_MOVED_TO), closed=bool(mask & IN_CLOSE_WRITE))
 
     # -- finding complete files -------------------------------------------------------------------------
     def _scan(self) -> None:
+        self.recorder.check_places()        # the folder (and the database) still the ones we started with
+        self._capped = False
         try:
             names = os.listdir(self.watch)
         except FileNotFoundError:
@@ -251,7 +299,7 @@ class WatchService:
             raise WatchError(f"watch folder {self.watch}: permission denied") from None
         present = set()
         for name in names:
-            if is_ignored_name(name):
+            if self._skip(name):
                 continue
             present.add(name)
             self._observe(name)
@@ -260,39 +308,73 @@ class WatchService:
                 del self.pending[name]
         self.recorder.forget_absent(present)
 
-    def _observe(self, name: str, renamed_in: bool = False) -> None:
+    def _observe(self, name: str, renamed_in: bool = False, closed: bool = False) -> None:
         try:
             st = os.stat(self.watch / name, follow_symlinks=False)
         except FileNotFoundError:
             self.pending.pop(name, None)
             return
         except OSError as exc:
-            log.debug("cannot stat %s: %s", name, exc)
+            log.debug("cannot stat %s: %s", shown(name), exc)
             return
-        if not stat.S_ISREG(st.st_mode) or self.recorder.holds(name, st.st_size, st.st_mtime_ns):
+        # Folders are not entered and symlinks never followed; regular files and FIFOs, sockets and devices
+        # (quarantined as such) are candidates.
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            self.pending.pop(name, None)
             return
-        sig = (st.st_size, st.st_mtime_ns)
+        sig = FileSig.of(st)
+        if self.recorder.holds(name, sig):
+            return
         current = self.pending.get(name)
         if current is None:
             if len(self.pending) >= self.cfg.max_pending:
-                return          # bounded: found again by a later scan
-            self.pending[name] = _Candidate(*sig, since=time.monotonic(), renamed_in=renamed_in)
-        elif (current.size, current.mtime_ns) != sig:
-            current.size, current.mtime_ns, current.since = st.st_size, st.st_mtime_ns, time.monotonic()
-            current.renamed_in = renamed_in
-        elif renamed_in:
-            current.renamed_in = True
+                self._capped = True     # bounded: taken by the scan that follows once these are done
+                return
+            self.pending[name] = _Candidate(sig, since=time.monotonic(), renamed_in=renamed_in, closed=closed)
+        elif current.sig != sig:
+            current.sig, current.since = sig, time.monotonic()
+            current.renamed_in, current.closed, current.incomplete = renamed_in, closed, False
+        else:
+            current.renamed_in |= renamed_in
+            current.closed |= closed
+
+    def _quiet(self, cand: _Candidate, now: float) -> float:
+        """How long the file has been left alone: since its last observed change, or by its mtime (a file
+        found at start-up may have been finished long ago)."""
+        return max(now - cand.since, time.time() - cand.sig.mtime_ns / 1e9)
+
+    def _final(self, cand: _Candidate, now: float) -> bool:
+        """Its writer is surely done: renamed in, closed after the last write, or left alone long enough."""
+        return cand.renamed_in or cand.closed or self._quiet(cand, now) >= self.cfg.incomplete_seconds
+
+    def _due(self, cand: _Candidate, now: float) -> float:
+        """When (monotonic) the candidate is next worth a look."""
+        if not cand.incomplete:
+            return now if cand.renamed_in else cand.since + self.cfg.settle_seconds
+        if cand.closed:
+            return now
+        # Incomplete: look for growth every settle period, and take it for good once left alone long enough.
+        return min(now + max(self.cfg.settle_seconds, 0.1),
+                   now + max(0.0, self.cfg.incomplete_seconds - self._quiet(cand, now)))
 
     def _ready(self, now: float) -> list[str]:
-        """Names whose size and mtime held still for settle_seconds (re-checked now), oldest first."""
+        """Names that held still for settle_seconds (re-checked now), oldest first. A file that failed to
+        decode while it may still be written is ready again when it changed and settled, or once final."""
         ready = []
         for name, cand in list(self.pending.items()):
+            if cand.incomplete:
+                before = (cand.sig, cand.since)
+                self._observe(name)             # grown since? then it settles again like a new file
+                after = self.pending.get(name)
+                if after is not None and (after.sig, after.since) == before and self._final(after, now):
+                    ready.append(name)
+                continue
             if not cand.renamed_in and now - cand.since < self.cfg.settle_seconds:
                 continue
-            before = (cand.size, cand.mtime_ns, cand.since)
+            before = (cand.sig, cand.since)
             self._observe(name)
             after = self.pending.get(name)
-            if after is not None and (after.size, after.mtime_ns, after.since) == before:
+            if after is not None and (after.sig, after.since) == before:
                 ready.append(name)
-        ready.sort(key=lambda n: (self.pending[n].mtime_ns, n))
+        ready.sort(key=lambda n: (self.pending[n].sig.mtime_ns, n))
         return ready

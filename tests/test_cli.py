@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, TINY_STAGE2
+from conftest import REPO, TINY_STAGE2, run_unprivileged
 from edge_runtime.cli import main
 
 FIELDS = ("path", "label", "stage1_score", "defect_class", "confidence", "review", "latency_ms")
@@ -161,31 +161,6 @@ def test_console_entry_point_runs_as_a_module(tiny_bundle, tmp_path):
     assert proc.returncode == 0, proc.stderr
     (row,) = json_lines(proc.stdout)
     assert row["path"] == str(img)
-
-
-# Imports everything edge-inspect needs while still root (the interpreter and the tree may live where nobody
-# cannot read, e.g. /root/.pyenv), then drops to nobody (65534) and runs the command.
-UNPRIVILEGED = """
-import os, sys
-from PIL import Image
-Image.init()
-import edge_runtime.cli, edge_runtime.inspector
-from edge_runtime.interpreter import load_backend
-load_backend()
-os.setgroups([])
-os.setgid(65534)
-os.setuid(65534)
-sys.exit(edge_runtime.cli.main(sys.argv[1:]))
-"""
-
-
-def run_unprivileged(argv: list[str]) -> tuple[int, str]:
-    """edge-inspect ARGV in a fresh process that has dropped to an unprivileged user, so that file permissions
-    apply even when the tests run as root (CI does)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([sys.executable, "-c", UNPRIVILEGED, *argv], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=120)
-    return proc.returncode, proc.stderr
 
 
 def test_unreadable_file_fails_cleanly(tiny_bundle, tmp_path, capsys):

@@ -91,6 +91,92 @@ def test_malformed_manifest_is_refused(tiny_bundle, tmp_path):
         load_bundle(b)
 
 
+def _edit_manifest(bundle: Path, edit) -> None:
+    manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
+    edit(manifest)
+    (bundle / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+
+def _random_model_bytes(bundle: Path) -> None:
+    """Random bytes in place of stage1.tflite, with the manifest's sha256 and size updated to match."""
+    import hashlib
+    data = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    (bundle / "stage1.tflite").write_bytes(data)
+
+    def edit(m):
+        m["variants"]["int8"]["stage1"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    _edit_manifest(bundle, edit)
+
+
+BAD_BUNDLES = {
+    "taxonomy entry is a list": (lambda b: _edit_manifest(b, lambda m: m["taxonomy"].append(["x", "y"])),
+                                 "taxonomy must be a list of class names"),
+    "input shape holds a string": (lambda b: _edit_manifest(
+        b, lambda m: m["variants"]["int8"]["stage1"]["input"].update(shape=[1, "32", 32, 3])), "'shape' must be"),
+    "input shape holds null": (lambda b: _edit_manifest(
+        b, lambda m: m["variants"]["int8"]["stage2"]["input"].update(shape=[1, None, 32, 3])), "'shape' must be"),
+    "manifest is not UTF-8": (lambda b: (b / "manifest.yaml").write_bytes(
+        (b / "manifest.yaml").read_bytes().replace(b"clean", b"cl\xe9an")), "not UTF-8"),
+    "random bytes with a matching sha256": (_random_model_bytes, "not a usable TFLite model"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BUNDLES))
+def test_every_bundle_problem_is_exit_2_with_one_clear_line(tiny_bundle, tmp_path, capsys, case):
+    from edge_runtime.cli import main
+
+    damage, message = BAD_BUNDLES[case]
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    damage(b)
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(img)
+    assert main(["--models", str(b), "--threads", "1", str(img)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"edge-inspect: error: {b}") and message in err[0], err
+
+
+REPLACEMENTS = (None, "text", -3, 2.5, True, [], [1, "a", None], {"k": [None]}, float("nan"), 10**30)
+
+
+def _mutations(value, path=()):
+    """Every (path, replacement): each node of the manifest swapped for each value of REPLACEMENTS."""
+    out = [(path, r) for r in REPLACEMENTS]
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out += _mutations(v, path + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += _mutations(v, path + (i,))
+    return out
+
+
+def test_manifest_fuzz_any_damage_is_a_bundle_error(tiny_bundle, tmp_path):
+    """Each node of the manifest in turn replaced by each of a dozen values of other kinds (None, text,
+    numbers, lists, mappings, NaN, huge): loading either works or raises BundleError, never anything else."""
+    original = yaml.safe_load((tiny_bundle / "manifest.yaml").read_text())
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    failures = []
+    for path, replacement in _mutations(original):
+        if path[:2] == ("variants", "float32"):
+            continue        # read by the same code as variants.int8
+        manifest = json.loads(json.dumps(original))
+        if path:
+            node = manifest
+            for k in path[:-1]:
+                node = node[k]
+            node[path[-1]] = replacement
+        else:
+            manifest = replacement
+        (b / "manifest.yaml").write_text(yaml.dump(manifest, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper)))
+        try:
+            load_bundle(b)
+        except BundleError:
+            pass
+        except Exception as exc:        # noqa: BLE001 - what the test is looking for
+            failures.append(f"{'.'.join(map(str, path))} = {replacement!r}: {type(exc).__name__}: {exc}")
+    assert not failures, "\n".join(failures)
+
+
 def test_threshold_zero_sends_everything_to_stage2(tiny_bundle, tmp_path):
     insp = Inspector(copy_bundle(tiny_bundle, tmp_path / "b", stage1_threshold=0.0), threads=1)
     calls = _count_runs(insp.stage2)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edge_runtime import preprocess
 from edge_runtime.preprocess import (ImageError, SUPPORTED_SUFFIXES, decode_image, is_supported,
                                      preprocess_array, preprocess_file)
 
@@ -131,6 +132,89 @@ def test_multipage_tiff_uses_first_frame(tmp_path):
     assert np.all(decode_image(path) == 30)
 
 
+def test_exif_orientation_is_applied_as_pillow_does(tmp_path):
+    """A frame stored sideways with EXIF Orientation 6 ("rotate 90 degrees clockwise to view") is read
+    upright, exactly as PIL.ImageOps.exif_transpose shows it; training and runtime share this."""
+    from PIL import ImageOps
+
+    upright = np.zeros((SRC_H, SRC_W), np.uint8)
+    upright[:4, :] = 250                                  # a bright band along the top
+    upright[:, :3] = 120                                  # and a dimmer one down the left side
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))       # as a sideways sensor wrote it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "sideways.png"
+    Image.fromarray(stored).save(path, exif=exif)
+    with Image.open(path) as img:
+        assert np.array_equal(np.asarray(ImageOps.exif_transpose(img)), upright)
+    assert np.array_equal(decode_image(path), upright)
+    assert np.array_equal(preprocess_file(path, (SRC_H, SRC_W))[..., 0], upright)
+
+
+def test_same_picture_in_8_bit_16_bit_and_float_gives_the_same_pixels(tmp_path):
+    """One dim picture saved as 8-bit, 16-bit, 32-bit integer and float [0, 1]: the same model input, so the
+    same score (a float frame is not stretched by its own min/max, a dim frame stays dim)."""
+    rng = np.random.default_rng(3)
+    picture = rng.integers(20, 90, (SRC_H, SRC_W), dtype=np.uint8)
+    variants = {"8bit.png": picture, "16bit.tif": picture.astype(np.uint16) * 257,
+                "32bit.tif": picture.astype(np.int32) * 257, "float.tif": picture.astype(np.float32) / 255}
+    outputs = {}
+    for name, array in variants.items():
+        Image.fromarray(array).save(tmp_path / name)
+        outputs[name] = preprocess_file(tmp_path / name, SIZE)
+        assert np.array_equal(decode_image(tmp_path / name), picture), name
+    for name, out in outputs.items():
+        assert np.array_equal(out, outputs["8bit.png"]), name
+    for array in variants.values():                   # arrays in memory follow the same rules
+        assert np.array_equal(preprocess_array(array, SIZE), outputs["8bit.png"])
+
+
+def test_conversion_in_bands_equals_converting_the_whole_image(tmp_path, monkeypatch):
+    """Gray conversion runs band by band (bounded memory); band edges must not show."""
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 256, (37, 23, 4), dtype=np.uint8)
+    whole = Image.alpha_composite(Image.new("RGBA", (23, 37), (0, 0, 0, 255)), Image.fromarray(rgba))
+    expected = np.asarray(whole.convert("RGB").convert("L"))
+    path = tmp_path / "rgba.png"
+    Image.fromarray(rgba).save(path)
+    monkeypatch.setattr(preprocess, "BAND_PIXELS", 23 * 5)        # 5 rows a band: 8 bands, the last short
+    assert np.array_equal(decode_image(path), expected)
+    sixteen = rng.integers(0, 65536, (37, 23), dtype=np.uint16)
+    Image.fromarray(sixteen).save(tmp_path / "s.tif")
+    assert np.array_equal(decode_image(tmp_path / "s.tif"), (sixteen >> 8).astype(np.uint8))
+
+
+def test_memory_budget_refuses_before_decoding_and_names_the_need(tmp_path):
+    Image.new("RGBA", (1000, 1000), (50, 60, 70, 255)).save(tmp_path / "rgba.png")     # ~4.8 MB to decode
+    Image.new("L", (1000, 1000), 60).save(tmp_path / "gray.png")                         # ~1 MB
+    with pytest.raises(ImageError, match=r"memory budget: 1000x1000 RGBA needs about 5 MB to decode \(> 4 MB\)"):
+        preprocess_file(tmp_path / "rgba.png", SIZE, max_decode_mb=4)
+    assert preprocess_file(tmp_path / "gray.png", SIZE, max_decode_mb=4).shape == (SIZE, SIZE, 3)
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_to_about_the_same_pixels(tmp_path):
+    """A JPEG much larger than the model input is decoded straight to gray at 1/2..1/8 scale (Image.draft);
+    what the model sees stays within a few gray levels of a full decode."""
+    ramp = np.add.outer(np.linspace(0, 200, 960), np.linspace(0, 55, 1280)).astype(np.uint8)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(ramp).convert("RGB").save(path, quality=95)
+    full = decode_image(path)
+    assert full.shape == (960, 1280)
+    reduced = preprocess_file(path, SIZE)
+    reference = np.asarray(Image.fromarray(full).resize((SIZE, SIZE), preprocess.RESAMPLE))
+    assert np.abs(reduced[..., 0].astype(int) - reference).max() <= 3
+    with Image.open(path) as img:          # what preprocess_file decoded: gray, 1/8 scale (1/64 of the pixels)
+        img.draft("L", (SIZE * preprocess.DRAFT_GAP, SIZE * preprocess.DRAFT_GAP))
+        assert (img.mode, img.size) == ("L", (160, 120))
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    import os
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(ImageError, match=r"not a regular file \(FIFO\)"):
+        preprocess_file(tmp_path / "pipe.png", SIZE)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
@@ -212,12 +296,15 @@ def test_preprocess_array_colour_weights_follow_luma():
     assert np.all(np.abs(out.astype(int) - 76) <= 1)          # ITU-R 601 luma of pure red: 0.299 * 255
 
 
-def test_preprocess_array_float_is_min_max_scaled():
+def test_preprocess_array_float_is_intensity_in_0_1_not_stretched():
+    """Float arrays are intensities in [0, 1] (as float files): a dim ramp stays dim, a flat frame keeps its
+    level, values outside [0, 1] are clipped."""
     ramp = np.tile(np.linspace(0.2, 0.4, SRC_W, dtype=np.float64), (SRC_H, 1))
     gray = preprocess_array(ramp, (SRC_H, SRC_W))[..., 0]
-    assert gray[:, 0].max() == 0 and gray[:, -1].min() == 255
+    assert gray[:, 0].max() == 51 and gray[:, -1].min() == 102        # 0.2 * 255, 0.4 * 255
     assert np.all(np.diff(gray[0].astype(int)) >= 0)
-    assert np.all(preprocess_array(np.full((4, 4), 0.5), SIZE) == 0)      # flat float frame: no signal
+    assert np.all(preprocess_array(np.full((4, 4), 0.5), SIZE) == 128)
+    assert np.all(preprocess_array(np.array([[-1.0, 7.0]]), (1, 2))[..., 0] == [0, 255])
 
 
 @pytest.mark.parametrize("array,reason", [

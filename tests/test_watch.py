@@ -59,7 +59,8 @@ def folders(tmp_path):
 def make_config(bundle, folders, **overrides):
     values = {"models": str(bundle), "watch": str(folders["watch"]), "processed": str(folders["processed"]),
               "quarantine": str(folders["quarantine"]), "db": str(folders["db"]), "jsonl": str(folders["jsonl"]),
-              "settle_seconds": 0.2, "poll_seconds": 0.1, "summary_seconds": 0}
+              "settle_seconds": 0.2, "poll_seconds": 0.1, "summary_seconds": 0,
+              "incomplete_seconds": 0.5}    # corrupt files written in place: quarantined after 0.5 s alone
     values.update(overrides)
     return load_service_config(None, values)
 
@@ -274,11 +275,11 @@ def test_crash_between_record_and_move_is_recovered(tiny_bundle, inspector, fold
     real_move = fileops.move
     calls = {"n": 0}
 
-    def crashing_move(src, dest):
+    def crashing_move(src, dest, expect=None):
         calls["n"] += 1
         if calls["n"] == 2:
             raise Crash()           # the process dies after the commit and the JSONL line, before the move
-        real_move(src, dest)
+        real_move(src, dest, expect)
     monkeypatch.setattr(fileops, "move", crashing_move)
     with pytest.raises(Crash):
         WatchService(make_config(tiny_bundle, folders), inspector=inspector).run(once=True)
@@ -321,7 +322,7 @@ def test_disk_full_on_move_stops_and_keeps_the_image(tiny_bundle, inspector, fol
     for i in range(3):
         (folders["watch"] / f"img{i}.png").write_bytes(png_bytes(i))
 
-    def full(src, dest):
+    def full(src, dest, expect=None):
         raise OSError(errno.ENOSPC, "No space left on device")
     real_move = fileops.move
     monkeypatch.setattr(fileops, "move", full)
@@ -641,7 +642,7 @@ def start_service(bundle, folders, log_path: Path, *extra) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "edge_runtime.cli", "--models", str(bundle), "--watch", str(folders["watch"]),
            "--processed", str(folders["processed"]), "--quarantine", str(folders["quarantine"]),
            "--db", str(folders["db"]), "--jsonl", str(folders["jsonl"]), "--settle-seconds", "0.1",
-           "--threads", "1", *extra]
+           "--incomplete-seconds", "1", "--threads", "1", *extra]   # truncated files: quarantined after 1 s alone
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     with open(log_path, "ab") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=log, cwd=REPO, env=env)

@@ -204,8 +204,43 @@ def test_broker_outage_loses_nothing(tiny_bundle, folders, tmp_path, broker):
 
 
 def test_kill_9_between_commit_and_publish_republishes(tiny_bundle, folders, tmp_path, broker):
+    """Results committed and sent, but the broker (frozen with SIGSTOP) never acknowledged them when the service
+    is killed: they are not marked published, and the restarted service publishes them again."""
     sub = Subscriber(broker.port)
-    broker.stop()               # results are committed, but nothing can be acknowledged
+    log = tmp_path / "service.log"
+    proc = start_service(tiny_bundle, folders, log, *fleet_args(broker.port))
+    frozen = False
+    try:
+        assert wait_for(lambda: sub.last("status") == b"online", timeout=60), log.read_text()
+        broker.proc.send_signal(signal.SIGSTOP)
+        frozen = True
+        for i in range(5):
+            (folders["watch"] / f"img {i}.png").write_bytes(png_bytes(i))
+        assert wait_for(lambda: len(files_in(folders["processed"])) == 5, timeout=60), log.read_text()
+        assert wait_for(lambda: [r["state"] for r in rows(folders["db"])] == ["done"] * 5, timeout=30)
+        time.sleep(0.5)             # time to send them (unacknowledged: the broker is frozen)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert published_flags(folders["db"]) == [0] * 5, "marked only once the broker acknowledged"
+        broker.proc.send_signal(signal.SIGCONT)
+        frozen = False
+        proc = start_service(tiny_bundle, folders, log, *fleet_args(broker.port))
+        assert wait_for(lambda: len({m["id"] for m in sub.results()}) == 5, timeout=60), log.read_text()
+        assert wait_for(lambda: published_flags(folders["db"]) == [1] * 5, timeout=30)
+        stop(proc, log)
+        check_delivery(sub.results(), folders["db"])
+        assert len(rows(folders["db"])) == 5, "republished, never re-recorded"
+    finally:
+        if frozen:
+            broker.proc.send_signal(signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+        sub.close()
+
+
+def test_restart_with_the_broker_down_then_up_publishes_the_backlog(tiny_bundle, folders, tmp_path, broker):
+    sub = Subscriber(broker.port)
+    broker.stop()
     log = tmp_path / "service.log"
     proc = start_service(tiny_bundle, folders, log, *fleet_args(broker.port))
     try:
@@ -222,7 +257,6 @@ def test_kill_9_between_commit_and_publish_republishes(tiny_bundle, folders, tmp
         assert wait_for(lambda: published_flags(folders["db"]) == [1] * 5, timeout=30)
         stop(proc, log)
         check_delivery(sub.results(), folders["db"])
-        assert len(rows(folders["db"])) == 5, "republished, never re-recorded"
     finally:
         if proc.poll() is None:
             proc.kill()

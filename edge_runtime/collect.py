@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     try:
         host, port = parse_host_port(args.broker)
-        mqtt = need("paho.mqtt.client", "collect")
+        mqtt = need("paho.mqtt.client", "collect", "paho-mqtt")
         password = args.password_file.read_text().strip() if args.password_file else None
     except (ValueError, FleetUnavailable, OSError) as exc:
         print(f"collect: error: {exc}", file=sys.stderr)

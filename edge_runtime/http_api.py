@@ -61,6 +61,9 @@ class HttpApi(ThreadingHTTPServer):
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
     def start(self) -> None:
+        host = self.server_address[0]
+        if not self.cfg.http_token and not (host.startswith("127.") or host in ("::1", "localhost")):
+            log.warning("http: listening on %s without http_token: anyone who can reach it can read results", host)
         self._thread = threading.Thread(target=self.serve_forever, name="http-api", daemon=True)
         self._thread.start()
         log.info("http: serving /healthz /metrics /results /inspect on %s%s", self.url,

@@ -19,7 +19,7 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 
 class Metrics:
     def __init__(self, backlog=lambda: 0, unpublished=lambda: 0):
-        pc = need("prometheus_client", "http")
+        pc = need("prometheus_client", "http", "prometheus-client")
         self._pc = pc
         self.registry = pc.CollectorRegistry()
         self.images = pc.Counter("sem_inspect_images", "Results by final label", ["label"], registry=self.registry)

@@ -35,13 +35,13 @@ class FleetUnavailable(RuntimeError):
     """A fleet setting is used but its package is not installed."""
 
 
-def need(module: str, setting: str):
+def need(module: str, setting: str, package: str):
     """Import an optional fleet dependency, or say how to install it."""
     import importlib
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise FleetUnavailable(f"{setting} needs the {module.split('.')[0]} package: {FLEET_HINT}") from None
+        raise FleetUnavailable(f"{setting} needs the {package} package: {FLEET_HINT}") from None
 
 
 def topics(prefix: str, board: str) -> dict[str, str]:
@@ -58,7 +58,7 @@ class Publisher:
     KEEPALIVE = 30
 
     def __init__(self, cfg: ServiceConfig, store: Store, stats_fn=None, wake=None):
-        mqtt = need("paho.mqtt.client", "mqtt")
+        mqtt = need("paho.mqtt.client", "mqtt", "paho-mqtt")
         self.store, self.board, self.stats_fn, self.wake = store, cfg.board, stats_fn, wake or (lambda: None)
         self.topics = topics(cfg.mqtt_prefix, cfg.board)
         self.stats_every = cfg.mqtt_stats_seconds

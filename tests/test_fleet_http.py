@@ -128,9 +128,11 @@ def test_missing_content_length_is_411(running):
 def test_fleet_settings_without_the_fleet_extra_name_the_install(tiny_bundle, folders, monkeypatch):
     monkeypatch.setitem(sys.modules, "paho.mqtt.client", None)      # import fails as if not installed
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
-    for setting in ({"mqtt": "127.0.0.1:1883"}, {"http": "127.0.0.1:0"}):
-        with pytest.raises(WatchError, match=r'pip install "sem-inspect\[fleet\]"'):
-            WatchService(make_config(tiny_bundle, folders, **setting))
+    for name, value, package in (("mqtt", "127.0.0.1:1883", "paho-mqtt"),
+                                 ("http", "127.0.0.1:0", "prometheus-client")):
+        with pytest.raises(WatchError,
+                           match=rf'{name} needs the {package} package: pip install "sem-inspect\[fleet\]"'):
+            WatchService(make_config(tiny_bundle, folders, **{name: value}))
 
 
 @pytest.mark.parametrize("values, message", [

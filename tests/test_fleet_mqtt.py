@@ -224,6 +224,7 @@ def test_kill_9_between_commit_and_publish_republishes(tiny_bundle, folders, tmp
         assert published_flags(folders["db"]) == [0] * 5, "marked only once the broker acknowledged"
         broker.proc.send_signal(signal.SIGCONT)
         frozen = False
+        assert wait_for(lambda: sub.last("status") == b"offline", timeout=30), "the last will tells it went away"
         proc = start_service(tiny_bundle, folders, log, *fleet_args(broker.port))
         assert wait_for(lambda: len({m["id"] for m in sub.results()}) == 5, timeout=60), log.read_text()
         assert wait_for(lambda: published_flags(folders["db"]) == [1] * 5, timeout=30)

@@ -241,6 +241,7 @@ class WatchService:
                 if not recorder.handle(name, cand.size, cand.mtime_ns):
                     self._observe(name)         # changed since it was judged complete: settle again
                 recorder.commit_if_due(waiting=True)
+                self._fleet_tick()              # a long backlog still pings the watchdog and publishes
             # Group commit: keep the transaction open while more files are on their way, for at most
             # commit_seconds; commit at once when the folder has nothing else waiting.
             recorder.commit_if_due(waiting=bool(self.pending))
@@ -273,7 +274,8 @@ class WatchService:
         return EXIT_OK
 
     def _fleet_tick(self) -> None:
-        """Between group commits: the systemd watchdog ping, MQTT acknowledgements and sends."""
+        """After each image: the systemd watchdog ping (when due); between group commits: MQTT
+        acknowledgements and sends."""
         self.sd.watchdog()
         if self.publisher and not self.recorder.has_open_group:
             self.publisher.pump()

@@ -243,3 +243,38 @@ def test_a_hung_loop_stops_the_watchdog_pings(tiny_bundle, folders, tmp_path, mo
         thread.join(30)
         sock.close()
     assert out["rc"] == 0
+
+
+def test_a_long_backlog_keeps_pinging_the_watchdog(tiny_bundle, folders, tmp_path, monkeypatch):
+    """Busy is not hung: while a backlog is worked through image after image, the pings go on."""
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.05)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")      # ping every 0.2 s
+    for i in range(12):
+        (folders["watch"] / f"b{i}.png").write_bytes(png_bytes(i))
+    service = WatchService(make_config(tiny_bundle, folders, threads=1))
+    real = service.recorder.inspector.inspect
+
+    def slow(*a, **k):
+        time.sleep(0.25)
+        return real(*a, **k)
+    service.recorder.inspector.inspect = slow
+    thread, out = run_in_thread(service)
+    stamps = []
+    try:
+        end = time.monotonic() + 60
+        while time.monotonic() < end and service.stats.total.inspected < 12:
+            try:
+                if sock.recv(4096) == b"WATCHDOG=1":
+                    stamps.append(time.monotonic())
+            except socket.timeout:
+                pass
+    finally:
+        service.stop()
+        thread.join(30)
+        sock.close()
+    assert out["rc"] == 0 and service.stats.total.inspected == 12
+    assert len(stamps) >= 5 and max(b - a for a, b in zip(stamps, stamps[1:])) < 1.0, stamps

@@ -165,6 +165,12 @@ def test_results_arrive_once_with_status_and_stats(tiny_bundle, folders, tmp_pat
         received = sub.results()
         assert len(received) == 7, "no outage: each result exactly once"
         check_delivery(received, folders["db"])
+        # A restart sends nothing again: everything was acknowledged.
+        proc = start_service(tiny_bundle, folders, log, *fleet_args(broker.port))
+        assert wait_for(lambda: sub.last("status") == b"online", timeout=60), log.read_text()
+        time.sleep(1.0)
+        stop(proc, log)
+        assert len(sub.results()) == 7
         bad = next(m for m in received if m["name"] == "bad.png")
         assert bad["outcome"] == "quarantined" and bad["label"] is None and bad["reason"]
         good = next(m for m in received if m["name"] == "img 0.png")

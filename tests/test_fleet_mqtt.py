@@ -35,14 +35,14 @@ class Broker:
     """A private Mosquitto on 127.0.0.1:PORT, persistence on (sessions and queued QoS-1 messages survive a
     restart of the broker)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, extra: str = ""):
         self.folder, self.port = folder, free_port()
         folder.mkdir(parents=True, exist_ok=True)
         self.conf = folder / "mosquitto.conf"
         # `user`: started as root, mosquitto would drop to user `mosquitto`, which cannot write this folder.
         self.conf.write_text(f"user {getpass.getuser()}\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
                              "persistence true\n"
-                             f"persistence_location {folder}/\nlog_dest file {folder}/broker.log\n")
+                             f"persistence_location {folder}/\nlog_dest file {folder}/broker.log\n" + extra)
         self.proc = None
 
     def start(self) -> None:
@@ -75,11 +75,15 @@ class Subscriber:
     """A consumer with a persistent session (clean_session=False, QoS 1): it misses nothing while it or the
     broker is away."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, ca: Path | None = None, auth: tuple[str, str] | None = None):
         self.messages: list[tuple[str, bytes]] = []
         self.lock = threading.Lock()
         self.subscribed = threading.Event()
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-consumer", clean_session=False)
+        if ca:
+            c.tls_set(ca_certs=str(ca))
+        if auth:
+            c.username_pw_set(*auth)
         c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(f"{PREFIX}/#", qos=1)
         c.on_subscribe = lambda *a: self.subscribed.set()
         c.on_message = self._on_message
@@ -333,3 +337,60 @@ def test_collect_gathers_boards_once_each(broker, tmp_path):
         if proc.poll() is None:
             proc.kill()
         pub.loop_stop()
+
+
+def make_tls(folder: Path) -> Path:
+    """A throw-away CA and a server certificate for 127.0.0.1 (openssl); returns the folder."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    folder.mkdir()
+    san = folder / "san.ext"
+    san.write_text("subjectAltName=IP:127.0.0.1\n")
+    for cmd in (["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+                 "-subj", "/CN=test-ca"],
+                ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+                 "-subj", "/CN=127.0.0.1"],
+                ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", "server.pem", "-days", "1", "-extfile", "san.ext"]):
+        subprocess.run([openssl, *cmd], cwd=folder, check=True, capture_output=True, timeout=60)
+    return folder
+
+
+def test_tls_and_password(tiny_bundle, folders, tmp_path):
+    """TLS with the CA from the config and a user name/password: results arrive; a wrong password connects
+    nothing, keeps the results unpublished and never shows up in the log."""
+    tls = make_tls(tmp_path / "tls")
+    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    if not Path(passwd).exists():
+        pytest.skip("mosquitto_passwd is not installed")
+    subprocess.run([passwd, "-b", "-c", str(tls / "passwords"), "board07", "right-pw-123"], check=True, timeout=30)
+    b = Broker(tmp_path / "broker", extra=f"cafile {tls}/ca.pem\ncertfile {tls}/server.pem\n"
+                                           f"keyfile {tls}/server.key\npassword_file {tls}/passwords\n")
+    b.conf.write_text(b.conf.read_text().replace("allow_anonymous true", "allow_anonymous false"))
+    b.start()
+    sub = Subscriber(b.port, ca=tls / "ca.pem", auth=("board07", "right-pw-123"))
+    log = tmp_path / "service.log"
+    wrong = fleet_args(b.port, "--mqtt-tls", "--mqtt-ca", str(tls / "ca.pem"), "--mqtt-username", "board07",
+                       "--mqtt-password", "wrong-pw-456")
+    proc = start_service(tiny_bundle, folders, log, *wrong)
+    try:
+        (folders["watch"] / "a.png").write_bytes(png_bytes(1))
+        assert wait_for(lambda: "refused the connection" in log.read_text(), timeout=60), log.read_text()
+        assert wait_for(lambda: len(rows(folders["db"])) == 1, timeout=30)
+        stop(proc, log)
+        assert published_flags(folders["db"]) == [0] and sub.results() == []
+        assert "wrong-pw-456" not in log.read_text()
+        right = [a if a != "wrong-pw-456" else "right-pw-123" for a in wrong]
+        proc = start_service(tiny_bundle, folders, log, *right)
+        (folders["watch"] / "b.png").write_bytes(png_bytes(2))
+        assert wait_for(lambda: len(sub.results()) == 2, timeout=60), log.read_text()
+        assert wait_for(lambda: published_flags(folders["db"]) == [1, 1], timeout=30)
+        stop(proc, log)
+        check_delivery(sub.results(), folders["db"])
+        assert "right-pw-123" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sub.close()
+        b.stop()

@@ -36,3 +36,20 @@ def test_unit_with_fleet_dropin_passes_verify(tmp_path):
     shutil.copy(FLEET_DROPIN, d / "fleet.conf")
     proc = _verify(unit)
     assert proc.returncode == 0 and not (proc.stdout + proc.stderr).strip(), proc.stdout + proc.stderr
+
+
+def test_install_dry_run_with_fleet_adds_the_extra_and_the_dropin(tiny_bundle, tmp_path):
+    from test_deploy import run_install, system_python
+    python = system_python()
+    if python is None:
+        pytest.skip("no system Python 3.11/3.12 with venv outside /root and /home (install.sh needs one)")
+    prefix, data, conf = tmp_path / "opt", tmp_path / "data", tmp_path / "etc"
+    common = ["--dry-run", "--bundle", str(tiny_bundle), "--python", python, "--prefix", str(prefix),
+              "--data-dir", str(data), "--config-dir", str(conf)]
+    plain, fleet = run_install(*common), run_install(*common, "--fleet")
+    assert plain.returncode == 0 and fleet.returncode == 0, fleet.stdout + fleet.stderr
+    assert re.search(r"pip .*install --quiet \S+/src\\\[fleet\\\]", fleet.stdout), fleet.stdout
+    assert re.search(r"install -D -m 0644 \S+/deploy/fleet.conf /etc/systemd/system/sem-inspect.service.d/fleet.conf",
+                     fleet.stdout), fleet.stdout
+    assert "[fleet]" not in plain.stdout and "fleet.conf" not in plain.stdout      # only when asked
+    assert not prefix.exists()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
 import re
 import socket
 import threading
@@ -231,7 +230,3 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch(refuse)
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _not_allowed
-
-
-def folder_writable(path) -> bool:
-    return os.access(path, os.W_OK | os.X_OK)

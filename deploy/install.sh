@@ -29,6 +29,7 @@ BUNDLE=""
 DRY_RUN=0
 START=1
 WITH_SERVICE=1
+FLEET=0
 UNINSTALL=0
 PURGE=0
 
@@ -47,6 +48,7 @@ Options:
   --runtime NAME      auto | litert | tflite-runtime (default: auto = LiteRT, else tflite-runtime + numpy<2)
   --no-start          install and enable the service but do not (re)start it now
   --no-service        venv and bundle only: no user, folders, config or systemd unit
+  --fleet             also the fleet extra (MQTT, HTTP /metrics) and the unit's network drop-in fleet.conf
   --dry-run           print every action instead of doing it (no root needed)
   --uninstall         stop and remove the service, venv and bundles (keeps data, config and user)
   --purge             with --uninstall: also remove data, config and the user
@@ -91,6 +93,7 @@ while [[ $# -gt 0 ]]; do
         --runtime) need_value "$@"; RUNTIME=$2; shift 2 ;;
         --no-start) START=0; shift ;;
         --no-service) WITH_SERVICE=0; shift ;;
+        --fleet) FLEET=1; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
         --uninstall) UNINSTALL=1; shift ;;
         --purge) PURGE=1; shift ;;
@@ -133,6 +136,9 @@ if ((UNINSTALL)); then
     step "Removing the service"
     if have_systemd && systemctl cat "$UNIT_NAME" >/dev/null 2>&1; then
         run systemctl disable --now "$UNIT_NAME"
+    fi
+    if [[ -f $UNIT_FILE.d/fleet.conf ]]; then
+        run rm -f "$UNIT_FILE.d/fleet.conf"
     fi
     if [[ -f $UNIT_FILE ]]; then
         run rm -f "$UNIT_FILE"
@@ -321,6 +327,10 @@ case $RUNTIME in
     litert) run "${PIP[@]}" install --quiet "${SRC}[edge]" ;;
     tflite-runtime) install_tflite_runtime ;;
 esac
+if ((FLEET)); then
+    step "Installing the fleet extra (pip install .[fleet]: paho-mqtt, prometheus-client)"
+    run "${PIP[@]}" install --quiet "${SRC}[fleet]"
+fi
 # The same version number is re-installed from a changed checkout: force the project itself (not its deps).
 run "${PIP[@]}" install --quiet --no-deps --force-reinstall "$SRC"
 
@@ -485,6 +495,10 @@ if [[ -f $UNIT_FILE ]] && cmp -s "$RENDER_DIR/$UNIT_NAME" "$UNIT_FILE"; then
     info "unchanged"
 else
     run install -m 0644 "$RENDER_DIR/$UNIT_NAME" "$UNIT_FILE"
+fi
+if ((FLEET)); then
+    # MQTT and HTTP need IP networking, which the unit itself locks away.
+    run install -D -m 0644 "$SCRIPT_DIR/fleet.conf" "$UNIT_FILE.d/fleet.conf"
 fi
 if ! have_systemd; then
     if ! ((DRY_RUN)); then

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+import socket
 import sys
 import textwrap
 import typing
@@ -37,12 +39,13 @@ class ConfigError(ValueError):
 
 def setting(default, help: str, *, example=_NO_EXAMPLE, commented: bool = False, choices: tuple = (),
             minimum: float | None = None, positive: bool = False, path: bool = False, flag: str = SERVICE,
-            metavar: str | None = None, exclusive: str | None = None):
+            metavar: str | None = None, exclusive: str | None = None, secret: bool = False):
     """One setting. help: the flag's help and the example file's comment; example: the value shown in the
     example file (default: the default), `commented` to show it as a commented-out line; choices / minimum
     (inclusive) / positive (> 0) / path (text, relative to the config file's folder): its checks; flag: INSPECT
-    or SERVICE; exclusive: flags sharing this name exclude each other on the command line."""
-    return field(default=default, metadata={
+    or SERVICE; exclusive: flags sharing this name exclude each other on the command line; secret: never shown
+    (left out of repr, so a logged config cannot leak it)."""
+    return field(default=default, repr=not secret, metadata={
         "help": help, "example": default if example is _NO_EXAMPLE else example, "commented": commented,
         "choices": tuple(choices), "minimum": minimum, "positive": positive, "path": path, "flag": flag,
         "metavar": metavar, "exclusive": exclusive})
@@ -100,6 +103,30 @@ class ServiceConfig:
     durability: str = setting("full", "full: each commit fsynced (survives power loss); normal: survives "
                               "process kills only", choices=("full", "normal"))
     log_level: str = setting("INFO", "log verbosity", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    # -- fleet (edge_runtime/publisher.py, http_api.py; needs `pip install "sem-inspect[fleet]"`) --
+    board: str | None = setting(None, "this board's name in MQTT topics and the HTTP API (default: the host name)",
+                                example="sem-tool-07", commented=True, metavar="NAME")
+    mqtt: str | None = setting(None, "publish each result to this MQTT broker, HOST:PORT (off when unset)",
+                               example="broker.fab.local:8883", commented=True, metavar="HOST:PORT")
+    mqtt_prefix: str = setting("sem-inspect", "topic prefix: PREFIX/<board>/result, /status, /stats",
+                               metavar="PREFIX")
+    mqtt_username: str | None = setting(None, "MQTT user name", example="board07", commented=True, metavar="NAME")
+    mqtt_password: str | None = setting(None, "MQTT password (never logged; keep this file mode 0640)",
+                                        example="change-me", commented=True, metavar="TEXT", secret=True)
+    mqtt_tls: bool = setting(False, "connect to the broker over TLS (certificates checked)", example=True,
+                             commented=True)
+    mqtt_ca: str | None = setting(None, "CA certificate file for TLS (default: the system's)",
+                                  example="/etc/sem-inspect/broker-ca.pem", commented=True, path=True,
+                                  metavar="PATH")
+    mqtt_stats_seconds: float = setting(60.0, "a stats message this often", positive=True, metavar="S")
+    http: str | None = setting(None, "serve /healthz, /metrics, /results and POST /inspect on HOST:PORT (off when "
+                               "unset; 127.0.0.1 is this machine only)", example="127.0.0.1:8080", commented=True,
+                               metavar="HOST:PORT")
+    http_token: str | None = setting(None, "require `Authorization: Bearer TOKEN` on every HTTP request except "
+                                     "/healthz (never logged)", example="change-me", commented=True,
+                                     metavar="TOKEN", secret=True)
+    http_max_bytes: int = setting(20 * 2**20, "largest image accepted by POST /inspect", positive=True,
+                                  metavar="N")
 
     def resolved(self) -> "ServiceConfig":
         """Check every value, fill the defaults that depend on the watch folder, check the folders."""
@@ -118,6 +145,23 @@ class ServiceConfig:
                       str(Path(self.processed).expanduser() if self.processed else watch / "processed"),
                       quarantine=str(Path(self.quarantine).expanduser() if self.quarantine else watch / "quarantine"),
                       db=str(Path(self.db).expanduser() if self.db else watch / ".edge-inspect.sqlite3"))
+        for name in ("mqtt", "http"):
+            if getattr(out, name):
+                try:
+                    parse_host_port(getattr(out, name))
+                except ValueError as exc:
+                    raise ConfigError(f"{name}: {exc}") from None
+        if (self.mqtt_username is None) != (self.mqtt_password is None):
+            raise ConfigError("mqtt_username and mqtt_password go together")
+        if self.mqtt_ca and not self.mqtt_tls:
+            raise ConfigError("mqtt_ca needs mqtt_tls: true")
+        if not out.board:
+            out = replace(out, board=socket.gethostname())
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", out.board):
+            raise ConfigError(f"board: {out.board!r} must be 1-64 letters, digits, '.', '_' or '-' (it is an MQTT "
+                              "topic level)")
+        if "#" in out.mqtt_prefix or "+" in out.mqtt_prefix or not out.mqtt_prefix.strip("/"):
+            raise ConfigError(f"mqtt_prefix: {out.mqtt_prefix!r} must be a topic without wildcards")
         for name in ("processed", "quarantine"):
             value = getattr(out, name)
             if value and Path(value).resolve() == watch.resolve():
@@ -146,6 +190,17 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """HOST:PORT ([::1]:PORT for IPv6); port 0 picks a free one (HTTP only)."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:([0-9]{1,5})|([^:\[\]\s]+):([0-9]{1,5})", value or "")
+    if not m:
+        raise ValueError(f"{value!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: port must be 0..65535")
+    return host, int(port)
 
 
 SETTINGS = {f.name: f for f in fields(ServiceConfig)}

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 
 
 @dataclass
@@ -28,9 +29,17 @@ class ServiceStats:
     def __init__(self):
         self.total = Counts()
         self.recent = Counts()      # since the last summary
+        self.last_at: float | None = None      # time.time() of the last committed result
+        self.listeners = []                     # called with each committed row (e.g. the Prometheus metrics)
+
+    def as_dict(self) -> dict:
+        return asdict(self.total)
 
     def count(self, row: dict) -> None:
         """One committed result row (store.COLUMNS)."""
+        self.last_at = time.time()
+        for listener in self.listeners:
+            listener(row)
         for c in (self.total, self.recent):
             if row["outcome"] == "quarantined":
                 c.quarantined += 1

@@ -1,6 +1,6 @@
 """The watch service's result store: one SQLite file (standard library, WAL journal).
 
-Schema (PRAGMA user_version = 2; a version-1 file is migrated in place on open, its rows kept):
+Schema (PRAGMA user_version = 3; a version-1 or -2 file is migrated in place on open, its rows kept):
 
     CREATE TABLE results (
         id            INTEGER PRIMARY KEY,   -- also written into each JSONL line as "id"
@@ -28,8 +28,10 @@ Schema (PRAGMA user_version = 2; a version-1 file is migrated in place on open, 
         recorded_at   TEXT NOT NULL,         -- ISO-8601 UTC
         done_at       TEXT,
         bundle_id     TEXT,                  -- the model: sha256 of the bundle's manifest.yaml (NULL: before v2)
-        stage2_probs  TEXT                   -- JSON {class: probability} of Stage 2; NULL when it did not run
-    );                                       --   (or before v2: then only defect_class/confidence exist)
+        stage2_probs  TEXT,                  -- JSON {class: probability} of Stage 2; NULL when it did not run
+                                             --   (or before v2: then only defect_class/confidence exist)
+        published     INTEGER NOT NULL DEFAULT 0  -- v3: 1 once the MQTT broker acknowledged it
+    );                                       --   (edge_runtime/publisher.py; rows older than v3: 1)
     CREATE TABLE bundles (                   -- each model bundle that produced results
         id                  TEXT PRIMARY KEY,    -- = results.bundle_id
         path                TEXT NOT NULL,       -- the folder it was loaded from when first seen
@@ -52,6 +54,7 @@ Schema (PRAGMA user_version = 2; a version-1 file is migrated in place on open, 
     );
     CREATE INDEX results_state ON results(state) WHERE state != 'done';
     CREATE INDEX results_journal ON results(journaled) WHERE journaled = 0;
+    CREATE INDEX results_publish ON results(id) WHERE published = 0;
     CREATE INDEX results_dest ON results(dest_path);
     CREATE INDEX results_src ON results(src_path, size, mtime_ns);
     CREATE INDEX reviews_result ON reviews(result_id, id);
@@ -72,7 +75,7 @@ from pathlib import Path
 
 from edge_runtime.names import db_text  # noqa: F401  (re-exported: paths as database text)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
     id INTEGER PRIMARY KEY,
@@ -97,10 +100,12 @@ CREATE TABLE IF NOT EXISTS results (
     recorded_at TEXT NOT NULL,
     done_at TEXT,
     bundle_id TEXT,
-    stage2_probs TEXT
+    stage2_probs TEXT,
+    published INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS results_state ON results(state) WHERE state != 'done';
 CREATE INDEX IF NOT EXISTS results_journal ON results(journaled) WHERE journaled = 0;
+CREATE INDEX IF NOT EXISTS results_publish ON results(id) WHERE published = 0;
 CREATE INDEX IF NOT EXISTS results_dest ON results(dest_path);
 CREATE INDEX IF NOT EXISTS results_src ON results(src_path, size, mtime_ns);
 CREATE TABLE IF NOT EXISTS bundles (
@@ -126,10 +131,13 @@ CREATE INDEX IF NOT EXISTS reviews_result ON reviews(result_id, id)
 """
 COLUMNS = ("id", "key", "name", "src_path", "dest_path", "size", "mtime_ns", "sha256", "outcome", "label",
            "stage1_score", "defect_class", "confidence", "review", "latency_ms", "reason", "variant", "state",
-           "journaled", "recorded_at", "done_at", "bundle_id", "stage2_probs")
+           "journaled", "recorded_at", "done_at", "bundle_id", "stage2_probs", "published")
 # Version 1 -> 2: results gain these columns (appended, so a migrated table matches a new one); the bundles and
 # reviews tables are created.
 V2_RESULT_COLUMNS = (("bundle_id", "TEXT"), ("stage2_probs", "TEXT"))
+# Version 2 -> 3: results gain `published` (MQTT). Rows recorded before it are marked published: a board that
+# turns MQTT on publishes what it records from then on, not its whole history.
+V3_RESULT_COLUMN = "published INTEGER NOT NULL DEFAULT 0"
 
 
 class StorageError(RuntimeError):
@@ -168,7 +176,7 @@ class Store:
             # must not grow with the size of the database.
             self.db.execute("PRAGMA cache_size=-512")
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, SCHEMA_VERSION):
+            if version not in (0, 1, 2, SCHEMA_VERSION):
                 raise StorageError(f"{self.path}: result database schema version {version} is not supported "
                                    f"(this version writes {SCHEMA_VERSION})")
             if version != SCHEMA_VERSION:
@@ -182,8 +190,8 @@ class Store:
                                is_disk_full(exc)) from exc
 
     def _create_or_migrate(self) -> None:
-        """Create the schema, or bring a version-1 file to this version, in one transaction: a service and a
-        review server opening the same old file at once migrate it once."""
+        """Create the schema, or bring a version-1 or -2 file to this version, in one transaction: a service and
+        a review server opening the same old file at once migrate it once."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]     # again, under the write lock
@@ -192,6 +200,9 @@ class Store:
                 for column, kind in V2_RESULT_COLUMNS:
                     if column not in have:
                         self.db.execute(f"ALTER TABLE results ADD COLUMN {column} {kind}")
+            if version in (1, 2):
+                self.db.execute(f"ALTER TABLE results ADD COLUMN {V3_RESULT_COLUMN}")
+                self.db.execute("UPDATE results SET published = 1")
             if version != SCHEMA_VERSION:
                 for statement in SCHEMA.split(";"):      # executescript would commit half-way
                     self.db.execute(statement)
@@ -237,6 +248,24 @@ class Store:
 
     def unjournaled(self) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM results WHERE journaled = 0 ORDER BY id")]
+
+    def unpublished(self, after_id: int, limit: int) -> list[dict]:
+        """Committed rows not yet acknowledged by the MQTT broker, id > after_id, oldest first."""
+        return [dict(r) for r in self.db.execute(
+            "SELECT * FROM results WHERE published = 0 AND id > ? ORDER BY id LIMIT ?", (after_id, limit))]
+
+    def count_unpublished(self) -> int:
+        return self.db.execute("SELECT count(*) FROM results WHERE published = 0").fetchone()[0]
+
+    def since(self, after_id: int, limit: int) -> list[dict]:
+        """Rows with id > after_id, oldest first (the HTTP API's /results)."""
+        return [dict(r) for r in self.db.execute(
+            "SELECT * FROM results WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))]
+
+    def mark_published(self, ids) -> None:
+        if ids:
+            self._write(lambda: self.db.executemany("UPDATE results SET published = 1 WHERE id = ?",
+                                                    [(i,) for i in ids]))
 
     def count(self) -> int:
         return self.db.execute("SELECT count(*) FROM results").fetchone()[0]

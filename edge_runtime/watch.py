@@ -27,6 +27,7 @@ Stopping
 """
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import os
 import select
@@ -43,6 +44,7 @@ from edge_runtime.inotify import (IN_CLOSE_WRITE, IN_DELETE, IN_DELETE_SELF, IN_
 from edge_runtime.journal import Journal
 from edge_runtime.names import shown
 from edge_runtime.recorder import Handled, Recorder
+from edge_runtime.sd_notify import SdNotify
 from edge_runtime.service_config import ServiceConfig, own_files
 from edge_runtime.service_lock import ServiceLock
 from edge_runtime.service_stats import ServiceStats, rss_mb
@@ -100,6 +102,9 @@ class WatchService:
             raise StorageError(f"{config.jsonl}: cannot open JSONL file: {exc.strerror or exc}",
                                is_disk_full(exc)) from exc
         self.stats = ServiceStats()
+        self.sd = SdNotify()
+        self.publisher = self.http = None
+        inspector = self._fleet_setup(inspector)
         self.recorder = Recorder(config, inspector, self.store, self.journal, self.stats)
         self.pending: dict[str, _Candidate] = {}
         self._capped = False        # a file was left out because max_pending were tracked: scan again
@@ -118,6 +123,51 @@ class WatchService:
                 if config.inotify == "on":
                     raise WatchError(f"inotify requested but unavailable: {exc}") from exc
                 log.info("inotify unavailable (%s); polling every %gs", exc, config.poll_seconds)
+
+    def _fleet_setup(self, inspector):
+        """MQTT publisher and HTTP API when configured (edge_runtime/publisher.py, http_api.py); returns the
+        inspector the recorder uses (timed for the metrics when the HTTP API is on)."""
+        cfg = self.cfg
+        try:
+            if cfg.mqtt:
+                from edge_runtime.publisher import Publisher
+                self.publisher = Publisher(cfg, self.store, self._stats_message, self.wake)
+            if cfg.http:
+                from edge_runtime.http_api import HttpApi
+                from edge_runtime.metrics import Metrics, TimedInspector
+                metrics = Metrics(backlog=lambda: len(self.pending),
+                                  unpublished=lambda: self.publisher.unpublished if self.publisher else 0)
+                self.stats.listeners.append(metrics.count)
+                inspector = TimedInspector(inspector, metrics)
+                self.http = HttpApi(cfg, self, metrics)
+        except RuntimeError as exc:         # FleetUnavailable: the package to install is named
+            raise WatchError(str(exc)) from exc
+        except OSError as exc:
+            raise WatchError(f"http: cannot listen on {cfg.http}: {exc.strerror or exc}") from exc
+        return inspector
+
+    def health(self) -> dict:
+        """GET /healthz (any thread)."""
+        writable = os.access(self.watch, os.W_OK | os.X_OK) or self.cfg.leave_in_place
+        last = self.stats.last_at
+        out = {"ok": writable, "model_loaded": True, "bundle_id": self.inspector.bundle.bundle_id,
+               "folder_writable": writable, "backlog": len(self.pending),
+               "last_image_at": None if last is None else
+               _dt.datetime.fromtimestamp(last, _dt.timezone.utc).isoformat(timespec="milliseconds")}
+        if self.publisher:
+            out.update(mqtt_connected=self.publisher.connected, unpublished=self.publisher.unpublished)
+        return out
+
+    def _stats_message(self) -> dict:
+        rss = rss_mb()
+        return {**self.stats.as_dict(), "backlog": len(self.pending), "rss_mb": None if rss is None else round(rss, 1)}
+
+    def wake(self) -> None:
+        """Wake the main loop (any thread), e.g. when the broker acknowledged results."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except (OSError, TypeError):
+            pass
 
     def stop(self) -> None:
         """Ask the service to finish the current image and return (any thread)."""
@@ -168,6 +218,17 @@ class WatchService:
             self.close()
 
     def close(self) -> None:
+        self.sd.stopping()
+        if self.http:
+            self.http.close()
+            self.http = None
+        if self.publisher:
+            try:
+                self.publisher.close()
+            except Exception as exc:    # e.g. the database failed: what is unmarked is resent at the next start
+                log.warning("mqtt: %s", exc)
+            self.publisher = None
+        self.sd.close()
         if self.notifier:
             self.notifier.close()
             self.notifier = None
@@ -194,6 +255,10 @@ class WatchService:
         self._scan()
         if self.pending:
             log.info("backlog: %d file(s) waiting", len(self.pending))
+        for part in (self.publisher, self.http):
+            if part:
+                part.start()
+        self.sd.ready(f"watching {self.watch}")
         rescan_every = cfg.rescan_seconds if self.notifier else cfg.poll_seconds
         next_rescan = time.monotonic() + rescan_every
         next_summary = time.monotonic() + cfg.summary_seconds if cfg.summary_seconds else None
@@ -212,10 +277,12 @@ class WatchService:
                     self.pending[name] = cand
                 recorder.commit_if_due(waiting=True)
                 self._requeue()
+                self._fleet_tick()              # a long backlog still pings the watchdog and publishes
             # Group commit: keep the transaction open while more files are on their way, for at most
             # commit_seconds; commit at once when the folder has nothing else waiting.
             recorder.commit_if_due(waiting=bool(self.pending))
             self._requeue()
+            self._fleet_tick()
             if ready:
                 continue            # look for events/ready files again before sleeping
             recorder.idle()
@@ -236,7 +303,7 @@ class WatchService:
                 timeout = min(timeout, max(0.0, deadline - now))
             if next_summary is not None:
                 timeout = min(timeout, max(0.0, next_summary - now))
-            self._wait(min(timeout, 5.0))
+            self._wait(min(timeout, 1.0 if self.publisher else 5.0, self.sd.interval or 5.0))
             if time.monotonic() >= next_rescan:
                 self._scan()
                 next_rescan = time.monotonic() + rescan_every
@@ -244,12 +311,20 @@ class WatchService:
         if recorder.unreadable:
             log.warning("%d file(s) left in %s because they cannot be read: %s", len(recorder.unreadable),
                         self.watch, ", ".join(shown(n) for n in recorder.unreadable[:10]))
+        self._fleet_tick()
         log.info("stopped: %s", self.stats.total.line())
         return EXIT_OK
 
     def _requeue(self) -> None:
         for name in self.recorder.take_requeued():
             self._observe(name)
+
+    def _fleet_tick(self) -> None:
+        """After each image: the systemd watchdog ping (when due); between group commits: MQTT
+        acknowledgements and sends."""
+        self.sd.watchdog()
+        if self.publisher and not self.recorder.has_open_group:
+            self.publisher.pump()
 
     def _summary(self) -> None:
         recent = self.stats.take_recent()

@@ -15,7 +15,7 @@ import yaml
 from edge_runtime.bundle import load_bundle
 from edge_runtime.cli import main
 from edge_runtime.inspector import Inspector
-from edge_runtime.store import COLUMNS, StorageError, Store
+from edge_runtime.store import COLUMNS, SCHEMA_VERSION, StorageError, Store
 from edge_runtime.watch import WatchService
 from test_watch import files_in, folders, jsonl_rows, make_config, png_bytes, rows  # noqa: F401  (fixture)
 
@@ -147,7 +147,7 @@ def test_version_1_database_is_migrated_and_stays_exactly_once(tiny_bundle, fold
 
     con = sqlite3.connect(folders["db"])
     try:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert tuple(r[1] for r in con.execute("PRAGMA table_info(results)")) == COLUMNS
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     finally:
@@ -161,6 +161,7 @@ def test_version_1_database_is_migrated_and_stays_exactly_once(tiny_bundle, fold
         assert now["bundle_id"] is None and now["stage2_probs"] is None             # unknown, not invented
     assert after[1]["state"] == "done" and files_in(folders["processed"]) == {"old.png", "killed.png", "new.png"}
     assert after[2]["bundle_id"] == manifest_sha(tiny_bundle)
+    assert [r["published"] for r in after] == [1, 1, 0]     # v3: history is not published when MQTT is turned on
 
 
 def test_two_processes_opening_a_version_1_file_migrate_it_once(tmp_path):
@@ -186,7 +187,7 @@ def test_two_processes_opening_a_version_1_file_migrate_it_once(tmp_path):
     con = sqlite3.connect(db)
     try:
         assert [r[1] for r in con.execute("PRAGMA table_info(results)")].count("bundle_id") == 1
-        assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     finally:
         con.close()
 
@@ -194,9 +195,9 @@ def test_two_processes_opening_a_version_1_file_migrate_it_once(tmp_path):
 def test_a_newer_schema_is_refused(tmp_path):
     db = tmp_path / "future.sqlite3"
     con = sqlite3.connect(db)
-    con.execute("PRAGMA user_version = 3")
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     con.close()
-    with pytest.raises(StorageError, match="schema version 3 is not supported"):
+    with pytest.raises(StorageError, match=f"schema version {SCHEMA_VERSION + 1} is not supported"):
         Store(db)
 
 

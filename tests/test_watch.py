@@ -462,7 +462,7 @@ def test_database_schema_is_the_documented_one(tiny_bundle, inspector, folders):
     con = sqlite3.connect(folders["db"])
     try:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 3
         columns = [r[1] for r in con.execute("PRAGMA table_info(results)")]
     finally:
         con.close()
@@ -545,7 +545,8 @@ def test_example_service_config_is_generated_valid_and_complete():
     assert cfg.watch == "/srv/sem/incoming" and cfg.processed == "/srv/sem/processed"
     commented = {m[1] for line in text.splitlines() if (m := re.match(r"# ([a-z_]+): ", line))
                  and m[1] in service_config.SETTINGS}
-    assert commented == {"leave_in_place", "variant", "threads", "runtime"}
+    assert commented == {"leave_in_place", "variant", "threads", "runtime", "board", "mqtt", "mqtt_username",
+                         "mqtt_password", "mqtt_tls", "mqtt_ca", "http", "http_token"}
     assert set(yaml.safe_load(text)) | commented == set(service_config.SETTINGS), "every setting appears"
     assert "# leave_in_place: true" in text
 
@@ -560,8 +561,8 @@ def _another_value(name: str, tmp_path: Path):
         return next(c for c in reversed(meta["choices"]) if c != f.default)
     if kind is bool:
         return not f.default
-    if kind is str:
-        return "float32"
+    if kind is str:     # the example value where it is one (e.g. HOST:PORT), else any text
+        return meta["example"] if isinstance(meta["example"], str) and meta["example"] != f.default else "float32"
     return kind((f.default or 1) + 1) if kind is int else (f.default or 0.0) + 0.25
 
 

@@ -1,0 +1,232 @@
+"""The watch service's HTTP API (standard-library ThreadingHTTPServer in a daemon thread; `http: HOST:PORT`).
+
+    GET  /healthz                  {"ok", "model_loaded", "bundle_id", "folder_writable", "last_image_at",
+                                   "backlog", "mqtt_connected", "unpublished"}; 200 when ok, else 503
+    GET  /metrics                  Prometheus text exposition (edge_runtime/metrics.py)
+    GET  /results?since=ID&limit=N results with id > ID (default 0), oldest first, at most N (1..1000, default
+                                   100): {"results": [...], "next": the last id (pass it as since=)}
+    POST /inspect                  one image as the request body (any Content-Type); its result back as JSON.
+                                   Not recorded: the drop folder stays the way results enter the store.
+
+Bad input gets a 4xx with {"error": ...} and the server goes on: bad query values 400, a body that is not an
+image 400, over http_max_bytes 413, no Content-Length 411, a missing or wrong bearer token (http_token set) 401,
+unknown path 404, other methods 405. The token is compared in constant time and never logged.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import socket
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from edge_runtime.journal import row_to_json
+from edge_runtime.service_config import ServiceConfig, parse_host_port
+from edge_runtime.store import Store, StorageError
+
+log = logging.getLogger("edge_inspect")
+
+MAX_LIMIT = 1000
+_UINT = re.compile(r"[0-9]{1,18}")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class HttpApi(ThreadingHTTPServer):
+    """service: the WatchService (health is read from it); metrics: an edge_runtime.metrics.Metrics."""
+    daemon_threads = True
+
+    def __init__(self, cfg: ServiceConfig, service, metrics):
+        host, port = parse_host_port(cfg.http)
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        self.cfg, self.service, self.metrics = cfg, service, metrics
+        self._inspector = None
+        self._inspect_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        super().__init__((host, port), Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def start(self) -> None:
+        host = self.server_address[0]
+        if not self.cfg.http_token and not (host.startswith("127.") or host in ("::1", "localhost")):
+            log.warning("http: listening on %s without http_token: anyone who can reach it can read results", host)
+        self._thread = threading.Thread(target=self.serve_forever, name="http-api", daemon=True)
+        self._thread.start()
+        log.info("http: serving /healthz /metrics /results /inspect on %s%s", self.url,
+                 " (bearer token required)" if self.cfg.http_token else "")
+
+    def close(self) -> None:
+        if self._thread:
+            self.shutdown()
+            self._thread.join(5.0)
+        self.server_close()
+
+    def inspect(self, data: bytes) -> dict:
+        """POST /inspect: its own interpreter (the service's belongs to the watch thread), one request at a time."""
+        with self._inspect_lock:
+            if self._inspector is None:
+                from edge_runtime.inspector import Inspector
+                cfg = self.cfg
+                self._inspector = Inspector(cfg.models, variant=cfg.variant, threads=cfg.threads,
+                                            runtime=cfg.runtime, max_pixels=cfg.max_image_pixels,
+                                            max_bytes=cfg.max_file_bytes)
+            result = self._inspector.inspect(data)
+        self.metrics.timed(result)
+        return {**result.to_dict(), "bundle_id": self._inspector.bundle.bundle_id}
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: HttpApi
+    server_version = "edge-inspect"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):
+        log.debug("http %s %s", self.address_string(), fmt % args)
+
+    def _send(self, status: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, obj, extra: dict | None = None) -> None:
+        self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8",
+                   extra)
+
+    def _dispatch(self, fn) -> None:
+        self._body_read = False
+        try:
+            try:
+                fn()
+                return
+            except HTTPError as exc:
+                status, message = exc.status, str(exc)
+            except StorageError as exc:
+                status, message = HTTPStatus.SERVICE_UNAVAILABLE, f"result database: {exc}"
+            except (BrokenPipeError, ConnectionResetError):
+                return
+            except Exception as exc:        # a bug must not take the service down
+                log.exception("http: unexpected error on %s", self.command)
+                status, message = HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(exc).__name__}"
+            if not self._body_read and self.headers.get("Content-Length", "0") != "0":
+                self.close_connection = True    # an unread body must not be taken for the next request
+            extra = {"WWW-Authenticate": "Bearer"} if status == HTTPStatus.UNAUTHORIZED else None
+            self._json(status, {"error": message}, extra)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _authorize(self, path: str) -> None:
+        token = self.server.cfg.http_token
+        if token is None or path == "/healthz":
+            return
+        given = self.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise HTTPError(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token")
+
+    def _route(self) -> tuple[str, dict]:
+        parts = urlsplit(self.path)
+        try:
+            query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False, errors="strict")
+        except UnicodeDecodeError:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "query is not valid UTF-8") from None
+        self._authorize(parts.path)
+        return parts.path, query
+
+    # -- GET ---------------------------------------------------------------------------------------------
+    def do_GET(self):
+        self._dispatch(self._get)
+
+    def _get(self) -> None:
+        path, query = self._route()
+        if path == "/healthz":
+            health = self.server.service.health()
+            self._json(HTTPStatus.OK if health["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, health)
+        elif path == "/metrics":
+            body, ctype = self.server.metrics.exposition()
+            self._send(HTTPStatus.OK, body, ctype)
+        elif path == "/results":
+            self._results(query)
+        else:
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint {path!r} (GET /healthz /metrics /results)")
+
+    @staticmethod
+    def _uint(query: dict, name: str, default: int, low: int, high: int) -> int:
+        values = query.get(name)
+        if not values:
+            return default
+        if len(values) > 1 or not _UINT.fullmatch(values[0]) or not low <= int(values[0]) <= high:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"{name} must be one integer in {low}..{high}, got "
+                                                    f"{', '.join(values)!r}")
+        return int(values[0])
+
+    def _results(self, query: dict) -> None:
+        unknown = sorted(set(query) - {"since", "limit"})
+        if unknown:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"unknown parameter(s) {', '.join(unknown)} (known: since, limit)")
+        since = self._uint(query, "since", 0, 0, 2**62)
+        limit = self._uint(query, "limit", 100, 1, MAX_LIMIT)
+        store = Store(self.server.cfg.db, durable=False)      # a reader of its own: this is another thread
+        try:
+            rows = store.since(since, limit)
+        finally:
+            store.close()
+        board = self.server.cfg.board
+        self._json(HTTPStatus.OK, {"results": [{**row_to_json(r), "board": board} for r in rows],
+                                   "next": rows[-1]["id"] if rows else since})
+
+    # -- POST --------------------------------------------------------------------------------------------
+    def do_POST(self):
+        self._dispatch(self._post)
+
+    def _post(self) -> None:
+        path, query = self._route()
+        if path != "/inspect":
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint {path!r} (POST /inspect)")
+        if query:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "POST /inspect takes no parameters")
+        length = self.headers.get("Content-Length")
+        if length is None or not _UINT.fullmatch(length.strip()):
+            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required (send the image as the body)")
+        limit = self.server.cfg.http_max_bytes
+        if int(length) > limit:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"image over {limit} bytes (http_max_bytes)")
+        if int(length) == 0:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "empty body: send one image")
+        data = self.rfile.read(int(length))
+        self._body_read = True
+        if len(data) != int(length):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "body shorter than its Content-Length")
+        from edge_runtime.preprocess import ImageError
+        try:
+            result = self.server.inspect(data)
+        except ImageError as exc:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"not a usable image: {exc}") from None
+        self._json(HTTPStatus.OK, result)
+
+    def _not_allowed(self):
+        def refuse():
+            raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command} is not allowed")
+        self._dispatch(refuse)
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _not_allowed

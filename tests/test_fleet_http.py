@@ -1,0 +1,280 @@
+"""The service's HTTP API (GET /healthz /metrics /results, POST /inspect), its systemd notifications and the fleet
+settings, against the running service."""
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from test_watch import folders, make_config, png_bytes, run_in_thread, start_service, wait_for  # noqa: F401
+from edge_runtime.exits import WatchError
+from edge_runtime.service_config import ConfigError
+from edge_runtime.watch import WatchService
+
+TOKEN = "s3cret-token-value"
+
+
+def request(url: str, method: str, path: str, body: bytes | None = None, token: str | None = TOKEN,
+            headers: dict | None = None) -> tuple[int, dict, bytes]:
+    parts = urlsplit(url)
+    con = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        hdrs = dict(headers or {})
+        if token is not None:
+            hdrs["Authorization"] = f"Bearer {token}"
+        con.request(method, path, body=body, headers=hdrs)
+        resp = con.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        con.close()
+
+
+@pytest.fixture
+def running(tiny_bundle, folders):
+    pytest.importorskip("prometheus_client", reason='prometheus-client is not installed (sem-inspect[fleet])')
+    service = WatchService(make_config(tiny_bundle, folders, http="127.0.0.1:0", http_token=TOKEN,
+                                       http_max_bytes=50_000, threads=1))
+    thread, out = run_in_thread(service)
+    yield service, folders
+    service.stop()
+    thread.join(30)
+    assert out.get("rc") == 0
+
+
+def test_every_endpoint_against_the_running_service(running):
+    service, f = running
+    url = service.http.url
+    for i in range(3):
+        (f["watch"] / f"img {i}.png").write_bytes(png_bytes(i))
+    (f["watch"] / "broken.png").write_bytes(b"\x89PNG not really")
+    assert wait_for(lambda: service.stats.total.inspected + service.stats.total.quarantined == 4, timeout=30)
+
+    status, _, body = request(url, "GET", "/healthz", token=None)       # no token needed for probes
+    health = json.loads(body)
+    assert status == 200 and health["ok"] and health["model_loaded"] and health["folder_writable"]
+    assert health["backlog"] == 0 and health["last_image_at"] and health["bundle_id"]
+
+    status, headers, body = request(url, "GET", "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(body.decode()) for s in fam.samples}
+    assert sum(v for (n, _), v in samples.items() if n == "sem_inspect_images_total") == 3
+    assert samples[("sem_inspect_quarantined_total", ())] == 1
+    assert samples[("sem_inspect_stage_latency_seconds_count", (("stage", "stage1"),))] == 3
+    assert samples[("sem_inspect_backlog", ())] == 0
+    assert samples[("sem_inspect_rss_bytes", ())] > 10e6
+
+    status, _, body = request(url, "GET", "/results?since=0&limit=3")
+    page = json.loads(body)
+    assert status == 200 and [r["id"] for r in page["results"]] == [1, 2, 3] and page["next"] == 3
+    status, _, body = request(url, "GET", f"/results?since={page['next']}")
+    rest = json.loads(body)["results"]
+    assert [r["id"] for r in rest] == [4] and rest[0]["board"] == service.cfg.board
+
+    status, _, body = request(url, "POST", "/inspect", png_bytes(7), headers={"Content-Type": "image/png"})
+    result = json.loads(body)
+    assert status == 200 and result["label"] and 0 <= result["stage1_score"] <= 1 and result["bundle_id"]
+    same = service.inspector.inspect(png_bytes(7))
+    assert result["label"] == same.label and result["stage1_score"] == pytest.approx(same.stage1_score, abs=1e-5)
+
+
+@pytest.mark.parametrize("method, path, body, token, status", [
+    ("GET", "/metrics", None, None, 401),
+    ("GET", "/results", None, "wrong", 401),
+    ("POST", "/inspect", b"x", "wrong", 401),
+    ("GET", "/results?since=-1", None, TOKEN, 400),
+    ("GET", "/results?since=abc", None, TOKEN, 400),
+    ("GET", "/results?limit=0", None, TOKEN, 400),
+    ("GET", "/results?limit=1001", None, TOKEN, 400),
+    ("GET", "/results?limit=1&limit=2", None, TOKEN, 400),
+    ("GET", "/results?sinse=1", None, TOKEN, 400),
+    ("POST", "/inspect", b"this is not an image", TOKEN, 400),
+    ("POST", "/inspect", b"", TOKEN, 400),
+    ("POST", "/inspect", b"\0" * 60_000, TOKEN, 413),
+    ("GET", "/nowhere", None, TOKEN, 404),
+    ("DELETE", "/results", None, TOKEN, 405),
+])
+def test_bad_requests_get_a_4xx_and_the_service_goes_on(running, method, path, body, token, status):
+    service, f = running
+    got, headers, raw = request(service.http.url, method, path, body, token=token)
+    assert got == status, raw
+    assert json.loads(raw)["error"]
+    if status == 401:
+        assert headers["WWW-Authenticate"] == "Bearer"
+    # still serving, still inspecting
+    assert request(service.http.url, "GET", "/healthz")[0] == 200
+    (f["watch"] / "after.png").write_bytes(png_bytes(99))
+    assert wait_for(lambda: service.stats.total.inspected == 1, timeout=30)
+
+
+def test_missing_content_length_is_411(running):
+    service, _ = running
+    parts = urlsplit(service.http.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as s:
+        s.sendall(f"POST /inspect HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+        assert s.recv(100).startswith(b"HTTP/1.1 411")
+    status = request(service.http.url, "GET", "/healthz")[0]
+    assert status == 200
+
+
+def test_fleet_settings_without_the_fleet_extra_name_the_install(tiny_bundle, folders, monkeypatch):
+    monkeypatch.setitem(sys.modules, "paho.mqtt.client", None)      # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    for name, value, package in (("mqtt", "127.0.0.1:1883", "paho-mqtt"),
+                                 ("http", "127.0.0.1:0", "prometheus-client")):
+        with pytest.raises(WatchError,
+                           match=rf'{name} needs the {package} package: pip install "sem-inspect\[fleet\]"'):
+            WatchService(make_config(tiny_bundle, folders, **{name: value}))
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"mqtt": "broker"}, "mqtt: 'broker': expected HOST:PORT"),
+    ({"http": "127.0.0.1:99999"}, "port must be 0..65535"),
+    ({"mqtt": "b:1", "mqtt_username": "u"}, "go together"),
+    ({"mqtt": "b:1", "mqtt_ca": "ca.pem"}, "mqtt_ca needs mqtt_tls"),
+    ({"board": "a/b"}, "MQTT topic level"),
+    ({"mqtt_prefix": "fab/#"}, "without wildcards"),
+])
+def test_fleet_settings_are_checked(tiny_bundle, folders, values, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make_config(tiny_bundle, folders, **values)
+
+
+def test_secrets_are_never_logged(tiny_bundle, folders, caplog):
+    pytest.importorskip("paho.mqtt.client")
+    pytest.importorskip("prometheus_client")
+    cfg = make_config(tiny_bundle, folders, mqtt="127.0.0.1:1", mqtt_username="board", mqtt_password="hunter2-pw",
+                      http="127.0.0.1:0", http_token=TOKEN, log_level="DEBUG")
+    assert "hunter2-pw" not in repr(cfg) and TOKEN not in repr(cfg)
+    caplog.set_level(logging.DEBUG)
+    service = WatchService(cfg)
+    thread, out = run_in_thread(service)
+    (folders["watch"] / "a.png").write_bytes(png_bytes(1))
+    assert wait_for(lambda: service.stats.total.inspected == 1, timeout=30)
+    request(service.http.url, "GET", "/metrics", token="guess")
+    service.stop()
+    thread.join(30)
+    assert out["rc"] == 0
+    text = caplog.text
+    assert "mqtt" in text and "hunter2-pw" not in text and TOKEN not in text
+
+
+# -- systemd notify --------------------------------------------------------------------------------------
+def test_sd_notify_ready_watchdog_stopping(tiny_bundle, folders, tmp_path, monkeypatch):
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(1.0)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")      # ping every 0.2 s
+    log = tmp_path / "service.log"
+    proc = start_service(tiny_bundle, folders, log)
+    got: list[tuple[float, str]] = []
+    try:
+        end = time.monotonic() + 90
+        while time.monotonic() < end and sum(m == "WATCHDOG=1" for _, m in got) < 5:
+            try:
+                got.append((time.monotonic(), sock.recv(4096).decode()))
+            except socket.timeout:
+                assert proc.poll() is None, log.read_text()
+        messages = [m for _, m in got]
+        assert messages[0].startswith("READY=1\nSTATUS=watching "), messages
+        pings = [t for t, m in got if m == "WATCHDOG=1"]
+        assert len(pings) >= 5, messages
+        assert max(b - a for a, b in zip(pings, pings[1:])) < 1.5, "pings must keep coming while idle"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        rest = []
+        sock.settimeout(0.2)
+        try:
+            while True:
+                rest.append(sock.recv(4096).decode())
+        except socket.timeout:
+            pass
+        assert "STOPPING=1" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sock.close()
+
+
+def test_a_hung_loop_stops_the_watchdog_pings(tiny_bundle, folders, tmp_path, monkeypatch):
+    """The ping comes from the main loop, so a hang in it (here: an inspection that never returns in time) is
+    seen by systemd as missing pings."""
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.1)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    service = WatchService(make_config(tiny_bundle, folders, threads=1))
+    real = service.recorder.inspector.inspect
+
+    def hang(*a, **k):
+        time.sleep(2.0)
+        return real(*a, **k)
+    service.recorder.inspector.inspect = hang
+    thread, out = run_in_thread(service)
+    try:
+        def recv_for(seconds):
+            msgs, end = [], time.monotonic() + seconds
+            while time.monotonic() < end:
+                try:
+                    msgs.append(sock.recv(4096).decode())
+                except socket.timeout:
+                    pass
+            return msgs
+        assert "WATCHDOG=1" in recv_for(1.0)
+        (folders["watch"] / "slow.png").write_bytes(png_bytes(3))
+        time.sleep(0.6)             # the loop is now inside the 2 s inspection
+        recv_for(0.15)              # what was sent before it
+        assert "WATCHDOG=1" not in recv_for(1.0)
+        assert "WATCHDOG=1" in recv_for(3.0), "pings again once the loop runs"
+    finally:
+        service.stop()
+        thread.join(30)
+        sock.close()
+    assert out["rc"] == 0
+
+
+def test_a_long_backlog_keeps_pinging_the_watchdog(tiny_bundle, folders, tmp_path, monkeypatch):
+    """Busy is not hung: while a backlog is worked through image after image, the pings go on."""
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.05)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")      # ping every 0.2 s
+    for i in range(12):
+        (folders["watch"] / f"b{i}.png").write_bytes(png_bytes(i))
+    service = WatchService(make_config(tiny_bundle, folders, threads=1))
+    real = service.recorder.inspector.inspect
+
+    def slow(*a, **k):
+        time.sleep(0.25)
+        return real(*a, **k)
+    service.recorder.inspector.inspect = slow
+    thread, out = run_in_thread(service)
+    stamps = []
+    try:
+        end = time.monotonic() + 60
+        while time.monotonic() < end and service.stats.total.inspected < 12:
+            try:
+                if sock.recv(4096) == b"WATCHDOG=1":
+                    stamps.append(time.monotonic())
+            except socket.timeout:
+                pass
+    finally:
+        service.stop()
+        thread.join(30)
+        sock.close()
+    assert out["rc"] == 0 and service.stats.total.inspected == 12
+    assert len(stamps) >= 5 and max(b - a for a, b in zip(stamps, stamps[1:])) < 1.0, stamps

@@ -15,15 +15,15 @@ unknown path 404, other methods 405. The token is compared in constant time and 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import re
 import socket
 import threading
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from edge_runtime.http_base import ResponseHandler
 from edge_runtime.journal import row_to_json
 from edge_runtime.service_config import ServiceConfig, parse_host_port
 from edge_runtime.store import Store, StorageError
@@ -88,30 +88,10 @@ class HttpApi(ThreadingHTTPServer):
         return {**result.to_dict(), "bundle_id": self._inspector.bundle.bundle_id}
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(ResponseHandler):
     server: HttpApi
     server_version = "edge-inspect"
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, fmt, *args):
-        log.debug("http %s %s", self.address_string(), fmt % args)
-
-    def _send(self, status: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: int, obj, extra: dict | None = None) -> None:
-        self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8",
-                   extra)
+    fixed_headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
     def _dispatch(self, fn) -> None:
         self._body_read = False

@@ -34,10 +34,11 @@ import signal
 import socket
 import sys
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from edge_runtime.http_base import ResponseHandler
 from edge_runtime.reviews import Conflict, ReviewError, Reviews, check_reviewer, open_reviews
 from edge_runtime.store import StorageError
 
@@ -87,31 +88,10 @@ class ReviewServer(ThreadingHTTPServer):
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(ResponseHandler):
     server: ReviewServer
     server_version = "edge-inspect-review"
-    protocol_version = "HTTP/1.1"
-
-    # -- plumbing ----------------------------------------------------------------------------------------
-    def log_message(self, fmt, *args):
-        log.debug("%s %s", self.address_string(), fmt % args)
-
-    def _headers(self, status: int, ctype: str, length: int) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(length))
-        for k, v in SECURITY_HEADERS.items():
-            self.send_header(k, v)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-
-    def _send(self, status: int, body: bytes, ctype: str) -> None:
-        self._headers(status, ctype, len(body))
-        self.wfile.write(body)
-
-    def _json(self, status: int, obj) -> None:
-        self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8")
+    fixed_headers = SECURITY_HEADERS
 
     def _dispatch(self, fn) -> None:
         self._body_read = False

@@ -23,21 +23,15 @@ from http import HTTPStatus
 from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from edge_runtime.http_base import ResponseHandler
+from edge_runtime.http_base import HTTPError, ResponseHandler
 from edge_runtime.journal import row_to_json
 from edge_runtime.service_config import ServiceConfig, parse_host_port
-from edge_runtime.store import Store, StorageError
+from edge_runtime.store import Store
 
 log = logging.getLogger("edge_inspect")
 
 MAX_LIMIT = 1000
 _UINT = re.compile(r"[0-9]{1,18}")
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 class HttpApi(ThreadingHTTPServer):
@@ -92,28 +86,6 @@ class Handler(ResponseHandler):
     server: HttpApi
     server_version = "edge-inspect"
     fixed_headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
-
-    def _dispatch(self, fn) -> None:
-        self._body_read = False
-        try:
-            try:
-                fn()
-                return
-            except HTTPError as exc:
-                status, message = exc.status, str(exc)
-            except StorageError as exc:
-                status, message = HTTPStatus.SERVICE_UNAVAILABLE, f"result database: {exc}"
-            except (BrokenPipeError, ConnectionResetError):
-                return
-            except Exception as exc:        # a bug must not take the service down
-                log.exception("http: unexpected error on %s", self.command)
-                status, message = HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(exc).__name__}"
-            if not self._body_read and self.headers.get("Content-Length", "0") != "0":
-                self.close_connection = True    # an unread body must not be taken for the next request
-            extra = {"WWW-Authenticate": "Bearer"} if status == HTTPStatus.UNAUTHORIZED else None
-            self._json(status, {"error": message}, extra)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
 
     def _authorize(self, path: str) -> None:
         token = self.server.cfg.http_token

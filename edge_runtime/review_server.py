@@ -38,7 +38,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from edge_runtime.http_base import ResponseHandler
+from edge_runtime.http_base import HTTPError, ResponseHandler
 from edge_runtime.reviews import Conflict, ReviewError, Reviews, check_reviewer, open_reviews
 from edge_runtime.store import StorageError
 
@@ -65,12 +65,6 @@ SECURITY_HEADERS = {
 _RESULT = re.compile(r"^/api/results/([^/]+)(/image|/reviews)?$")
 
 
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, **extra):
-        super().__init__(message)
-        self.status, self.extra = status, extra
-
-
 class ReviewServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -93,29 +87,8 @@ class Handler(ResponseHandler):
     server_version = "edge-inspect-review"
     fixed_headers = SECURITY_HEADERS
 
-    def _dispatch(self, fn) -> None:
-        self._body_read = False
-        try:
-            try:
-                fn()
-                return
-            except HTTPError as exc:
-                status, body = exc.status, {"error": str(exc), **exc.extra}
-            except ReviewError as exc:
-                status, body = exc.status, {"error": str(exc)}
-            except StorageError as exc:
-                log.error("storage: %s", exc)
-                status, body = HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"the result database cannot be written: {exc}"}
-            except (BrokenPipeError, ConnectionResetError):
-                return
-            except Exception as exc:        # a bug must not take the page down
-                log.exception("unexpected error on %s %s", self.command, self.path)
-                status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(exc).__name__}"}
-            if not self._body_read and self.headers.get("Content-Length", "0") != "0":
-                self.close_connection = True    # an unread request body must not be taken for the next request
-            self._json(status, body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+    def _error(self, exc: Exception) -> tuple[int, str] | None:
+        return (exc.status, str(exc)) if isinstance(exc, ReviewError) else None
 
     def _route(self) -> tuple[str, dict[str, list[str]]]:
         parts = urlsplit(self.path)

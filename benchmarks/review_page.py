@@ -3,7 +3,7 @@
     python -m benchmarks.review_page [--results 10000] [--models models/real-224-lite0] [--loads 7]
                                      [--out reports/review] [--screenshot docs/review_page.png]
 
-Builds a result database the way the service writes it (edge_runtime.store, the bundle registered, N rows
+Builds a result database the way the service writes it (edge_runtime.db.store, the bundle registered, N rows
 with Stage-1 scores, Stage-2 probabilities, review flags and a few hundred earlier reviews) over synthetic SEM
 images in processed/, starts `edge-inspect review` as its own process, and measures:
   - the API: GET /api/queue (first page, 100 items), /api/summary, /api/meta, one image; wall ms over HTTP;
@@ -42,8 +42,8 @@ def build_site(root: Path, n: int, models: Path, seed: int = 0) -> dict:
     """root/results.sqlite3 + root/processed/ holding n results (hard links to a few synthetic SEM images
     per class, so 10,000 files cost little disk)."""
     from edge_runtime.bundle import load_bundle
-    from edge_runtime.reviews import Reviews
-    from edge_runtime.store import Store
+    from edge_runtime.review.reviews import Reviews
+    from edge_runtime.db.store import Store
     from train.synth import CLASSES, image_rng, render
 
     bundle = load_bundle(models)

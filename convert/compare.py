@@ -155,7 +155,7 @@ def evaluate(p1: np.ndarray, p2: np.ndarray, labels: list[str], run, ref: dict |
 def recorded_comparison(run, paths: list[str], labels: list[str], only: Path, results: dict) -> dict | None:
     """The deployed bundles' labels as recorded on the board (an export manifest's model_label) against the
     reviewed labels, and every model here on exactly the same images; None when `only` is not an export."""
-    from edge_runtime.export_labels import read_manifest
+    from edge_runtime.review.export_labels import read_manifest
 
     rows = read_manifest(only)
     hits = [k for k, p in enumerate(paths) if str(run.resolve(p).resolve()) in rows
@@ -179,7 +179,7 @@ def recorded_comparison(run, paths: list[str], labels: list[str], only: Path, re
 
 def compare_bundle(run, bundle_dir, *, split: str = "test", out_dir=None, threads: int = 1,
                    echo=print, only=None) -> dict:
-    """run: a convert.cli.Run with models loaded. Returns the compare.json content."""
+    """run: a train.runs.Run with models loaded. Returns the compare.json content."""
     bundle, variants = read_bundle(bundle_dir, run)
     root = bundle.root
     out = Path(out_dir).resolve() if out_dir else root

@@ -51,7 +51,7 @@ def parse_runtime(spec: str) -> tuple[str, str, str]:
 
 
 def pick_images(paths: list[str], limit: int | None) -> list[Path]:
-    from edge_runtime.cli import collect_inputs
+    from edge_runtime.inputs import collect_inputs
 
     files, problems = collect_inputs(paths)
     if problems:

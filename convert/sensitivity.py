@@ -13,7 +13,6 @@ import csv
 import io
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -54,7 +53,7 @@ def layer_sensitivity(model, calibration: np.ndarray, debug_images: np.ndarray) 
 
 def main(argv: list[str] | None = None) -> int:
     from convert import calibration as calib
-    from convert.cli import RunError, load_models, read_run
+    from train.runs import RunError, load_models, read_run
 
     p = argparse.ArgumentParser(prog="python -m convert sensitivity", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, metavar="runs/NAME")

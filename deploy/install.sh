@@ -476,9 +476,9 @@ else
     info "kept your edited $CONFIG_FILE; the current template is in $CONFIG_FILE.new (compare with diff)"
 fi
 if ((DRY_RUN)); then
-    info "would check: $CONFIG_FILE with edge_runtime.service_config.load_service_config"
+    info "would check: $CONFIG_FILE with edge_runtime.config.service_config.load_service_config"
 else
-    "$VPY" -c 'import sys; from edge_runtime.service_config import load_service_config; load_service_config(sys.argv[1])' \
+    "$VPY" -c 'import sys; from edge_runtime.config.service_config import load_service_config; load_service_config(sys.argv[1])' \
         "$CONFIG_FILE" || die "$CONFIG_FILE is not a valid service config (see the message above)"
     info "config ok"
     for dir in "${STATE_DIRS[@]}"; do

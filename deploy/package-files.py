@@ -19,5 +19,7 @@ items = {"pyproject.toml"}
 readme = project.get("project", {}).get("readme")
 if isinstance(readme, str):
     items.add(readme)
-items.update(project.get("tool", {}).get("setuptools", {}).get("packages", []))
+# packages.find's include patterns ("edge_runtime*") name the top-level package folders
+found = project.get("tool", {}).get("setuptools", {}).get("packages", {}).get("find", {}).get("include", [])
+items.update(pattern.rstrip("*").rstrip(".") for pattern in found)
 print("\n".join(sorted(items)))

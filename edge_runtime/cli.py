@@ -1,10 +1,10 @@
 """edge-inspect: two-stage SEM defect inspection on the board.
 
     edge-inspect --models BUNDLE PATH...            files or folders (recursive): a table, or --json lines
-    edge-inspect --models BUNDLE --watch DIR        the drop-folder service (see edge_runtime/watch.py)
+    edge-inspect --models BUNDLE --watch DIR        the drop-folder service (see edge_runtime/service/watch.py)
     edge-inspect --config service.yaml              the service, configured by one validated file
-    edge-inspect review --db results.sqlite3        the operator review page (edge_runtime/review_server.py)
-    edge-inspect export-labels --db ... --out DIR   reviewed images as training data (edge_runtime/export_labels.py)
+    edge-inspect review --db results.sqlite3        the operator review page (edge_runtime/review/server.py)
+    edge-inspect export-labels --db ... --out DIR   reviewed images as training data (edge_runtime/review/export_labels.py)
 
 Exit status: 0 all good; 1 some input failed (the others were still processed); 2 a setup problem a person
 must fix (bundle, folder, permission, config); 3 the service stopped because results could not be stored
@@ -15,22 +15,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
-from pathlib import Path
 
 from edge_runtime.bundle import BundleError
+from edge_runtime.config.service_config import (ConfigError, add_flags, check_inspect_flags, flag_values,
+                                                load_service_config, service_flags_given)
 from edge_runtime.exits import EXIT_FAILED, EXIT_OK, EXIT_SETUP, EXIT_STORAGE, WatchError
+from edge_runtime.inputs import collect_inputs
 from edge_runtime.interpreter import NoInterpreter
 from edge_runtime.names import json_line, shown
-from edge_runtime.preprocess import ImageError, SUPPORTED_SUFFIXES, is_supported
-from edge_runtime.service_config import (ConfigError, add_flags, check_inspect_flags, flag_values,
-                                         load_service_config, service_flags_given)
-from edge_runtime.store import StorageError
-from edge_runtime.watch import WatchService, is_ignored_name
+from edge_runtime.preprocess import ImageError
 
 PROG = "edge-inspect"
-SUBCOMMANDS = {"review": "edge_runtime.review_server", "export-labels": "edge_runtime.export_labels"}
+SUBCOMMANDS = {"review": "edge_runtime.review.server", "export-labels": "edge_runtime.review.export_labels"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,26 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _error(msg: str, code: int) -> int:
     print(f"{PROG}: error: {msg}", file=sys.stderr)
     return code
-
-
-def collect_inputs(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Expand folders (recursively, sorted, supported image types only). Returns (files, problems)."""
-    files, problems = [], []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found = []
-            for root, dirs, names in os.walk(path, onerror=lambda e: problems.append((e.filename, str(e)))):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found.extend(Path(root) / n for n in names if is_supported(n) and not is_ignored_name(n))
-            if not found:
-                problems.append((raw, f"no images found ({' '.join(SUPPORTED_SUFFIXES)})"))
-            files.extend(sorted(found))
-        elif path.exists():
-            files.append(path)
-        else:
-            problems.append((raw, "no such file or folder"))
-    return files, problems
 
 
 def _table_row(r) -> str:
@@ -128,6 +105,10 @@ def run_batch(args) -> int:
 
 
 def run_watch(args) -> int:
+    # The service's packages load only here: the one-off path above needs the runtime alone.
+    from edge_runtime.db.store import StorageError
+    from edge_runtime.service.watch import WatchService
+
     try:
         cfg = load_service_config(args.config, flag_values(args))
     except ConfigError as exc:

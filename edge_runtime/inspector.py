@@ -21,8 +21,13 @@ import numpy as np
 from edge_runtime.bundle import Bundle, BundleError, StageSpec, load_bundle
 from edge_runtime.gate import is_defective, needs_review
 from edge_runtime.interpreter import NoInterpreter, make_interpreter
-from edge_runtime.preprocess import (DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODE_MB, DEFAULT_MAX_PIXELS, preprocess_array,
-                                     preprocess_file)
+from edge_runtime.preprocess import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_DECODE_MB,
+    DEFAULT_MAX_PIXELS,
+    preprocess_array,
+    preprocess_file,
+)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 open() on a FIFO waits for a writer, forever if none comes, and a signal cannot interrupt it usefully; a FIFO
 or device can be swapped in under a name at any moment after it was checked. open_regular() opens with
 O_NONBLOCK (and optionally O_NOFOLLOW) and checks the *opened* descriptor with fstat, so what is read is what
-was checked. Used for dropped images (edge_runtime/recorder.py), hashing (edge_runtime/digest.py) and model
+was checked. Used for dropped images (edge_runtime/service/recorder.py), hashing (edge_runtime/digest.py) and model
 bundles (edge_runtime/bundle.py).
 """
 from __future__ import annotations

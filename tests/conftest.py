@@ -117,7 +117,7 @@ UNPRIVILEGED = """
 import os, sys
 from PIL import Image
 Image.init()
-import edge_runtime.cli, edge_runtime.inspector
+import edge_runtime.cli, edge_runtime.inspector, edge_runtime.service.watch
 from edge_runtime.interpreter import load_backend
 load_backend()
 os.setgroups([])

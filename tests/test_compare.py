@@ -232,7 +232,7 @@ def test_only_the_fabs_reviewed_images_beside_the_deployed_bundle_as_recorded(co
     import csv
 
     from convert.cli import main
-    from edge_runtime.export_labels import FIELDS, MANIFEST
+    from edge_runtime.review.export_labels import FIELDS, MANIFEST
 
     run = tmp_path / "run"
     shutil.copytree(converted["run"], run)

@@ -209,7 +209,7 @@ def test_calibration_uses_train_split_only(converted):
 
 def test_calibration_selection_is_stratified_and_deterministic(converted):
     from convert.calibration import anchor_input_range, select
-    from convert.cli import read_run
+    from train.runs import read_run
 
     run = read_run(converted["run"])
     rows = run.rows("train")
@@ -237,7 +237,7 @@ def test_allocate_is_proportional_with_one_per_class():
 
 def test_unreadable_calibration_files_are_skipped_and_replaced(tmp_path, converted):
     from convert.calibration import select
-    from convert.cli import read_run
+    from train.runs import read_run
 
     rows = read_run(converted["run"]).rows("train")
     bad = []

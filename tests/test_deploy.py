@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 from conftest import REPO
-from edge_runtime.service_config import ConfigError, load_service_config
+from edge_runtime.config.service_config import ConfigError, load_service_config
 
 DEPLOY = REPO / "deploy"
 UNIT = DEPLOY / "sem-inspect.service"
@@ -413,7 +413,10 @@ def test_dockerfile_references_only_existing_files_and_packages_the_edge_runtime
                 assert (REPO / src).exists(), f"COPY {src}: no such file in the repository"
                 copied.append(src.rstrip("/"))
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    needed = set(project["tool"]["setuptools"]["packages"]) | {"pyproject.toml", project["project"]["readme"]}
+    listed = subprocess.run([sys.executable, str(REPO / "deploy" / "package-files.py"), str(REPO / "pyproject.toml")],
+                            capture_output=True, text=True, check=True).stdout.split()
+    needed = set(listed) | {"pyproject.toml", project["project"]["readme"]}
+    assert {"edge_runtime", "train", "convert", "benchmarks"} <= needed
     assert needed <= set(copied), f"pip install needs {sorted(needed - set(copied))}"
     runs = " ".join(rest for word, rest in ins if word == "RUN")
     assert 'pip install ".[edge]"' in runs and "tensorflow" in runs      # installs edge only, checks no TF

@@ -25,8 +25,8 @@ INSPECT_SCRIPT = textwrap.dedent("""
     import numpy as np
     {prelude}
     from edge_runtime.inspector import Inspector
-    import edge_runtime.cli, edge_runtime.watch, edge_runtime.recorder, edge_runtime.store
-    import edge_runtime.review_server, edge_runtime.export_labels
+    import edge_runtime.cli, edge_runtime.service.watch, edge_runtime.service.recorder, edge_runtime.db.store
+    import edge_runtime.review.server, edge_runtime.review.export_labels
     insp = Inspector(sys.argv[1], threads=1)
     img = np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint8)
     result = insp.inspect(img).to_dict()

@@ -14,9 +14,9 @@ from PIL import Image
 
 from edge_runtime.bundle import load_bundle
 from edge_runtime.cli import main
-from edge_runtime.export_labels import MANIFEST
-from edge_runtime.reviews import Reviews
-from edge_runtime.store import Store
+from edge_runtime.review.export_labels import MANIFEST
+from edge_runtime.review.reviews import Reviews
+from edge_runtime.db.store import Store
 from test_prepare import make_master, read_rows, run_prepare, save, smooth_image
 from test_review import add_result
 

@@ -15,8 +15,8 @@ import pytest
 
 from test_watch import folders, make_config, png_bytes, run_in_thread, start_service, wait_for  # noqa: F401
 from edge_runtime.exits import WatchError
-from edge_runtime.service_config import ConfigError
-from edge_runtime.watch import WatchService
+from edge_runtime.config.service_config import ConfigError
+from edge_runtime.service.watch import WatchService
 
 TOKEN = "s3cret-token-value"
 

@@ -275,7 +275,7 @@ def test_restart_with_the_broker_down_then_up_publishes_the_backlog(tiny_bundle,
 
 
 def test_schema_3_migration_marks_old_rows_published(tmp_path):
-    from edge_runtime.store import SCHEMA_VERSION, Store
+    from edge_runtime.db.store import SCHEMA_VERSION, Store
     db = tmp_path / "v2.sqlite3"
     store = Store(db)
     store.close()

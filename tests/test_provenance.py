@@ -15,8 +15,8 @@ import yaml
 from edge_runtime.bundle import load_bundle
 from edge_runtime.cli import main
 from edge_runtime.inspector import Inspector
-from edge_runtime.store import COLUMNS, SCHEMA_VERSION, StorageError, Store
-from edge_runtime.watch import WatchService
+from edge_runtime.db.store import COLUMNS, SCHEMA_VERSION, StorageError, Store
+from edge_runtime.service.watch import WatchService
 from test_watch import files_in, folders, jsonl_rows, make_config, png_bytes, rows  # noqa: F401  (fixture)
 
 
@@ -92,7 +92,7 @@ def test_service_records_bundle_id_and_stage2_probabilities(tiny_bundle, folders
     assert journal["c0.png"]["bundle_id"] == clean_id and journal["c0.png"]["stage2_probs"] is None
 
 
-# The schema as version 1 wrote it (edge_runtime/store.py before provenance), to test the migration.
+# The schema as version 1 wrote it (edge_runtime/db/store.py before provenance), to test the migration.
 V1_SCHEMA = """
 CREATE TABLE results (
     id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, name TEXT NOT NULL, src_path TEXT NOT NULL,

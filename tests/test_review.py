@@ -20,9 +20,9 @@ from PIL import Image
 
 from conftest import REPO
 from edge_runtime.bundle import load_bundle
-from edge_runtime.review_server import ReviewServer
-from edge_runtime.reviews import ReviewError, Reviews, open_reviews
-from edge_runtime.store import Store, utc_now
+from edge_runtime.review.server import ReviewServer
+from edge_runtime.review.reviews import ReviewError, Reviews, open_reviews
+from edge_runtime.db.store import Store, utc_now
 
 EDGE_INSPECT = Path(sys.executable).parent / "edge-inspect"
 

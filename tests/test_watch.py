@@ -23,14 +23,16 @@ import yaml
 from PIL import Image
 
 from conftest import REPO
-from edge_runtime import fileops, service_config
+from edge_runtime.config import service_config
+from edge_runtime.service import fileops
 from edge_runtime.cli import main
 from edge_runtime.exits import WatchError
 from edge_runtime.inspector import Inspector
-from edge_runtime.journal import Journal
-from edge_runtime.service_config import ConfigError, load_service_config
-from edge_runtime.store import StorageError, is_disk_full
-from edge_runtime.watch import WatchService, is_ignored_name
+from edge_runtime.db.journal import Journal
+from edge_runtime.config.service_config import ConfigError, load_service_config
+from edge_runtime.db.store import StorageError, is_disk_full
+from edge_runtime.inputs import is_ignored_name
+from edge_runtime.service.watch import WatchService
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -466,7 +468,7 @@ def test_database_schema_is_the_documented_one(tiny_bundle, inspector, folders):
         columns = [r[1] for r in con.execute("PRAGMA table_info(results)")]
     finally:
         con.close()
-    from edge_runtime import store
+    from edge_runtime.db import store
     assert tuple(columns) == store.COLUMNS
     for column in columns:              # every column is described in the module docstring
         assert f"\n        {column} " in store.__doc__, column
@@ -537,10 +539,10 @@ def test_service_config_file_validation_and_overrides(tiny_bundle, folders, tmp_
 
 def test_example_service_config_is_generated_valid_and_complete():
     import yaml
-    example = REPO / "edge_runtime" / "service.example.yaml"
+    example = REPO / "edge_runtime" / "config" / "service.example.yaml"
     text = example.read_text()
     assert text == service_config.example_yaml(), \
-        "regenerate it: python -m edge_runtime.service_config > edge_runtime/service.example.yaml"
+        "regenerate it: python -m edge_runtime.config.service_config > edge_runtime/config/service.example.yaml"
     cfg = load_service_config(example)
     assert cfg.watch == "/srv/sem/incoming" and cfg.processed == "/srv/sem/processed"
     commented = {m[1] for line in text.splitlines() if (m := re.match(r"# ([a-z_]+): ", line))

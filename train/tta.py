@@ -45,7 +45,7 @@ def evaluate(run, split: str, flips: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from convert.cli import RunError, load_models, read_run
+    from train.runs import RunError, load_models, read_run
 
     p = argparse.ArgumentParser(prog="python -m train tta", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, metavar="runs/NAME")

@@ -1,4 +1,4 @@
-// The operator review page: plain JavaScript, no framework, no build step (served by edge_runtime/review_server.py).
+// The operator review page: plain JavaScript, no framework, no build step (served by edge_runtime/review/server.py).
 // Text from the database is only ever set as textContent, never parsed as HTML.
 "use strict";
 

@@ -23,9 +23,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from edge_runtime.db.store import StorageError
 from edge_runtime.digest import sha256_file
-from edge_runtime.reviews import ReviewError, file_within, open_reviews
-from edge_runtime.store import StorageError
+from edge_runtime.review.reviews import ReviewError, file_within, open_reviews
 
 PROG = "edge-inspect export-labels"
 EXIT_OK, EXIT_FAILED, EXIT_SETUP = 0, 1, 2

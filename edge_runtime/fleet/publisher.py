@@ -22,9 +22,9 @@ import ssl
 import threading
 import time
 
-from edge_runtime.journal import row_to_json
-from edge_runtime.service_config import ServiceConfig, parse_host_port
-from edge_runtime.store import Store, utc_now
+from edge_runtime.config.service_config import ServiceConfig, parse_host_port
+from edge_runtime.db.journal import row_to_json
+from edge_runtime.db.store import Store, utc_now
 
 log = logging.getLogger("edge_inspect")
 

@@ -31,7 +31,7 @@ Schema (PRAGMA user_version = 3; a version-1 or -2 file is migrated in place on 
         stage2_probs  TEXT,                  -- JSON {class: probability} of Stage 2; NULL when it did not run
                                              --   (or before v2: then only defect_class/confidence exist)
         published     INTEGER NOT NULL DEFAULT 0  -- v3: 1 once the MQTT broker acknowledged it
-    );                                       --   (edge_runtime/publisher.py; rows older than v3: 1)
+    );                                       --   (edge_runtime/fleet/publisher.py; rows older than v3: 1)
     CREATE TABLE bundles (                   -- each model bundle that produced results
         id                  TEXT PRIMARY KEY,    -- = results.bundle_id
         path                TEXT NOT NULL,       -- the folder it was loaded from when first seen

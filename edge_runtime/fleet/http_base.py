@@ -8,7 +8,7 @@ import logging
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 
-from edge_runtime.store import StorageError
+from edge_runtime.db.store import StorageError
 
 log = logging.getLogger("edge_inspect.http")
 

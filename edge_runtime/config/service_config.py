@@ -4,8 +4,8 @@ Each setting is a typed field of ServiceConfig with its default, help text and c
 else is derived from those definitions:
     add_flags()             the `edge-inspect` command-line flags (type, choices, help, mutual exclusion)
     load_service_config()   a config file and command-line overrides, checked (check_setting) and resolved
-    example_yaml()          edge_runtime/service.example.yaml; regenerate it with
-                            `python -m edge_runtime.service_config > edge_runtime/service.example.yaml`
+    example_yaml()          edge_runtime/config/service.example.yaml; regenerate it with
+                            `python -m edge_runtime.config.service_config > edge_runtime/config/service.example.yaml`
                             (a test compares the two)
 A new setting is one field below plus its test.
 """
@@ -26,7 +26,6 @@ import yaml
 
 from edge_runtime.interpreter import BACKENDS
 from edge_runtime.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODE_MB, DEFAULT_MAX_PIXELS
-from edge_runtime.service_lock import lock_path
 
 INSPECT = "inspect"     # a flag of one-off inspection too (edge-inspect --models B PATH...)
 SERVICE = "service"     # a flag of the service only (with --watch DIR or --config FILE)
@@ -66,7 +65,7 @@ class ServiceConfig:
                                      "with NAME.reason.txt (default: WATCH/quarantine)",
                                      example="/srv/sem/quarantine", path=True, metavar="DIR")
     db: str | None = setting(None, "SQLite results, WAL (default: WATCH/.edge-inspect.sqlite3); schema in "
-                             "edge_runtime/store.py", example="/srv/sem/results.sqlite3", path=True, metavar="PATH")
+                             "edge_runtime/db/store.py", example="/srv/sem/results.sqlite3", path=True, metavar="PATH")
     jsonl: str | None = setting(None, "also append each result to this JSONL file (optional)",
                                 example="/srv/sem/results.jsonl", path=True, metavar="PATH")
     variant: str | None = setting(None, "model variant in the bundle (default: the bundle's default_variant)",
@@ -103,7 +102,7 @@ class ServiceConfig:
     durability: str = setting("full", "full: each commit fsynced (survives power loss); normal: survives "
                               "process kills only", choices=("full", "normal"))
     log_level: str = setting("INFO", "log verbosity", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    # -- fleet (edge_runtime/publisher.py, http_api.py; needs `pip install "sem-inspect[fleet]"`) --
+    # -- fleet (edge_runtime/fleet/publisher.py, http_api.py; needs `pip install "sem-inspect[fleet]"`) --
     board: str | None = setting(None, "this board's name in MQTT topics and the HTTP API (default: the host name)",
                                 example="sem-tool-07", commented=True, metavar="NAME")
     mqtt: str | None = setting(None, "publish each result to this MQTT broker, HOST:PORT (off when unset)",
@@ -172,6 +171,11 @@ class ServiceConfig:
                 raise ConfigError(f"jsonl: {out.jsonl} is the result database (or one of its files, "
                                   f"{', '.join(f.name for f in db_files)}): give the JSONL file its own path")
         return out
+
+
+def lock_path(db: Path) -> Path:
+    """DB.lock beside the database: the watch service's instance lock (edge_runtime/service/lock.py)."""
+    return db.with_name(db.name + ".lock")
 
 
 def own_files(cfg: ServiceConfig) -> list[Path]:
@@ -327,7 +331,7 @@ EXAMPLE_HEADER = """\
 # edge-inspect --config service.yaml : the watch-folder service, one validated file.
 # Unknown keys and wrong types stop the service with an error naming the key; command-line flags override
 # any value here. Relative paths are relative to this file's folder.
-# Generated from edge_runtime/service_config.py (python -m edge_runtime.service_config): every setting, with
+# Generated from edge_runtime/config/service_config.py (python -m edge_runtime.config.service_config): every setting, with
 # its default unless an example value is more telling; commented-out lines are optional.
 """
 

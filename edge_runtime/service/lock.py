@@ -14,14 +14,10 @@ import os
 import re
 from pathlib import Path
 
+from edge_runtime.config.service_config import lock_path
 from edge_runtime.exits import WatchError
 
-LOCK_SUFFIX = ".lock"
 _LOCKS_LINE = re.compile(r"^\d+:\s+FLOCK\s+\S+\s+WRITE\s+(\d+)\s+([0-9a-f]+):([0-9a-f]+):(\d+)\s")
-
-
-def lock_path(db: Path) -> Path:
-    return db.with_name(db.name + LOCK_SUFFIX)
 
 
 def holder_pid(fd: int, lock_file: Path | None = None) -> int | None:

@@ -2,7 +2,7 @@
 
     GET  /healthz                  {"ok", "model_loaded", "bundle_id", "folder_writable", "last_image_at",
                                    "backlog", "mqtt_connected", "unpublished"}; 200 when ok, else 503
-    GET  /metrics                  Prometheus text exposition (edge_runtime/metrics.py)
+    GET  /metrics                  Prometheus text exposition (edge_runtime/fleet/metrics.py)
     GET  /results?since=ID&limit=N results with id > ID (default 0), oldest first, at most N (1..1000, default
                                    100): {"results": [...], "next": the last id (pass it as since=)}
     POST /inspect                  one image as the request body (any Content-Type); its result back as JSON.
@@ -23,10 +23,10 @@ from http import HTTPStatus
 from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from edge_runtime.http_base import HTTPError, ResponseHandler
-from edge_runtime.journal import row_to_json
-from edge_runtime.service_config import ServiceConfig, parse_host_port
-from edge_runtime.store import Store
+from edge_runtime.config.service_config import ServiceConfig, parse_host_port
+from edge_runtime.db.journal import row_to_json
+from edge_runtime.db.store import Store
+from edge_runtime.fleet.http_base import HTTPError, ResponseHandler
 
 log = logging.getLogger("edge_inspect")
 
@@ -35,7 +35,7 @@ _UINT = re.compile(r"[0-9]{1,18}")
 
 
 class HttpApi(ThreadingHTTPServer):
-    """service: the WatchService (health is read from it); metrics: an edge_runtime.metrics.Metrics."""
+    """service: the WatchService (health is read from it); metrics: an edge_runtime.fleet.metrics.Metrics."""
     daemon_threads = True
 
     def __init__(self, cfg: ServiceConfig, service, metrics):

@@ -27,9 +27,9 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from edge_runtime.publisher import FleetUnavailable, need
-from edge_runtime.service_config import parse_host_port
-from edge_runtime.store import utc_now
+from edge_runtime.config.service_config import parse_host_port
+from edge_runtime.db.store import utc_now
+from edge_runtime.fleet.publisher import FleetUnavailable, need
 
 log = logging.getLogger("edge_inspect.collect")
 
@@ -137,7 +137,3 @@ def main(argv: list[str] | None = None) -> int:
         log.info("stopped: %d result(s) stored", collector.stored)
         collector.close()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

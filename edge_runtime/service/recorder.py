@@ -28,10 +28,10 @@ Per image, in this order:
 A kill at any point leaves one of: nothing recorded and the file in the folder (-> processed again); recorded
 but not moved (-> on restart the key is found, the move is finished); moved but not marked (-> on restart the
 row is marked done). An image is never moved before its result is committed, so an image in processed/ always
-has exactly one row. The JSONL file is derived from the database (edge_runtime/journal.py), so it also holds
+has exactly one row. The JSONL file is derived from the database (edge_runtime/db/journal.py), so it also holds
 each result exactly once.
 
-The folder-watching loop (edge_runtime/watch.py) uses only the public methods of Recorder: it hands over
+The folder-watching loop (edge_runtime/service/watch.py) uses only the public methods of Recorder: it hands over
 complete files (handle) and asks which files it must leave alone (holds); everything else stays in here.
 """
 from __future__ import annotations
@@ -45,17 +45,17 @@ import stat
 import time
 from pathlib import Path
 
-from edge_runtime import fileops
+from edge_runtime.config.service_config import ServiceConfig
+from edge_runtime.db.journal import Journal, row_to_json
+from edge_runtime.db.store import StorageError, Store, is_disk_full, utc_now
 from edge_runtime.digest import sha256_bytes, sha256_fileobj
 from edge_runtime.exits import WatchError
-from edge_runtime.fileops import FileChanged, FileSig
-from edge_runtime.journal import Journal, row_to_json
 from edge_runtime.names import db_text, name_key, name_of_key, shown
 from edge_runtime.preprocess import SUPPORTED_SUFFIXES, ImageError
 from edge_runtime.safeopen import NotRegularFile, kind_of, open_regular
-from edge_runtime.service_config import ServiceConfig
-from edge_runtime.service_stats import ServiceStats
-from edge_runtime.store import Store, StorageError, is_disk_full, utc_now
+from edge_runtime.service import fileops
+from edge_runtime.service.fileops import FileChanged, FileSig
+from edge_runtime.service.stats import ServiceStats
 
 log = logging.getLogger("edge_inspect")
 

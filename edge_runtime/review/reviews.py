@@ -1,7 +1,7 @@
 """Operator reviews of recorded results: the review queue, corrections, the summary, what export takes.
 
-Used by the review page (edge_runtime/review_server.py) and `edge-inspect export-labels`. Reviews go into the
-store's `reviews` table (schema in edge_runtime/store.py); results are never edited.
+Used by the review page (edge_runtime/review/server.py) and `edge-inspect export-labels`. Reviews go into the
+store's `reviews` table (schema in edge_runtime/db/store.py); results are never edited.
 
 The queue: inspected results, Stage-2 `review`-flagged ones first (least confident first), then the rest by
 Stage-1 margin |P(defective) - threshold| (threshold of the bundle that produced the result; results recorded
@@ -25,7 +25,7 @@ import threading
 import unicodedata
 from pathlib import Path
 
-from edge_runtime.store import Store, utc_now
+from edge_runtime.db.store import Store, utc_now
 
 UNUSABLE = "unusable"
 STATES = ("unreviewed", "reviewed", "confirmed", "corrected", "unusable", "all")

@@ -1,9 +1,9 @@
 """`edge-inspect --watch`: the folder-watching loop. It finds complete files and hands them to the exactly-once
-recorder (edge_runtime/recorder.py); settings in edge_runtime/service_config.py.
+recorder (edge_runtime/service/recorder.py); settings in edge_runtime/config/service_config.py.
 
 Finding files
     The watch folder is flat (sub-folders are not entered). New files are seen through Linux inotify
-    (edge_runtime/inotify.py) with a full rescan every `rescan_seconds` as a safety net; without inotify the
+    (edge_runtime/service/inotify.py) with a full rescan every `rescan_seconds` as a safety net; without inotify the
     folder is polled every `poll_seconds`. A file is taken only once it is complete: renamed into the folder
     (write-then-rename: IN_MOVED_TO), or unchanged (inode, size, mtime, ctime) for `settle_seconds`. Hidden
     and temporary names are ignored (.*, ~*, *.tmp, *.part, *.partial, *.crdownload, *.swp), and so are the
@@ -37,28 +37,29 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_runtime.config.service_config import ServiceConfig, own_files
+from edge_runtime.db.journal import Journal
+from edge_runtime.db.store import StorageError, Store, is_disk_full
 from edge_runtime.exits import EXIT_OK, EXIT_SETUP, EXIT_STORAGE, WatchError
-from edge_runtime.fileops import FileSig, check_folder
-from edge_runtime.inotify import (IN_CLOSE_WRITE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF, IN_MOVED_FROM,
-                                  IN_MOVED_TO, IN_Q_OVERFLOW, Inotify)
-from edge_runtime.journal import Journal
+from edge_runtime.inputs import is_ignored_name
 from edge_runtime.names import shown
-from edge_runtime.recorder import Handled, Recorder
-from edge_runtime.sd_notify import SdNotify
-from edge_runtime.service_config import ServiceConfig, own_files
-from edge_runtime.service_lock import ServiceLock
-from edge_runtime.service_stats import ServiceStats, rss_mb
-from edge_runtime.store import Store, StorageError, is_disk_full
+from edge_runtime.service.fileops import FileSig, check_folder
+from edge_runtime.service.inotify import (
+    IN_CLOSE_WRITE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_MOVE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    IN_Q_OVERFLOW,
+    Inotify,
+)
+from edge_runtime.service.lock import ServiceLock
+from edge_runtime.service.recorder import Handled, Recorder
+from edge_runtime.service.sd_notify import SdNotify
+from edge_runtime.service.stats import ServiceStats, rss_mb
 
 log = logging.getLogger("edge_inspect")
-
-TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".swp", ".download")
-
-
-def is_ignored_name(name: str) -> bool:
-    """Hidden, editor-backup and in-progress download names are never inspected."""
-    low = name.lower()
-    return name.startswith((".", "~")) or low.endswith(TEMP_SUFFIXES) or low.endswith("~")
 
 
 @dataclass
@@ -125,18 +126,19 @@ class WatchService:
                 log.info("inotify unavailable (%s); polling every %gs", exc, config.poll_seconds)
 
     def _fleet_setup(self, inspector):
-        """MQTT publisher and HTTP API when configured (edge_runtime/publisher.py, http_api.py); returns the
+        """MQTT publisher and HTTP API when configured (edge_runtime/fleet/publisher.py, http_api.py); returns the
         inspector the recorder uses (timed for the metrics when the HTTP API is on)."""
         cfg = self.cfg
         try:
             if cfg.mqtt:
-                from edge_runtime.publisher import Publisher
+                from edge_runtime.fleet.publisher import Publisher
                 self.publisher = Publisher(cfg, self.store, self._stats_message, self.wake)
             if cfg.http:
-                from edge_runtime.http_api import HttpApi
-                from edge_runtime.metrics import Metrics, TimedInspector
+                from edge_runtime.fleet.http_api import HttpApi
+                from edge_runtime.fleet.metrics import Metrics, TimedInspector
                 metrics = Metrics(backlog=lambda: len(self.pending),
-                                  unpublished=lambda: self.publisher.unpublished if self.publisher else 0)
+                                  unpublished=lambda: self.publisher.unpublished if self.publisher else 0,
+                                  rss_mb=rss_mb)
                 self.stats.listeners.append(metrics.count)
                 inspector = TimedInspector(inspector, metrics)
                 self.http = HttpApi(cfg, self, metrics)

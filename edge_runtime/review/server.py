@@ -3,8 +3,8 @@
     edge-inspect review --db results.sqlite3 [--http 127.0.0.1:8081] [--processed DIR] [--operator NAME]
                         [--models BUNDLE]
 
-The page (edge_runtime/review_page.html, .css and .js: plain HTML, CSS and JavaScript, no build step, no
-framework) shows the review queue (edge_runtime/reviews.py), one image at a time with its label, Stage-1 score
+The page (edge_runtime/review/page.html, .css and .js: plain HTML, CSS and JavaScript, no build step, no
+framework) shows the review queue (edge_runtime/review/reviews.py), one image at a time with its label, Stage-1 score
 and Stage-2 top-3; a click or a key confirms or corrects the label or marks the image unusable. Reviews go into the store's
 `reviews` table; results are never edited.
 
@@ -38,9 +38,9 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from edge_runtime.http_base import HTTPError, ResponseHandler
-from edge_runtime.reviews import Conflict, ReviewError, Reviews, check_reviewer, open_reviews
-from edge_runtime.store import StorageError
+from edge_runtime.db.store import StorageError
+from edge_runtime.fleet.http_base import HTTPError, ResponseHandler
+from edge_runtime.review.reviews import Conflict, ReviewError, Reviews, check_reviewer, open_reviews
 
 log = logging.getLogger("edge_inspect.review")
 
@@ -48,9 +48,9 @@ PROG = "edge-inspect review"
 EXIT_OK, EXIT_SETUP = 0, 2
 DEFAULT_HTTP = "127.0.0.1:8081"
 STATIC_DIR = Path(__file__).resolve().parent
-STATIC = {"/": ("review_page.html", "text/html; charset=utf-8"),
-          "/review.css": ("review_page.css", "text/css; charset=utf-8"),
-          "/review.js": ("review_page.js", "text/javascript; charset=utf-8")}
+STATIC = {"/": ("page.html", "text/html; charset=utf-8"),
+          "/review.css": ("page.css", "text/css; charset=utf-8"),
+          "/review.js": ("page.js", "text/javascript; charset=utf-8")}
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp"}
 QUEUE_PARAMS = {"label", "state", "from", "to", "limit", "offset"}
 REVIEW_FIELDS = {"label", "reviewer", "expected_review_id"}

@@ -10,15 +10,14 @@
 """
 from __future__ import annotations
 
-from edge_runtime.publisher import need
-from edge_runtime.service_stats import rss_mb
+from edge_runtime.fleet.publisher import need
 
 STAGES = ("preprocess", "stage1", "stage2")
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
-    def __init__(self, backlog=lambda: 0, unpublished=lambda: 0):
+    def __init__(self, backlog=lambda: 0, unpublished=lambda: 0, rss_mb=lambda: None):
         pc = need("prometheus_client", "http", "prometheus-client")
         self._pc = pc
         self.registry = pc.CollectorRegistry()

@@ -56,8 +56,8 @@ def convert_run(args) -> tuple[Path, Run]:
     """The convert command: returns the bundle path and the (loaded) run.
     Raises RunError / CalibrationError / ConvertError (bad input), RuntimeError (converter failure)."""
     from convert import calibration as calib
-    from convert.bundle import write_bundle
-    from convert.export import export_tflite, float_ops, io_quantization
+    from convert.bundle import write_bundle_v2
+    from convert.export import export_tflite, float_ops, io_quantization, split_stage_model
 
     variants = [v for v, on in (("int8", args.int8), ("float16", args.fp16), ("dynamic", args.dynamic),
                                 ("float32", args.float32)) if on]
@@ -69,18 +69,27 @@ def convert_run(args) -> tuple[Path, Run]:
         # write_bundle replaces the folder whole: never let that swallow something that is not a bundle
         raise RunError(f"--out {out} exists and is not a model bundle; refusing to replace it")
     load_models(run)
-    log.info("run %s: image %dx%d, Stage-2 classes %s, threshold %.4f, review floor %.2f",
-             run.path, run.image_size, run.image_size, run.stage2_classes, run.stage1_threshold,
-             run.stage2_review_floor)
+    sizes = {n: run.image_size_of(n) for n in (1, 2)}
+    log.info("run %s: Stage 1 %dx%d (%s), Stage 2 %dx%d %s, threshold %.4f, review floor %.2f",
+             run.path, sizes[1], sizes[1], "/".join(run.stage1_classes), sizes[2], sizes[2], run.stage2_classes,
+             run.stage1_threshold, run.stage2_review_floor)
+    # Each stage becomes a backbone (TFLite, pixels -> pooled features) and a numpy head (bundle format /2).
+    parts = {}
+    for n in (1, 2):
+        try:
+            parts[n] = split_stage_model(run.models[n], run.stage1_classes if n == 1 else run.stage2_classes)
+        except ValueError as exc:
+            raise RunError(f"{run.path / f'stage{n}.keras'}: {exc}") from exc
 
     calibration = None
-    representative = None
+    representative = {}
     if "int8" in variants:
-        calibration = calib.select(run.rows(args.split_calibration), args.calibration, run.image_size, run.seed,
-                                   split=args.split_calibration, resolve=run.resolve)
+        for size in sorted(set(sizes.values())):        # the same files (same seed) at each stage's size
+            calibration = calib.select(run.rows(args.split_calibration), args.calibration, size, run.seed,
+                                       split=args.split_calibration, resolve=run.resolve)
+            representative[size], calibration.anchored = calib.anchor_input_range(calibration.images)
         for path, reason in calibration.skipped:
             log.warning("calibration: skipped %s: %s", path, reason)
-        representative, calibration.anchored = calib.anchor_input_range(calibration.images)
         log.info("calibration: %d %s images (%s), seed %d%s", len(calibration.files), calibration.split,
                  ", ".join(f"{k}={v}" for k, v in calibration.per_class().items()), run.seed,
                  ", input range anchored to 0..255" if calibration.anchored else "")
@@ -91,8 +100,8 @@ def convert_run(args) -> tuple[Path, Run]:
         models[variant] = {}
         for stage in (1, 2):
             try:
-                data = _quiet(export_tflite, run.models[stage], variant,
-                              representative if variant == "int8" else None, args.dense_quantization)
+                data = _quiet(export_tflite, parts[stage][0], variant,
+                              representative[sizes[stage]] if variant == "int8" else None, args.dense_quantization)
             except Exception as exc:
                 raise RuntimeError(f"Stage-{stage} {variant} conversion failed: {type(exc).__name__}: {exc}") from exc
             if variant == "int8":
@@ -113,8 +122,8 @@ def convert_run(args) -> tuple[Path, Run]:
             log.warning("int8 graph keeps float ops (accepted by --allow-float-ops): %s", listing)
 
     extra = {"source_run": str(run.path),
-             "source": {k: run.info.get(k) for k in ("profile", "weights", "weights_source", "created", "split_csv")
-                        if k in run.info},
+             "source": {k: run.info.get(k) for k in ("profile", "method", "weights", "weights_source", "created",
+                                                     "split_csv") if k in run.info},
              "tools": tool_versions()}
     extra_files = {}
     if calibration is not None:
@@ -123,12 +132,35 @@ def convert_run(args) -> tuple[Path, Run]:
         extra_files["calibration.txt"] = calibration.files_text()
         if float_fallbacks:
             extra["float_ops"] = float_fallbacks
-    bundle = write_bundle(out, models, taxonomy=run.taxonomy, stage2_classes=run.stage2_classes,
-                          image_size=run.image_size, stage1_threshold=run.stage1_threshold,
-                          stage2_review_floor=run.stage2_review_floor,
-                          backbones=run.info.get("backbones") or {}, extra=extra, extra_files=extra_files)
+    backbones = run.info.get("backbones") or {}
+    bundle = write_bundle_v2(out, models, heads={n: parts[n][1] for n in (1, 2)},
+                             backbone_names={n: str(backbones.get(f"stage{n}", "")) for n in (1, 2)},
+                             taxonomy=run.taxonomy, stage2_classes=run.stage2_classes,
+                             stage1_threshold=run.stage1_threshold, stage2_review_floor=run.stage2_review_floor,
+                             extra=extra, extra_files=extra_files)
+    if not args.no_replay:
+        add_replay_set(bundle, run, args.threads)
     log.info("bundle written: %s (%s)", bundle, ", ".join(variants))
     return bundle, run
+
+
+def add_replay_set(bundle_dir: Path, run: Run, threads: int) -> None:
+    """Features of the run's train split through the bundle's own backbones, as the board computes them, stored
+    in the bundle (replay.npz) so adaptation keeps what the public data taught."""
+    from edge_runtime.adapt.derive import derive_bundle
+    from edge_runtime.adapt.features import extract, replay_bytes, replay_description
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.inspector import Inspector
+
+    bundle = load_bundle(bundle_dir)
+    inspector = Inspector(bundle, threads=threads)
+    rows = run.rows("train")
+    features, skipped = extract(inspector, [(run.resolve(p), label) for p, label in rows])
+    for path, reason in skipped:
+        log.warning("replay set: skipped %s: %s", path, reason)
+    data = replay_bytes(features, bundle.taxonomy)
+    derive_bundle(bundle, bundle_dir, replay=(data, replay_description(features, bundle.variant, "train split")))
+    log.info("replay set: %d train images, %.1f MB (float16 features of both stages)", len(features), len(data) / 2**20)
 
 
 def _quiet(fn, *args):
@@ -161,6 +193,8 @@ def parse_convert(argv):
     p.add_argument("--allow-float-ops", action="store_true",
                    help="accept an int8 graph in which some ops still run in float")
     p.add_argument("--no-compare", action="store_true", help="skip the float-vs-TFLite cross-compare")
+    p.add_argument("--no-replay", action="store_true",
+                   help="leave out the replay set (train-split features for adaptation, a few MB)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"],
                    help="split the cross-compare evaluates on (default test)")
     p.add_argument("--threads", type=int, default=2, help="interpreter threads for the cross-compare")

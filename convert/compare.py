@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.bundle import MANIFEST, Bundle, BundleError, StageSpec, load_bundle
-from edge_runtime.gate import is_defective
-from edge_runtime.inspector import StageRunner
-from edge_runtime.preprocess import ImageError, preprocess_file
-from train.metrics import classification_metrics, escape_rate, two_stage_labels
+from edge_runtime.gate import is_defective, stage1_score
+from edge_runtime.inspector import Stage, StageRunner
+from edge_runtime.preprocess import ImageError, decode_for, to_model_input
+from edge_runtime.evaluation import classification_metrics, escape_rate, two_stage_labels
 
 log = logging.getLogger("convert.compare")
 
@@ -62,16 +62,21 @@ def read_bundle(bundle_dir: str | os.PathLike, run) -> tuple[Bundle, dict[str, d
     if list(bundle.stage2_classes) != run.stage2_classes:
         raise CompareError(f"{where}: Stage-2 classes {list(bundle.stage2_classes)} differ from the "
                            f"run's {run.stage2_classes}: bundle and run do not belong together")
-    if bundle.image_size != (run.image_size, run.image_size):
-        raise CompareError(f"{where}: input size {bundle.image_size[0]}x{bundle.image_size[1]} differs from the "
-                           f"run's image_size {run.image_size}")
+    for n in (1, 2):
+        size = run.image_size_of(n)
+        if bundle.image_sizes[n] != (size, size):
+            raise CompareError(f"{where}: Stage-{n} input size {bundle.image_sizes[n][0]}x{bundle.image_sizes[n][1]} "
+                               f"differs from the run's {size}x{size}")
+    if bundle.heads.get(1) is not None and list(bundle.stage_classes[1]) != run.stage1_classes:
+        raise CompareError(f"{where}: Stage-1 classes {list(bundle.stage_classes[1])} differ from the run's "
+                           f"{run.stage1_classes}")
     return bundle, models
 
 
 def load_split_images(run, split: str, only: Path | None = None
-                      ) -> tuple[np.ndarray, list[str], list[str], list[tuple[str, str]]]:
-    """uint8 N x H x W x 3 through the shared preprocessing, with labels and paths; unreadable files skipped.
-    only: keep the images under this folder."""
+                      ) -> tuple[dict[int, np.ndarray], list[str], list[str], list[tuple[str, str]]]:
+    """Per stage, uint8 N x H x W x 3 at that stage's input size through the shared preprocessing (each file
+    decoded once), with labels and paths; unreadable files skipped. only: keep the images under this folder."""
     rows = run.rows(split)
     if only is not None:
         rows = [(p, lab) for p, lab in rows if only in run.resolve(p).resolve().parents]
@@ -79,20 +84,24 @@ def load_split_images(run, split: str, only: Path | None = None
             raise CompareError(f"{run.split_csv}: no image of the {split} split lies under --only {only}")
     if not rows:
         raise CompareError(f"{run.split_csv}: the {split} split has no images")
-    images, labels, paths, skipped = [], [], [], []
+    sizes = {n: run.image_size_of(n) for n in (1, 2)}
+    images: dict[int, list] = {1: [], 2: []}
+    labels, paths, skipped = [], [], []
     for path, label in rows:
         try:
-            images.append(preprocess_file(run.resolve(path), run.image_size))
+            gray = decode_for(run.resolve(path), max(sizes.values()))
         except ImageError as exc:
             skipped.append((path, str(exc)))
             continue
+        for n in (1, 2):
+            images[n].append(to_model_input(gray, sizes[n]))
         labels.append(label)
         paths.append(path)
     for path, reason in skipped:
         log.warning("compare: skipped %s: %s", path, reason)
-    if not images:
+    if not labels:
         raise CompareError(f"no readable image in the {split} split ({len(skipped)} unreadable)")
-    return np.stack(images), labels, paths, skipped
+    return {n: np.stack(images[n]) for n in (1, 2)}, labels, paths, skipped
 
 
 # ---- predictions -----------------------------------------------------------------------------------------
@@ -102,14 +111,15 @@ def keras_predict(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
 
 
 class TFLiteModel:
-    """One TFLite stage model, fed exactly as the edge feeds it: through edge_runtime's StageRunner (its own
-    input quantization; outputs dequantized with their own scale/zero_point)."""
+    """One TFLite stage, fed exactly as the edge feeds it: edge_runtime's StageRunner (its own input
+    quantization; outputs dequantized with their own scale/zero_point) and, in a format-/2 bundle, the stage's
+    numpy head (edge_runtime.inspector.Stage). predict() gives the stage's probabilities."""
 
-    def __init__(self, spec: StageSpec, data: bytes, threads: int = 1):
-        self.runner = StageRunner(spec, data, threads, None)
+    def __init__(self, spec: StageSpec, data: bytes, threads: int = 1, head=None, classes=("defective",)):
+        self.stage = Stage(StageRunner(spec, data, threads, None), head, tuple(classes))
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        out = [self.runner.run(image).astype(np.float64) for image in images]   # run() reuses its buffer: copy
+        out = [np.array(self.stage.probs(image), dtype=np.float64) for image in images]   # copies: buffers reused
         return np.asarray(out, dtype=np.float64).reshape(len(images), -1)
 
 
@@ -185,13 +195,15 @@ def compare_bundle(run, bundle_dir, *, split: str = "test", out_dir=None, thread
     out = Path(out_dir).resolve() if out_dir else root
     only = Path(only).resolve() if only is not None else None
     images, labels, paths, skipped = load_split_images(run, split, only)
+    n_images = len(labels)
     labels_arr = np.asarray(labels, dtype=object)
     need_s2_base = labels_arr != run.clean_label
-    log.info("compare: %d %s images (%d skipped), variants %s", len(images), split, len(skipped), list(variants))
+    log.info("compare: %d %s images (%d skipped), variants %s", n_images, split, len(skipped), list(variants))
 
     keras_bytes = sum((run.path / f"stage{s}.keras").stat().st_size for s in (1, 2))
     f32_bytes = sum(len(b) for b in variants["float32"].values()) if "float32" in variants else None
-    ref = {"p1": keras_predict(run.models[1], images)[:, 0], "p2": keras_predict(run.models[2], images)}
+    ref = {"p1": stage1_score(keras_predict(run.models[1], images[1]), run.stage1_classes, run.clean_label),
+           "p2": keras_predict(run.models[2], images[2])}
     results = {KERAS: evaluate(ref["p1"], ref["p2"], labels, run)}
     scores = {KERAS: ref["p1"]}
     ref["final"] = results[KERAS]["final_labels"]
@@ -199,11 +211,14 @@ def compare_bundle(run, bundle_dir, *, split: str = "test", out_dir=None, thread
 
     order = [v for v in VARIANT_ORDER if v in variants] + [v for v in variants if v not in VARIANT_ORDER]
     for variant in order:
-        p1 = TFLiteModel(bundle.stage(1, variant), variants[variant][1], threads).predict(images)[:, 0]
+        stage1 = TFLiteModel(bundle.stage(1, variant), variants[variant][1], threads, bundle.heads.get(1),
+                             bundle.stage_classes[1])
+        p1 = stage1_score(stage1.predict(images[1]), bundle.stage_classes[1], run.clean_label)
         need = need_s2_base | is_defective(p1, run.stage1_threshold)   # Stage 2 runs on defect images + flagged ones
         p2 = np.zeros_like(ref["p2"])
         if need.any():
-            p2[need] = TFLiteModel(bundle.stage(2, variant), variants[variant][2], threads).predict(images[need])
+            p2[need] = TFLiteModel(bundle.stage(2, variant), variants[variant][2], threads, bundle.heads.get(2),
+                                   bundle.stage2_classes).predict(images[2][need])
         results[variant] = evaluate(p1, p2, labels, run, ref)
         scores[variant] = p1
         results[variant]["bytes"] = sum(len(b) for b in variants[variant].values())
@@ -213,7 +228,7 @@ def compare_bundle(run, bundle_dir, *, split: str = "test", out_dir=None, thread
         r["size_ratio_float32_tflite"] = r["bytes"] / f32_bytes if f32_bytes else None
 
     report = {
-        "run": str(run.path), "bundle": str(root), "split": split, "images": len(images),
+        "run": str(run.path), "bundle": str(root), "split": split, "images": n_images,
         "only": str(only) if only is not None else None,
         "reviewed": recorded_comparison(run, paths, labels, only, results) if only is not None else None,
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
@@ -233,7 +248,7 @@ def compare_bundle(run, bundle_dir, *, split: str = "test", out_dir=None, thread
     _write_text(out / "compare.json", json.dumps(report, indent=2))
     _write_text(out / "compare.md", table)
     for name in results:
-        plot_confusions(report["models"][name], f"{name}: run {run.name}, {split} split ({len(images)} images)",
+        plot_confusions(report["models"][name], f"{name}: run {run.name}, {split} split ({n_images} images)",
                         out / f"confusion_{name}.png")
     echo(table)
     log.info("compare written to %s (compare.json, compare.md, confusion_*.png)", out)

@@ -99,3 +99,34 @@ def io_quantization(tflite_model: bytes) -> dict:
                 "scale": float(scale), "zero_point": int(zero)}
 
     return {"input": describe(interp.get_input_details()[0]), "output": describe(interp.get_output_details()[0])}
+
+
+def split_stage_model(model, classes: list[str]):
+    """A stage model (pixels -> ... -> "gap" -> dense layers) as (backbone, head): the Keras model up to the
+    global average pooling, exported to TFLite, and its dense layers as a numpy head over `classes`
+    (edge_runtime.head.Head; dropout is inference-time identity and left out)."""
+    import keras
+
+    from edge_runtime.head import Head
+
+    try:
+        gap = model.get_layer("gap")
+    except ValueError:
+        raise ValueError(f"{model.name}: no layer named 'gap' (global average pooling) to split the stage at") from None
+    backbone = keras.Model(model.inputs, gap.output, name=f"{model.name}_backbone")
+    after = model.layers[model.layers.index(gap) + 1:]
+    dense = []
+    for layer in after:
+        if isinstance(layer, keras.layers.Dropout):
+            continue
+        if not isinstance(layer, keras.layers.Dense):
+            raise ValueError(f"{model.name}: layer {layer.name!r} ({type(layer).__name__}) after the pooling is not "
+                             "a dense layer: the head cannot run in numpy")
+        dense.append(layer)
+    if not dense:
+        raise ValueError(f"{model.name}: no dense layer after the pooling")
+    activations = [layer.get_config()["activation"] for layer in dense]
+    width = int(gap.output.shape[-1])
+    head = Head(np.zeros(width, np.float32), np.ones(width, np.float32),
+                [tuple(layer.get_weights()) for layer in dense], activations, tuple(classes))
+    return backbone, head

@@ -1,25 +1,34 @@
-"""Load and check a model bundle (the folder written by `python -m convert`; format in convert/bundle.py).
+"""Load and check a model bundle (the folder written by `python -m convert` or by adaptation; the format is
+described in convert/bundle.py), and write one atomically (write_bundle_dir).
 
 Everything the board needs to know comes from manifest.yaml: the taxonomy, the order of the Stage-2
-outputs, the input size, the calibrated gating and, per variant, each model file with its sha256 and its
-input/output quantization. A bundle is refused whole (BundleError naming the file and the problem) when
-the manifest is missing or malformed, or when any model file listed in it is missing or does not match
-its sha256: a board never runs a model other than the one that was validated.
+outputs, each stage's input size, the calibrated gating and, per variant, each model file with its sha256 and
+its input/output quantization. Format /2 adds per stage what the stage is (backbone, input size, the classes
+its head outputs) and the head file applied in numpy to the backbone's features (edge_runtime/head.py), plus
+an optional replay set of public training features for adaptation. A bundle is refused whole (BundleError
+naming the file and the problem) when the manifest is missing or malformed, or when any file listed in it is
+missing or does not match its sha256: a board never runs a model other than the one that was validated.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from edge_runtime.digest import sha256_bytes, sha256_file
+from edge_runtime.head import Head, HeadError
 from edge_runtime.interpreter import version_key
 from edge_runtime.safeopen import open_regular
 
-FORMAT = "sem-inspect-bundle/1"
+FORMAT_V1 = "sem-inspect-bundle/1"     # one end-to-end model per stage, one input size
+FORMAT = "sem-inspect-bundle/2"        # per stage: backbone + numpy head, its own input size
+FORMATS = (FORMAT_V1, FORMAT)
 MANIFEST = "manifest.yaml"
+REPLAY = "replay.npz"
 
 
 class BundleError(RuntimeError):
@@ -50,6 +59,14 @@ class StageSpec:
     min_runtime_reason: str = ""
 
 
+@dataclass(frozen=True)
+class FileSpec:
+    """A file of the bundle other than a model (a head, the replay set), pinned by the manifest."""
+    path: Path
+    sha256: str
+    bytes: int
+
+
 @dataclass
 class Bundle:
     root: Path
@@ -58,7 +75,7 @@ class Bundle:
     variants: tuple[str, ...]
     taxonomy: tuple[str, ...]
     stage2_classes: tuple[str, ...]
-    image_size: tuple[int, int]            # (height, width)
+    image_sizes: dict[int, tuple[int, int]]    # stage -> (height, width) of its input
     stage1_threshold: float
     stage2_review_floor: float
     stage1: StageSpec
@@ -68,12 +85,23 @@ class Bundle:
     source_run: str | None = None                              # the training run the bundle was converted from
     # sha256 of manifest.yaml: the model version (the manifest pins every model file's sha256). Results record it.
     bundle_id: str = ""
+    # Format /2: each stage's head (None: the model's output is already the stage's probabilities) and the
+    # classes the stage outputs (Stage 1 of format /1: ("defective",), one sigmoid unit).
+    heads: dict[int, Head | None] = field(default_factory=dict, repr=False)
+    stage_classes: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    replay: FileSpec | None = None
+    format: str = FORMAT_V1
     # Verified model bytes of the selected variant (what was hashed is exactly what gets run).
     _model_bytes: dict[int, bytes] = field(default_factory=dict, repr=False)
 
     @property
     def clean_label(self) -> str:
         return self.taxonomy[0]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The largest stage input (height, width): what an image is decoded for."""
+        return max(self.image_sizes.values(), key=lambda hw: hw[0] * hw[1])
 
     def stage(self, n: int, variant: str | None = None) -> StageSpec:
         if variant is None or variant == self.variant:
@@ -140,8 +168,8 @@ def _stage(root: Path, variant: str, n: int, d, manifest_path: Path) -> StageSpe
                      min_runtime=min_runtime, min_runtime_reason=reason)
 
 
-def _check_file(spec: StageSpec, keep: bool) -> bytes | None:
-    """Hash one model file against the manifest. Returns its bytes when `keep`."""
+def _check_file(spec: StageSpec | FileSpec, keep: bool, what: str = "model file") -> bytes | None:
+    """Hash one file against the manifest. Returns its bytes when `keep`."""
     try:
         if keep:
             fh, _ = open_regular(spec.path)     # never blocks: a FIFO in place of a model is refused
@@ -151,13 +179,47 @@ def _check_file(spec: StageSpec, keep: bool) -> bytes | None:
         else:
             data, digest = None, sha256_file(spec.path)
     except FileNotFoundError:
-        raise BundleError(f"{spec.path}: model file listed in the manifest is missing") from None
+        raise BundleError(f"{spec.path}: {what} listed in the manifest is missing") from None
     except OSError as exc:
-        raise BundleError(f"{spec.path}: cannot read model file: {exc.strerror or exc}") from exc
+        raise BundleError(f"{spec.path}: cannot read {what}: {exc.strerror or exc}") from exc
     if digest != spec.sha256:
         raise BundleError(f"{spec.path}: sha256 mismatch (manifest {spec.sha256[:16]}..., file {digest[:16]}...); "
-                          "the model file was changed or damaged, refusing to run it")
+                          f"the {what} was changed or damaged, refusing to run it")
     return data
+
+
+def read_verified(spec: StageSpec | FileSpec, what: str) -> bytes:
+    """A file of the bundle, read once and checked against the manifest's sha256 (BundleError otherwise)."""
+    return _check_file(spec, keep=True, what=what)
+
+
+def _file_spec(root: Path, d, where: str) -> FileSpec:
+    name = _require(d, "file", str, where)
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise BundleError(f"{where}: file {name!r} must be a plain file name inside the bundle")
+    return FileSpec(path=root / name, sha256=_require(d, "sha256", str, where).lower(),
+                    bytes=_require(d, "bytes", int, where))
+
+
+def _stage_v2(root: Path, n: int, d, taxonomy, stage2_classes, where: str) -> tuple[tuple[str, ...], Head]:
+    """Format /2: a stage's classes and its verified, loaded head."""
+    where = f"{where}: stages.stage{n}"
+    classes = tuple(_require(d, "classes", list, where))
+    if not classes or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+        raise BundleError(f"{where}: classes must be a list of distinct class names")
+    if n == 2 and classes != tuple(stage2_classes):
+        raise BundleError(f"{where}: classes {list(classes)} differ from stage2_classes {list(stage2_classes)}")
+    if n == 1 and classes != ("defective",) and (taxonomy[0] not in classes or not set(classes) <= set(taxonomy)):
+        raise BundleError(f"{where}: Stage-1 classes must be [defective] or taxonomy classes including "
+                          f"{taxonomy[0]!r}, got {list(classes)}")
+    head_d = _require(d, "head", dict, where)
+    activations = _require(head_d, "activations", list, where + ".head")
+    spec = _file_spec(root, head_d, where + ".head")
+    try:
+        head = Head.from_bytes(_check_file(spec, keep=True, what="head file"), activations, list(classes))
+    except HeadError as exc:
+        raise BundleError(f"{spec.path}: {exc}") from None
+    return classes, head
 
 
 def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all: bool = True) -> Bundle:
@@ -191,8 +253,9 @@ def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all:
     if not isinstance(manifest, dict):
         raise BundleError(f"{where}: expected a mapping at the top level")
     fmt = manifest.get("format")
-    if fmt != FORMAT:
-        raise BundleError(f"{where}: unsupported bundle format {fmt!r} (this runtime reads {FORMAT!r})")
+    if fmt not in FORMATS:
+        raise BundleError(f"{where}: unsupported bundle format {fmt!r} (this runtime reads "
+                          f"{' and '.join(map(repr, FORMATS))})")
 
     taxonomy = tuple(_require(manifest, "taxonomy", list, where))
     stage2_classes = tuple(_require(manifest, "stage2_classes", list, where))
@@ -205,7 +268,8 @@ def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all:
     if not stage2_classes or unknown:
         raise BundleError(f"{where}: stage2_classes must be defect classes from the taxonomy (bad: {unknown})")
     inp = _require(manifest, "input", dict, where)
-    height, width = _require(inp, "height", int, where + ": input"), _require(inp, "width", int, where + ": input")
+    if fmt == FORMAT_V1:
+        height, width = _require(inp, "height", int, where + ": input"), _require(inp, "width", int, where + ": input")
     gating = _require(manifest, "gating", dict, where)
     threshold = _require(gating, "stage1_threshold", float, where + ": gating")
     floor = _require(gating, "stage2_review_floor", float, where + ": gating")
@@ -229,26 +293,83 @@ def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all:
         specs[name] = {n: _stage(root, name, n, _require(stages, f"stage{n}", dict, f"{where}: variants.{name}"),
                                  manifest_path) for n in (1, 2)}
     chosen_specs = specs[chosen]
-    for n, spec in chosen_specs.items():
-        expected = (1, height, width, 3)
-        if spec.input.shape != expected:
-            raise BundleError(f"{spec.path}: input shape {spec.input.shape} does not match the manifest input "
-                              f"{expected}")
-    if chosen_specs[2].output.shape[-1:] != (len(stage2_classes),):
+    heads: dict[int, Head | None] = {1: None, 2: None}
+    stage_classes = {1: ("defective",), 2: tuple(stage2_classes)}
+    replay = None
+    if fmt == FORMAT_V1:
+        sizes = {1: (height, width), 2: (height, width)}
+        for n, spec in chosen_specs.items():
+            if spec.input.shape != (1, height, width, 3):
+                raise BundleError(f"{spec.path}: input shape {spec.input.shape} does not match the manifest input "
+                                  f"{(1, height, width, 3)}")
+    else:
+        stages = _require(manifest, "stages", dict, where)
+        sizes = {}
+        for n, spec in chosen_specs.items():
+            stage_classes[n], heads[n] = _stage_v2(root, n, _require(stages, f"stage{n}", dict, where + ": stages"),
+                                                   taxonomy, stage2_classes, where)
+            shape = spec.input.shape
+            if len(shape) != 4 or shape[0] != 1 or shape[3] != 3 or min(shape[1:3]) < 8:
+                raise BundleError(f"{spec.path}: input shape {shape} is not one image (1, H, W, 3)")
+            sizes[n] = (shape[1], shape[2])
+            if spec.output.shape[-1:] != (heads[n].features,):
+                raise BundleError(f"{spec.path}: the backbone emits {spec.output.shape[-1:]} features but the "
+                                  f"Stage-{n} head takes {heads[n].features}")
+        if manifest.get("replay") is not None:
+            replay = _file_spec(root, manifest["replay"], where + ": replay")
+            if verify_all:
+                _check_file(replay, keep=False, what="replay set")
+    if heads[2] is None and chosen_specs[2].output.shape[-1:] != (len(stage2_classes),):
         raise BundleError(f"{chosen_specs[2].path}: {(chosen_specs[2].output.shape or ('no',))[-1]} outputs but "
                           f"{len(stage2_classes)} stage2_classes")
 
     model_bytes = {n: _check_file(spec, keep=True) for n, spec in chosen_specs.items()}
     if verify_all:
-        for name, stages in specs.items():
+        for name, stages_of in specs.items():
             if name != chosen:
-                for spec in stages.values():
+                for spec in stages_of.values():
                     _check_file(spec, keep=False)
 
     return Bundle(root=root.resolve(), manifest=manifest, variant=chosen, variants=tuple(variants_raw),
-                  taxonomy=taxonomy, stage2_classes=stage2_classes, image_size=(height, width),
+                  taxonomy=taxonomy, stage2_classes=stage2_classes, image_sizes=sizes,
                   stage1_threshold=threshold, stage2_review_floor=floor,
                   stage1=chosen_specs[1], stage2=chosen_specs[2], specs=specs,
                   backbones={str(k): str(v) for k, v in backbones.items()}, source_run=source_run,
-                  bundle_id=sha256_bytes(raw),
+                  bundle_id=sha256_bytes(raw), heads=heads, stage_classes=stage_classes, replay=replay, format=fmt,
                   _model_bytes=model_bytes)
+
+
+def file_entry(data: bytes) -> dict:
+    """How the manifest pins a file: its sha256 and size."""
+    return {"sha256": sha256_bytes(data), "bytes": len(data)}
+
+
+def write_bundle_dir(out_dir: str | os.PathLike, files: dict[str, bytes], manifest: dict) -> Path:
+    """Write a bundle folder whole or not at all: every file and manifest.yaml go to a temporary sibling,
+    are fsynced, and the folder is renamed into place (an existing bundle there is replaced whole). A failure
+    (full disk included) leaves nothing behind. Returns the bundle path."""
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)       # mkdtemp's 0700 would hide the bundle from the service's user
+    try:
+        for name, data in {**files, MANIFEST: yaml.safe_dump(manifest, sort_keys=False).encode("utf-8")}.items():
+            if Path(name).name != name:
+                raise ValueError(f"bundle file {name!r} must be a plain file name")
+            with open(tmp / name, "xb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

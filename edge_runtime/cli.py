@@ -5,6 +5,7 @@
     edge-inspect --config service.yaml              the service, configured by one validated file
     edge-inspect review --db results.sqlite3        the operator review page (edge_runtime/review/server.py)
     edge-inspect export-labels --db ... --out DIR   reviewed images as training data (edge_runtime/review/export_labels.py)
+    edge-inspect adapt --db ... --out NEW_BUNDLE    refit the heads on the reviews, on the board (edge_runtime/adapt/)
 
 Exit status: 0 all good; 1 some input failed (the others were still processed); 2 a setup problem a person
 must fix (bundle, folder, permission, config); 3 the service stopped because results could not be stored
@@ -27,7 +28,8 @@ from edge_runtime.names import json_line, shown
 from edge_runtime.preprocess import ImageError
 
 PROG = "edge-inspect"
-SUBCOMMANDS = {"review": "edge_runtime.review.server", "export-labels": "edge_runtime.review.export_labels"}
+SUBCOMMANDS = {"review": "edge_runtime.review.server", "export-labels": "edge_runtime.review.export_labels",
+               "adapt": "edge_runtime.adapt.board"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,8 @@
 """The gate rule, written once: every caller (the Inspector, training metrics and reports, the cross-compare,
-the benchmarks) decides through these two functions.
+the benchmarks, adaptation) decides through these functions.
 
+    Stage-1 score   =  P(defective): a one-unit sigmoid's output, or 1 - P(clean) of a head over more classes
+                       (Stage 1 may be trained on all 8 classes and still gate on defective vs clean)
     defective  <=>  Stage-1 score >= the calibrated threshold     (a tie is defective)
     review     <=>  Stage-2 top-1 confidence <  the review floor  (a tie is not sent to review)
 
@@ -15,6 +17,15 @@ import numpy as np
 
 def _plain(result):
     return bool(result) if np.ndim(result) == 0 else result
+
+
+def stage1_score(probs, classes, clean_label: str = "clean"):
+    """P(defective) from Stage 1's output over `classes`: ("defective",) is a sigmoid's P(defective); a head
+    that includes the clean class gives 1 - P(clean). probs: (K,) or (N, K)."""
+    probs = np.asarray(probs)
+    if tuple(classes) == ("defective",):
+        return probs[..., 0]
+    return 1.0 - probs[..., list(classes).index(clean_label)]
 
 
 def is_defective(score, threshold):

@@ -5,10 +5,12 @@
     r = insp.inspect("wafer_0001.png")              # or a numpy array
     r.label, r.stage1_score, r.defect_class, r.confidence, r.review, r.latency_ms
 
-Per image: the shared preprocessing (edge_runtime.preprocess) -> Stage 1, P(defective) against the
-manifest's calibrated threshold -> Stage 2 only when defective -> `review` when the Stage-2 top-1
-confidence is under the manifest's floor. Interpreters, tensors and input buffers are created once in
-the constructor; the per-image path only copies pixels into the already-allocated input tensor.
+Per image: the shared preprocessing (edge_runtime.preprocess: decoded once, resized to each stage's own
+input size) -> Stage 1, P(defective) (edge_runtime.gate.stage1_score) against the manifest's calibrated
+threshold -> Stage 2 only when defective -> `review` when the Stage-2 top-1 confidence is under the
+manifest's floor. A stage of a format-/2 bundle is a backbone whose features a numpy head turns into
+probabilities (edge_runtime/head.py). Interpreters, tensors and input buffers are created once in the
+constructor; the per-image path only copies pixels into the already-allocated input tensor.
 """
 from __future__ import annotations
 
@@ -19,14 +21,16 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from edge_runtime.bundle import Bundle, BundleError, StageSpec, load_bundle
-from edge_runtime.gate import is_defective, needs_review
+from edge_runtime.gate import is_defective, needs_review, stage1_score
+from edge_runtime.head import Head
 from edge_runtime.interpreter import NoInterpreter, make_interpreter
 from edge_runtime.preprocess import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_DECODE_MB,
     DEFAULT_MAX_PIXELS,
-    preprocess_array,
-    preprocess_file,
+    decode_for,
+    gray_of_array,
+    to_model_input,
 )
 
 
@@ -140,6 +144,23 @@ class StageRunner:
         return self.output()
 
 
+class Stage:
+    """One stage as the Inspector runs it: its model (a whole classifier, or a backbone and its numpy head),
+    its input size and the classes its probabilities are over."""
+
+    def __init__(self, runner: StageRunner, head: Head | None, classes: tuple[str, ...]):
+        self.runner, self.head, self.classes = runner, head, classes
+        self.size = runner.input_shape[1:3]
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        """The backbone's output (format /2: the feature vector the head reads), a copy."""
+        return self.runner.run(pixels).copy()
+
+    def probs(self, pixels: np.ndarray) -> np.ndarray:
+        out = self.runner.run(pixels)
+        return out if self.head is None else self.head.probs(out)
+
+
 class Inspector:
     """Load a bundle once; inspect images one at a time."""
 
@@ -152,43 +173,60 @@ class Inspector:
             raise BundleError(f"bundle was loaded with variant {self.bundle.variant!r}, not {variant!r}")
         self.threads = threads or os.cpu_count() or 1
         self.runtime = runtime
-        self.size = self.bundle.image_size
+        self.size = self.bundle.image_size          # what an image is decoded for: the largest stage input
         self.threshold = self.bundle.stage1_threshold
         self.review_floor = self.bundle.stage2_review_floor
         self.clean_label = self.bundle.clean_label
         self.stage2_classes = self.bundle.stage2_classes
         self.limits = {"max_pixels": max_pixels, "max_bytes": max_bytes, "max_decode_mb": max_decode_mb}
-        self.stage1 = StageRunner(self.bundle.stage1, self.bundle.model_bytes(1), self.threads, runtime)
-        self.stage2 = StageRunner(self.bundle.stage2, self.bundle.model_bytes(2), self.threads, runtime)
-        if self.stage1._out.size != 1:
-            raise BundleError(f"{self.bundle.stage1.path}: Stage 1 must have one output (P(defective)), "
+        b = self.bundle
+        self.stage1 = StageRunner(b.stage1, b.model_bytes(1), self.threads, runtime)
+        self.stage2 = StageRunner(b.stage2, b.model_bytes(2), self.threads, runtime)
+        self.stages = {n: Stage(runner, b.heads.get(n), b.stage_classes[n])
+                       for n, runner in ((1, self.stage1), (2, self.stage2))}
+        if b.heads.get(1) is None and self.stage1._out.size != 1:
+            raise BundleError(f"{b.stage1.path}: Stage 1 must have one output (P(defective)), "
                               f"has {self.stage1._out.size}")
 
-    def preprocess(self, source) -> np.ndarray:
+    def decode(self, source) -> "object":
+        """An image decoded once (8-bit gray), ready to be resized for each stage."""
         if isinstance(source, np.ndarray):
-            return preprocess_array(source, self.size)
-        return preprocess_file(source, self.size, **self.limits)
+            return gray_of_array(source)
+        return decode_for(source, self.size, **self.limits)
+
+    def preprocess(self, source, stage: int = 1) -> np.ndarray:
+        """uint8 HxWx3 at the input size of `stage`."""
+        return to_model_input(self.decode(source), self.stages[stage].size)
 
     def inspect(self, source: str | os.PathLike | bytes | np.ndarray, path: str | None = None) -> InspectionResult:
         """Inspect a file path, encoded file bytes or an in-memory image. Raises ImageError for unusable
         images. `path` labels the result (default: the path given as source)."""
         t0 = time.perf_counter()
-        pixels = self.preprocess(source)
+        gray = self.decode(source)
+        pixels1 = to_model_input(gray, self.stages[1].size)
         t1 = time.perf_counter()
         if path is None and isinstance(source, (str, os.PathLike)):
             path = str(source)
-        return self._classify(pixels, t0, t1, path)
+        return self._classify(pixels1, lambda: to_model_input(gray, self.stages[2].size), t0, t1, path)
 
-    def inspect_pixels(self, pixels: np.ndarray, path: str | None = None) -> InspectionResult:
-        """Inspect an already preprocessed uint8 HxWx3 image at the model size."""
+    def inspect_pixels(self, pixels: np.ndarray, path: str | None = None, pixels2: np.ndarray | None = None
+                       ) -> InspectionResult:
+        """Inspect already preprocessed uint8 HxWx3 images: `pixels` at Stage 1's input size, `pixels2` at
+        Stage 2's (needed only when the two sizes differ)."""
+        if pixels2 is None and self.stages[1].size != self.stages[2].size:
+            raise ValueError(f"Stage 2 takes {self.stages[2].size}, Stage 1 {self.stages[1].size}: pass pixels2")
         t = time.perf_counter()
-        return self._classify(pixels, t, t, path)
+        return self._classify(pixels, lambda: pixels if pixels2 is None else pixels2, t, t, path)
 
-    def _classify(self, pixels, t0, t1, path) -> InspectionResult:
-        score = float(self.stage1.run(pixels)[0])
+    def stage1_score(self, pixels: np.ndarray) -> float:
+        return float(stage1_score(self.stages[1].probs(pixels), self.stages[1].classes, self.clean_label))
+
+    def _classify(self, pixels1, stage2_input, t0, t1, path) -> InspectionResult:
+        score = self.stage1_score(pixels1)
         t2 = time.perf_counter()
         if is_defective(score, self.threshold):
-            probs = self.stage2.run(pixels)
+            pixels2 = pixels1 if self.stages[1].size == self.stages[2].size else stage2_input()
+            probs = self.stages[2].probs(pixels2)
             top = int(probs.argmax())
             confidence = float(probs[top])
             defect = self.stage2_classes[top]
@@ -204,6 +242,7 @@ class Inspector:
 
     def describe(self) -> str:
         b = self.bundle
-        return (f"bundle {b.root} variant {b.variant} input {b.image_size[0]}x{b.image_size[1]} "
+        sizes = " / ".join(f"{h}x{w}" for h, w in (self.stages[1].size, self.stages[2].size))
+        return (f"bundle {b.root} variant {b.variant} input {sizes} "
                 f"threshold {b.stage1_threshold:g} review<{b.stage2_review_floor:g} threads {self.threads} "
                 f"runtime {type(self.stage1.interpreter).__module__.split('.')[0]}")

@@ -192,6 +192,11 @@ def resize_gray(gray: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 def preprocess_array(array: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """An in-memory image (HxW, HxWx1, HxWx3 or HxWx4; uint8/uint16/float) -> uint8 HxWx3. Gray levels as
     in files: other integers like 16-bit (>> 8), float in [0, 1]."""
+    return to_model_input(gray_of_array(array), size)
+
+
+def gray_of_array(array: np.ndarray) -> Image.Image:
+    """An in-memory image -> 8-bit gray (the file rules), ready for to_model_input at any size."""
     arr = np.asarray(array)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
@@ -200,7 +205,7 @@ def preprocess_array(array: np.ndarray, size: int | tuple[int, int]) -> np.ndarr
             raise ImageError(f"colour arrays must be uint8, got {arr.dtype}")
         # No mode= argument: Pillow infers RGB/RGBA/I;16/F from shape and dtype (the argument is
         # deprecated in Pillow 11.3 and gone in 13).
-        return resize_gray(to_grayscale(Image.fromarray(arr)), size)
+        return Image.fromarray(to_grayscale(Image.fromarray(arr)))
     if arr.ndim != 2:
         raise ImageError(f"expected an image array HxW or HxWxC, got shape {arr.shape}")
     if arr.dtype.kind in "iu" and arr.dtype != np.uint8:      # integers: the 16-bit rule (>> 8)
@@ -209,13 +214,24 @@ def preprocess_array(array: np.ndarray, size: int | tuple[int, int]) -> np.ndarr
         gray = to_grayscale(Image.fromarray(arr.astype(np.float32)))
     else:
         gray = arr
-    return resize_gray(gray, size)
+    return Image.fromarray(np.asarray(gray, dtype=np.uint8))
 
 
 def preprocess_file(source: str | os.PathLike | bytes, size: int | tuple[int, int], **limits) -> np.ndarray:
     """The shared path: file -> uint8 HxWx3 at the model size."""
+    return to_model_input(decode_for(source, size, **limits), size)
+
+
+def decode_for(source: str | os.PathLike | bytes, size: int | tuple[int, int], **limits) -> Image.Image:
+    """Decode a file once, for model inputs up to `size` (the largest stage's): 8-bit gray, oriented. Each stage
+    then takes to_model_input(gray, its size): two stages of different sizes never decode twice."""
     target = (size, size) if isinstance(size, int) else tuple(size)
-    return _resized(_decode(source, target=target, **{**_DEFAULT_LIMITS, **limits}), size)
+    return _decode(source, target=target, **{**_DEFAULT_LIMITS, **limits})
+
+
+def to_model_input(gray: Image.Image, size: int | tuple[int, int]) -> np.ndarray:
+    """Decoded 8-bit gray -> the model input: bilinear resize, uint8 HxWx3."""
+    return _resized(gray, size)
 
 
 _DEFAULT_LIMITS = {"max_pixels": DEFAULT_MAX_PIXELS, "max_bytes": DEFAULT_MAX_BYTES,

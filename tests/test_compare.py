@@ -33,21 +33,23 @@ def independent(converted):
     labels = np.array([lab for _, lab in test])
     p1 = keras.saving.load_model(converted["run"] / "stage1.keras").predict(x.astype(np.float32), verbose=0)[:, 0]
     p2 = keras.saving.load_model(converted["run"] / "stage2.keras").predict(x.astype(np.float32), verbose=0)
-    interp = make_interpreter(model_path=str(converted["bundle"] / "stage1.tflite"), num_threads=1)
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    scale, zero = out["quantization"]
-    q1 = []
-    for img in x:
-        interp.set_tensor(inp["index"], img[None])          # uint8 pixels: input scale 1.0, zero point 0
-        interp.invoke()
-        q1.append((float(interp.get_tensor(out["index"])[0, 0]) - zero) * scale)
-    interp2 = make_interpreter(model_path=str(converted["bundle"] / "stage2.tflite"), num_threads=1)
-    inp2, out2 = interp2.get_input_details()[0], interp2.get_output_details()[0]
-    q2_top = []
-    for img in x:
-        interp2.set_tensor(inp2["index"], img[None])
-        interp2.invoke()
-        q2_top.append(int(interp2.get_tensor(out2["index"])[0].argmax()))   # dequantizing keeps the order
+    def int8_stage(n):
+        """Backbone features from the interpreter by hand, then the head's arrays applied by hand."""
+        interp = make_interpreter(model_path=str(converted["bundle"] / f"stage{n}.tflite"), num_threads=1)
+        inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+        scale, zero = out["quantization"]
+        head = np.load(converted["bundle"] / f"stage{n}_head.npz")
+        probs = []
+        for img in x:
+            interp.set_tensor(inp["index"], img[None])          # uint8 pixels: input scale 1.0, zero point 0
+            interp.invoke()
+            f = (interp.get_tensor(out["index"])[0].astype(np.float64) - zero) * scale
+            h = np.maximum(((f - head["mean"]) / head["scale"]) @ head["W0"] + head["b0"], 0.0)
+            probs.append(h @ head["W1"] + head["b1"])              # logits: order kept by sigmoid/softmax
+        return np.array(probs)
+
+    q1 = 1.0 / (1.0 + np.exp(-int8_stage(1)[:, 0]))
+    q2_top = int8_stage(2).argmax(axis=1)
     return {"labels": labels, "p1": p1, "p2": p2, "int8_p1": np.array(q1), "int8_p2_top": np.array(q2_top)}
 
 
@@ -167,6 +169,10 @@ def test_tampered_or_foreign_bundle_is_refused(converted, tmp_path, capsys):
     manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
     manifest["stage2_classes"] = list(reversed(manifest["stage2_classes"]))
     (bundle / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    # the bundle itself is inconsistent now: its Stage-2 head names the classes in the other order
+    assert main(argv) == 2 and "differ from stage2_classes" in capsys.readouterr().err
+    manifest["stages"]["stage2"]["classes"] = manifest["stage2_classes"]
+    (bundle / "manifest.yaml").write_text(yaml.safe_dump(manifest))
     assert main(argv) == 2 and "do not belong together" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -207,7 +213,8 @@ def test_bundle_is_read_by_edge_runtime_each_file_hashed_once(tiny_bundle, tmp_p
     real_bytes, real_file = bundle_mod.sha256_bytes, bundle_mod.sha256_file
     monkeypatch.setattr(bundle_mod, "sha256_bytes", lambda data: hashed.append(len(data)) or real_bytes(data))
     monkeypatch.setattr(bundle_mod, "sha256_file", lambda path: hashed.append(path) or real_file(path))
-    run = SimpleNamespace(stage2_classes=TINY_STAGE2, image_size=TINY_SIZE)
+    run = SimpleNamespace(stage2_classes=TINY_STAGE2, image_size=TINY_SIZE, image_size_of=lambda n: TINY_SIZE,
+                          stage1_classes=["defective"])
     bundle, models = read_bundle(tiny_bundle, run)
     manifest_size = (tiny_bundle / "manifest.yaml").stat().st_size
     # 2 variants x 2 stages, once each, and the manifest once (the bundle id)

@@ -131,11 +131,20 @@ def test_bundle_has_models_manifest_and_calibration(converted):
     bundle, run = converted["bundle"], converted["run"]
     names = {p.name for p in bundle.iterdir()}
     assert {"manifest.yaml", "stage1.tflite", "stage2.tflite", "stage1_float32.tflite", "stage2_float32.tflite",
-            "calibration.txt", "compare.json", "compare.md"} <= names
+            "stage1_head.npz", "stage2_head.npz", "replay.npz", "calibration.txt", "compare.json",
+            "compare.md"} <= names
     m = manifest_of(bundle)
-    assert m["format"] == "sem-inspect-bundle/1"
+    assert m["format"] == "sem-inspect-bundle/2"
     assert m["taxonomy"] == TAXONOMY and m["stage2_classes"] == DEFECTS
-    assert m["input"]["height"] == m["input"]["width"] == SIZE and m["input"]["channels"] == 3
+    assert m["input"]["channels"] == 3
+    for n in (1, 2):
+        stage = m["stages"][f"stage{n}"]
+        assert stage["image_size"] == [SIZE, SIZE] and stage["backbone"] == "tiny_cnn"
+        assert stage["head"]["file"] == f"stage{n}_head.npz" and stage["head"]["activations"][0] == "relu"
+    assert m["stages"]["stage1"]["classes"] == ["defective"] and m["stages"]["stage2"]["classes"] == DEFECTS
+    # the replay set: the train split's features through the int8 backbones, for adaptation
+    train_rows = sum(1 for line in (run / "split.csv").read_text().splitlines()[1:] if line.endswith(",train"))
+    assert m["replay"]["images"] == train_rows and m["replay"]["variant"] == "int8"
     assert m["gating"] == {"stage1_threshold": THRESHOLD, "stage2_review_floor": REVIEW_FLOOR}
     assert m["default_variant"] == "int8" and set(m["variants"]) == {"int8", "float32"}
     assert m["source_run"] == str(run.resolve())
@@ -148,14 +157,16 @@ def test_bundle_has_models_manifest_and_calibration(converted):
     assert m["variants"]["float32"]["stage2"]["input"]["dtype"] == "float32"
 
 
-def test_int8_dense_layers_are_per_tensor_and_recorded(converted):
-    """The default (--dense-quantization per-tensor): one weight scale per FULLY_CONNECTED, per-channel convolutions,
-    and the manifest says so and what runtime versions that needs (tests/test_runtime_versions.py: the rule)."""
+def test_int8_backbones_have_per_channel_convolutions_and_no_dense_layers(converted):
+    """Format /2: the dense layers are the numpy head, so the int8 backbones hold convolutions only
+    (per-channel) and need no runtime newer than op versions ask for; the dense setting is still recorded (it
+    applies to whole-model exports, tests/test_runtime_versions.py)."""
     manifest = manifest_of(converted["bundle"])
     assert manifest["quantization"] == {"convolutions": "per-channel", "dense": "per-tensor"}
     for stage in (1, 2):
         data = (converted["bundle"] / f"stage{stage}.tflite").read_bytes()
-        assert set(fc_weight_scales(data)) == {1} and max(conv_weight_scales(data)) > 1
+        assert fc_weight_scales(data) == [] and max(conv_weight_scales(data)) > 1
+        assert "FULLY_CONNECTED" not in manifest["variants"]["int8"][f"stage{stage}"]["ops"]
         assert manifest["variants"]["int8"][f"stage{stage}"]["min_runtime"]["tflite-runtime"].startswith("1.")
 
 
@@ -188,7 +199,8 @@ def test_int8_models_are_integer_end_to_end(converted):
         int32 = [t for t in internal if np.dtype(t["dtype"]) == np.int32]
         assert all(len(t["shape"]) <= 1 for t in int32)      # only bias vectors / axes are int32
         ops = {op["op_name"] for op in interp._get_ops_details()}
-        assert "CONV_2D" in ops and "FULLY_CONNECTED" in ops and "DEQUANTIZE" not in ops
+        assert "CONV_2D" in ops and "MEAN" in ops and "DEQUANTIZE" not in ops
+        assert "FULLY_CONNECTED" not in ops                   # the head runs in numpy (format /2)
 
 
 def test_float32_variant_is_float(converted):

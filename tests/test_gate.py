@@ -44,7 +44,7 @@ def test_arrays_decide_elementwise_with_ties():
 def test_calibrated_threshold_is_a_score_and_keeps_its_recall():
     """threshold_for_recall returns one of the defective scores; the gate must count that score as defective
     or the calibrated recall is missed on the very set it was calibrated on."""
-    from train.metrics import threshold_for_recall
+    from edge_runtime.evaluation import threshold_for_recall
 
     scores = np.linspace(0.05, 0.95, 50)
     t = threshold_for_recall(scores, 0.98)
@@ -91,7 +91,7 @@ def test_inspector_confidence_exactly_at_the_floor_is_not_review(tiny_bundle, tm
 
 
 def test_training_metrics_and_report_decide_ties_like_the_runtime():
-    from train.metrics import two_stage_labels
+    from edge_runtime.evaluation import two_stage_labels
     from train.report import stage1_metrics, stage2_metrics
 
     labels, review = two_stage_labels([0.3, below(0.3)], [[0.6, 0.4], [0.6, 0.4]], 0.3, ["a", "b"],

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from train.metrics import classification_metrics, escape_rate, roc_auc, threshold_for_recall, two_stage_labels
+from edge_runtime.evaluation import classification_metrics, escape_rate, roc_auc, threshold_for_recall, two_stage_labels
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_PROFILE = dict(backbone="tiny_cnn", image_size=32, max_images_per_class=0, batch_size=16, epochs_frozen=0, epochs_finetune=12,

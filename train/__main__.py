@@ -1,4 +1,4 @@
-"""python -m train [prepare|synth|cross-source|tta] ... ; without a sub-command: train the stage models."""
+"""python -m train [prepare|synth|cross-source|tta|adapt] ... ; without a sub-command: train the stage models."""
 from __future__ import annotations
 
 import sys
@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "tta":
         from train.tta import main as tta_main
         return tta_main(argv[1:])
+    if argv and argv[0] == "adapt":
+        from train.adapt import main as adapt_main
+        return adapt_main(argv[1:])
     if argv and argv[0] == "cross-source":
         from train.cross_source import main as cross_main
         return cross_main(argv[1:])

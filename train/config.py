@@ -63,6 +63,20 @@ class Models:
     stage2: StageModel
 
 
+STAGE1_TARGETS = ("binary", "taxonomy")
+METHODS = ("finetune", "frozen")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+    """What one stage overrides in a profile (empty / 0: the profile's own backbone and image_size)."""
+    backbone: str = ""
+    image_size: int = 0
+    # Stage 1 only: "binary" (clean vs defective) or "taxonomy" (all 8 classes; P(defective) = 1 - P(clean),
+    # which separates better when clean images share patterns with the defect classes).
+    target: str = "binary"
+
+
 @dataclasses.dataclass(frozen=True)
 class Profile:
     backbone: str
@@ -75,6 +89,18 @@ class Profile:
     lr_finetune: float
     finetune_blocks: int
     patience: int
+    # finetune: Keras training of the whole stage model (two phases); frozen: features of the frozen
+    # pretrained backbone and a logistic-regression head fitted in numpy (edge_runtime/adapt/fit.py, the code
+    # adaptation uses), in seconds.
+    method: str = "finetune"
+    stage1: StageSettings = dataclasses.field(default_factory=StageSettings)
+    stage2: StageSettings = dataclasses.field(default_factory=StageSettings)
+
+    def backbone_of(self, stage: int) -> str:
+        return getattr(self, f"stage{stage}").backbone or self.backbone
+
+    def image_size_of(self, stage: int) -> int:
+        return getattr(self, f"stage{stage}").image_size or self.image_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +149,11 @@ def _check(value, hint, where: str):
         unknown = sorted(set(value) - set(fields))
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
-        missing = sorted(set(fields) - set(value))
+        missing = sorted(n for n in set(fields) - set(value)
+                         if fields[n].default is dataclasses.MISSING and fields[n].default_factory is dataclasses.MISSING)
         if missing:
             raise ConfigError(f"{where}: missing key(s) {missing}")
-        return hint(**{k: _check(value[k], hints[k], f"{where}.{k}") for k in fields})
+        return hint(**{k: _check(value[k], hints[k], f"{where}.{k}") for k in fields if k in value})
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -167,10 +194,16 @@ def _validate_values(cfg: Config) -> None:
     if not 0.0 <= cfg.gating.stage2_review_floor < 1.0:
         raise ConfigError("gating.stage2_review_floor: must be in [0, 1)")
     for name, p in cfg.profiles.items():
-        if p.backbone not in BACKBONES:
-            raise ConfigError(f"profiles.{name}.backbone: {p.backbone!r} is not one of {BACKBONES}")
-        if p.image_size < 32 or p.batch_size < 1:
+        for key, backbone in (("backbone", p.backbone), ("stage1.backbone", p.stage1.backbone),
+                              ("stage2.backbone", p.stage2.backbone)):
+            if backbone and backbone not in BACKBONES:
+                raise ConfigError(f"profiles.{name}.{key}: {backbone!r} is not one of {BACKBONES}")
+        if min(p.image_size_of(1), p.image_size_of(2)) < 32 or p.batch_size < 1:
             raise ConfigError(f"profiles.{name}: image_size must be >= 32 and batch_size >= 1")
+        if p.method not in METHODS:
+            raise ConfigError(f"profiles.{name}.method: {p.method!r} is not one of {METHODS}")
+        if p.stage1.target not in STAGE1_TARGETS or p.stage2.target != "binary":
+            raise ConfigError(f"profiles.{name}: stage1.target must be one of {STAGE1_TARGETS} (stage2 has none)")
     if cfg.image_size < 32:
         raise ConfigError("image_size: must be >= 32")
 

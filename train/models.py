@@ -189,3 +189,35 @@ def set_trainable_blocks(model, blocks: int, *, freeze_batchnorm: bool = False) 
         layer.trainable = not frozen_bn and any(layer.name.startswith(p) for p in prefixes)
         count += int(layer.trainable and bool(layer.weights))
     return count
+
+
+def feature_extractor(backbone: str, image_size: int, weights: str | None):
+    """Raw pixels -> normalisation -> pretrained backbone (inference mode) -> global average pooling ("gap"):
+    the features a frozen head is fitted on, and the part of every stage model convert exports as the
+    backbone."""
+    shape = (image_size, image_size, 3)
+    base = build_backbone(backbone, shape, weights)
+    base.trainable = False
+    inputs = keras.Input(shape, name="pixels")
+    x = inputs
+    for layer in normalisation_layers(backbone):
+        x = layer(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(base(x, training=False))
+    return keras.Model(inputs, x, name=f"features_{backbone}")
+
+
+def with_dense_head(extractor, head, name: str):
+    """The extractor followed by a fitted one-layer numpy head (edge_runtime.head.Head), its standardisation
+    folded into one Dense layer: (f - mean) / scale @ W + b = f @ (W / scale) + (b - (mean / scale) @ W)."""
+    import numpy as np
+
+    if len(head.layers) != 1:
+        raise ValueError("only a one-layer head folds into one Dense layer")
+    w, b = head.layers[0]
+    kernel = w * head.inv_scale[:, None]
+    bias = b - head.mean @ kernel
+    out_name = "p_defective" if head.activations[-1] == "sigmoid" else "defect_class"
+    dense = layers.Dense(w.shape[1], activation=head.activations[-1], name=out_name)
+    outputs = dense(extractor.output)
+    dense.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    return keras.Model(extractor.input, outputs, name=name)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.gate import is_defective, needs_review
-from train.metrics import classification_metrics, escape_rate, roc_auc, threshold_for_recall, two_stage_labels
+from edge_runtime.evaluation import classification_metrics, escape_rate, roc_auc, threshold_for_recall, two_stage_labels
 
 log = logging.getLogger("train.report")
 
@@ -126,11 +126,16 @@ def evaluate_and_report(results: dict, samples, *, cfg, profile, out: Path, run_
                        out / "stage2_confusion.png")
     if 1 in results and 2 in results:
         # End to end on every test image: Stage 1 gates, Stage 2 names the defect.
+        from train.data import load_arrays
+
         test1 = results[1]["sets"]["test"]
         truth = {s.path: s.label for s in samples}
         true_labels = [truth[p] for p in test1.paths]
-        probs2 = results[2]["model"].predict(test1.x.astype(np.float32), batch_size=64, verbose=0) \
-            if len(test1.x) else np.zeros((0, len(results[2]["classes"])))
+        # Stage 2 at its own input size (it may differ from Stage 1's)
+        test2 = test1 if results[2]["image_size"] == results[1]["image_size"] else \
+            load_arrays([(p, truth[p]) for p in test1.paths], results[2]["image_size"])
+        probs2 = results[2]["model"].predict(test2.x.astype(np.float32), batch_size=64, verbose=0) \
+            if len(test2.x) else np.zeros((0, len(results[2]["classes"])))
         final, review = two_stage_labels(results[1]["pred"]["test"], probs2, threshold, results[2]["classes"],
                                          cfg.taxonomy.clean, cfg.gating.stage2_review_floor)
         classes = cfg.taxonomy.classes
@@ -152,7 +157,9 @@ def evaluate_and_report(results: dict, samples, *, cfg, profile, out: Path, run_
 
 def write_markdown(metrics: dict, run: dict, path: Path) -> None:
     lines = [f"# Training run `{path.parent.name}`", "",
-             f"Profile `{run['profile']}`, input {run['image_size']}x{run['image_size']}, weights `{run['weights']}`, "
+             f"Profile `{run['profile']}` ({run.get('method', 'finetune')}), input "
+             + " / ".join(f"{k} {n}x{n}" for k, n in run.get("image_sizes", {"both": run["image_size"]}).items())
+             + f", Stage-1 classes {run.get('stage1_classes', ['defective'])}, weights `{run['weights']}`, "
              f"backbones {run['backbones']}, seed {run['seed']}, created {run['created']}, "
              f"wall time {metrics['wall_seconds'] / 60:.1f} min on {run['hardware']}.", "",
              "| model / split | n | accuracy | macro precision | macro recall | macro F1 |",

@@ -32,7 +32,18 @@ class Run:
 
     @property
     def image_size(self) -> int:
-        return int(self.info["image_size"])
+        """Stage 2's input size (runs from before per-stage sizes: both stages')."""
+        return self.image_size_of(2)
+
+    def image_size_of(self, stage: int) -> int:
+        sizes = self.info.get("image_sizes") or {}
+        return int(sizes.get(f"stage{stage}", self.info["image_size"]))
+
+    @property
+    def stage1_classes(self) -> list[str]:
+        """What Stage 1 outputs: ["defective"] (one sigmoid unit) or taxonomy classes (softmax; P(defective) =
+        1 - P(clean), edge_runtime.gate.stage1_score)."""
+        return list(self.info.get("stage1_classes") or ["defective"])
 
     @property
     def taxonomy(self) -> list[str]:
@@ -98,8 +109,17 @@ def read_run(run_dir: str | os.PathLike) -> Run:
     stage2 = info["stage2_classes"]
     if not stage2 or any(c not in taxonomy[1:] for c in stage2) or len(set(stage2)) != len(stage2):
         raise RunError(f"{info_path}: stage2_classes {stage2} must be distinct defect classes of {taxonomy[1:]}")
-    if info["image_size"] < 8:
-        raise RunError(f"{info_path}: image_size {info['image_size']} is too small")
+    sizes = info.get("image_sizes", {})
+    if not isinstance(sizes, dict) or not all(isinstance(sizes.get(k, 8), int) and not isinstance(sizes.get(k, 8), bool)
+                                              for k in ("stage1", "stage2")):
+        raise RunError(f"{info_path}: image_sizes must map stage1/stage2 to integers")
+    if min([info["image_size"], *sizes.values()]) < 8:
+        raise RunError(f"{info_path}: image sizes {info['image_size']} {sizes} are too small")
+    s1 = info.get("stage1_classes", ["defective"])
+    if not isinstance(s1, list) or not (s1 == ["defective"] or (taxonomy[0] in s1 and set(s1) <= set(taxonomy)
+                                                                 and len(set(s1)) == len(s1))):
+        raise RunError(f"{info_path}: stage1_classes must be [defective] or taxonomy classes including "
+                       f"{taxonomy[0]!r}, got {s1!r}")
     for key in ("stage1_threshold", "stage2_review_floor"):
         if not 0.0 <= float(info[key]) <= 1.0:
             raise RunError(f"{info_path}: {key} must be in [0, 1], got {info[key]}")
@@ -156,9 +176,11 @@ def load_models(run: Run) -> dict[int, object]:
     Stage 2 one softmax unit per stage2_classes entry)."""
     import keras
 
-    size = run.image_size
-    expected = {1: (1, "sigmoid"), 2: (len(run.stage2_classes), "softmax")}
+    s1 = run.stage1_classes
+    expected = {1: (1, "sigmoid") if s1 == ["defective"] else (len(s1), "softmax"),
+                2: (len(run.stage2_classes), "softmax")}
     for stage, name in STAGE_FILES.items():
+        size = run.image_size_of(stage)
         file = run.path / name
         try:
             model = keras.saving.load_model(file, compile=False)
@@ -169,12 +191,13 @@ def load_models(run: Run) -> dict[int, object]:
             raise RunError(f"{file}: expected one input and one output, got {len(model.inputs)}/{len(model.outputs)}")
         in_shape = tuple(model.inputs[0].shape)
         if in_shape != (None, size, size, 3):
-            raise RunError(f"{file}: input shape {in_shape} does not match run.json image_size "
-                           f"(expected (None, {size}, {size}, 3))")
+            raise RunError(f"{file}: input shape {in_shape} does not match run.json image_size (Stage {stage}: "
+                           f"expected (None, {size}, {size}, 3))")
         units, activation = expected[stage]
         out_shape = tuple(model.outputs[0].shape)
         if out_shape != (None, units):
-            what = "one P(defective) unit" if stage == 1 else f"one unit per stage2_classes {run.stage2_classes}"
+            what = (f"one unit per stage1_classes {s1}" if stage == 1 and s1 != ["defective"] else
+                    "one P(defective) unit" if stage == 1 else f"one unit per stage2_classes {run.stage2_classes}")
             raise RunError(f"{file}: output shape {out_shape} is not a Stage-{stage} model "
                            f"(expected (None, {units}): {what})")
         act = _output_activation(model)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import json
 import logging
 import os
 import platform
@@ -94,23 +93,33 @@ def resolve_weights(value: str) -> str | None:
     return str(Path(value).resolve())
 
 
+def stage_classes(stage: int, train_labels: list[str], cfg, target: str) -> list[str]:
+    """The classes a stage is trained on: Stage 1 clean/defective, or the taxonomy classes present in the train
+    split (target "taxonomy"); Stage 2 the defect classes present."""
+    present = set(train_labels)
+    if stage == 1:
+        return STAGE1_CLASSES if target == "binary" else [c for c in cfg.taxonomy.classes if c in present]
+    return [c for c in cfg.taxonomy.defects if c in present]
+
+
 def train_stage(stage: int, rows: dict[str, list], *, cfg, profile, weights, out: Path, seed: int,
                 backbone: str) -> dict:
-    """Train one stage; returns predictions on val/test and its history. rows: split -> [(path, label)]."""
-    import keras
+    """Train one stage; returns predictions on val/test and its history. rows: split -> [(path, label)] with the
+    8-class labels. Stage 1's `pred` is P(defective) and its `y` clean (0) / defective (1) whatever it was
+    trained on, so gating and reports read the same thing."""
+    from edge_runtime.gate import stage1_score
+    from train.data import load_arrays
 
-    from train.data import load_arrays, make_dataset
-    from train.models import build_stage_model, set_trainable_blocks
-
-    size = profile.image_size
+    size = profile.image_size_of(stage)
+    target = profile.stage1.target if stage == 1 else "taxonomy"
+    clean = cfg.taxonomy.clean
+    if stage == 1 and target == "binary":
+        rows = {split: [(p, clean if lab == clean else "defective") for p, lab in r] for split, r in rows.items()}
     sets = {split: load_arrays(rows[split], size) for split in ("train", "val", "test")}
-    if stage == 1:
-        classes = STAGE1_CLASSES
-    else:
-        classes = [c for c in cfg.taxonomy.defects if c in set(sets["train"].labels)]
-    if len(set(sets["train"].labels)) < 2:
-        raise SystemExit(f"error: stage {stage} needs at least two classes in the train split, "
-                         f"got {sorted(set(sets['train'].labels))}")
+    classes = stage_classes(stage, sets["train"].labels, cfg, target)
+    if len(set(sets["train"].labels)) < 2 or (stage == 1 and clean not in classes):
+        raise SystemExit(f"error: stage {stage} needs at least two classes (clean among them for Stage 1) in the "
+                         f"train split, got {sorted(set(sets['train'].labels))}")
     for split in ("val", "test"):   # a class unseen in training cannot be predicted: keep it out, say so
         unseen = sorted(set(sets[split].labels) - set(classes))
         if unseen:
@@ -119,15 +128,41 @@ def train_stage(stage: int, rows: dict[str, list], *, cfg, profile, weights, out
             s = sets[split]
             sets[split] = type(s)(x=s.x[keep], labels=[s.labels[i] for i in keep], paths=[s.paths[i] for i in keep])
     y = {split: sets[split].targets(classes) for split in sets}
-    log.info("stage %d (%s, %dx%d): %s", stage, backbone, size, size,
+    log.info("stage %d (%s, %dx%d, %s, %d classes): %s", stage, backbone, size, size, profile.method, len(classes),
              ", ".join(f"{s}={len(sets[s].x)}" for s in sets))
+    fit = _fit_frozen if profile.method == "frozen" else _fit_keras
+    model, history, best_phase, predict = fit(stage, sets, y, classes, cfg=cfg, profile=profile, weights=weights,
+                                              out=out, seed=seed, backbone=backbone, size=size)
+    model.save(out / f"stage{stage}.keras")
+    pred = {s: predict(s) for s in ("val", "test")}
+    result = {"model": model, "classes": classes, "history": history, "sets": sets, "y": y,
+              "best_phase": best_phase, "pred": pred, "image_size": size}
+    if stage == 1:
+        # Reports, gating and convert read P(defective) and clean/defective truth, whatever Stage 1 learned.
+        result["stage1_classes"] = ["defective"] if target == "binary" else classes
+        result["classes"] = STAGE1_CLASSES
+        for split in ("val", "test"):
+            scores = pred[split][:, 1] if target == "binary" else stage1_score(pred[split], classes, clean)
+            pred[split] = np.asarray(scores, float).reshape(-1, 1)
+            y[split] = np.array([lab != clean for lab in sets[split].labels], dtype=np.int32)
+    return result
 
+
+def _fit_keras(stage, sets, y, classes, *, cfg, profile, weights, out, seed, backbone, size):
+    """Keras training: phase 1 the head on the frozen backbone, phase 2 fine-tuning; best phase kept."""
+    import keras
+
+    from train.data import make_dataset
+    from train.models import build_stage_model, set_trainable_blocks
+
+    binary = classes == STAGE1_CLASSES
     model_cfg = getattr(cfg.models, f"stage{stage}")
     keras.utils.set_random_seed(seed + stage)
     with distribution_strategy().scope():
-        model = build_stage_model(stage, backbone=backbone, image_size=size, num_classes=len(classes),
-                                  weights=weights, dense_units=model_cfg.dense_units, dropout=model_cfg.dropout)
-    loss = "binary_crossentropy" if stage == 1 else "sparse_categorical_crossentropy"
+        model = build_stage_model(stage, backbone=backbone, image_size=size,
+                                  num_classes=1 if binary else len(classes), weights=weights,
+                                  dense_units=model_cfg.dense_units, dropout=model_cfg.dropout)
+    loss = "binary_crossentropy" if binary else "sparse_categorical_crossentropy"
     metrics = ["accuracy"]
     batch = profile.batch_size
     train_ds = make_dataset(sets["train"].x, y["train"], batch, training=True, seed=seed)
@@ -171,16 +206,57 @@ def train_stage(stage: int, rows: dict[str, list], *, cfg, profile, weights, out
         # Fine-tuning that never beats the frozen phase must not replace it: keep the best of all phases.
         model.set_weights(best_weights)
         log.info("stage %d: keeping the weights of %s (val_loss %.4f)", stage, best_phase, best_val)
-    model.save(out / f"stage{stage}.keras")
 
     def predict(split):
         if len(sets[split].x) == 0:
-            return np.zeros((0, 1 if stage == 1 else len(classes)))
+            return np.zeros((0, 2 if binary else len(classes)))
         ds = make_dataset(sets[split].x, y[split], 64, training=False, seed=seed)
-        return model.predict(ds, verbose=0)
+        p = model.predict(ds, verbose=0)
+        return np.concatenate([1.0 - p, p], axis=1) if binary else p    # binary: [P(clean), P(defective)]
 
-    return {"model": model, "classes": classes, "history": history, "sets": sets, "y": y, "best_phase": best_phase,
-            "pred": {s: predict(s) for s in ("val", "test")}}
+    return model, history, best_phase, predict
+
+
+LAMBDAS = (1e-3, 1e-2, 1e-1)     # L2 strengths tried for a frozen head; the best validation loss wins
+
+
+def _fit_frozen(stage, sets, y, classes, *, cfg, profile, weights, out, seed, backbone, size):
+    """Frozen pretrained backbone -> pooled features -> a softmax head fitted in numpy (edge_runtime.adapt.fit,
+    the code adaptation uses), its L2 strength chosen on the validation split. The saved Keras model is the
+    backbone with that head folded into one Dense layer, so convert treats it like any other run."""
+    from edge_runtime.adapt.fit import balanced_weights, fit_softmax
+    from train.models import feature_extractor, with_dense_head
+
+    if weights is None:
+        raise SystemExit("error: method frozen needs pretrained weights (--weights imagenet or a file)")
+    extractor = feature_extractor(backbone, size, weights)
+    feats = {s: extractor.predict(sets[s].x.astype(np.float32), batch_size=32, verbose=0) if len(sets[s].x)
+             else np.zeros((0, extractor.output_shape[-1]), np.float32) for s in sets}
+    history: dict[str, list] = {"lambda": [], "val_loss": []}
+    best = None
+    w = balanced_weights(y["train"], len(classes))
+    for lam in LAMBDAS:
+        head = fit_softmax(feats["train"], y["train"], classes, weights=w, lam=lam)
+        p = head.probs(feats["val"]) if len(feats["val"]) else np.zeros((0, len(classes)))
+        val_w = balanced_weights(y["val"], len(classes)) if len(y["val"]) else np.zeros(0)
+        loss = float(-(val_w * np.log(p[np.arange(len(p)), y["val"]] + 1e-12)).sum() / max(val_w.sum(), 1e-12))
+        history["lambda"].append(lam)
+        history["val_loss"].append(loss)
+        log.info("stage %d frozen head: lambda %g -> val loss %.4f", stage, lam, loss)
+        if best is None or loss < best[0]:
+            best = (loss, lam, head)
+    _, lam, head = best
+    if classes == STAGE1_CLASSES:       # the bundle's binary Stage 1 is one sigmoid unit: P(defective)
+        head = head.as_sigmoid()
+    model = with_dense_head(extractor, head, name=f"stage{stage}_{backbone}")
+
+    def predict(split):
+        if not len(feats[split]):
+            return np.zeros((0, len(classes)))
+        p = head.probs(feats[split])
+        return np.concatenate([1.0 - p, p], axis=1) if classes == STAGE1_CLASSES else p
+
+    return model, history, f"frozen-lambda-{lam:g}", predict
 
 
 def parse_args(argv):
@@ -218,8 +294,8 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     weights = resolve_weights(args.weights)
-    backbones = {"stage1": args.stage1_backbone or profile.backbone,
-                 "stage2": args.stage2_backbone or profile.backbone}
+    backbones = {"stage1": args.stage1_backbone or profile.backbone_of(1),
+                 "stage2": args.stage2_backbone or profile.backbone_of(2)}
 
     if args.data:
         from train.prepare import main as prepare_main
@@ -252,9 +328,8 @@ def main(argv=None) -> int:
     stages = [1, 2] if args.stage == "both" else [int(args.stage)]
     results = {}
     for stage in stages:
-        pool = samples if stage == 1 else [x for x in samples if x.label != cfg.taxonomy.clean]
-        view = "stage1" if stage == 1 else "stage2"
-        rows = {s: stage_view([x for x in pool if x.split == s], view, cfg.taxonomy.clean)
+        view = "master" if stage == 1 else "stage2"      # 8-class labels; train_stage maps Stage 1's target
+        rows = {s: stage_view([x for x in samples if x.split == s], view, cfg.taxonomy.clean)
                 for s in ("train", "val", "test")}
         t0 = time.time()
         try:
@@ -267,7 +342,11 @@ def main(argv=None) -> int:
 
     from train.report import evaluate_and_report
     run_info = {
-        "image_size": profile.image_size, "taxonomy": cfg.taxonomy.classes, "profile": args.profile,
+        "image_size": profile.image_size_of(2),
+        "image_sizes": {f"stage{n}": profile.image_size_of(n) for n in (1, 2)},
+        "stage1_classes": results[1]["stage1_classes"] if 1 in results else ["defective"],
+        "method": profile.method,
+        "taxonomy": cfg.taxonomy.classes, "profile": args.profile,
         "weights": args.weights, "weights_source": sources, "backbones": backbones, "split_csv": str(split_csv), "seed": seed,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count()},

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from train.metrics import classification_metrics, escape_rate, roc_auc, threshold_for_recall, two_stage_labels
+from edge_runtime.evaluation import classification_metrics, escape_rate, roc_auc, threshold_for_recall, two_stage_labels
 
 FLIPS = {"none": lambda x: x, "lr": lambda x: x[:, :, ::-1], "ud": lambda x: x[:, ::-1], "both": lambda x: x[:, ::-1, ::-1]}
 

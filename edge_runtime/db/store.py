@@ -306,6 +306,12 @@ class Store:
              json.dumps(list(bundle.stage2_classes)), bundle.stage1_threshold, bundle.stage2_review_floor,
              utc_now())))
 
+    def latest_bundle_path(self) -> str | None:
+        """Where the bundle that recorded the latest result was loaded from (None when none is recorded)."""
+        row = self.db.execute("SELECT b.path FROM results r JOIN bundles b ON b.id = r.bundle_id "
+                              "ORDER BY r.id DESC LIMIT 1").fetchone()
+        return row[0] if row else None
+
     @property
     def in_transaction(self) -> bool:
         return self.db.in_transaction

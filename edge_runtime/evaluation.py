@@ -1,4 +1,5 @@
-"""Classification metrics from real predictions (numpy only, shared by training, convert and benchmarks)."""
+"""Classification metrics from real predictions (numpy only): one definition for training, convert, the
+benchmarks and adaptation on the board; threshold_for_recall is how the Stage-1 threshold is calibrated."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,0 +1,73 @@
+"""A new bundle made from an existing one: the same backbones, new heads, gating or replay set.
+
+Every file of the source bundle is read sha256-checked and written again with the new parts, through the one
+atomic bundle writer (edge_runtime.bundle.write_bundle_dir): the result is a complete bundle folder, or
+nothing. Its manifest names the bundle it came from (`parent`), so a result recorded by the new bundle can be
+traced to the one it adapted.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+from pathlib import Path
+
+from edge_runtime.bundle import (
+    MANIFEST,
+    REPLAY,
+    Bundle,
+    BundleError,
+    FileSpec,
+    file_entry,
+    read_verified,
+    write_bundle_dir,
+)
+from edge_runtime.head import Head
+
+
+def _source_files(bundle: Bundle) -> dict[str, bytes]:
+    """Every file the manifest pins, verified."""
+    files: dict[str, bytes] = {}
+    for variant, stages in bundle.specs.items():
+        for n, spec in stages.items():
+            files[spec.file] = bundle.model_bytes(n, variant)
+    for n in (1, 2):
+        head = (bundle.manifest.get("stages") or {}).get(f"stage{n}", {}).get("head")
+        if head:
+            files[head["file"]] = read_verified(FileSpec(bundle.root / head["file"], head["sha256"], head["bytes"]),
+                                                "head file")
+    if bundle.replay is not None:
+        files[bundle.replay.path.name] = read_verified(bundle.replay, "replay set")
+    for name, entry in (bundle.manifest.get("files") or {}).items():
+        if isinstance(entry, dict) and Path(name).name == name:
+            files[name] = read_verified(FileSpec(bundle.root / name, str(entry.get("sha256", "")).lower(),
+                                                 int(entry.get("bytes", 0))), "file")
+    return files
+
+
+def derive_bundle(bundle: Bundle, out_dir, *, heads: dict[int, Head] | None = None,
+                  gating: dict | None = None, replay: tuple[bytes, dict] | None = None,
+                  extra: dict | None = None) -> Path:
+    """Write `out_dir`: `bundle` with its heads, gating and replay set replaced where given, and `extra` keys
+    added to the manifest. Only format-/2 bundles have heads to replace."""
+    if heads and bundle.format != "sem-inspect-bundle/2":
+        raise BundleError(f"{bundle.root / MANIFEST}: format {bundle.format} has no separate heads to refit; "
+                          "convert the run again with this version to get a format-/2 bundle")
+    files = _source_files(bundle)
+    manifest = copy.deepcopy(bundle.manifest)
+    for n, head in (heads or {}).items():
+        data = head.to_bytes()
+        entry = manifest["stages"][f"stage{n}"]
+        if tuple(head.classes) != tuple(entry["classes"]) or head.features != bundle.heads[n].features:
+            raise BundleError(f"new Stage-{n} head ({list(head.classes)}, {head.features} features) does not fit "
+                              f"the bundle's ({entry['classes']}, {bundle.heads[n].features})")
+        files[entry["head"]["file"]] = data
+        entry["head"].update(file_entry(data), activations=list(head.activations))
+    if gating:
+        manifest["gating"].update({k: float(v) for k, v in gating.items()})
+    if replay is not None:
+        data, description = replay
+        files[REPLAY] = data
+        manifest["replay"] = {"file": REPLAY, **file_entry(data), **description}
+    manifest["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    manifest.update(extra or {})
+    return write_bundle_dir(out_dir, files, manifest)

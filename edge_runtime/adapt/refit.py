@@ -1,0 +1,215 @@
+"""Refit a bundle's heads on a fab's own labelled images: the core of `edge-inspect adapt` (on the board) and
+`python -m train adapt` (centrally). numpy only.
+
+    features   each labelled image through the bundle's own backbones (edge_runtime/adapt/features.py)
+    training   the bundle's replay set (public training features, weight 1) + the fab's images (weight
+               `fab_weight`, 4 by default), classes balanced; one softmax head per stage (fit.py)
+    calibration  out-of-fold scores of the fab's images (stratified k-fold): the Stage-1 threshold for the target
+               defect recall, the Stage-2 review floor for the target accuracy of what is not sent to review
+    report     cross-validated macro-F1, clean specificity and defect recall on the fab's images, beside the
+               current bundle's answers on the same images
+    output     a new bundle (derive.py): same backbones, new heads and gating, `parent` and `adapted` in its
+               manifest (the data's sha256 included)
+
+Refused with AdaptError (exit 2, nothing written): no images, one class only, labels the bundle does not
+know, the same image under two labels, images that are the bundle's own training images (the replay set), a
+bundle without a replay set or in format /1.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_runtime.adapt.features import FeatureSet
+from edge_runtime.adapt.fit import DEFAULT_LAMBDA, balanced_weights, fit_softmax, stratified_folds
+from edge_runtime.bundle import FORMAT, Bundle
+from edge_runtime.evaluation import classification_metrics, escape_rate, threshold_for_recall
+from edge_runtime.gate import is_defective, needs_review, stage1_score
+from edge_runtime.head import Head
+
+log = logging.getLogger("edge_inspect.adapt")
+
+FAB_WEIGHT = 4.0           # measured: fab labels weighted x4 over the public data (docs/adaptation.md)
+FOLDS = 5
+REVIEW_ACCURACY = 0.90     # the review floor keeps what is not sent to review this accurate (out of fold)
+DUPLICATE_COSINE = 0.9995  # a fab image whose features are this close to a replay image's is that image
+
+
+class AdaptError(ValueError):
+    """The labelled images or the bundle cannot be used for adaptation; the message says why."""
+
+
+@dataclass
+class Refit:
+    heads: dict[int, Head]
+    gating: dict[str, float]
+    report: dict
+    data_sha256: str
+    seconds: float = 0.0
+    lineage: dict = field(default_factory=dict)
+
+
+def data_digest(items: list[tuple[str, str]]) -> str:
+    """sha256 over the sorted (image sha256, label) pairs: which data a bundle was adapted on."""
+    h = hashlib.sha256()
+    for digest, label in sorted(items):
+        h.update(f"{digest} {label}\n".encode())
+    return h.hexdigest()
+
+
+def check_labels(bundle: Bundle, labels: list[str], digests: list[str]) -> None:
+    if bundle.format != FORMAT:
+        raise AdaptError(f"{bundle.root}: a format-{bundle.format.rsplit('/', 1)[-1]} bundle has no separate heads to "
+                         "refit; convert the training run again with this version")
+    if not labels:
+        raise AdaptError("no labelled images to adapt on")
+    unknown = sorted(set(labels) - set(bundle.taxonomy))
+    if unknown:
+        raise AdaptError(f"labels {unknown} are not classes of the bundle (taxonomy {list(bundle.taxonomy)})")
+    defects_unknown = sorted({x for x in labels if x != bundle.clean_label} - set(bundle.stage2_classes))
+    if defects_unknown:
+        raise AdaptError(f"defect classes {defects_unknown} are not among the bundle's Stage-2 classes "
+                         f"{list(bundle.stage2_classes)}")
+    if len(set(labels)) < 2:
+        raise AdaptError(f"all {len(labels)} images are labelled {labels[0]!r}: adaptation needs at least two classes")
+    seen: dict[str, str] = {}
+    for digest, label in zip(digests, labels):
+        if seen.setdefault(digest, label) != label:
+            raise AdaptError(f"the same image (sha256 {digest[:16]}...) is labelled both {seen[digest]!r} and "
+                             f"{label!r}; settle it before adapting")
+
+
+def replay_duplicates(fab: FeatureSet, replay: FeatureSet) -> np.ndarray:
+    """Indices of fab images whose Stage-2 features match a replay (public training) image's."""
+    if not len(fab) or not len(replay):
+        return np.zeros(0, np.int64)
+
+    def unit(x):
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    best = (unit(fab.stage2) @ unit(replay.stage2).T).max(axis=1)
+    return np.flatnonzero(best >= DUPLICATE_COSINE)
+
+
+def _targets(bundle: Bundle, stage: int, labels: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(head classes, row mask, class index per kept row) for one stage's head."""
+    classes = list(bundle.stage_classes[stage])
+    if stage == 1 and classes == ["defective"]:
+        classes_fit = [bundle.clean_label, "defective"]      # fitted as two classes, stored as a sigmoid
+        y = np.array([0 if x == bundle.clean_label else 1 for x in labels])
+        return classes_fit, np.ones(len(labels), bool), y
+    mask = np.array([x in classes for x in labels])
+    pos = {c: i for i, c in enumerate(classes)}
+    return classes, mask, np.array([pos[x] for x, m in zip(labels, mask) if m], np.int64)
+
+
+def _fit_stage(bundle: Bundle, stage: int, train: FeatureSet, is_fab: np.ndarray, fab_weight: float,
+               lam: float) -> Head:
+    classes, mask, y = _targets(bundle, stage, train.labels)
+    x = (train.stage1 if stage == 1 else train.stage2)[mask]
+    w = balanced_weights(y, len(classes)) * np.where(is_fab[mask], fab_weight, 1.0)
+    head = fit_softmax(x, y, classes, weights=w, lam=lam)
+    return head.as_sigmoid() if list(bundle.stage_classes[stage]) == ["defective"] else head
+
+
+def _answers(bundle: Bundle, heads: dict[int, Head], fab: FeatureSet, threshold: float):
+    """Stage-1 scores, Stage-2 probabilities and final labels of the fab images under these heads."""
+    s1 = stage1_score(heads[1].probs(fab.stage1), heads[1].classes, bundle.clean_label)
+    p2 = heads[2].probs(fab.stage2)
+    top = np.asarray(bundle.stage2_classes, dtype=object)[p2.argmax(axis=1)]
+    final = np.where(is_defective(s1, threshold), top, bundle.clean_label)
+    return s1, p2, final
+
+
+def score(bundle: Bundle, truth: list[str], final, s1, threshold: float) -> dict:
+    """Macro-F1 over the classes present, clean specificity and defect recall (numpy, from real answers)."""
+    truth_arr = np.asarray(truth, dtype=object)
+    present = [c for c in bundle.taxonomy if c in set(truth)]
+    index = {c: i for i, c in enumerate(bundle.taxonomy)}
+    m = classification_metrics([index[t] for t in truth], [index[f] for f in final], list(bundle.taxonomy))
+    f1_present = float(np.mean([m["per_class"][c]["f1"] for c in present]))
+    clean = truth_arr == bundle.clean_label
+    esc = escape_rate(truth, list(final), bundle.clean_label)
+    flagged = is_defective(np.asarray(s1), threshold)
+    return {"images": len(truth), "macro_f1": f1_present, "accuracy": m["accuracy"],
+            "clean_specificity": float(np.mean(~flagged[clean])) if clean.any() else None,
+            "defect_recall": float(np.mean(flagged[~clean])) if (~clean).any() else None,
+            "escapes": esc["escapes"], "false_alarms": esc["false_alarms"],
+            "per_class_f1": {c: m["per_class"][c]["f1"] for c in present}}
+
+
+def review_floor_for(confidence: np.ndarray, correct: np.ndarray, target: float, fallback: float) -> float:
+    """The lowest floor at which the answers not sent to review (confidence >= floor) are at least `target`
+    accurate, out of fold; `fallback` (the bundle's floor) when no floor reaches it."""
+    if not len(confidence):
+        return fallback
+    order = np.argsort(-confidence)
+    acc = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    ok = np.flatnonzero(acc >= target)
+    if not len(ok):
+        return fallback
+    return float(min(max(confidence[order][ok[-1]], 0.0), 0.99))
+
+
+def refit(bundle: Bundle, fab: FeatureSet, replay: FeatureSet, digests: list[str], *,
+          fab_weight: float = FAB_WEIGHT, lam: float = DEFAULT_LAMBDA, folds: int = FOLDS,
+          target_recall: float = 0.98, review_accuracy: float = REVIEW_ACCURACY, seed: int = 0) -> Refit:
+    """New heads and gating for `bundle` from the fab's labelled features; see the module docstring."""
+    t0 = time.perf_counter()
+    check_labels(bundle, fab.labels, digests)
+    dup = replay_duplicates(fab, replay)
+    if len(dup):
+        raise AdaptError(f"{len(dup)} of {len(fab)} images are the bundle's own public training images (e.g. "
+                         f"{fab.paths[dup[0]]}): they teach it nothing about this fab; remove them")
+    labels = np.asarray(fab.labels, dtype=object)
+    y_all = np.array([bundle.taxonomy.index(x) for x in fab.labels])
+    k = int(max(2, min(folds, np.bincount(y_all).max(initial=0))))
+    fold = stratified_folds(y_all, k, seed)
+    oof = {"s1": np.zeros(len(fab)), "p2": np.zeros((len(fab), len(bundle.stage2_classes)))}
+    for f in range(k):
+        tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        if not len(te):
+            continue
+        train = FeatureSet.concat([replay, fab.take(tr)])
+        is_fab = np.r_[np.zeros(len(replay), bool), np.ones(len(tr), bool)]
+        heads = {n: _fit_stage(bundle, n, train, is_fab, fab_weight, lam) for n in (1, 2)}
+        part = fab.take(te)
+        oof["s1"][te] = stage1_score(heads[1].probs(part.stage1), heads[1].classes, bundle.clean_label)
+        oof["p2"][te] = heads[2].probs(part.stage2)
+
+    defective = labels != bundle.clean_label
+    threshold = threshold_for_recall(oof["s1"][defective], target_recall) if defective.any() \
+        else bundle.stage1_threshold
+    in_s2 = np.isin(labels, bundle.stage2_classes)
+    pos = {c: i for i, c in enumerate(bundle.stage2_classes)}
+    conf = oof["p2"][in_s2].max(axis=1)
+    correct = oof["p2"][in_s2].argmax(axis=1) == np.array([pos[x] for x in labels[in_s2]], np.int64)
+    floor = review_floor_for(conf, correct, review_accuracy, bundle.stage2_review_floor)
+
+    train = FeatureSet.concat([replay, fab])
+    is_fab = np.r_[np.zeros(len(replay), bool), np.ones(len(fab), bool)]
+    heads = {n: _fit_stage(bundle, n, train, is_fab, fab_weight, lam) for n in (1, 2)}
+
+    top = np.asarray(bundle.stage2_classes, dtype=object)[oof["p2"].argmax(axis=1)]
+    oof_final = np.where(is_defective(oof["s1"], threshold), top, bundle.clean_label)
+    s1_old, _, old_final = _answers(bundle, bundle.heads, fab, bundle.stage1_threshold)
+    report = {
+        "images": len(fab), "per_class": {c: int(np.sum(labels == c)) for c in bundle.taxonomy if np.any(labels == c)},
+        "replay_images": len(replay), "fab_weight": fab_weight, "lambda": lam, "folds": k,
+        "target_defect_recall": target_recall, "review_accuracy_target": review_accuracy,
+        "gating": {"stage1_threshold": float(threshold), "stage2_review_floor": floor},
+        "adapted_cross_validated": {
+            **score(bundle, fab.labels, oof_final, oof["s1"], threshold),
+            "review_fraction": float(np.mean(needs_review(oof["p2"][is_defective(oof["s1"], threshold)].max(axis=1),
+                                                          floor))) if is_defective(oof["s1"], threshold).any()
+            else 0.0},
+        "current_bundle": score(bundle, fab.labels, old_final, s1_old, bundle.stage1_threshold),
+    }
+    seconds = time.perf_counter() - t0
+    report["fit_seconds"] = round(seconds, 2)
+    return Refit(heads=heads, gating={"stage1_threshold": threshold, "stage2_review_floor": floor}, report=report,
+                 data_sha256=data_digest(list(zip(digests, fab.labels))), seconds=seconds)

@@ -1,0 +1,80 @@
+"""One adaptation, start to end: labelled images -> features -> refit -> a new bundle with its report.
+Shared by `edge-inspect adapt` (images the operators reviewed, on the board) and `python -m train adapt`
+(a class-folder export, centrally), so both produce the same bundle from the same images."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from edge_runtime.adapt.derive import derive_bundle
+from edge_runtime.adapt.features import extract, load_replay
+from edge_runtime.adapt.fit import DEFAULT_LAMBDA
+from edge_runtime.adapt.refit import FAB_WEIGHT, FOLDS, AdaptError, refit
+from edge_runtime.bundle import MANIFEST, load_bundle
+from edge_runtime.inspector import Inspector
+
+log = logging.getLogger("edge_inspect.adapt")
+REPORT = "adapt_report.json"
+
+
+def check_out(out: Path, source: Path) -> None:
+    """The new bundle goes to a new or empty folder, or replaces an earlier bundle; never over the source."""
+    if out.resolve() == source.resolve():
+        raise AdaptError(f"--out {out} is the bundle being adapted: write the new bundle to another folder")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise AdaptError(f"--out {out} exists and is not a model bundle; refusing to replace it")
+
+
+def adapt(bundle_path: str | os.PathLike, items: list[tuple[str, str, str]], out: str | os.PathLike, *,
+          fab_weight: float = FAB_WEIGHT, lam: float = DEFAULT_LAMBDA, folds: int = FOLDS,
+          target_recall: float = 0.98, threads: int | None = None, source: str = "", echo=print) -> dict:
+    """items: (image path, label, sha256 of its bytes). Writes the new bundle to `out` and returns the report.
+    Raises AdaptError / BundleError (nothing written)."""
+    t0 = time.perf_counter()
+    out = Path(out).expanduser().absolute()
+    bundle = load_bundle(bundle_path)
+    check_out(out, bundle.root)
+    replay = load_replay(bundle)
+    inspector = Inspector(bundle, threads=threads)
+    echo(f"adapt: {len(items)} labelled image(s) through {bundle.root} (its backbones, variant {bundle.variant})")
+    fab, skipped = extract(inspector, [(path, label) for path, label, _ in items])
+    for path, reason in skipped:
+        echo(f"adapt: skipped {path}: {reason}")
+    digests = {path: digest for path, _, digest in items}
+    t_features = time.perf_counter() - t0
+    result = refit(bundle, fab, replay, [digests[p] for p in fab.paths], fab_weight=fab_weight, lam=lam,
+                   folds=folds, target_recall=target_recall)
+    report = {**result.report, "source": source, "skipped": [{"path": p, "reason": r} for p, r in skipped],
+              "feature_seconds": round(t_features, 2)}
+    lineage = {"parent": {"bundle_id": bundle.bundle_id, "path": str(bundle.root)},
+               "adapted": {"data_sha256": result.data_sha256, "images": report["images"],
+                           "per_class": report["per_class"], "fab_weight": fab_weight, "lambda": lam,
+                           "source": source, "cross_validated": report["adapted_cross_validated"],
+                           "current_bundle": report["current_bundle"]}}
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    derive_bundle(bundle, out, heads=result.heads, gating=result.gating, extra=lineage)
+    (out / REPORT).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    report["out"] = str(out)
+    return report
+
+
+def summary(report: dict) -> str:
+    """The report in a few lines: the adapted heads (cross-validated) beside the current bundle."""
+    def line(name, m):
+        spec = "n/a" if m["clean_specificity"] is None else f"{m['clean_specificity']:.2f}"
+        rec = "n/a" if m["defect_recall"] is None else f"{m['defect_recall']:.3f}"
+        return (f"  {name:<28} macro-F1 {m['macro_f1']:.3f}  clean specificity {spec}  defect recall {rec}  "
+                f"({m['escapes']} escaped, {m['false_alarms']} clean flagged)")
+
+    g = report["gating"]
+    return "\n".join([
+        f"adapt: {report['images']} image(s) {report['per_class']} + {report['replay_images']} replay, fab weight "
+        f"x{report['fab_weight']:g}, {report['folds']}-fold, {report['seconds']:.1f} s",
+        line("adapted (cross-validated)", report["adapted_cross_validated"]),
+        line("current bundle", report["current_bundle"]),
+        f"  new gating: Stage-1 threshold {g['stage1_threshold']:.4f} (defect recall target "
+        f"{report['target_defect_recall']}), review floor {g['stage2_review_floor']:.3f}",
+        f"  new bundle: {report['out']} ({REPORT} inside)"])

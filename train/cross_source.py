@@ -11,6 +11,15 @@ the held-out one, then report per-source figures beside the in-distribution test
 - The in-distribution figure is the standard split of all sources: an existing run given with
   `--reference runs/NAME` (trained on the same sources), or trained here as the fold `all`.
 Writes OUT/cross_source.json and OUT/cross_source.md; each fold's full run stays in OUT/fold-NAME/.
+
+Adaptation (`--shots 0,5,10,20,40 [--seeds 3]`): how fast a held-out source is learnt from its own labels.
+Each fold's run is converted to an int8 bundle by the command a user runs (`python -m convert --int8`, in a
+child process: train never imports convert); the held-out images go once through the bundle's backbones
+(edge_runtime.adapt.features, as `edge-inspect adapt` does), and for each k and seed, k labelled images a
+class are drawn from the held-out source, the heads refitted on them plus the bundle's replay set by the very
+code the adapt commands run (edge_runtime.adapt.refit), and the rest of the source scored: macro-F1, clean
+specificity, defect recall and Stage-1 ROC-AUC per k (mean and spread over seeds), as a table and a plotted
+learning curve (OUT/shots.png). k = 0 is the fold's bundle as converted.
 """
 from __future__ import annotations
 
@@ -132,7 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", metavar="RUN", help="a finished run on the same sources' standard split "
                                                       "(its test figures are the in-distribution row)")
     p.add_argument("--only", action="append", metavar="NAME", help="hold out only these sources (folder names)")
+    p.add_argument("--shots", metavar="K,K,...", help="adaptation learning curve: labelled images per class "
+                                                      "taken from the held-out source, e.g. 0,5,10,20,40")
+    p.add_argument("--seeds", type=int, default=3, help="random draws per k (default 3)")
+    p.add_argument("--fab-weight", type=float, default=None, help="weight of the held-out source's labels "
+                                                                  "(default: the adapt commands' default)")
     args = p.parse_args(argv)
+    try:
+        shots = sorted({int(k) for k in args.shots.split(",") if k.strip()}) if args.shots else []
+    except ValueError:
+        p.error(f"--shots {args.shots!r}: expected comma-separated whole numbers")
+    if any(k < 0 for k in shots) or args.seeds < 1:
+        p.error("--shots must be >= 0 and --seeds >= 1")
     if len(args.data) < 2:
         p.error("cross-source needs at least two --data sources")
     try:
@@ -188,13 +208,27 @@ def main(argv: list[str] | None = None) -> int:
         metrics = _train(fold_dir / "fold_split.csv", fold_dir, args)
         trained = sorted({lab for _p, lab, s in fold if s == "train"})
         result["rows"].append({"name": f"held out: {name}", **counts, "summary": summarise(metrics, trained)})
+        if shots:
+            from train.shots import learning_curve
+
+            result.setdefault("shots", {})[name] = learning_curve(
+                fold_dir, [(p_, lab) for p_, lab, sp in fold if sp == "test"], shots, args.seeds,
+                **({"fab_weight": args.fab_weight} if args.fab_weight else {}),
+                target_recall=cfg.gating.target_defect_recall)
         (out / "cross_source.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
 
     held = [r["summary"]["macro_f1"] for r in result["rows"][1:]]
     result["gap"] = result["rows"][0]["summary"]["macro_f1"] - min(held) if held else None
     (out / "cross_source.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    (out / "cross_source.md").write_text(render(result), encoding="utf-8")
-    print(render(result))
+    text = render(result)
+    if result.get("shots"):
+        from train.shots import plot_curves, render_shots
+
+        text += render_shots(result["shots"])
+        plot_curves(result["shots"], out / "shots.png")
+        text += "\n![learning curves](shots.png)\n"
+    (out / "cross_source.md").write_text(text, encoding="utf-8")
+    print(text)
     return 0
 
 

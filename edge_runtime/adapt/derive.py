@@ -57,11 +57,14 @@ def derive_bundle(bundle: Bundle, out_dir, *, heads: dict[int, Head] | None = No
     for n, head in (heads or {}).items():
         data = head.to_bytes()
         entry = manifest["stages"][f"stage{n}"]
-        if tuple(head.classes) != tuple(entry["classes"]) or head.features != bundle.heads[n].features:
+        if head.features != bundle.heads[n].features or not set(head.classes) <= set(bundle.taxonomy) | {"defective"}:
             raise BundleError(f"new Stage-{n} head ({list(head.classes)}, {head.features} features) does not fit "
-                              f"the bundle's ({entry['classes']}, {bundle.heads[n].features})")
+                              f"the bundle ({list(bundle.taxonomy)}, {bundle.heads[n].features} features)")
         files[entry["head"]["file"]] = data
         entry["head"].update(file_entry(data), activations=list(head.activations))
+        entry["classes"] = list(head.classes)
+        if n == 2:          # a head may learn a taxonomy class the bundle lacked (adaptation): Stage 2's order
+            manifest["stage2_classes"] = list(head.classes)
     if gating:
         manifest["gating"].update({k: float(v) for k, v in gating.items()})
     if replay is not None:

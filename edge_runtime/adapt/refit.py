@@ -70,10 +70,6 @@ def check_labels(bundle: Bundle, labels: list[str], digests: list[str]) -> None:
     unknown = sorted(set(labels) - set(bundle.taxonomy))
     if unknown:
         raise AdaptError(f"labels {unknown} are not classes of the bundle (taxonomy {list(bundle.taxonomy)})")
-    defects_unknown = sorted({x for x in labels if x != bundle.clean_label} - set(bundle.stage2_classes))
-    if defects_unknown:
-        raise AdaptError(f"defect classes {defects_unknown} are not among the bundle's Stage-2 classes "
-                         f"{list(bundle.stage2_classes)}")
     if len(set(labels)) < 2:
         raise AdaptError(f"all {len(labels)} images are labelled {labels[0]!r}: adaptation needs at least two classes")
     seen: dict[str, str] = {}
@@ -95,9 +91,20 @@ def replay_duplicates(fab: FeatureSet, replay: FeatureSet) -> np.ndarray:
     return np.flatnonzero(best >= DUPLICATE_COSINE)
 
 
-def _targets(bundle: Bundle, stage: int, labels: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(head classes, row mask, class index per kept row) for one stage's head."""
-    classes = list(bundle.stage_classes[stage])
+def head_classes(bundle: Bundle, stage: int, labels: list[str]) -> list[str]:
+    """The classes a refitted head outputs: the bundle's, plus any taxonomy class the fab labelled that the
+    bundle's head lacks (a class only this fab has, e.g. shorts, is learnt from its labels alone), in
+    taxonomy order. A binary Stage 1 stays binary."""
+    current = list(bundle.stage_classes[stage])
+    if stage == 1 and current == ["defective"]:
+        return current
+    present = set(current) | {x for x in labels if stage == 1 or x != bundle.clean_label}
+    return [c for c in bundle.taxonomy if c in present]
+
+
+def _targets(bundle: Bundle, stage: int, labels: list[str], classes: list[str]
+             ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(classes fitted, row mask, class index per kept row) for one stage's head."""
     if stage == 1 and classes == ["defective"]:
         classes_fit = [bundle.clean_label, "defective"]      # fitted as two classes, stored as a sigmoid
         y = np.array([0 if x == bundle.clean_label else 1 for x in labels])
@@ -107,20 +114,20 @@ def _targets(bundle: Bundle, stage: int, labels: list[str]) -> tuple[list[str], 
     return classes, mask, np.array([pos[x] for x, m in zip(labels, mask) if m], np.int64)
 
 
-def _fit_stage(bundle: Bundle, stage: int, train: FeatureSet, is_fab: np.ndarray, fab_weight: float,
-               lam: float) -> Head:
-    classes, mask, y = _targets(bundle, stage, train.labels)
+def _fit_stage(bundle: Bundle, stage: int, classes: list[str], train: FeatureSet, is_fab: np.ndarray,
+               fab_weight: float, lam: float) -> Head:
+    fitted, mask, y = _targets(bundle, stage, train.labels, classes)
     x = (train.stage1 if stage == 1 else train.stage2)[mask]
-    w = balanced_weights(y, len(classes)) * np.where(is_fab[mask], fab_weight, 1.0)
-    head = fit_softmax(x, y, classes, weights=w, lam=lam)
-    return head.as_sigmoid() if list(bundle.stage_classes[stage]) == ["defective"] else head
+    w = balanced_weights(y, len(fitted)) * np.where(is_fab[mask], fab_weight, 1.0)
+    head = fit_softmax(x, y, fitted, weights=w, lam=lam)
+    return head.as_sigmoid() if classes == ["defective"] else head
 
 
 def _answers(bundle: Bundle, heads: dict[int, Head], fab: FeatureSet, threshold: float):
     """Stage-1 scores, Stage-2 probabilities and final labels of the fab images under these heads."""
     s1 = stage1_score(heads[1].probs(fab.stage1), heads[1].classes, bundle.clean_label)
     p2 = heads[2].probs(fab.stage2)
-    top = np.asarray(bundle.stage2_classes, dtype=object)[p2.argmax(axis=1)]
+    top = np.asarray(heads[2].classes, dtype=object)[p2.argmax(axis=1)]
     final = np.where(is_defective(s1, threshold), top, bundle.clean_label)
     return s1, p2, final
 
@@ -166,17 +173,19 @@ def refit(bundle: Bundle, fab: FeatureSet, replay: FeatureSet, digests: list[str
         raise AdaptError(f"{len(dup)} of {len(fab)} images are the bundle's own public training images (e.g. "
                          f"{fab.paths[dup[0]]}): they teach it nothing about this fab; remove them")
     labels = np.asarray(fab.labels, dtype=object)
+    classes = {n: head_classes(bundle, n, fab.labels) for n in (1, 2)}
+    stage2_classes = classes[2]
     y_all = np.array([bundle.taxonomy.index(x) for x in fab.labels])
     k = int(max(2, min(folds, np.bincount(y_all).max(initial=0))))
     fold = stratified_folds(y_all, k, seed)
-    oof = {"s1": np.zeros(len(fab)), "p2": np.zeros((len(fab), len(bundle.stage2_classes)))}
+    oof = {"s1": np.zeros(len(fab)), "p2": np.zeros((len(fab), len(stage2_classes)))}
     for f in range(k):
         tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         if not len(te):
             continue
         train = FeatureSet.concat([replay, fab.take(tr)])
         is_fab = np.r_[np.zeros(len(replay), bool), np.ones(len(tr), bool)]
-        heads = {n: _fit_stage(bundle, n, train, is_fab, fab_weight, lam) for n in (1, 2)}
+        heads = {n: _fit_stage(bundle, n, classes[n], train, is_fab, fab_weight, lam) for n in (1, 2)}
         part = fab.take(te)
         oof["s1"][te] = stage1_score(heads[1].probs(part.stage1), heads[1].classes, bundle.clean_label)
         oof["p2"][te] = heads[2].probs(part.stage2)
@@ -184,21 +193,23 @@ def refit(bundle: Bundle, fab: FeatureSet, replay: FeatureSet, digests: list[str
     defective = labels != bundle.clean_label
     threshold = threshold_for_recall(oof["s1"][defective], target_recall) if defective.any() \
         else bundle.stage1_threshold
-    in_s2 = np.isin(labels, bundle.stage2_classes)
-    pos = {c: i for i, c in enumerate(bundle.stage2_classes)}
+    in_s2 = np.isin(labels, stage2_classes)
+    pos = {c: i for i, c in enumerate(stage2_classes)}
     conf = oof["p2"][in_s2].max(axis=1)
     correct = oof["p2"][in_s2].argmax(axis=1) == np.array([pos[x] for x in labels[in_s2]], np.int64)
     floor = review_floor_for(conf, correct, review_accuracy, bundle.stage2_review_floor)
 
     train = FeatureSet.concat([replay, fab])
     is_fab = np.r_[np.zeros(len(replay), bool), np.ones(len(fab), bool)]
-    heads = {n: _fit_stage(bundle, n, train, is_fab, fab_weight, lam) for n in (1, 2)}
+    heads = {n: _fit_stage(bundle, n, classes[n], train, is_fab, fab_weight, lam) for n in (1, 2)}
 
-    top = np.asarray(bundle.stage2_classes, dtype=object)[oof["p2"].argmax(axis=1)]
+    top = np.asarray(stage2_classes, dtype=object)[oof["p2"].argmax(axis=1)]
     oof_final = np.where(is_defective(oof["s1"], threshold), top, bundle.clean_label)
     s1_old, _, old_final = _answers(bundle, bundle.heads, fab, bundle.stage1_threshold)
     report = {
         "images": len(fab), "per_class": {c: int(np.sum(labels == c)) for c in bundle.taxonomy if np.any(labels == c)},
+        "stage2_classes": stage2_classes,
+        "classes_added": [c for c in stage2_classes if c not in bundle.stage2_classes],
         "replay_images": len(replay), "fab_weight": fab_weight, "lambda": lam, "folds": k,
         "target_defect_recall": target_recall, "review_accuracy_target": review_accuracy,
         "gating": {"stage1_threshold": float(threshold), "stage2_review_floor": floor},

@@ -107,6 +107,9 @@ def test_unmapped_folder_names_give_none(folder):
 def test_profiles_name_their_backbone(raw):
     cfg = config_from_dict(copy.deepcopy(raw))
     assert cfg.profiles["real"].backbone == "efficientnet_lite0" and cfg.profiles["full"].backbone == "densenet121"
+    for lite in ("efficientnet_lite1", "efficientnet_lite2"):
+        raw["profiles"]["real"]["backbone"] = lite
+        assert config_from_dict(copy.deepcopy(raw)).profiles["real"].backbone == lite
     raw["profiles"]["real"]["backbone"] = "resnet50"
     with pytest.raises(ConfigError, match=r"profiles.real.backbone: 'resnet50' is not one of"):
         config_from_dict(raw)

@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
-BACKBONES = ("densenet121", "efficientnet_lite0", "mobilenet_v3_small", "tiny_cnn")
+BACKBONES = ("densenet121", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v3_small",
+             "tiny_cnn")
 
 
 class ConfigError(ValueError):

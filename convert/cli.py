@@ -150,6 +150,7 @@ def add_replay_set(bundle_dir: Path, run: Run, threads: int) -> None:
     from edge_runtime.adapt.derive import derive_bundle
     from edge_runtime.adapt.features import extract, replay_bytes, replay_description
     from edge_runtime.bundle import load_bundle
+    from edge_runtime.digest import sha256_file
     from edge_runtime.inspector import Inspector
 
     bundle = load_bundle(bundle_dir)
@@ -158,7 +159,7 @@ def add_replay_set(bundle_dir: Path, run: Run, threads: int) -> None:
     features, skipped = extract(inspector, [(run.resolve(p), label) for p, label in rows])
     for path, reason in skipped:
         log.warning("replay set: skipped %s: %s", path, reason)
-    data = replay_bytes(features, bundle.taxonomy)
+    data = replay_bytes(features, bundle.taxonomy, [sha256_file(p) for p in features.paths])
     derive_bundle(bundle, bundle_dir, replay=(data, replay_description(features, bundle.variant, "train split")))
     log.info("replay set: %d train images, %.1f MB (float16 features of both stages)", len(features), len(data) / 2**20)
 

@@ -93,7 +93,7 @@ class Head:
             raise HeadError("only a two-class softmax head has a sigmoid form")
         w, b = self.layers[-1]
         layers = self.layers[:-1] + [(w[:, 1:] - w[:, :1], b[1:] - b[:1])]
-        return Head(self.mean, 1.0 / self.inv_scale, layers, self.activations, (self.classes[1],))
+        return Head(self.mean, 1.0 / self.inv_scale, layers, self.activations[:-1] + ["sigmoid"], (self.classes[1],))
 
     # -- the file ----------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:

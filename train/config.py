@@ -94,6 +94,9 @@ class Profile:
     # pretrained backbone and a logistic-regression head fitted in numpy (edge_runtime/adapt/fit.py, the code
     # adaptation uses), in seconds.
     method: str = "finetune"
+    # The features the head reads: gap (global average of the last map) or mid (average + max pooling of
+    # EfficientNet-Lite's block-5 and block-6 outputs; train/models.py)
+    features: str = "gap"
     stage1: StageSettings = dataclasses.field(default_factory=StageSettings)
     stage2: StageSettings = dataclasses.field(default_factory=StageSettings)
 
@@ -201,6 +204,10 @@ def _validate_values(cfg: Config) -> None:
                 raise ConfigError(f"profiles.{name}.{key}: {backbone!r} is not one of {BACKBONES}")
         if min(p.image_size_of(1), p.image_size_of(2)) < 32 or p.batch_size < 1:
             raise ConfigError(f"profiles.{name}: image_size must be >= 32 and batch_size >= 1")
+        if p.features not in ("gap", "mid") or (p.features == "mid" and not all(
+                p.backbone_of(n).startswith("efficientnet_lite") for n in (1, 2))):
+            raise ConfigError(f"profiles.{name}.features: {p.features!r} must be gap, or mid with EfficientNet-Lite "
+                              "backbones")
         if p.method not in METHODS:
             raise ConfigError(f"profiles.{name}.method: {p.method!r} is not one of {METHODS}")
         if p.stage1.target not in STAGE1_TARGETS or p.stage2.target != "binary":

@@ -119,8 +119,22 @@ def normalisation_layers(backbone: str):
     ]
 
 
+POOLINGS = ("gap", "mid")
+
+
+def trunk_to_block6(base):
+    """An EfficientNet-Lite up to its last block-6 output, giving the last block-5 and block-6 outputs."""
+    names = [layer.name for layer in base.layers]
+    ends = [max((n for n in names if n.startswith(f"block{b}") and n.endswith(("_add", "_project_bn"))),
+                key=names.index, default=None) for b in (5, 6)]
+    if "stem_conv" not in names or None in ends:
+        raise ValueError(f"{base.name}: mid pooling needs an EfficientNet-Lite backbone")
+    return keras.Model(base.input, [base.get_layer(n).output for n in ends], name=f"{base.name}_to_block6")
+
+
 def build_stage_model(stage: int, *, backbone: str, image_size: int, num_classes: int,
-                      weights: str | None = None, dense_units: int = 256, dropout: float = 0.5):
+                      weights: str | None = None, dense_units: int = 256, dropout: float = 0.5,
+                      pooling: str = "gap"):
     """Stage 1: one sigmoid unit = P(defective). Stage 2: softmax over `num_classes` defect types."""
     if stage not in (1, 2):
         raise ValueError("stage must be 1 or 2")
@@ -140,8 +154,7 @@ def build_stage_model(stage: int, *, backbone: str, image_size: int, num_classes
     # Pretrained: BatchNormalization stays in inference mode, also while fine-tuning (keeps the
     # ImageNet statistics; set_trainable_blocks(freeze_batchnorm=True) is what enforces it in Keras 3).
     # From scratch the statistics must be learned, so BN trains normally.
-    x = base(x, training=False) if pretrained else base(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = _pool(base, x, pooling, training=False if pretrained else None)
     x = layers.Dense(dense_units, activation="relu", name="fc")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     if stage == 1:
@@ -182,7 +195,7 @@ def set_trainable_blocks(model, blocks: int, *, freeze_batchnorm: bool = False) 
         prefixes = ["conv", "activation", "multiply"] + [f"expanded_conv_{k}_" for k in range(total - 2 * blocks + 1, total + 1)]
         if blocks >= 6:
             prefixes = [""]
-    elif "stem_conv" in names and "head_conv" in names:          # EfficientNet-Lite0/1/2
+    elif "stem_conv" in names:                                   # EfficientNet-Lite (whole, or up to block 6)/1/2
         prefixes = ["head_"] + [f"block{k}" for k in range(max(1, 8 - blocks), 8)]
         if blocks >= 7:
             prefixes = [""]
@@ -197,10 +210,32 @@ def set_trainable_blocks(model, blocks: int, *, freeze_batchnorm: bool = False) 
     return count
 
 
-def feature_extractor(backbone: str, image_size: int, weights: str | None):
-    """Raw pixels -> normalisation -> pretrained backbone (inference mode) -> global average pooling ("gap"):
-    the features a frozen head is fitted on, and the part of every stage model convert exports as the
-    backbone."""
+def _pool(base, x, pooling: str, training):
+    """The backbone applied to x and pooled; the result is the layer named "gap", where convert cuts a stage
+    into backbone and head:
+    gap  global average pooling of the last feature map (1280 values for EfficientNet-Lite);
+    mid  average and max pooling of the last block-5 and block-6 outputs of an EfficientNet-Lite (608 values for
+         Lite0): defects are small and local, max pooling of mid-level maps keeps them where averaging the last
+         map dilutes them (measured: docs/adaptation.md), and the network after block 6 is not run at all."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling {pooling!r} is not one of {POOLINGS}")
+
+    def call(model):
+        return model(x) if training is None else model(x, training=training)
+
+    if pooling == "gap":
+        return layers.GlobalAveragePooling2D(name="gap")(call(base))
+    parts = []
+    for k, m in enumerate(call(trunk_to_block6(base))):
+        parts += [layers.GlobalAveragePooling2D(name=f"mid{k}_avg")(m),
+                  layers.GlobalMaxPooling2D(name=f"mid{k}_max")(m)]
+    return layers.Concatenate(name="gap")(parts)
+
+
+def feature_extractor(backbone: str, image_size: int, weights: str | None, pooling: str = "gap"):
+    """Raw pixels -> normalisation -> pretrained backbone (inference mode) -> pooled features (the layer named
+    "gap", see pooled()): what a frozen head is fitted on, and the part of every stage model convert exports as
+    the backbone."""
     shape = (image_size, image_size, 3)
     base = build_backbone(backbone, shape, weights)
     base.trainable = False
@@ -208,8 +243,7 @@ def feature_extractor(backbone: str, image_size: int, weights: str | None):
     x = inputs
     for layer in normalisation_layers(backbone):
         x = layer(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(base(x, training=False))
-    return keras.Model(inputs, x, name=f"features_{backbone}")
+    return keras.Model(inputs, _pool(base, x, pooling, training=False), name=f"features_{backbone}")
 
 
 def with_dense_head(extractor, head, name: str):

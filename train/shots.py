@@ -29,7 +29,7 @@ METRICS = ("macro_f1", "clean_specificity", "defect_recall", "stage1_roc_auc")
 
 def convert_fold(run_dir: Path) -> Path:
     """The fold's int8 bundle (with its replay set), made by the convert command."""
-    bundle = run_dir / "bundle-int8"
+    bundle = run_dir.parent / f"{run_dir.name}-bundle-int8"     # convert refuses a bundle inside its run
     cmd = [sys.executable, "-m", "convert", "--int8", "--run", str(run_dir), "--out", str(bundle), "--no-compare"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -161,7 +161,8 @@ def _fit_keras(stage, sets, y, classes, *, cfg, profile, weights, out, seed, bac
     with distribution_strategy().scope():
         model = build_stage_model(stage, backbone=backbone, image_size=size,
                                   num_classes=1 if binary else len(classes), weights=weights,
-                                  dense_units=model_cfg.dense_units, dropout=model_cfg.dropout)
+                                  dense_units=model_cfg.dense_units, dropout=model_cfg.dropout,
+                                  pooling=profile.features)
     loss = "binary_crossentropy" if binary else "sparse_categorical_crossentropy"
     metrics = ["accuracy"]
     batch = profile.batch_size
@@ -229,7 +230,7 @@ def _fit_frozen(stage, sets, y, classes, *, cfg, profile, weights, out, seed, ba
 
     if weights is None:
         raise SystemExit("error: method frozen needs pretrained weights (--weights imagenet or a file)")
-    extractor = feature_extractor(backbone, size, weights)
+    extractor = feature_extractor(backbone, size, weights, profile.features)
     feats = {s: extractor.predict(sets[s].x.astype(np.float32), batch_size=32, verbose=0) if len(sets[s].x)
              else np.zeros((0, extractor.output_shape[-1]), np.float32) for s in sets}
     history: dict[str, list] = {"lambda": [], "val_loss": []}

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         echo("error: --fab-weight must be > 0 and --folds >= 2")
         return EXIT_SETUP
     try:
-        reviews = open_reviews(args.db, args.processed)
+        reviews = open_reviews(args.db, args.processed, args.models)
     except (ReviewError, StorageError) as exc:
         echo(f"error: {exc}")
         return EXIT_SETUP

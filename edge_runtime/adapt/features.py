@@ -5,13 +5,14 @@ run through that stage's backbone (exactly as the Inspector does), and the poole
 The replay set is the same thing for the public training images, stored in the bundle (replay.npz, float16)
 so a refit on a fab's few labels keeps what the public data taught.
 
-    replay.npz   stage1 (N, D1) float16, stage2 (N, D2) float16, labels (N,) int16 indices into the taxonomy
+    replay.npz   stage1 (N, D1) float16, stage2 (N, D2) float16, labels (N,) int16 indices into the taxonomy,
+                 sha256 (N,) the images' content hashes (so a fab's copy of a public training image is recognised)
 """
 from __future__ import annotations
 
 import io
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +32,7 @@ class FeatureSet:
     stage2: np.ndarray
     labels: list[str]
     paths: list[str]
+    digests: list[str] = field(default_factory=list)   # content sha256 per row, where known (the replay set)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -38,7 +40,7 @@ class FeatureSet:
     def take(self, rows) -> "FeatureSet":
         rows = np.asarray(rows, np.int64)
         return FeatureSet(self.stage1[rows], self.stage2[rows], [self.labels[i] for i in rows],
-                          [self.paths[i] for i in rows])
+                          [self.paths[i] for i in rows], [self.digests[i] for i in rows] if self.digests else [])
 
     @classmethod
     def concat(cls, sets: list["FeatureSet"]) -> "FeatureSet":
@@ -70,12 +72,14 @@ def extract(inspector: Inspector, items: list[tuple[object, str]], progress=None
                       labels, paths), skipped
 
 
-def replay_bytes(features: FeatureSet, taxonomy: tuple[str, ...]) -> bytes:
+def replay_bytes(features: FeatureSet, taxonomy: tuple[str, ...], digests: list[str]) -> bytes:
     index = {c: i for i, c in enumerate(taxonomy)}
     buf = io.BytesIO()
     np.savez(buf, stage1=features.stage1.astype(np.float16), stage2=features.stage2.astype(np.float16),
-             labels=np.array([index[x] for x in features.labels], np.int16))
+             labels=np.array([index[x] for x in features.labels], np.int16),
+             sha256=np.array(digests, dtype="S64"))
     return buf.getvalue()
+
 
 
 def replay_description(features: FeatureSet, variant: str, what: str) -> dict:
@@ -85,9 +89,8 @@ def replay_description(features: FeatureSet, variant: str, what: str) -> dict:
     return {"images": len(features), "per_class": dict(sorted(counts.items())), "variant": variant, "source": what}
 
 
-def load_replay(bundle: Bundle) -> FeatureSet:
-    """The bundle's replay set, sha256-checked and shape-checked against its backbones. BundleError when the
-    bundle has none or it does not fit."""
+def _replay_data(bundle: Bundle) -> bytes:
+    """The replay set's bytes, checked against the manifest."""
     where = bundle.root / MANIFEST
     if bundle.replay is None:
         raise BundleError(f"{where}: this bundle carries no replay set (replay.npz) of public training features; "
@@ -106,11 +109,26 @@ def load_replay(bundle: Bundle) -> FeatureSet:
         raise BundleError(f"{spec.path}: cannot read the replay set: {exc.strerror or exc}") from exc
     if sha256_bytes(data) != spec.sha256:
         raise BundleError(f"{spec.path}: sha256 mismatch: the replay set was changed or damaged")
+    return data
+
+
+def _arrays(data: bytes, where) -> dict:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            s1, s2, labels = z["stage1"], z["stage2"], z["labels"]
+            out = {k: z[k] for k in ("stage1", "stage2", "labels")}
+            if "sha256" in z.files:
+                out["sha256"] = [h.decode("ascii", "replace") for h in z["sha256"]]
+            return out
     except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise BundleError(f"{spec.path}: not a replay set: {exc}") from None
+        raise BundleError(f"{where}: not a replay set: {exc}") from None
+
+
+def load_replay(bundle: Bundle) -> FeatureSet:
+    """The bundle's replay set, sha256-checked and shape-checked against its backbones. BundleError when the
+    bundle has none or it does not fit."""
+    spec = bundle.replay
+    arrays = _arrays(_replay_data(bundle), spec.path)
+    s1, s2, labels = arrays["stage1"], arrays["stage2"], arrays["labels"]
     n = len(labels)
     dims = {n_: bundle.heads[n_].features if bundle.heads.get(n_) else None for n_ in (1, 2)}
     if s1.shape[0] != n or s2.shape[0] != n or s1.ndim != 2 or s2.ndim != 2 or \
@@ -119,4 +137,4 @@ def load_replay(bundle: Bundle) -> FeatureSet:
     if n and (labels.min() < 0 or labels.max() >= len(bundle.taxonomy)):
         raise BundleError(f"{spec.path}: labels outside the taxonomy")
     return FeatureSet(s1.astype(np.float32), s2.astype(np.float32), [bundle.taxonomy[i] for i in labels],
-                      ["(replay)"] * n)
+                      ["(replay)"] * n, digests=arrays.get("sha256", []))

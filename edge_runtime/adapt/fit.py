@@ -19,9 +19,11 @@ DEFAULT_LAMBDA = 1e-2
 MAX_ITER = 200             # the validation loss of real-data heads settles by ~100 iterations
 
 
-def lbfgs(fun_grad, x0: np.ndarray, *, max_iter: int = MAX_ITER, memory: int = 10, gtol: float = 1e-5) -> np.ndarray:
+def lbfgs(fun_grad, x0: np.ndarray, *, max_iter: int = MAX_ITER, memory: int = 10, gtol: float = 1e-5,
+          ftol: float = 1e-8) -> np.ndarray:
     """Minimise a smooth function given (value, gradient) -> (float, ndarray): limited-memory BFGS (two-loop
-    recursion) with an Armijo backtracking line search."""
+    recursion) with an Armijo backtracking line search. Stops when the largest gradient entry is under gtol or
+    an iteration improves the value by less than ftol (relative)."""
     x = np.asarray(x0, np.float64).copy()
     f, g = fun_grad(x)
     history: list[tuple[np.ndarray, np.ndarray, float]] = []
@@ -61,7 +63,7 @@ def lbfgs(fun_grad, x0: np.ndarray, *, max_iter: int = MAX_ITER, memory: int = 1
             history.append((s, y, 1.0 / sy))
             if len(history) > memory:
                 history.pop(0)
-        converged = abs(f - f_new) <= 1e-8 * max(1.0, abs(f))
+        converged = abs(f - f_new) <= ftol * max(1.0, abs(f))
         x, f, g = x_new, f_new, g_new
         if converged:
             break

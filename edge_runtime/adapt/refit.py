@@ -36,7 +36,7 @@ log = logging.getLogger("edge_inspect.adapt")
 FAB_WEIGHT = 4.0           # measured: fab labels weighted x4 over the public data (docs/adaptation.md)
 FOLDS = 5
 REVIEW_ACCURACY = 0.90     # the review floor keeps what is not sent to review this accurate (out of fold)
-DUPLICATE_COSINE = 0.9995  # a fab image whose features are this close to a replay image's is that image
+SAME_FEATURES = 2e-3       # relative distance under which a fab image's features are a replay image's
 
 
 class AdaptError(ValueError):
@@ -79,16 +79,18 @@ def check_labels(bundle: Bundle, labels: list[str], digests: list[str]) -> None:
                              f"{label!r}; settle it before adapting")
 
 
-def replay_duplicates(fab: FeatureSet, replay: FeatureSet) -> np.ndarray:
-    """Indices of fab images whose Stage-2 features match a replay (public training) image's."""
+def replay_duplicates(fab: FeatureSet, replay: FeatureSet, digests: list[str]) -> np.ndarray:
+    """Indices of fab images that are replay (public training) images: the same content (sha256), or the same
+    Stage-2 features (the same pixels in another file: a re-encoded or renamed copy)."""
     if not len(fab) or not len(replay):
         return np.zeros(0, np.int64)
-
-    def unit(x):
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    best = (unit(fab.stage2) @ unit(replay.stage2).T).max(axis=1)
-    return np.flatnonzero(best >= DUPLICATE_COSINE)
+    known = set(replay.digests)
+    same_file = np.array([d in known for d in digests], bool)
+    a, b = fab.stage2.astype(np.float64), replay.stage2.astype(np.float64)
+    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    scale = np.maximum((b * b).sum(1)[None, :], 1e-12)
+    same_features = (np.maximum(d2, 0.0) / scale).min(axis=1) <= SAME_FEATURES ** 2
+    return np.flatnonzero(same_file | same_features)
 
 
 def head_classes(bundle: Bundle, stage: int, labels: list[str]) -> list[str]:
@@ -168,7 +170,7 @@ def refit(bundle: Bundle, fab: FeatureSet, replay: FeatureSet, digests: list[str
     """New heads and gating for `bundle` from the fab's labelled features; see the module docstring."""
     t0 = time.perf_counter()
     check_labels(bundle, fab.labels, digests)
-    dup = replay_duplicates(fab, replay)
+    dup = replay_duplicates(fab, replay, digests)
     if len(dup):
         raise AdaptError(f"{len(dup)} of {len(fab)} images are the bundle's own public training images (e.g. "
                          f"{fab.paths[dup[0]]}): they teach it nothing about this fab; remove them")

@@ -105,10 +105,6 @@ def build_tiny_bundle_v2(out_dir: Path, seed: int = 0, stage1_classes: tuple[str
         size = TINY_V2_SIZES[n]
         model = build_stage_model(n, backbone="tiny_cnn", image_size=size,
                                   num_classes=1 if (n == 1 and binary) else len(classes))
-        if n == 1 and not binary:       # build_stage_model's Stage 1 is a sigmoid: give it a softmax over classes
-            x = keras.layers.Dense(len(classes), activation="softmax", name="stage1_classes")(
-                model.get_layer("dropout").output)
-            model = keras.Model(model.inputs, x)
         rep = rng.integers(0, 256, (8, size, size, 3), dtype=np.uint8)
         rep[0, 0, 0], rep[0, 0, 1] = 0, 255
         backbone, heads[n] = split_stage_model(model, classes)

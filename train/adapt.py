@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from edge_runtime.adapt.refit import FAB_WEIGHT, FOLDS, AdaptError
+from edge_runtime.adapt.refit import FOLDS, AdaptError
 from edge_runtime.adapt.run import adapt, summary
 from edge_runtime.bundle import BundleError, load_bundle
 from edge_runtime.digest import sha256_file
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, metavar="DIR", help="the fab's labelled images (class folders)")
     p.add_argument("--out", required=True, metavar="DIR", help="where the new bundle goes")
     p.add_argument("--config", help="config YAML (default configs/default.yaml): taxonomy and aliases")
-    p.add_argument("--fab-weight", type=float, default=FAB_WEIGHT)
+    p.add_argument("--fab-weight", type=float, help="weight of the fab's images (default: the best of 4, 10, 30 "
+                                                     "out of fold)")
     p.add_argument("--folds", type=int, default=FOLDS)
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 2
 
-    if args.fab_weight <= 0 or args.folds < 2:
+    if (args.fab_weight is not None and args.fab_weight <= 0) or args.folds < 2:
         return fail("--fab-weight must be > 0 and --folds >= 2")
     try:
         cfg = load_config(args.config)

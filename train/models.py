@@ -135,7 +135,8 @@ def trunk_to_block6(base):
 def build_stage_model(stage: int, *, backbone: str, image_size: int, num_classes: int,
                       weights: str | None = None, dense_units: int = 256, dropout: float = 0.5,
                       pooling: str = "gap"):
-    """Stage 1: one sigmoid unit = P(defective). Stage 2: softmax over `num_classes` defect types."""
+    """Stage 1: one sigmoid unit = P(defective), or (num_classes > 1) a softmax over the taxonomy classes.
+    Stage 2: softmax over `num_classes` defect types."""
     if stage not in (1, 2):
         raise ValueError("stage must be 1 or 2")
     shape = (image_size, image_size, 3)
@@ -157,9 +158,9 @@ def build_stage_model(stage: int, *, backbone: str, image_size: int, num_classes
     x = _pool(base, x, pooling, training=False if pretrained else None)
     x = layers.Dense(dense_units, activation="relu", name="fc")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
-    if stage == 1:
+    if stage == 1 and num_classes == 1:
         outputs = layers.Dense(1, activation="sigmoid", name="p_defective")(x)
-    else:
+    else:       # Stage 2, or a Stage 1 trained on the taxonomy classes (P(defective) = 1 - P(clean))
         outputs = layers.Dense(num_classes, activation="softmax", name="defect_class")(x)
     model = keras.Model(inputs, outputs, name=f"stage{stage}_{backbone}")
     return model

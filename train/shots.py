@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.adapt.features import FeatureSet, extract, load_replay
-from edge_runtime.adapt.refit import FAB_WEIGHT, AdaptError, refit, score
+from edge_runtime.adapt.refit import AdaptError, refit, score
 from edge_runtime.bundle import load_bundle
 from edge_runtime.digest import sha256_file
 from edge_runtime.evaluation import roc_auc
@@ -58,7 +58,7 @@ def evaluate(bundle, heads, threshold: float, feats: FeatureSet) -> dict:
 
 
 def learning_curve(run_dir: Path, rows: list[tuple[str, str]], shots: list[int], seeds: int, *,
-                   fab_weight: float = FAB_WEIGHT, target_recall: float = 0.98) -> dict:
+                   fab_weight: float | None = None, target_recall: float = 0.98) -> dict:
     bundle_dir = convert_fold(run_dir)
     bundle = load_bundle(bundle_dir)
     replay = load_replay(bundle)
@@ -79,11 +79,12 @@ def learning_curve(run_dir: Path, rows: list[tuple[str, str]], shots: list[int],
                 except AdaptError as exc:
                     log.warning("shots k=%d seed %d: %s", k, seed, exc)
                     continue
-                heads, threshold, seconds = r.heads, r.gating["stage1_threshold"], r.seconds
+                heads, threshold, seconds, weight = r.heads, r.gating["stage1_threshold"], r.seconds, \
+                    r.report["fab_weight"]
             else:
-                heads, threshold, seconds = bundle.heads, bundle.stage1_threshold, 0.0
+                heads, threshold, seconds, weight = bundle.heads, bundle.stage1_threshold, 0.0, None
             m = evaluate(bundle, heads, threshold, feats.take(rest))
-            runs.append({"seed": seed, "scored": len(rest), "refit_seconds": round(seconds, 2),
+            runs.append({"seed": seed, "scored": len(rest), "refit_seconds": round(seconds, 2), "fab_weight": weight,
                          **{key: m[key] for key in METRICS}})
         point = {"k": k, "runs": runs}
         for key in METRICS:
@@ -97,9 +98,9 @@ def learning_curve(run_dir: Path, rows: list[tuple[str, str]], shots: list[int],
 
 def render_shots(shots: dict) -> str:
     lines = ["", "## Adaptation from the held-out source's own labels (int8 bundle, `edge-inspect adapt` code)", "",
-             "k labelled images a class from the held-out source (fab weight x{w:g}), heads refitted with the "
+             "k labelled images a class from the held-out source (fab weight: {w}), heads refitted with the "
              "replay set, the rest scored; mean (min-max) over seeds.".format(
-                 w=next(iter(shots.values()))["fab_weight"]), "",
+                 w=next(iter(shots.values()))["fab_weight"] or "chosen out of fold, as the adapt commands do"), "",
              "| held out | k | seeds | scored | macro-F1 | clean specificity | defect recall | Stage-1 ROC-AUC | "
              "refit s |", "|---|---|---|---|---|---|---|---|---|"]
 

@@ -1,7 +1,7 @@
 """`edge-inspect adapt`: refit the bundle's heads on the images the operators reviewed, on the board.
 
     edge-inspect adapt --db results.sqlite3 --out /opt/sem-inspect/models/fab-1 [--models BUNDLE]
-                       [--processed DIR] [--fab-weight 4] [--folds 5] [--threads N]
+                       [--processed DIR] [--fab-weight W] [--folds 5] [--threads N]
 
 The reviewed images are those `edge-inspect export-labels` would export (latest review gives a class;
 `unusable` left out), read from inside the processed folder and only while their content is the one that was
@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from edge_runtime.adapt.refit import FAB_WEIGHT, FOLDS, AdaptError
+from edge_runtime.adapt.refit import FOLDS, AdaptError
 from edge_runtime.adapt.run import adapt, summary
 from edge_runtime.bundle import BundleError
 from edge_runtime.db.store import StorageError
@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "result)")
     p.add_argument("--processed", metavar="DIR", help="the service's processed folder (default: 'processed' "
                                                       "beside the database)")
-    p.add_argument("--fab-weight", type=float, default=FAB_WEIGHT, help=f"weight of the fab's images over the "
-                                                                        f"replay set (default {FAB_WEIGHT:g})")
+    p.add_argument("--fab-weight", type=float, help="weight of the fab's images over the replay set (default: "
+                                                     "the best of 4, 10, 30 out of fold)")
     p.add_argument("--folds", type=int, default=FOLDS, help=f"cross-validation folds (default {FOLDS})")
     p.add_argument("--threads", type=int, help="interpreter threads (default: all cores)")
     return p
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     def echo(msg):
         print(f"{PROG}: {msg}" if not msg.startswith("adapt") else msg, file=sys.stderr)
 
-    if args.fab_weight <= 0 or args.folds < 2:
+    if (args.fab_weight is not None and args.fab_weight <= 0) or args.folds < 2:
         echo("error: --fab-weight must be > 0 and --folds >= 2")
         return EXIT_SETUP
     try:

@@ -2,8 +2,9 @@
 `python -m train adapt` (centrally). numpy only.
 
     features   each labelled image through the bundle's own backbones (edge_runtime/adapt/features.py)
-    training   the bundle's replay set (public training features, weight 1) + the fab's images (weight
-               `fab_weight`, 4 by default), classes balanced; one softmax head per stage (fit.py)
+    training   the bundle's replay set (public training features, weight 1) + the fab's images weighted up,
+               classes balanced; one softmax head per stage (fit.py). The fab's weight is the one of FAB_WEIGHTS
+               whose out-of-fold macro-F1 is best (or the one given)
     calibration  out-of-fold scores of the fab's images (stratified k-fold): the Stage-1 threshold for the target
                defect recall, the Stage-2 review floor for the target accuracy of what is not sent to review
     report     cross-validated macro-F1, clean specificity and defect recall on the fab's images, beside the
@@ -33,7 +34,7 @@ from edge_runtime.head import Head
 
 log = logging.getLogger("edge_inspect.adapt")
 
-FAB_WEIGHT = 4.0           # measured: fab labels weighted x4 over the public data (docs/adaptation.md)
+FAB_WEIGHTS = (4.0, 10.0, 30.0)   # tried out of fold; x4 was best on one source, x30 on another (docs/adaptation.md)
 FOLDS = 5
 REVIEW_ACCURACY = 0.90     # the review floor keeps what is not sent to review this accurate (out of fold)
 SAME_FEATURES = 2e-3       # relative distance under which a fab image's features are a replay image's
@@ -164,10 +165,35 @@ def review_floor_for(confidence: np.ndarray, correct: np.ndarray, target: float,
     return float(min(max(confidence[order][ok[-1]], 0.0), 0.99))
 
 
+def _out_of_fold(bundle, fab, replay, classes, fold, k, fab_weight, lam):
+    """Stage-1 scores and Stage-2 probabilities of each fab image from heads fitted without its fold."""
+    oof = {"s1": np.zeros(len(fab)), "p2": np.zeros((len(fab), len(classes[2])))}
+    for f in range(k):
+        tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        if not len(te):
+            continue
+        train = FeatureSet.concat([replay, fab.take(tr)])
+        is_fab = np.r_[np.zeros(len(replay), bool), np.ones(len(tr), bool)]
+        heads = {n: _fit_stage(bundle, n, classes[n], train, is_fab, fab_weight, lam) for n in (1, 2)}
+        part = fab.take(te)
+        oof["s1"][te] = stage1_score(heads[1].probs(part.stage1), heads[1].classes, bundle.clean_label)
+        oof["p2"][te] = heads[2].probs(part.stage2)
+    return oof
+
+
+def _oof_final(bundle, oof, stage2_classes, labels, target_recall):
+    defective = labels != bundle.clean_label
+    threshold = threshold_for_recall(oof["s1"][defective], target_recall) if defective.any() \
+        else bundle.stage1_threshold
+    top = np.asarray(stage2_classes, dtype=object)[oof["p2"].argmax(axis=1)]
+    return threshold, np.where(is_defective(oof["s1"], threshold), top, bundle.clean_label)
+
+
 def refit(bundle: Bundle, fab: FeatureSet, replay: FeatureSet, digests: list[str], *,
-          fab_weight: float = FAB_WEIGHT, lam: float = DEFAULT_LAMBDA, folds: int = FOLDS,
+          fab_weight: float | None = None, lam: float = DEFAULT_LAMBDA, folds: int = FOLDS,
           target_recall: float = 0.98, review_accuracy: float = REVIEW_ACCURACY, seed: int = 0) -> Refit:
-    """New heads and gating for `bundle` from the fab's labelled features; see the module docstring."""
+    """New heads and gating for `bundle` from the fab's labelled features; see the module docstring.
+    fab_weight None: chosen among FAB_WEIGHTS by out-of-fold macro-F1."""
     t0 = time.perf_counter()
     check_labels(bundle, fab.labels, digests)
     dup = replay_duplicates(fab, replay, digests)
@@ -180,21 +206,16 @@ def refit(bundle: Bundle, fab: FeatureSet, replay: FeatureSet, digests: list[str
     y_all = np.array([bundle.taxonomy.index(x) for x in fab.labels])
     k = int(max(2, min(folds, np.bincount(y_all).max(initial=0))))
     fold = stratified_folds(y_all, k, seed)
-    oof = {"s1": np.zeros(len(fab)), "p2": np.zeros((len(fab), len(stage2_classes)))}
-    for f in range(k):
-        tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-        if not len(te):
-            continue
-        train = FeatureSet.concat([replay, fab.take(tr)])
-        is_fab = np.r_[np.zeros(len(replay), bool), np.ones(len(tr), bool)]
-        heads = {n: _fit_stage(bundle, n, classes[n], train, is_fab, fab_weight, lam) for n in (1, 2)}
-        part = fab.take(te)
-        oof["s1"][te] = stage1_score(heads[1].probs(part.stage1), heads[1].classes, bundle.clean_label)
-        oof["p2"][te] = heads[2].probs(part.stage2)
 
-    defective = labels != bundle.clean_label
-    threshold = threshold_for_recall(oof["s1"][defective], target_recall) if defective.any() \
-        else bundle.stage1_threshold
+    candidates = FAB_WEIGHTS if fab_weight is None else (fab_weight,)
+    tried = {}
+    for w in candidates:
+        oof = _out_of_fold(bundle, fab, replay, classes, fold, k, w, lam)
+        threshold, final = _oof_final(bundle, oof, stage2_classes, labels, target_recall)
+        tried[w] = (score(bundle, fab.labels, final, oof["s1"], threshold)["macro_f1"], oof, threshold, final)
+    fab_weight = max(candidates, key=lambda w: (round(tried[w][0], 6), -w))      # ties: the smaller weight
+    _, oof, threshold, oof_final = tried[fab_weight]
+
     in_s2 = np.isin(labels, stage2_classes)
     pos = {c: i for i, c in enumerate(stage2_classes)}
     conf = oof["p2"][in_s2].max(axis=1)
@@ -205,21 +226,20 @@ def refit(bundle: Bundle, fab: FeatureSet, replay: FeatureSet, digests: list[str
     is_fab = np.r_[np.zeros(len(replay), bool), np.ones(len(fab), bool)]
     heads = {n: _fit_stage(bundle, n, classes[n], train, is_fab, fab_weight, lam) for n in (1, 2)}
 
-    top = np.asarray(stage2_classes, dtype=object)[oof["p2"].argmax(axis=1)]
-    oof_final = np.where(is_defective(oof["s1"], threshold), top, bundle.clean_label)
     s1_old, _, old_final = _answers(bundle, bundle.heads, fab, bundle.stage1_threshold)
+    flagged = is_defective(oof["s1"], threshold)
     report = {
         "images": len(fab), "per_class": {c: int(np.sum(labels == c)) for c in bundle.taxonomy if np.any(labels == c)},
         "stage2_classes": stage2_classes,
         "classes_added": [c for c in stage2_classes if c not in bundle.stage2_classes],
-        "replay_images": len(replay), "fab_weight": fab_weight, "lambda": lam, "folds": k,
+        "replay_images": len(replay), "fab_weight": fab_weight,
+        "fab_weights_tried": {f"{w:g}": round(tried[w][0], 4) for w in candidates}, "lambda": lam, "folds": k,
         "target_defect_recall": target_recall, "review_accuracy_target": review_accuracy,
         "gating": {"stage1_threshold": float(threshold), "stage2_review_floor": floor},
         "adapted_cross_validated": {
             **score(bundle, fab.labels, oof_final, oof["s1"], threshold),
-            "review_fraction": float(np.mean(needs_review(oof["p2"][is_defective(oof["s1"], threshold)].max(axis=1),
-                                                          floor))) if is_defective(oof["s1"], threshold).any()
-            else 0.0},
+            "review_fraction": float(np.mean(needs_review(oof["p2"][flagged].max(axis=1), floor)))
+            if flagged.any() else 0.0},
         "current_bundle": score(bundle, fab.labels, old_final, s1_old, bundle.stage1_threshold),
     }
     seconds = time.perf_counter() - t0

@@ -12,7 +12,7 @@ from pathlib import Path
 from edge_runtime.adapt.derive import derive_bundle
 from edge_runtime.adapt.features import extract, load_replay
 from edge_runtime.adapt.fit import DEFAULT_LAMBDA
-from edge_runtime.adapt.refit import FAB_WEIGHT, FOLDS, AdaptError, refit
+from edge_runtime.adapt.refit import FOLDS, AdaptError, refit
 from edge_runtime.bundle import MANIFEST, load_bundle
 from edge_runtime.inspector import Inspector
 
@@ -29,7 +29,7 @@ def check_out(out: Path, source: Path) -> None:
 
 
 def adapt(bundle_path: str | os.PathLike, items: list[tuple[str, str, str]], out: str | os.PathLike, *,
-          fab_weight: float = FAB_WEIGHT, lam: float = DEFAULT_LAMBDA, folds: int = FOLDS,
+          fab_weight: float | None = None, lam: float = DEFAULT_LAMBDA, folds: int = FOLDS,
           target_recall: float = 0.98, threads: int | None = None, source: str = "", echo=print) -> dict:
     """items: (image path, label, sha256 of its bytes). Writes the new bundle to `out` and returns the report.
     Raises AdaptError / BundleError (nothing written)."""
@@ -51,7 +51,7 @@ def adapt(bundle_path: str | os.PathLike, items: list[tuple[str, str, str]], out
               "feature_seconds": round(t_features, 2)}
     lineage = {"parent": {"bundle_id": bundle.bundle_id, "path": str(bundle.root)},
                "adapted": {"data_sha256": result.data_sha256, "images": report["images"],
-                           "per_class": report["per_class"], "fab_weight": fab_weight, "lambda": lam,
+                           "per_class": report["per_class"], "fab_weight": report["fab_weight"], "lambda": lam,
                            "source": source, "cross_validated": report["adapted_cross_validated"],
                            "current_bundle": report["current_bundle"]}}
     report["seconds"] = round(time.perf_counter() - t0, 2)

@@ -4,7 +4,7 @@
     edge-inspect --models BUNDLE --watch DIR        the drop-folder service (see edge_runtime/service/watch.py)
     edge-inspect --config service.yaml              the service, configured by one validated file
     edge-inspect review --db results.sqlite3        the operator review page (edge_runtime/review/server.py)
-    edge-inspect export-labels --db ... --out DIR   reviewed images as training data (edge_runtime/review/export_labels.py)
+    edge-inspect export-labels --db ... --out DIR   reviewed images as training data (edge_runtime/review/)
     edge-inspect adapt --db ... --out NEW_BUNDLE    refit the heads on the reviews, on the board (edge_runtime/adapt/)
 
 Exit status: 0 all good; 1 some input failed (the others were still processed); 2 a setup problem a person

@@ -42,7 +42,7 @@ def test_run_records_each_stage_and_the_folded_head_gives_the_fitted_answers(fro
 
     info = json.loads((frozen_run / "run.json").read_text())
     assert info["image_sizes"] == {"stage1": 32, "stage2": 48} and info["image_size"] == 48
-    assert info["stage1_classes"] == CLASSES and info["method"] == "frozen"
+    assert info["stage1_classes"] == CLASSES and info["method"] == {"stage1": "frozen", "stage2": "frozen"}
     metrics = json.loads((frozen_run / "metrics.json").read_text())
     assert metrics["stage1"]["best_phase"].startswith("frozen-lambda-")
     model = keras.saving.load_model(frozen_run / "stage1.keras")

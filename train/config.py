@@ -70,9 +70,11 @@ METHODS = ("finetune", "frozen")
 
 @dataclasses.dataclass(frozen=True)
 class StageSettings:
-    """What one stage overrides in a profile (empty / 0: the profile's own backbone and image_size)."""
+    """What one stage overrides in a profile (empty / 0: the profile's own value)."""
     backbone: str = ""
     image_size: int = 0
+    method: str = ""
+    features: str = ""
     # Stage 1 only: "binary" (clean vs defective) or "taxonomy" (all 8 classes; P(defective) = 1 - P(clean),
     # which separates better when clean images share patterns with the defect classes).
     target: str = "binary"
@@ -105,6 +107,12 @@ class Profile:
 
     def image_size_of(self, stage: int) -> int:
         return getattr(self, f"stage{stage}").image_size or self.image_size
+
+    def method_of(self, stage: int) -> str:
+        return getattr(self, f"stage{stage}").method or self.method
+
+    def features_of(self, stage: int) -> str:
+        return getattr(self, f"stage{stage}").features or self.features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +161,9 @@ def _check(value, hint, where: str):
         unknown = sorted(set(value) - set(fields))
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
-        missing = sorted(n for n in set(fields) - set(value)
-                         if fields[n].default is dataclasses.MISSING and fields[n].default_factory is dataclasses.MISSING)
+        optional = {n for n, f in fields.items()
+                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+        missing = sorted(set(fields) - set(value) - optional)
         if missing:
             raise ConfigError(f"{where}: missing key(s) {missing}")
         return hint(**{k: _check(value[k], hints[k], f"{where}.{k}") for k in fields if k in value})
@@ -204,12 +213,14 @@ def _validate_values(cfg: Config) -> None:
                 raise ConfigError(f"profiles.{name}.{key}: {backbone!r} is not one of {BACKBONES}")
         if min(p.image_size_of(1), p.image_size_of(2)) < 32 or p.batch_size < 1:
             raise ConfigError(f"profiles.{name}: image_size must be >= 32 and batch_size >= 1")
-        if p.features not in ("gap", "mid") or (p.features == "mid" and not all(
-                p.backbone_of(n).startswith("efficientnet_lite") for n in (1, 2))):
-            raise ConfigError(f"profiles.{name}.features: {p.features!r} must be gap, or mid with EfficientNet-Lite "
-                              "backbones")
-        if p.method not in METHODS:
-            raise ConfigError(f"profiles.{name}.method: {p.method!r} is not one of {METHODS}")
+        for n in (1, 2):
+            features = p.features_of(n)
+            if features not in ("gap", "mid") or (features == "mid" and not p.backbone_of(n).startswith(
+                    "efficientnet_lite")):
+                raise ConfigError(f"profiles.{name}: stage-{n} features {features!r} must be gap, or mid with an "
+                                  "EfficientNet-Lite backbone")
+            if p.method_of(n) not in METHODS:
+                raise ConfigError(f"profiles.{name}.method: {p.method_of(n)!r} (stage {n}) is not one of {METHODS}")
         if p.stage1.target not in STAGE1_TARGETS or p.stage2.target != "binary":
             raise ConfigError(f"profiles.{name}: stage1.target must be one of {STAGE1_TARGETS} (stage2 has none)")
     if cfg.image_size < 32:

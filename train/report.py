@@ -157,7 +157,8 @@ def evaluate_and_report(results: dict, samples, *, cfg, profile, out: Path, run_
 
 def write_markdown(metrics: dict, run: dict, path: Path) -> None:
     lines = [f"# Training run `{path.parent.name}`", "",
-             f"Profile `{run['profile']}` ({run.get('method', 'finetune')}), input "
+             f"Profile `{run['profile']}` (method {run.get('method', 'finetune')}, "
+             f"features {run.get('features', 'gap')}), input "
              + " / ".join(f"{k} {n}x{n}" for k, n in run.get("image_sizes", {"both": run["image_size"]}).items())
              + f", Stage-1 classes {run.get('stage1_classes', ['defective'])}, weights `{run['weights']}`, "
              f"backbones {run['backbones']}, seed {run['seed']}, created {run['created']}, "

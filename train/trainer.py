@@ -128,9 +128,10 @@ def train_stage(stage: int, rows: dict[str, list], *, cfg, profile, weights, out
             s = sets[split]
             sets[split] = type(s)(x=s.x[keep], labels=[s.labels[i] for i in keep], paths=[s.paths[i] for i in keep])
     y = {split: sets[split].targets(classes) for split in sets}
-    log.info("stage %d (%s, %dx%d, %s, %d classes): %s", stage, backbone, size, size, profile.method, len(classes),
+    log.info("stage %d (%s, %dx%d, %s, %s features, %d classes): %s", stage, backbone, size, size,
+             profile.method_of(stage), profile.features_of(stage), len(classes),
              ", ".join(f"{s}={len(sets[s].x)}" for s in sets))
-    fit = _fit_frozen if profile.method == "frozen" else _fit_keras
+    fit = _fit_frozen if profile.method_of(stage) == "frozen" else _fit_keras
     model, history, best_phase, predict = fit(stage, sets, y, classes, cfg=cfg, profile=profile, weights=weights,
                                               out=out, seed=seed, backbone=backbone, size=size)
     model.save(out / f"stage{stage}.keras")
@@ -162,7 +163,7 @@ def _fit_keras(stage, sets, y, classes, *, cfg, profile, weights, out, seed, bac
         model = build_stage_model(stage, backbone=backbone, image_size=size,
                                   num_classes=1 if binary else len(classes), weights=weights,
                                   dense_units=model_cfg.dense_units, dropout=model_cfg.dropout,
-                                  pooling=profile.features)
+                                  pooling=profile.features_of(stage))
     loss = "binary_crossentropy" if binary else "sparse_categorical_crossentropy"
     metrics = ["accuracy"]
     batch = profile.batch_size
@@ -230,7 +231,7 @@ def _fit_frozen(stage, sets, y, classes, *, cfg, profile, weights, out, seed, ba
 
     if weights is None:
         raise SystemExit("error: method frozen needs pretrained weights (--weights imagenet or a file)")
-    extractor = feature_extractor(backbone, size, weights, profile.features)
+    extractor = feature_extractor(backbone, size, weights, profile.features_of(stage))
     feats = {s: extractor.predict(sets[s].x.astype(np.float32), batch_size=32, verbose=0) if len(sets[s].x)
              else np.zeros((0, extractor.output_shape[-1]), np.float32) for s in sets}
     history: dict[str, list] = {"lambda": [], "val_loss": []}
@@ -346,7 +347,8 @@ def main(argv=None) -> int:
         "image_size": profile.image_size_of(2),
         "image_sizes": {f"stage{n}": profile.image_size_of(n) for n in (1, 2)},
         "stage1_classes": results[1]["stage1_classes"] if 1 in results else ["defective"],
-        "method": profile.method,
+        "method": {f"stage{n}": profile.method_of(n) for n in (1, 2)},
+        "features": {f"stage{n}": profile.features_of(n) for n in (1, 2)},
         "taxonomy": cfg.taxonomy.classes, "profile": args.profile,
         "weights": args.weights, "weights_source": sources, "backbones": backbones, "split_csv": str(split_csv), "seed": seed,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

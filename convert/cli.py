@@ -138,30 +138,63 @@ def convert_run(args) -> tuple[Path, Run]:
                              taxonomy=run.taxonomy, stage2_classes=run.stage2_classes,
                              stage1_threshold=run.stage1_threshold, stage2_review_floor=run.stage2_review_floor,
                              extra=extra, extra_files=extra_files)
-    if not args.no_replay:
-        add_replay_set(bundle, run, args.threads)
+    finish_on_int8_features(bundle, run, args.threads, replay=not args.no_replay)
     log.info("bundle written: %s (%s)", bundle, ", ".join(variants))
     return bundle, run
 
 
-def add_replay_set(bundle_dir: Path, run: Run, threads: int) -> None:
-    """Features of the run's train split through the bundle's own backbones, as the board computes them, stored
-    in the bundle (replay.npz) so adaptation keeps what the public data taught."""
+def finish_on_int8_features(bundle_dir: Path, run: Run, threads: int, replay: bool) -> None:
+    """What needs the bundle's own int8 backbones, computed as the board computes it:
+    - the replay set: features of the run's train split (replay.npz), so adaptation keeps what the public
+      data taught;
+    - for stages trained with the frozen method (a numpy head on frozen features): the head refitted on the
+      int8 features of the train split (the run's L2 strength) and, for Stage 1, the threshold recalibrated on
+      the val split's int8 scores by the training rule. int8 features differ from float ones by a few percent,
+      and a head fitted on float features would meet that as noise on the board."""
+    import numpy as np
+
     from edge_runtime.adapt.derive import derive_bundle
     from edge_runtime.adapt.features import extract, replay_bytes, replay_description
+    from edge_runtime.adapt.refit import fit_stage_head
     from edge_runtime.bundle import load_bundle
     from edge_runtime.digest import sha256_file
+    from edge_runtime.evaluation import threshold_for_recall
+    from edge_runtime.gate import stage1_score
     from edge_runtime.inspector import Inspector
 
+    lambdas = run.info.get("head_lambda") or {}
+    if not replay and not lambdas:
+        return
     bundle = load_bundle(bundle_dir)
     inspector = Inspector(bundle, threads=threads)
-    rows = run.rows("train")
-    features, skipped = extract(inspector, [(run.resolve(p), label) for p, label in rows])
+    train, skipped = extract(inspector, [(run.resolve(p), label) for p, label in run.rows("train")])
     for path, reason in skipped:
-        log.warning("replay set: skipped %s: %s", path, reason)
-    data = replay_bytes(features, bundle.taxonomy, [sha256_file(p) for p in features.paths])
-    derive_bundle(bundle, bundle_dir, replay=(data, replay_description(features, bundle.variant, "train split")))
-    log.info("replay set: %d train images, %.1f MB (float16 features of both stages)", len(features), len(data) / 2**20)
+        log.warning("int8 features: skipped %s: %s", path, reason)
+    changes: dict = {}
+    if lambdas:
+        heads, fitted = {}, {}
+        none = np.zeros(len(train), bool)
+        for n in (1, 2):
+            lam = lambdas.get(f"stage{n}")
+            if lam is not None:
+                heads[n] = fit_stage_head(bundle, n, list(bundle.stage_classes[n]), train, none, 1.0, float(lam))
+                fitted[f"stage{n}"] = f"int8 features of the train split ({len(train)} images), lambda {lam:g}"
+        changes.update(heads=heads, extra={"heads_fitted": fitted})
+        if 1 in heads:
+            val, _ = extract(inspector, [(run.resolve(p), label) for p, label in run.rows("val")])
+            scores = stage1_score(heads[1].probs(val.stage1), heads[1].classes, bundle.clean_label)
+            defective = np.array([x != bundle.clean_label for x in val.labels])
+            target = float(run.info.get("target_defect_recall", 0.98))
+            threshold = threshold_for_recall(scores[defective], target) if defective.any() else run.stage1_threshold
+            changes["gating"] = {"stage1_threshold": threshold}
+            log.info("int8 heads: %s; Stage-1 threshold %.4f on %d val images (float run: %.4f)",
+                     ", ".join(fitted.values()), threshold, len(val), run.stage1_threshold)
+    if replay:
+        data = replay_bytes(train, bundle.taxonomy, [sha256_file(p) for p in train.paths])
+        changes["replay"] = (data, replay_description(train, bundle.variant, "train split"))
+        log.info("replay set: %d train images, %.1f MB (float16 features of both stages)", len(train),
+                 len(data) / 2**20)
+    derive_bundle(bundle, bundle_dir, **changes)
 
 
 def _quiet(fn, *args):

@@ -130,10 +130,14 @@ def _index(labels, classes) -> np.ndarray:
     return np.array([pos[x] for x in labels], dtype=int)
 
 
-def evaluate(p1: np.ndarray, p2: np.ndarray, labels: list[str], run, ref: dict | None = None) -> dict:
+def evaluate(p1: np.ndarray, p2: np.ndarray, labels: list[str], run, ref: dict | None = None,
+             threshold: float | None = None) -> dict:
     """Metrics of one model pair. p1: N P(defective); p2: N x C Stage-2 probabilities (rows used: defect
-    images for the per-stage metrics, flagged images end to end). ref: the float model's p1/p2 for agreement."""
-    thr, clean, classes = run.stage1_threshold, run.clean_label, run.stage2_classes
+    images for the per-stage metrics, flagged images end to end). ref: the float model's p1/p2 for agreement.
+    threshold: the Stage-1 threshold these scores are gated at (default the run's; a bundle whose heads were
+    refitted on its int8 features carries its own)."""
+    thr = run.stage1_threshold if threshold is None else threshold
+    clean, classes = run.clean_label, run.stage2_classes
     labels_arr = np.asarray(labels, dtype=object)
     defective_true = labels_arr != clean
     flagged = is_defective(p1, thr)
@@ -149,7 +153,7 @@ def evaluate(p1: np.ndarray, p2: np.ndarray, labels: list[str], run, ref: dict |
     out = {"stage1": s1, "stage2": s2, "end_to_end": {**e2e, **esc, "review": int(review.sum())},
            "stage2_excluded": int((defective_true & ~in_s2).sum()), "final_labels": list(map(str, final))}
     if ref is not None:
-        s1["agreement"] = float(np.mean(flagged == is_defective(ref["p1"], thr)))
+        s1["agreement"] = float(np.mean(flagged == is_defective(ref["p1"], run.stage1_threshold)))
         s1["mean_abs_error"] = float(np.mean(np.abs(p1 - ref["p1"])))
         s1["max_abs_error"] = float(np.max(np.abs(p1 - ref["p1"])))
         if s2 is not None:
@@ -214,12 +218,12 @@ def compare_bundle(run, bundle_dir, *, split: str = "test", out_dir=None, thread
         stage1 = TFLiteModel(bundle.stage(1, variant), variants[variant][1], threads, bundle.heads.get(1),
                              bundle.stage_classes[1])
         p1 = stage1_score(stage1.predict(images[1]), bundle.stage_classes[1], run.clean_label)
-        need = need_s2_base | is_defective(p1, run.stage1_threshold)   # Stage 2 runs on defect images + flagged ones
+        need = need_s2_base | is_defective(p1, bundle.stage1_threshold)   # Stage 2: defect images + flagged ones
         p2 = np.zeros_like(ref["p2"])
         if need.any():
             p2[need] = TFLiteModel(bundle.stage(2, variant), variants[variant][2], threads, bundle.heads.get(2),
                                    bundle.stage2_classes).predict(images[2][need])
-        results[variant] = evaluate(p1, p2, labels, run, ref)
+        results[variant] = evaluate(p1, p2, labels, run, ref, threshold=bundle.stage1_threshold)
         scores[variant] = p1
         results[variant]["bytes"] = sum(len(b) for b in variants[variant].values())
         log.info("compare: %s done", variant)
@@ -233,6 +237,7 @@ def compare_bundle(run, bundle_dir, *, split: str = "test", out_dir=None, thread
         "reviewed": recorded_comparison(run, paths, labels, only, results) if only is not None else None,
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
         "stage1_threshold": run.stage1_threshold, "stage2_review_floor": run.stage2_review_floor,
+        "bundle_stage1_threshold": bundle.stage1_threshold,
         "stage2_classes": run.stage2_classes, "taxonomy": run.taxonomy,
         "label_counts": {c: int(np.sum(labels_arr == c)) for c in run.taxonomy},
         "models": {name: {k: v for k, v in r.items() if k != "final_labels"} for name, r in results.items()},

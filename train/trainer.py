@@ -258,6 +258,7 @@ def _fit_frozen(stage, sets, y, classes, *, cfg, profile, weights, out, seed, ba
         p = head.probs(feats[split])
         return np.concatenate([1.0 - p, p], axis=1) if classes == STAGE1_CLASSES else p
 
+    history["chosen_lambda"] = lam
     return model, history, f"frozen-lambda-{lam:g}", predict
 
 
@@ -348,6 +349,9 @@ def main(argv=None) -> int:
         "image_sizes": {f"stage{n}": profile.image_size_of(n) for n in (1, 2)},
         "stage1_classes": results[1]["stage1_classes"] if 1 in results else ["defective"],
         "method": {f"stage{n}": profile.method_of(n) for n in (1, 2)},
+        # frozen stages: the L2 strength chosen on val; convert refits these heads on the int8 features
+        "head_lambda": {f"stage{n}": r["history"]["chosen_lambda"] for n, r in results.items()
+                        if "chosen_lambda" in r["history"]},
         "features": {f"stage{n}": profile.features_of(n) for n in (1, 2)},
         "taxonomy": cfg.taxonomy.classes, "profile": args.profile,
         "weights": args.weights, "weights_source": sources, "backbones": backbones, "split_csv": str(split_csv), "seed": seed,

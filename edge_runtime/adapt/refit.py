@@ -117,8 +117,10 @@ def _targets(bundle: Bundle, stage: int, labels: list[str], classes: list[str]
     return classes, mask, np.array([pos[x] for x, m in zip(labels, mask) if m], np.int64)
 
 
-def _fit_stage(bundle: Bundle, stage: int, classes: list[str], train: FeatureSet, is_fab: np.ndarray,
-               fab_weight: float, lam: float) -> Head:
+def fit_stage_head(bundle: Bundle, stage: int, classes: list[str], train: FeatureSet, is_fab: np.ndarray,
+                   fab_weight: float, lam: float) -> Head:
+    """One stage's head over `classes` on `train`'s features, classes balanced, the rows in `is_fab` weighted
+    `fab_weight` (a binary Stage 1 is stored as its one-unit sigmoid)."""
     fitted, mask, y = _targets(bundle, stage, train.labels, classes)
     x = (train.stage1 if stage == 1 else train.stage2)[mask]
     w = balanced_weights(y, len(fitted)) * np.where(is_fab[mask], fab_weight, 1.0)
@@ -174,7 +176,7 @@ def _out_of_fold(bundle, fab, replay, classes, fold, k, fab_weight, lam):
             continue
         train = FeatureSet.concat([replay, fab.take(tr)])
         is_fab = np.r_[np.zeros(len(replay), bool), np.ones(len(tr), bool)]
-        heads = {n: _fit_stage(bundle, n, classes[n], train, is_fab, fab_weight, lam) for n in (1, 2)}
+        heads = {n: fit_stage_head(bundle, n, classes[n], train, is_fab, fab_weight, lam) for n in (1, 2)}
         part = fab.take(te)
         oof["s1"][te] = stage1_score(heads[1].probs(part.stage1), heads[1].classes, bundle.clean_label)
         oof["p2"][te] = heads[2].probs(part.stage2)
@@ -224,7 +226,7 @@ def refit(bundle: Bundle, fab: FeatureSet, replay: FeatureSet, digests: list[str
 
     train = FeatureSet.concat([replay, fab])
     is_fab = np.r_[np.zeros(len(replay), bool), np.ones(len(fab), bool)]
-    heads = {n: _fit_stage(bundle, n, classes[n], train, is_fab, fab_weight, lam) for n in (1, 2)}
+    heads = {n: fit_stage_head(bundle, n, classes[n], train, is_fab, fab_weight, lam) for n in (1, 2)}
 
     s1_old, _, old_final = _answers(bundle, bundle.heads, fab, bundle.stage1_threshold)
     flagged = is_defective(oof["s1"], threshold)

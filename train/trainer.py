@@ -219,7 +219,7 @@ def _fit_keras(stage, sets, y, classes, *, cfg, profile, weights, out, seed, bac
     return model, history, best_phase, predict
 
 
-LAMBDAS = (1e-3, 1e-2, 1e-1)     # L2 strengths tried for a frozen head; the best validation loss wins
+LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0)     # L2 strengths tried for a frozen head; the best validation loss wins
 
 
 def _fit_frozen(stage, sets, y, classes, *, cfg, profile, weights, out, seed, backbone, size):

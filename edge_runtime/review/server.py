@@ -14,8 +14,9 @@ Routes; every input is checked, a bad request gets a 4xx status with {"error": "
     GET  /api/queue?label=&state=&from=YYYY-MM-DD&to=YYYY-MM-DD&limit=&offset=
     GET  /api/summary                   counts per label and review state, corrections, per-bundle agreement
     GET  /api/results/ID                one result with its latest review
-    GET  /api/results/ID/image          its image, served only from inside the processed folder (resolved:
-                                        `..` and symlinks that lead outside are refused); TIFF is sent as PNG
+    GET  /api/results/ID/image          its image, opened once from inside the processed folder without
+                                        following symbolic links (`..`, links and paths elsewhere are refused)
+                                        and served from that descriptor; TIFF is sent as PNG
     POST /api/results/ID/reviews        {"label", "reviewer", "expected_review_id"} -> 201, or 409 when another
                                         review landed since (see reviews.py: optimistic concurrency)
 
@@ -29,13 +30,12 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from edge_runtime.db.store import StorageError
@@ -125,7 +125,9 @@ class Handler(ResponseHandler):
         if m and m.group(2) is None:
             return self._json(HTTPStatus.OK, reviews.item(self._result_id(m.group(1))))
         if m and m.group(2) == "/image":
-            return self._image(reviews.image_file(self._result_id(m.group(1))))
+            fh, st, path = reviews.open_image(self._result_id(m.group(1)))
+            with fh:
+                return self._image(fh, st, path)
         raise HTTPError(HTTPStatus.NOT_FOUND, f"no such page: {path}")
 
     @staticmethod
@@ -148,22 +150,27 @@ class Handler(ResponseHandler):
             args[{"from": "date_from", "to": "date_to"}.get(key, key)] = value
         return args
 
-    def _image(self, path: Path) -> None:
-        ctype = IMAGE_TYPES.get(path.suffix.lower())
+    def _image(self, fh, st: os.stat_result, path: str) -> None:
+        """Serve the image from the descriptor that was checked (never opened again by name)."""
+        ctype = IMAGE_TYPES.get(PurePosixPath(path).suffix.lower())
         if ctype is None:           # TIFF and the like: browsers cannot show them; decode as the model does
             from PIL import Image
 
-            from edge_runtime.preprocess import ImageError, decode_image
+            from edge_runtime.preprocess import DEFAULT_MAX_BYTES, ImageError, decode_image
             try:
-                pixels = decode_image(path)
+                pixels = decode_image(fh.read(DEFAULT_MAX_BYTES + 1))
             except ImageError as exc:
                 raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, f"image cannot be decoded: {exc}") from None
             buf = io.BytesIO()
             Image.fromarray(pixels).save(buf, format="PNG")
             return self._send(HTTPStatus.OK, buf.getvalue(), "image/png")
-        with open(path, "rb") as fh:
-            self._headers(HTTPStatus.OK, ctype, os.fstat(fh.fileno()).st_size)
-            shutil.copyfileobj(fh, self.wfile, 1 << 16)
+        self._headers(HTTPStatus.OK, ctype, st.st_size)
+        left = st.st_size               # exactly the size announced, even if the file grows meanwhile
+        while left > 0 and (chunk := fh.read(min(left, 1 << 16))):
+            self.wfile.write(chunk)
+            left -= len(chunk)
+        if left:
+            self.close_connection = True    # it shrank: the response is short, the connection cannot be reused
 
     # -- POST --------------------------------------------------------------------------------------------
     def do_POST(self):

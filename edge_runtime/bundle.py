@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from edge_runtime.classnames import ClassNameError, check_class_name
 from edge_runtime.digest import sha256_bytes, sha256_file
 from edge_runtime.head import Head, HeadError
 from edge_runtime.interpreter import version_key
@@ -262,6 +263,11 @@ def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all:
     for key, names in (("taxonomy", taxonomy), ("stage2_classes", stage2_classes)):
         if not all(isinstance(n, str) for n in names):
             raise BundleError(f"{where}: {key} must be a list of class names (text), got {list(names)!r}")
+        try:        # class names become folder names and CSV cells downstream (edge_runtime/classnames.py)
+            for i, n in enumerate(names):
+                check_class_name(n, f"{key}[{i}]")
+        except ClassNameError as exc:
+            raise BundleError(f"{where}: {exc}") from None
     if not taxonomy or len(set(taxonomy)) != len(taxonomy):
         raise BundleError(f"{where}: taxonomy must be a non-empty list of distinct names")
     unknown = [c for c in stage2_classes if c not in taxonomy[1:]]

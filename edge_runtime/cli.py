@@ -22,6 +22,7 @@ from edge_runtime.bundle import BundleError
 from edge_runtime.config.service_config import (ConfigError, add_flags, check_inspect_flags, flag_values,
                                                 load_service_config, service_flags_given)
 from edge_runtime.exits import EXIT_FAILED, EXIT_OK, EXIT_SETUP, EXIT_STORAGE, WatchError
+from edge_runtime.heap import return_large_blocks
 from edge_runtime.inputs import collect_inputs
 from edge_runtime.interpreter import NoInterpreter
 from edge_runtime.names import json_line, shown
@@ -117,6 +118,7 @@ def run_watch(args) -> int:
         return _error(str(exc), EXIT_SETUP)
     logging.basicConfig(level=getattr(logging, cfg.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
+    return_large_blocks()       # decoded images' memory goes back to the system (edge_runtime/heap.py)
     try:
         service = WatchService(cfg)
     except (BundleError, NoInterpreter, WatchError) as exc:

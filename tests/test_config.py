@@ -63,6 +63,15 @@ def test_wrong_type_is_an_error(raw, where, value, message):
         config_from_dict(data)
 
 
+@pytest.mark.parametrize("defect", ["../../outside", "/abs", "Bridges", "two words", "", "x" * 40, "=1+1", "a/b"])
+def test_class_names_follow_the_shared_rule(raw, defect):
+    """Class names become folder names (edge_runtime/classnames.py): the training config refuses what a bundle
+    or the review database would."""
+    raw["taxonomy"]["defects"] = [*raw["taxonomy"]["defects"], defect]
+    with pytest.raises(ConfigError, match=r"taxonomy.defects\[7\]: .* is not a class name"):
+        config_from_dict(raw)
+
+
 def test_bad_alias_target_is_an_error(raw):
     raw["aliases"]["blob"] = "blobs"
     with pytest.raises(ConfigError, match=r"aliases.blob: maps to 'blobs', which is not a taxonomy class"):

@@ -4,14 +4,20 @@ copies of one image inside one split."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import shutil
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.attack import HOSTILE_LABELS, HOSTILE_NAMES
+from conftest import REPO
 from edge_runtime.bundle import load_bundle
 from edge_runtime.cli import main
 from edge_runtime.review.export_labels import MANIFEST
@@ -189,3 +195,81 @@ def test_nothing_to_export(tmp_path, tiny_bundle, capsys):
     out = tmp_path / "reviewed"
     assert main(["export-labels", "--db", str(tmp_path / "results.sqlite3"), "--out", str(out)]) == 1
     assert "nothing to export" in capsys.readouterr().err and not out.exists()
+
+
+# -- issue 19 points 3 and 10: hostile labels, names and cells ----------------------------------------------
+
+
+def review_directly(db: Path, result_id: int, label: str, reviewer: str = "mallory") -> None:
+    """A review written straight into the database (group-writable on a board), bypassing every check."""
+    con = sqlite3.connect(db)
+    latest = con.execute("SELECT coalesce(max(id), 0) FROM reviews WHERE result_id = ?", (result_id,)).fetchone()[0]
+    con.execute("INSERT INTO reviews (result_id, supersedes, old_label, new_label, reviewer, reviewed_at) "
+                "VALUES (?, ?, 'opens', ?, ?, '2026-12-02T00:00:00+00:00')", (result_id, latest, label, reviewer))
+    con.commit()
+    con.close()
+
+
+def test_hostile_labels_and_file_names_never_write_outside_out(fab):
+    """Labels from the database and file names from the drop folder, as a hostile user could leave them;
+    `edge-inspect export-labels` as a process. Before: `Path(label) / ...` followed ../../ and absolute paths
+    (exit 0, files outside). Now every path stays inside --out: hostile labels are skipped with the reason,
+    hostile file names are exported under their class folder, and the manifest runs no formula."""
+    store = Store(fab["db"])
+    named = {name: add_result(store, fab["processed"], name, label="opens", score=0.8, confidence=0.5,
+                              bundle_id=fab["bundle_id"], seed=300 + i) for i, name in enumerate(HOSTILE_NAMES)}
+    labelled = {label: add_result(store, fab["processed"], f"hostile-{i}.png", label="opens", score=0.8,
+                                  confidence=0.5, bundle_id=fab["bundle_id"], seed=400 + i)
+                for i, label in enumerate(HOSTILE_LABELS)}
+    store.close()
+    for rid in named.values():
+        review_directly(fab["db"], rid, "opens", reviewer='=HYPERLINK("http://evil","click")')
+    for label, rid in labelled.items():
+        review_directly(fab["db"], rid, label)
+    root = fab["root"]
+    before = {p for p in root.rglob("*")}
+    out = root / "site" / "export"
+    res = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "export-labels", "--db", str(fab["db"]),
+                          "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    created = {p for p in root.rglob("*")} - before
+    assert created and all(p == out or out in p.parents for p in created), sorted(map(str, created - {out}))
+    assert not Path("/tmp/sem-export-absolute").exists() and not (root / "escaped").exists()
+    assert res.returncode == 1, res.stderr
+    for label, rid in labelled.items():
+        assert f"result {rid}: " in res.stderr and "is not a class name" in res.stderr, label
+    rows = {int(r["result_id"]): r for r in manifest(out)}
+    assert not set(labelled.values()) & set(rows)
+    for name, rid in named.items():
+        row = rows[rid]
+        assert (out / row["file"]).parent == out / "opens" and (out / row["file"]).name == f"{rid}-{name}"
+        assert row["reviewer"] == "'" + '=HYPERLINK("http://evil","click")'   # shown as text by spreadsheets
+    for row in rows.values():
+        for value in row.values():
+            assert value[:1] not in ("=", "+", "-", "@", "\t", "\r"), row
+
+
+def test_a_failed_export_leaves_nothing(fab, monkeypatch):
+    """A write that fails half-way (disk full) leaves neither --out nor a temporary folder behind."""
+    from edge_runtime.review import export_labels
+    real, copies = export_labels._copy, []
+
+    def copy_then_fail(fh, st, dest):
+        copies.append(dest)
+        if len(copies) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fh, st, dest)
+    monkeypatch.setattr(export_labels, "_copy", copy_then_fail)
+    out = fab["root"] / "reviewed"
+    listing = sorted(p.name for p in fab["root"].iterdir())
+    assert export(fab, out) == 2
+    assert not out.exists() and sorted(p.name for p in fab["root"].iterdir()) == listing
+
+
+def test_a_database_whose_taxonomy_is_not_class_names_is_refused(fab, capsys):
+    con = sqlite3.connect(fab["db"])
+    con.execute("UPDATE bundles SET taxonomy = ?", (json.dumps(["clean", "../../x"]),))
+    con.commit()
+    con.close()
+    out = fab["root"] / "reviewed"
+    assert export(fab, out) == 2 and not out.exists()
+    assert "taxonomy: '../../x' is not a class name" in capsys.readouterr().err

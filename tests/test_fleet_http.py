@@ -119,7 +119,7 @@ def test_missing_content_length_is_411(running):
     service, _ = running
     parts = urlsplit(service.http.url)
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as s:
-        s.sendall(f"POST /inspect HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+        s.sendall(f"POST /inspect HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
         assert s.recv(100).startswith(b"HTTP/1.1 411")
     status = request(service.http.url, "GET", "/healthz")[0]
     assert status == 200

@@ -296,49 +296,6 @@ def test_schema_3_migration_marks_old_rows_published(tmp_path):
         store.close()
 
 
-def test_collect_gathers_boards_once_each(broker, tmp_path):
-    import sys
-    from conftest import REPO
-    central = tmp_path / "central.sqlite3"
-    log = tmp_path / "collect.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.collect", "--broker", f"127.0.0.1:{broker.port}",
-                                 "--prefix", PREFIX, "--db", str(central)], stdout=fh, stderr=fh, cwd=REPO)
-    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-board")
-    pub.connect("127.0.0.1", broker.port)
-    pub.loop_start()
-    try:
-        assert wait_for(lambda: "collecting" in log.read_text(), timeout=30), log.read_text()
-        msgs = [("board-a", {"id": 1, "board": "board-a", "name": "a.png", "label": "clean", "review": False}),
-                ("board-a", {"id": 2, "board": "board-a", "name": "b.png", "label": "opens", "review": True}),
-                ("board-a", {"id": 1, "board": "board-a", "name": "a.png", "label": "clean", "review": False}),
-                ("board-b", {"id": 1, "board": "board-b", "name": "c.png", "label": "vias", "review": False})]
-        for board, msg in msgs:
-            pub.publish(f"{PREFIX}/{board}/result", json.dumps(msg), qos=1).wait_for_publish(5)
-        pub.publish(f"{PREFIX}/board-a/result", b"{not json", qos=1).wait_for_publish(5)
-        pub.publish(f"{PREFIX}/board-b/status", b"online", qos=1, retain=True).wait_for_publish(5)
-
-        def table():
-            con = sqlite3.connect(central)
-            try:
-                return (con.execute("SELECT board, id, name, label, review FROM fleet_results ORDER BY board, id")
-                        .fetchall(), con.execute("SELECT board, status FROM fleet_boards").fetchall())
-            except sqlite3.OperationalError:
-                return [], []
-            finally:
-                con.close()
-        assert wait_for(lambda: len(table()[1]) == 1 and len(table()[0]) == 3, timeout=30), (table(), log.read_text())
-        assert table() == ([("board-a", 1, "a.png", "clean", 0), ("board-a", 2, "b.png", "opens", 1),
-                            ("board-b", 1, "c.png", "vias", 0)], [("board-b", "online")])
-        assert "malformed" in log.read_text()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        pub.loop_stop()
-
-
 def make_tls(folder: Path) -> Path:
     """A throw-away CA and a server certificate for 127.0.0.1 (openssl); returns the folder."""
     openssl = shutil.which("openssl")

@@ -118,6 +118,14 @@ BAD_BUNDLES = {
     "manifest is not UTF-8": (lambda b: (b / "manifest.yaml").write_bytes(
         (b / "manifest.yaml").read_bytes().replace(b"clean", b"cl\xe9an")), "not UTF-8"),
     "random bytes with a matching sha256": (_random_model_bytes, "not a usable TFLite model"),
+    # class names become folder names downstream (export-labels, train prepare): edge_runtime/classnames.py
+    "taxonomy class climbs out of a folder": (lambda b: _edit_manifest(b, lambda m: m["taxonomy"].append("../../x")),
+                                              "taxonomy[8]: '../../x' is not a class name"),
+    "stage-2 class is an absolute path": (lambda b: _edit_manifest(
+        b, lambda m: m.update(taxonomy=[*m["taxonomy"][:3], "/etc/x", *m["taxonomy"][4:]],
+                              stage2_classes=["bridges", "cracks", "/etc/x"])), "'/etc/x' is not a class name"),
+    "class name like a formula": (lambda b: _edit_manifest(b, lambda m: m["taxonomy"].append("=cmd")),
+                                  "'=cmd' is not a class name"),
 }
 
 

@@ -143,3 +143,25 @@ def test_a_conflicting_edit_is_reported_and_can_then_be_overridden(page):
         {"reviewer": "Ann", "old_label": "cracks", "new_label": "clean"},
         {"reviewer": "Bob", "old_label": "clean", "new_label": "cracks"}]
     assert target == ids["b"]
+
+
+def test_a_page_from_a_rebound_name_can_neither_read_nor_review(page):
+    """DNS rebinding in the browser: Chromium resolves *.localhost to 127.0.0.1, as an attacker's name rebound
+    to the board would. Before: the page from that name loaded, read the whole queue and stored a review (its
+    Origin matched its Host). Now the server refuses every request naming another host: nothing is read, nothing
+    is stored."""
+    b = page["browser"]
+    rebound = page["url"].replace("127.0.0.1", "rebound.localhost")
+    b.get(rebound)
+    assert "does not answer to the name" in b.find_element("tag name", "body").text
+    assert "a.png" not in b.page_source
+    statuses = b.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const review = {label: 'opens', reviewer: 'mallory', expected_review_id: 0};
+        Promise.all([
+            fetch('/api/queue?state=all').then(r => r.status),
+            fetch('/api/results/1/reviews', {method: 'POST', headers: {'Content-Type': 'application/json'},
+                                             body: JSON.stringify(review)}).then(r => r.status),
+        ]).then(done, err => done(String(err)));""")
+    assert statuses == [421, 421], statuses
+    assert db_rows(page["db"], "SELECT * FROM reviews") == []

@@ -548,7 +548,7 @@ def test_example_service_config_is_generated_valid_and_complete():
     commented = {m[1] for line in text.splitlines() if (m := re.match(r"# ([a-z_]+): ", line))
                  and m[1] in service_config.SETTINGS}
     assert commented == {"leave_in_place", "variant", "threads", "runtime", "board", "mqtt", "mqtt_username",
-                         "mqtt_password", "mqtt_tls", "mqtt_ca", "http", "http_token"}
+                         "mqtt_password", "mqtt_tls", "mqtt_ca", "http", "http_token", "http_allowed_hosts"}
     assert set(yaml.safe_load(text)) | commented == set(service_config.SETTINGS), "every setting appears"
     assert "# leave_in_place: true" in text
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from edge_runtime.classnames import ClassNameError, check_class_name
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 BACKBONES = ("densenet121", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v3_small",
              "tiny_cnn")
@@ -194,6 +196,11 @@ def _check(value, hint, where: str):
 
 def _validate_values(cfg: Config) -> None:
     classes = cfg.taxonomy.classes
+    for i, name in enumerate(classes):
+        try:
+            check_class_name(name, "taxonomy.clean" if i == 0 else f"taxonomy.defects[{i - 1}]")
+        except ClassNameError as exc:
+            raise ConfigError(str(exc)) from None
     if len(set(classes)) != len(classes):
         raise ConfigError("taxonomy: class names must be unique")
     for pattern, target in cfg.aliases.items():

@@ -1,89 +1,89 @@
-"""The central side: gather the results of every board from the MQTT broker into one SQLite table.
+"""The central side: gather the results of every board from the MQTT broker into one database.
 
     python -m edge_runtime.collect --broker broker.fab.local:1883 --db /srv/fab/inspections.sqlite3 \
         [--prefix sem-inspect] [--username U --password-file F] [--tls [--ca CA.pem]]
 
 Subscribes to PREFIX/+/result and PREFIX/+/status with QoS 1 and a persistent session (client id
 `sem-inspect-collect`, clean_session off), so results published while the collector is down are delivered when it
-returns. Each result is stored before the broker gets its acknowledgement, keyed by (board, id): a message
-delivered twice (the boards publish at least once) is stored once. A malformed message is logged and skipped.
-SIGTERM/SIGINT: disconnect and exit 0.
-
-    CREATE TABLE fleet_results (board TEXT, id INTEGER, name TEXT, label TEXT, outcome TEXT, stage1_score REAL,
-        defect_class TEXT, confidence REAL, review INTEGER, sha256 TEXT, bundle_id TEXT, recorded_at TEXT,
-        payload TEXT,             -- the whole message (JSON)
-        received_at TEXT, PRIMARY KEY (board, id));
-    CREATE TABLE fleet_boards (board TEXT PRIMARY KEY, status TEXT, changed_at TEXT);
-
-For PostgreSQL, the same two tables with `INSERT ... ON CONFLICT DO NOTHING` do the same job.
+returns. No message can stop it: each is checked (schema.py) and then stored as exactly one of
+    a result        once per (board, id): a message delivered twice (the boards publish at least once) is
+                    stored once;
+    a conflict      same (board, id) as a stored result but other content (a board reusing ids after its
+                    database was replaced, or a client publishing under another board's topic: see the broker
+                    ACL in deploy/mosquitto-acl.conf): kept in fleet_conflicts, the stored result stays;
+    a dead letter   anything rejected (not UTF-8 JSON, wrong types, missing fields, out of range, too large,
+                    unknown status), with the reason, in fleet_dead_letters: counted, logged, never lost;
+    a board status  online/offline in fleet_boards.
+The broker gets its acknowledgement only after that row is committed (manual acknowledgement): a crash or a
+storage failure (disk full: logged, exit 3) leaves the message with the broker, which delivers it again.
+SIGTERM/SIGINT: disconnect and exit 0. Storage (SQLite; tables in storage.py) sits behind a small interface so
+another back-end can be added.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sqlite3
 import sys
+from collections import Counter
 from pathlib import Path
 
+from edge_runtime.collect.schema import Rejected, parse_result, parse_status
+from edge_runtime.collect.storage import Storage, open_storage
 from edge_runtime.config.service_config import parse_host_port
-from edge_runtime.db.store import utc_now
 from edge_runtime.fleet.publisher import FleetUnavailable, need
 
 log = logging.getLogger("edge_inspect.collect")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS fleet_results (
-    board TEXT NOT NULL, id INTEGER NOT NULL, name TEXT, label TEXT, outcome TEXT, stage1_score REAL,
-    defect_class TEXT, confidence REAL, review INTEGER, sha256 TEXT, bundle_id TEXT, recorded_at TEXT,
-    payload TEXT NOT NULL, received_at TEXT NOT NULL, PRIMARY KEY (board, id));
-CREATE TABLE IF NOT EXISTS fleet_boards (board TEXT PRIMARY KEY, status TEXT NOT NULL, changed_at TEXT NOT NULL);
-"""
-FIELDS = ("name", "label", "outcome", "stage1_score", "defect_class", "confidence", "review", "sha256", "bundle_id",
-          "recorded_at")
+EXIT_STORAGE = 3
 
 
 class Collector:
-    def __init__(self, db: Path, prefix: str):
+    def __init__(self, storage: Storage, prefix: str):
         self.prefix = prefix.strip("/")
-        self.db = sqlite3.connect(db, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
-        self.stored = 0
+        self.storage = storage
+        self.counts: Counter = Counter()        # stored, duplicate, conflict, status, rejected
 
-    def on_message(self, topic: str, payload: bytes) -> None:
+    @property
+    def stored(self) -> int:
+        return self.counts["stored"]
+
+    def on_message(self, topic: str, payload: bytes) -> str:
+        """Check and store one message; returns what it became. Only a storage failure raises (the message
+        is then not acknowledged)."""
+        try:
+            outcome = self._store(topic, payload)
+        except Rejected as exc:
+            reason = str(exc)
+        except (sqlite3.Error, OSError):
+            raise
+        except Exception as exc:            # a bug in the checks must not stop the collector either
+            log.exception("%a: unexpected error while checking a message", topic[:200])
+            reason = f"internal error while checking: {type(exc).__name__}"
+        else:
+            self.counts[outcome] += 1
+            if outcome == "conflict":
+                log.warning("%a: a result with this board and id is stored with other content; kept in "
+                            "fleet_conflicts", topic[:200])
+            return outcome
+        self.storage.add_dead_letter(topic, payload, reason)
+        self.counts["rejected"] += 1
+        log.warning("%a: rejected (%s); kept in fleet_dead_letters", topic[:200], reason)
+        return "rejected"
+
+    def _store(self, topic: str, payload: bytes) -> str:
         parts = topic.split("/")
-        if len(parts) < 3 or "/".join(parts[:-2]) != self.prefix:
-            return
+        if len(parts) < 3 or "/".join(parts[:-2]) != self.prefix or parts[-1] not in ("result", "status"):
+            raise Rejected(f"not a topic of the form {self.prefix}/BOARD/result or /status")
         board, kind = parts[-2], parts[-1]
         if kind == "status":
-            self.db.execute("INSERT INTO fleet_boards VALUES (?, ?, ?) ON CONFLICT(board) DO UPDATE SET "
-                            "status = excluded.status, changed_at = excluded.changed_at",
-                            (board, payload.decode("utf-8", "replace")[:32], utc_now()))
-            return
-        if kind != "result":
-            return
-        try:
-            msg = json.loads(payload)
-            rid = msg["id"]
-            if not isinstance(msg, dict) or not isinstance(rid, int) or msg.get("board", board) != board:
-                raise ValueError("not a result of this board")
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("%s: skipping a malformed message (%s)", topic, exc)
-            return
-        cur = self.db.execute(
-            f"INSERT OR IGNORE INTO fleet_results (board, id, {', '.join(FIELDS)}, payload, received_at) "
-            f"VALUES ({', '.join('?' * (len(FIELDS) + 4))})",
-            (board, rid, *[_scalar(msg.get(f)) for f in FIELDS], payload.decode("utf-8"), utc_now()))
-        self.stored += cur.rowcount
+            self.storage.set_status(board, parse_status(board, payload))
+            return "status"
+        return self.storage.add_result(parse_result(board, payload))
 
     def close(self) -> None:
-        self.db.close()
-
-
-def _scalar(value):
-    return int(value) if isinstance(value, bool) else value if isinstance(value, (int, float, str)) else None
+        self.storage.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,13 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FleetUnavailable, OSError) as exc:
         print(f"collect: error: {exc}", file=sys.stderr)
         return 2
-    collector = Collector(args.db, args.prefix)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=args.client_id, clean_session=False)
+    collector = Collector(open_storage(args.db), args.prefix)
+    # manual_ack: the broker is acknowledged only once the message's row is committed (on_message below).
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=args.client_id, clean_session=False,
+                         manual_ack=True)
     if args.username:
         client.username_pw_set(args.username, password)
     if args.tls:
         client.tls_set(ca_certs=args.ca)
     topics = [(f"{collector.prefix}/+/result", 1), (f"{collector.prefix}/+/status", 1)]
+    failed: list[BaseException] = []
 
     def on_connect(cl, userdata, flags, reason, properties):
         if reason.is_failure:
@@ -125,8 +128,22 @@ def main(argv: list[str] | None = None) -> int:
         cl.subscribe(topics)
         log.info("collecting %s/+/result from %s:%d into %s", collector.prefix, host, port, args.db)
 
+    def on_message(cl, userdata, msg):
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:          # brokers refuse such topics; never trust that
+            topic = bytes(getattr(msg, "_topic", b"")).decode("utf-8", "backslashreplace")
+        try:
+            collector.on_message(topic, msg.payload)
+        except (sqlite3.Error, OSError) as exc:     # not the message's fault: stop, unacknowledged
+            log.error("storage failed (%s); stopping without acknowledging: the broker keeps the message", exc)
+            failed.append(exc)
+            cl.disconnect()
+            return
+        cl.ack(msg.mid, msg.qos)
+
     client.on_connect = on_connect
-    client.on_message = lambda cl, userdata, msg: collector.on_message(msg.topic, msg.payload)
+    client.on_message = on_message
     client.reconnect_delay_set(1, 30)
     signal.signal(signal.SIGTERM, lambda *a: client.disconnect())
     signal.signal(signal.SIGINT, lambda *a: client.disconnect())
@@ -134,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client.loop_forever(retry_first_connection=True)
     finally:
-        log.info("stopped: %d result(s) stored", collector.stored)
+        c = collector.counts
+        log.info("stopped: %d result(s) stored, %d duplicate(s), %d conflict(s), %d rejected", c["stored"],
+                 c["duplicate"], c["conflict"], c["rejected"])
         collector.close()
-    return 0
+    return EXIT_STORAGE if failed else 0

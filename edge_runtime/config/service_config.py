@@ -12,6 +12,7 @@ A new setting is one field below plus its test.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import re
@@ -126,6 +127,11 @@ class ServiceConfig:
                                      metavar="TOKEN", secret=True)
     http_max_bytes: int = setting(20 * 2**20, "largest image accepted by POST /inspect", positive=True,
                                   metavar="N")
+    http_allowed_hosts: str | None = setting(None, "host names (or addresses) besides the one in `http:` that "
+                                             "clients use to reach the HTTP API, comma-separated; a request whose "
+                                             "Host is none of them is refused (DNS rebinding)",
+                                             example="sem-tool-07,sem-tool-07.fab.local", commented=True,
+                                             metavar="NAMES")
 
     def resolved(self) -> "ServiceConfig":
         """Check every value, fill the defaults that depend on the watch folder, check the folders."""
@@ -144,10 +150,11 @@ class ServiceConfig:
                       str(Path(self.processed).expanduser() if self.processed else watch / "processed"),
                       quarantine=str(Path(self.quarantine).expanduser() if self.quarantine else watch / "quarantine"),
                       db=str(Path(self.db).expanduser() if self.db else watch / ".edge-inspect.sqlite3"))
-        for name in ("mqtt", "http"):
+        for name, parse in (("mqtt", parse_host_port), ("http", parse_host_port),
+                            ("http_allowed_hosts", parse_host_names)):
             if getattr(out, name):
                 try:
-                    parse_host_port(getattr(out, name))
+                    parse(getattr(out, name))
                 except ValueError as exc:
                     raise ConfigError(f"{name}: {exc}") from None
         if (self.mqtt_username is None) != (self.mqtt_password is None):
@@ -156,9 +163,8 @@ class ServiceConfig:
             raise ConfigError("mqtt_ca needs mqtt_tls: true")
         if not out.board:
             out = replace(out, board=socket.gethostname())
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", out.board):
-            raise ConfigError(f"board: {out.board!r} must be 1-64 letters, digits, '.', '_' or '-' (it is an MQTT "
-                              "topic level)")
+        if not is_board_name(out.board):
+            raise ConfigError(f"board: {out.board!r} must be {BOARD_RULE} (it is an MQTT topic level)")
         if "#" in out.mqtt_prefix or "+" in out.mqtt_prefix or not out.mqtt_prefix.strip("/"):
             raise ConfigError(f"mqtt_prefix: {out.mqtt_prefix!r} must be a topic without wildcards")
         for name in ("processed", "quarantine"):
@@ -171,6 +177,13 @@ class ServiceConfig:
                 raise ConfigError(f"jsonl: {out.jsonl} is the result database (or one of its files, "
                                   f"{', '.join(f.name for f in db_files)}): give the JSONL file its own path")
         return out
+
+
+def inspector_args(cfg: ServiceConfig) -> dict:
+    """The Inspector's keyword arguments from the config (variant, threads, runtime and every decode limit): the
+    one place the watch service and POST /inspect build their inspectors from."""
+    return {"variant": cfg.variant, "threads": cfg.threads, "runtime": cfg.runtime,
+            "max_pixels": cfg.max_image_pixels, "max_bytes": cfg.max_file_bytes, "max_decode_mb": cfg.max_decode_mb}
 
 
 def lock_path(db: Path) -> Path:
@@ -205,6 +218,45 @@ def parse_host_port(value: str) -> tuple[str, int]:
     if not 0 <= int(port) <= 65535:
         raise ValueError(f"{value!r}: port must be 0..65535")
     return host, int(port)
+
+
+BOARD_RULE = "1-64 letters, digits, '.', '_' or '-'"
+
+
+def is_board_name(name) -> bool:
+    """A board's name: an MQTT topic level, the key of its results at the collector, its MQTT user name under
+    the broker's ACL (deploy/mosquitto-acl.conf)."""
+    return isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name) is not None
+
+
+_DNS_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+
+
+def canonical_host(name: str) -> str | None:
+    """A host name as HTTP servers compare it: a DNS name lowercased without a trailing dot, or an IP address
+    in its canonical form (IPv6 without brackets); None when it is neither."""
+    name = name.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    name = name.rstrip(".")
+    return name if len(name) <= 253 and _DNS_NAME.fullmatch(name) else None
+
+
+def parse_host_names(value: str | None) -> tuple[str, ...]:
+    """http_allowed_hosts (and `edge-inspect review --allowed-hosts`): comma-separated host names or addresses
+    -> their canonical forms; ValueError naming one that is neither."""
+    names = []
+    for raw in (value or "").split(","):
+        if raw.strip():
+            name = canonical_host(raw)
+            if name is None:
+                raise ValueError(f"{raw.strip()!r} is not a host name or IP address")
+            names.append(name)
+    return tuple(names)
 
 
 SETTINGS = {f.name: f for f in fields(ServiceConfig)}

@@ -1,4 +1,4 @@
-"""The watch service's HTTP API (standard-library ThreadingHTTPServer in a daemon thread; `http: HOST:PORT`).
+"""The watch service's HTTP API (`http: HOST:PORT`; the bounded server of edge_runtime/fleet/http_base.py).
 
     GET  /healthz                  {"ok", "model_loaded", "bundle_id", "folder_writable", "last_image_at",
                                    "backlog", "mqtt_connected", "unpublished"}; 200 when ok, else 503
@@ -11,22 +11,27 @@
 Bad input gets a 4xx with {"error": ...} and the server goes on: bad query values 400, a body that is not an
 image 400, over http_max_bytes 413, no Content-Length 411, a missing or wrong bearer token (http_token set) 401,
 unknown path 404, other methods 405. The token is compared in constant time and never logged.
+
+What the network can do to the board is bounded by http_base (slow senders, many connections, Host/Origin):
+a POST /inspect body is read only once its token is checked and its Content-Length is within http_max_bytes,
+and at most 2 x http_max_bytes of bodies are held at once (more: 503); inspections run one at a time on a thread
+of their own, so /healthz answers whatever POST /inspect receives, and the drop folder is inspected by the
+service's own thread regardless. Cross-site requests: a request carrying an Origin that is not this server's is
+refused (403), so a web page cannot make the board inspect (or read) anything even without http_token.
 """
 from __future__ import annotations
 
 import hmac
 import logging
 import re
-import socket
 import threading
 from http import HTTPStatus
-from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from edge_runtime.config.service_config import ServiceConfig, parse_host_port
+from edge_runtime.config.service_config import ServiceConfig, inspector_args, parse_host_names, parse_host_port
 from edge_runtime.db.journal import row_to_json
 from edge_runtime.db.store import Store
-from edge_runtime.fleet.http_base import HTTPError, ResponseHandler
+from edge_runtime.fleet.http_base import AllowedHosts, BoundedHTTPServer, HTTPError, Limits, ResponseHandler
 
 log = logging.getLogger("edge_inspect")
 
@@ -34,19 +39,33 @@ MAX_LIMIT = 1000
 _UINT = re.compile(r"[0-9]{1,18}")
 
 
-class HttpApi(ThreadingHTTPServer):
+def authorized(cfg: ServiceConfig, headers) -> bool:
+    """The bearer-token rule (http_token unset: no token needed)."""
+    token = cfg.http_token
+    if token is None:
+        return True
+    scheme, _, value = (headers.get("Authorization") or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+class HttpApi(BoundedHTTPServer):
     """service: the WatchService (health is read from it); metrics: an edge_runtime.fleet.metrics.Metrics."""
-    daemon_threads = True
 
     def __init__(self, cfg: ServiceConfig, service, metrics):
         host, port = parse_host_port(cfg.http)
-        if ":" in host:
-            self.address_family = socket.AF_INET6
         self.cfg, self.service, self.metrics = cfg, service, metrics
         self._inspector = None
         self._inspect_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        super().__init__((host, port), Handler)
+        super().__init__((host, port), Handler, AllowedHosts(host, parse_host_names(cfg.http_allowed_hosts)),
+                         Limits(body_budget=2 * cfg.http_max_bytes))
+
+    def body_limit(self, method: str, path: str, headers) -> int:
+        ok = method == "POST" and path == "/inspect" and authorized(self.cfg, headers)
+        return self.cfg.http_max_bytes if ok else 0
+
+    def is_heavy(self, method: str, path: str) -> bool:
+        return method == "POST" and path == "/inspect"
 
     @property
     def url(self) -> str:
@@ -59,8 +78,8 @@ class HttpApi(ThreadingHTTPServer):
             log.warning("http: listening on %s without http_token: anyone who can reach it can read results", host)
         self._thread = threading.Thread(target=self.serve_forever, name="http-api", daemon=True)
         self._thread.start()
-        log.info("http: serving /healthz /metrics /results /inspect on %s%s", self.url,
-                 " (bearer token required)" if self.cfg.http_token else "")
+        log.info("http: serving /healthz /metrics /results /inspect on %s%s (Host: %s)", self.url,
+                 " (bearer token required)" if self.cfg.http_token else "", self.allowed_hosts.describe())
 
     def close(self) -> None:
         if self._thread:
@@ -69,14 +88,12 @@ class HttpApi(ThreadingHTTPServer):
         self.server_close()
 
     def inspect(self, data: bytes) -> dict:
-        """POST /inspect: its own interpreter (the service's belongs to the watch thread), one request at a time."""
+        """POST /inspect: its own interpreter (the service's belongs to the watch thread), with the service's
+        decode limits; one request at a time."""
         with self._inspect_lock:
             if self._inspector is None:
                 from edge_runtime.inspector import Inspector
-                cfg = self.cfg
-                self._inspector = Inspector(cfg.models, variant=cfg.variant, threads=cfg.threads,
-                                            runtime=cfg.runtime, max_pixels=cfg.max_image_pixels,
-                                            max_bytes=cfg.max_file_bytes)
+                self._inspector = Inspector(self.cfg.models, **inspector_args(self.cfg))
             result = self._inspector.inspect(data)
         self.metrics.timed(result)
         return {**result.to_dict(), "bundle_id": self._inspector.bundle.bundle_id}
@@ -88,12 +105,7 @@ class Handler(ResponseHandler):
     fixed_headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
     def _authorize(self, path: str) -> None:
-        token = self.server.cfg.http_token
-        if token is None or path == "/healthz":
-            return
-        given = self.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        if path != "/healthz" and not authorized(self.server.cfg, self.headers):
             raise HTTPError(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token")
 
     def _route(self) -> tuple[str, dict]:
@@ -157,18 +169,14 @@ class Handler(ResponseHandler):
             raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint {path!r} (POST /inspect)")
         if query:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "POST /inspect takes no parameters")
-        length = self.headers.get("Content-Length")
-        if length is None or not _UINT.fullmatch(length.strip()):
+        if self.headers.get("Content-Length") is None:
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required (send the image as the body)")
         limit = self.server.cfg.http_max_bytes
-        if int(length) > limit:
+        if int(self.headers["Content-Length"]) > limit:
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"image over {limit} bytes (http_max_bytes)")
-        if int(length) == 0:
+        data = self.request_body(limit)
+        if not data:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "empty body: send one image")
-        data = self.rfile.read(int(length))
-        self._body_read = True
-        if len(data) != int(length):
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "body shorter than its Content-Length")
         from edge_runtime.preprocess import ImageError
         try:
             result = self.server.inspect(data)

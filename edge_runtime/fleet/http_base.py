@@ -1,16 +1,63 @@
-"""The plumbing both HTTP servers of the board share (the review page and the fleet API): one place that
-turns a handler's outcome or error into a response (JSON errors, never a traceback; an unread body closes the
-connection) and writes status, headers and body with the server's fixed headers on every response."""
+"""What every HTTP server of the board shares (the fleet API, the review page, and later a central read API):
+a server that holds against a hostile network, and one place that turns a handler's outcome or error into a
+response (JSON errors, never a traceback).
+
+BoundedHTTPServer, the serving model (one rule each, here):
+    I/O      One thread (selectors) accepts connections and reads every request's head and body without
+             blocking, so a slow or silent client holds a socket, never a thread.
+    Slow     A head (request line and headers, at most `head_bytes`) must arrive within `head_seconds` (else
+             408); a body must keep coming (at most `idle_seconds` between bytes) and arrive whole within
+             head_seconds + length / `min_rate`; a kept-alive connection may idle `idle_seconds`.
+    Many     At most `max_connections` are open; over it, the connection that has waited longest without
+             completing a request is closed: slow senders go first, a client that sends its request at once
+             (a health probe) always gets in.
+    Bodies   A body is read only if the server allows one of that size to that request (`body_limit`, e.g.
+             POST /inspect with a valid token); otherwise the handler answers (401, 413, ...) without reading
+             it. At most `body_budget` bytes of bodies are held at once across all connections; a body that
+             does not fit is refused (503, Retry-After) before it is read.
+    Threads  Complete requests are answered by `workers` threads through a bounded queue (full: 503 at once);
+             requests the server calls heavy (`is_heavy`: POST /inspect) by `heavy_workers` threads of their own,
+             so an inspection never holds up /healthz. The thread count is fixed: 1 + workers + heavy_workers.
+    Writes   A response must be written within `send_seconds`: a client that does not read holds a worker that
+             long at most.
+    Names    Host must be a name the server is bound for (AllowedHosts: DNS rebinding), and an Origin, when
+             sent, must be http(s)://one-of-them (a cross-site request); else 421 / 403 before any handler runs.
+
+ResponseHandler: a BaseHTTPRequestHandler run once per request on a worker thread, over the request bytes the
+I/O thread read: `_dispatch` runs a route and turns HTTPError, StorageError and any bug into a JSON error;
+`_send`/`_json` write responses with the server's fixed headers; `request_body(limit)` is the body.
+"""
 from __future__ import annotations
 
+import collections
+import errno
+import http.client
+import io
+import ipaddress
 import json
 import logging
+import os
+import queue
+import re
+import resource
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
+from urllib.parse import urlsplit
 
+from edge_runtime.config.service_config import canonical_host
 from edge_runtime.db.store import StorageError
 
 log = logging.getLogger("edge_inspect.http")
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+DRAIN_SECONDS, DRAIN_BYTES = 2.0, 1 << 20
 
 
 class HTTPError(Exception):
@@ -20,26 +67,534 @@ class HTTPError(Exception):
         self.status, self.extra = status, extra
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Host and Origin
+# ---------------------------------------------------------------------------------------------------------
+def _ip(name: str):
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
+def host_name(value: str | None) -> str | None:
+    """The host in a Host header value (`name`, `name:port`, `[v6]`, `[v6]:port`) in canonical form
+    (canonical_host); None when it is not one."""
+    m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(?::[0-9]{1,5})?", (value or "").strip())
+    return canonical_host(m.group(1)) if m else None
+
+
+class AllowedHosts:
+    """The Host names a server answers to: the address it is bound to; the loopback names when that is a
+    loopback address; when it listens on every address (0.0.0.0, ::), the loopback names and any address
+    literal (an address in Host cannot be rebound: DNS rebinding needs a name); and the configured names."""
+
+    def __init__(self, bind_host: str, extra=()):
+        bound = canonical_host(bind_host) or bind_host.lower()
+        ip = _ip(bound)
+        self.any_address = bool(ip is not None and ip.is_unspecified)
+        loopback = bound == "localhost" or bool(ip is not None and ip.is_loopback)
+        self.names = {bound, *extra} | (LOOPBACK_NAMES if loopback or self.any_address else set())
+
+    def allows(self, host_header: str | None) -> bool:
+        name = host_name(host_header)
+        return name is not None and (name in self.names or (self.any_address and _ip(name) is not None))
+
+    def allows_origin(self, origin: str) -> bool:
+        parts = urlsplit(origin.strip())
+        return parts.scheme in ("http", "https") and not parts.path.strip("/") and self.allows(parts.netloc)
+
+    def describe(self) -> str:
+        return ", ".join(sorted(self.names)) + (", any IP address" if self.any_address else "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# responses
+# ---------------------------------------------------------------------------------------------------------
+def response_head(status: int, ctype: str, length: int, headers: dict, server: str, close: bool) -> bytes:
+    """Status line and headers of a response (the one layout both the handlers and the I/O thread write)."""
+    status = HTTPStatus(status)
+    lines = [f"HTTP/1.1 {status.value} {status.phrase}", f"Server: {server}",
+             f"Date: {formatdate(usegmt=True)}", f"Content-Type: {ctype}", f"Content-Length: {length}",
+             *(f"{k}: {v}" for k, v in headers.items())]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def error_body(status: int, message: str, **extra) -> bytes:
+    return json.dumps({"error": message, **extra}, ensure_ascii=False).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Limits:
+    workers: int = 4                # threads answering complete requests
+    heavy_workers: int = 1          # threads of their own for heavy requests (is_heavy)
+    queue: int = 32                 # complete requests waiting for a thread, per pool; over: 503
+    max_connections: int = 256      # open connections; over: the longest-waiting incomplete one is closed
+    head_bytes: int = 16 * 1024     # request line + headers
+    head_seconds: float = 10.0      # a head must arrive within this
+    idle_seconds: float = 10.0      # longest pause inside a body; longest keep-alive wait
+    min_rate: int = 32 * 1024       # bytes/s a body must average (after head_seconds of grace)
+    body_budget: int = 8 << 20      # bytes of request bodies held at once, all connections together
+    send_seconds: float = 20.0      # a response must be written within this
+
+
+HEAD, BODY, BUSY, DRAIN = "head", "body", "busy", "drain"
+
+
+class _Conn:
+    """One client connection as the I/O thread sees it."""
+
+    def __init__(self, sock: socket.socket, addr, now: float):
+        self.sock, self.addr = sock, addr
+        self.state = HEAD
+        self.since = now            # start of the current wait (head, body, keep-alive or drain)
+        self.last = now             # last bytes received
+        self.served = 0             # requests answered on it
+        self.buf = bytearray()      # head bytes (and whatever followed them)
+        self.head = b""
+        self.body: bytearray | bytes | None = None
+        self.got = 0
+        self.reserved = 0           # body-budget bytes held
+        self.heavy = False
+        self.close_after = False    # a body was sent that was not read: the connection cannot be reused
+        self.deadline = 0.0
+        self.drained = 0
+
+
+class BoundedHTTPServer:
+    """The serving model in the module docstring. Subclasses say which requests may carry a body of what size
+    (body_limit) and which are heavy (is_heavy); handlers are ResponseHandler subclasses."""
+
+    def __init__(self, address: tuple[str, int], handler_class, allowed_hosts: AllowedHosts,
+                 limits: Limits | None = None):
+        host, port = address
+        self.limits = limits or Limits()
+        self.allowed_hosts = allowed_hosts
+        self.RequestHandlerClass = handler_class
+        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((host, port))
+            self.socket.listen(128)
+            self.socket.setblocking(False)
+        except BaseException:
+            self.socket.close()
+            raise
+        self.server_address = self.socket.getsockname()
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self._conns: set[_Conn] = set()                 # I/O thread only
+        self._returned: collections.deque = collections.deque()     # workers -> I/O thread
+        self._budget_lock = threading.Lock()
+        self._budget_used = 0
+        self._pools = {False: queue.Queue(self.limits.queue), True: queue.Queue(self.limits.queue)}
+        self._threads: list[tuple[bool, threading.Thread]] = []
+        # Never more connections than file descriptors allow (the rest of the process needs some too).
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._max_connections = self.limits.max_connections if soft == resource.RLIM_INFINITY else \
+            min(self.limits.max_connections, max(8, soft - 64))
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self.refused: collections.Counter = collections.Counter()      # why connections or requests were refused
+        self._reported = collections.Counter()
+        self._next_report = time.monotonic() + 60
+
+    # -- what subclasses decide ------------------------------------------------------------------------------
+    def body_limit(self, method: str, path: str, headers) -> int:
+        """The largest body this request may carry (read before the handler runs); 0: none is read."""
+        return 0
+
+    def is_heavy(self, method: str, path: str) -> bool:
+        """Requests answered by the heavy workers (long-running, one at a time)."""
+        return False
+
+    # -- running --------------------------------------------------------------------------------------------
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._stop.clear()
+        self._stopped.clear()
+        lim = self.limits
+        for heavy, n in ((False, lim.workers), (True, lim.heavy_workers)):
+            for i in range(n):
+                t = threading.Thread(target=self._work, args=(self._pools[heavy],), daemon=True,
+                                     name=f"{type(self).__name__}-{'heavy' if heavy else 'worker'}-{i}")
+                t.start()
+                self._threads.append((heavy, t))
+        self._sel.register(self.socket, selectors.EVENT_READ, "accept")
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while not self._stop.is_set():
+                for key, _ in self._sel.select(min(poll_interval, 0.25)):
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "wake":
+                        self._take_back()
+                    else:
+                        self._readable(key.data)
+                self._expire(time.monotonic())
+        finally:
+            for conn in list(self._conns):
+                if conn.state != BUSY:
+                    self._close(conn)
+            for fileobj in (self.socket, self._wake_r):
+                try:
+                    self._sel.unregister(fileobj)
+                except (KeyError, ValueError):
+                    pass
+            for heavy, _ in self._threads:
+                try:
+                    self._pools[heavy].put_nowait(None)         # one stop sign per worker
+                except queue.Full:
+                    pass
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop serve_forever (from another thread) and wait for it to return."""
+        self._stop.set()
+        self._wake()
+        self._stopped.wait()
+        for _, t in self._threads:
+            t.join(timeout=5.0)
+        self._threads = [(h, t) for h, t in self._threads if t.is_alive()]
+
+    def server_close(self) -> None:
+        self.socket.close()
+        for conn in list(self._conns):
+            self._close(conn)
+        for fd in (self._wake_r, self._wake_w):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._wake_r = self._wake_w = None
+        self._sel.close()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (OSError, TypeError):
+            pass
+
+    # -- the I/O thread -------------------------------------------------------------------------------------
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, addr = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:      # EMFILE and the like: make room, try again next round
+                self._note(f"accept failed ({errno.errorcode.get(exc.errno, exc.errno)})")
+                if not self._evict():
+                    time.sleep(0.05)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)     # answers go out whole, at once
+            if len(self._conns) >= self._max_connections and not self._evict():
+                self._note("over max_connections")
+                sock.close()
+                continue
+            conn = _Conn(sock, addr, time.monotonic())
+            self._conns.add(conn)
+            self._sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _evict(self) -> bool:
+        """Close the connection that has waited longest without completing a request (draining ones first)."""
+        waiting = [c for c in self._conns if c.state != BUSY]
+        if not waiting:
+            return False
+        victim = min(waiting, key=lambda c: (c.state != DRAIN, c.since))
+        self._note("evicted (too many connections)")
+        self._close(victim)
+        return True
+
+    def _readable(self, conn: _Conn) -> None:
+        try:
+            if conn.state == BODY:
+                n = conn.sock.recv_into(memoryview(conn.body)[conn.got:])
+            else:
+                data = conn.sock.recv(65536)
+                n = len(data)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if n == 0:
+            self._close(conn)
+            return
+        conn.last = time.monotonic()
+        if conn.state == DRAIN:
+            conn.drained += n
+            if conn.drained > DRAIN_BYTES:
+                self._close(conn)
+        elif conn.state == BODY:
+            conn.got += n
+            if conn.got == len(conn.body):
+                self._body_done(conn)
+        else:
+            if not conn.buf:
+                conn.since = conn.last          # a kept-alive connection: its next request starts now
+            conn.buf += data
+            self._head_maybe_done(conn)
+
+    def _head_maybe_done(self, conn: _Conn) -> None:
+        while conn.buf[:1] in (b"\r", b"\n"):     # stray line ends between requests
+            del conn.buf[:1]
+        m = _HEAD_END.search(conn.buf, 0, self.limits.head_bytes + 4)
+        if m is None:
+            if len(conn.buf) > self.limits.head_bytes:
+                self._refuse(conn, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")
+            return
+        head, rest = bytes(conn.buf[:m.end()]), bytes(conn.buf[m.end():])
+        conn.buf = bytearray()
+        conn.head = head
+        first, _, fields = head.partition(b"\n")
+        words = first.decode("latin-1").split()
+        if len(words) != 3:
+            return self._refuse(conn, HTTPStatus.BAD_REQUEST, "malformed request line")
+        method, target, version = words
+        if version not in ("HTTP/1.0", "HTTP/1.1"):
+            return self._refuse(conn, HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/1.0 or HTTP/1.1 only")
+        try:
+            headers = http.client.parse_headers(io.BytesIO(fields))
+        except http.client.HTTPException:
+            return self._refuse(conn, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many or too long headers")
+        try:
+            length = self._admit(method, target, version, headers)
+        except HTTPError as exc:
+            return self._refuse(conn, exc.status, str(exc), **exc.extra)
+        path = urlsplit(target).path
+        conn.heavy = self.is_heavy(method, path)
+        if length == 0:
+            conn.body, conn.buf = b"", bytearray(rest)
+            return self._dispatch(conn)
+        if length > self.body_limit(method, path, headers):
+            conn.body, conn.close_after = None, True        # not read: the handler refuses it
+            return self._dispatch(conn)
+        with self._budget_lock:
+            if self._budget_used + length > self.limits.body_budget:
+                fits = False
+            else:
+                self._budget_used += length
+                conn.reserved, fits = length, True
+        if not fits:
+            return self._refuse(conn, HTTPStatus.SERVICE_UNAVAILABLE, "busy: too many request bodies in flight; "
+                                "retry later", retry=True)
+        conn.body = bytearray(length)
+        take = min(length, len(rest))
+        conn.body[:take] = rest[:take]
+        conn.got = take
+        conn.buf = bytearray(rest[take:])
+        if conn.got == length:
+            return self._body_done(conn)
+        conn.state, conn.since = BODY, time.monotonic()
+        conn.deadline = conn.since + self.limits.head_seconds + length / self.limits.min_rate
+        if "100-continue" in (headers.get("Expect") or "").lower():
+            self._send_now(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _admit(self, method: str, target: str, version: str, headers) -> int:
+        """The checks every request passes before a handler runs; returns its Content-Length."""
+        hosts = headers.get_all("Host") or []
+        if len(hosts) > 1 or (not hosts and version == "HTTP/1.1"):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "exactly one Host header is required")
+        if hosts and not self.allowed_hosts.allows(hosts[0]):
+            raise HTTPError(HTTPStatus.MISDIRECTED_REQUEST, f"this server does not answer to the name in Host "
+                            f"({hosts[0][:100]!a}); it answers to {self.allowed_hosts.describe()}")
+        origins = headers.get_all("Origin") or []
+        if len(origins) > 1 or (origins and not self.allowed_hosts.allows_origin(origins[0])):
+            raise HTTPError(HTTPStatus.FORBIDDEN, f"cross-origin request refused (Origin {origins[0][:100]!a})")
+        if headers.get("Transfer-Encoding") is not None:
+            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "chunked bodies are not accepted: send Content-Length")
+        lengths = headers.get_all("Content-Length") or []
+        if len(lengths) > 1 or (lengths and not re.fullmatch(r"[0-9]{1,15}", lengths[0].strip())):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "Content-Length must be one whole number")
+        return int(lengths[0]) if lengths else 0
+
+    def _body_done(self, conn: _Conn) -> None:
+        conn.body = bytes(conn.body)        # bytes: handed on without further copies (io.BytesIO shares it)
+        self._dispatch(conn)
+
+    def _dispatch(self, conn: _Conn) -> None:
+        self._sel.unregister(conn.sock)
+        conn.state = BUSY
+        try:
+            self._pools[conn.heavy].put_nowait(conn)
+        except queue.Full:
+            self._sel.register(conn.sock, selectors.EVENT_READ, conn)
+            self._release(conn)
+            self._refuse(conn, HTTPStatus.SERVICE_UNAVAILABLE, "busy: too many requests waiting; retry later",
+                         retry=True)
+
+    def _send_now(self, conn: _Conn, data: bytes) -> None:
+        """Best effort without blocking (a small response fits the socket buffer)."""
+        try:
+            conn.sock.send(data)
+        except OSError:
+            pass
+
+    def _refuse(self, conn: _Conn, status: int, message: str, retry: bool = False, **extra) -> None:
+        """Answer from the I/O thread and close (draining what the client still sends, so it reads the answer)."""
+        self._note(f"{int(status)} {HTTPStatus(status).phrase}")
+        body = error_body(status, message, **extra)
+        headers = {**self.RequestHandlerClass.fixed_headers, **({"Retry-After": "5"} if retry else {})}
+        self._send_now(conn, response_head(status, "application/json; charset=utf-8", len(body), headers,
+                                           self.RequestHandlerClass.server_version, True) + body)
+        self._start_drain(conn)
+
+    def _start_drain(self, conn: _Conn) -> None:
+        self._release(conn)
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return self._close(conn)
+        conn.state, conn.since, conn.drained, conn.body = DRAIN, time.monotonic(), 0, None
+        conn.buf = bytearray()
+        conn.deadline = conn.since + DRAIN_SECONDS
+
+    def _take_back(self) -> None:
+        """Connections the workers are done with: keep-alive ones wait for their next request, others drain."""
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        while self._returned:
+            conn, keep = self._returned.popleft()
+            conn.sock.setblocking(False)
+            self._sel.register(conn.sock, selectors.EVENT_READ, conn)
+            if not keep:
+                self._start_drain(conn)
+                continue
+            conn.state, conn.since, conn.served = HEAD, time.monotonic(), conn.served + 1
+            conn.head, conn.body, conn.got, conn.heavy = b"", None, 0, False
+            if conn.buf:
+                self._head_maybe_done(conn)         # a pipelined request already read
+
+    def _expire(self, now: float) -> None:
+        lim = self.limits
+        for conn in list(self._conns):
+            if conn.state == HEAD:
+                if conn.buf and now - conn.since > lim.head_seconds:
+                    self._refuse(conn, HTTPStatus.REQUEST_TIMEOUT, f"request head not received within "
+                                 f"{lim.head_seconds:g} s")
+                elif not conn.buf and now - conn.since > (lim.idle_seconds if conn.served else lim.head_seconds):
+                    self._note("idle connection closed")
+                    self._close(conn)
+            elif conn.state == BODY:
+                if now - conn.last > lim.idle_seconds or now > conn.deadline:
+                    self._refuse(conn, HTTPStatus.REQUEST_TIMEOUT, "request body too slow")
+            elif conn.state == DRAIN and now > conn.deadline:
+                self._close(conn)
+        if now >= self._next_report:
+            self._next_report = now + 60
+            new = self.refused - self._reported
+            if new:
+                log.warning("%s: in the last minute: %s", type(self).__name__,
+                            ", ".join(f"{n} {why}" for why, n in sorted(new.items())))
+                self._reported = collections.Counter(self.refused)
+
+    def _note(self, why: str) -> None:
+        self.refused[why] += 1
+
+    def _release(self, conn: _Conn) -> None:
+        if conn.reserved:
+            with self._budget_lock:
+                self._budget_used -= conn.reserved
+            conn.reserved = 0
+
+    def _close(self, conn: _Conn) -> None:
+        self._release(conn)
+        try:
+            self._sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        conn.body = None
+        self._conns.discard(conn)
+
+    # -- the workers ----------------------------------------------------------------------------------------
+    def _work(self, pool: queue.Queue) -> None:
+        while (conn := pool.get()) is not None:
+            keep = False
+            try:
+                conn.sock.settimeout(self.limits.send_seconds)
+                handler = self.RequestHandlerClass(conn, conn.addr, self)
+                keep = not handler.close_connection and not conn.close_after
+            except Exception:           # a bug must not take the worker down
+                log.exception("%s: unexpected error", type(self).__name__)
+            finally:
+                self._release(conn)
+                conn.body = None
+            self._returned.append((conn, keep))
+            self._wake()
+
+
+class _DeadlineWriter(io.RawIOBase):
+    """The response side of a connection: everything must be written before one deadline."""
+
+    def __init__(self, sock: socket.socket, seconds: float):
+        self.sock, self.deadline = sock, time.monotonic() + seconds
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("response not taken by the client in time")
+        self.sock.settimeout(left)
+        self.sock.sendall(data)
+        return len(data)
+
+
 class ResponseHandler(BaseHTTPRequestHandler):
+    """One request (read by the server's I/O thread) answered on a worker thread."""
     protocol_version = "HTTP/1.1"
     fixed_headers: dict[str, str] = {}      # sent with every response (security, caching)
+    server: BoundedHTTPServer
+
+    def setup(self) -> None:
+        conn: _Conn = self.request
+        self.connection = conn.sock
+        self.rfile = io.BytesIO(conn.head)
+        self.wfile = _DeadlineWriter(conn.sock, self.server.limits.send_seconds)
+        self._request_body = conn.body
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()
+
+    def finish(self) -> None:
+        pass
+
+    def handle_expect_100(self) -> bool:
+        return True             # the I/O thread sent "100 Continue" when it took the body
 
     def log_message(self, fmt, *args):
         log.debug("%s %s %s", self.server_version, self.address_string(), fmt % args)
 
-    def _headers(self, status: int, ctype: str, length: int, extra: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(length))
-        for k, v in {**self.fixed_headers, **(extra or {})}.items():
-            self.send_header(k, v)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
+    def request_body(self, limit: int) -> bytes:
+        """The request's body: Content-Length required (411), at most `limit` bytes (413)."""
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
+        if int(length) > limit or self._request_body is None:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {limit} bytes")
+        return self._request_body
+
+    def _headers(self, status: int, ctype: str, length: int, extra: dict | None = None, body: bytes = b"") -> None:
+        """The status line and headers (with `body`, when it is given, in the same write)."""
+        self.log_request(int(status))
+        self.wfile.write(response_head(status, ctype, length, {**self.fixed_headers, **(extra or {})},
+                                       self.server_version, self.close_connection) + body)
 
     def _send(self, status: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
-        self._headers(status, ctype, len(body), extra)
-        self.wfile.write(body)
+        self._headers(status, ctype, len(body), extra, body)
 
     def _json(self, status: int, obj, extra: dict | None = None) -> None:
         self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8",
@@ -51,7 +606,6 @@ class ResponseHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self, fn) -> None:
         """Run one request handler; any error becomes a JSON error response and the server goes on."""
-        self._body_read = False
         try:
             extra_body: dict = {}
             try:
@@ -62,7 +616,8 @@ class ResponseHandler(BaseHTTPRequestHandler):
             except StorageError as exc:
                 log.error("%s: result database: %s", self.server_version, exc)
                 status, message = HTTPStatus.SERVICE_UNAVAILABLE, f"result database: {exc}"
-            except (BrokenPipeError, ConnectionResetError):
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                self.close_connection = True
                 return
             except Exception as exc:        # a bug must not take the server down
                 known = self._error(exc)
@@ -70,9 +625,9 @@ class ResponseHandler(BaseHTTPRequestHandler):
                     log.exception("%s: unexpected error on %s %s", self.server_version, self.command, self.path)
                     known = HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(exc).__name__}"
                 status, message = known
-            if not self._body_read and self.headers.get("Content-Length", "0") != "0":
-                self.close_connection = True    # an unread request body must not be taken for the next request
+            if self._request_body is None:
+                self.close_connection = True    # a body that was not read must not be taken for the next request
             extra = {"WWW-Authenticate": "Bearer"} if status == HTTPStatus.UNAUTHORIZED else None
             self._json(status, {"error": message, **extra_body}, extra)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True

@@ -79,6 +79,10 @@ class Publisher:
         client.will_set(self.topics["status"], b"offline", qos=1, retain=True)
         if cfg.mqtt_username is not None:
             client.username_pw_set(cfg.mqtt_username, cfg.mqtt_password)
+            if cfg.mqtt_username != cfg.board:
+                log.warning("mqtt: user name %r is not the board name %r: under the shipped broker ACL "
+                            "(deploy/mosquitto-acl.conf) a board may publish only under its user name",
+                            cfg.mqtt_username, cfg.board)
         if cfg.mqtt_tls:
             client.tls_set(ca_certs=cfg.mqtt_ca, cert_reqs=ssl.CERT_REQUIRED)
         client.reconnect_delay_set(min_delay=1, max_delay=30)

@@ -7,25 +7,35 @@ corrected; `unusable` is left out), the class-folder layout `python -m train pre
 DIR/export_manifest.csv: one row per image with where it came from (source path, result id, review id,
 sha256), the model's label and the reviewed one, who reviewed it and when, and the bundle that labelled it.
 
-Images are read only from inside the processed folder (the same check as the review page) and must still have
-the content that was inspected (sha256); any that cannot be exported are listed with the reason, the rest are
-still exported (exit 1). The export is written to a temporary folder beside DIR and renamed into place, so DIR
-is never left half-written; DIR must be new, empty, or an earlier export (it is replaced).
+Images are read only from inside the processed folder, opened once without following symbolic links (the same
+check as the review page), and must still have the content that was inspected (sha256). Every path written
+stays inside DIR: a reviewed label must be a class name (edge_runtime/classnames.py), the file name is one plain
+component, files are created new and never through a link. Images that cannot be exported (outside processed/,
+changed, a label that is not a class name, a name too long) are listed with the reason, the rest are still
+exported (exit 1). The export is written to a new temporary folder beside DIR and renamed into place, so DIR is
+never left half-written and a failed export leaves nothing; DIR must be new, empty, or an earlier export (it is
+replaced).
+
+Spreadsheets: a manifest cell starting with = + - @, a tab or a carriage return (a formula) is written with a
+leading apostrophe, so opening the manifest in a spreadsheet shows it as text and runs nothing.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import io
 import os
 import shutil
 import sys
+import tempfile
 from collections import Counter
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from edge_runtime.classnames import ClassNameError, check_class_name
 from edge_runtime.db.store import StorageError
-from edge_runtime.digest import sha256_file
-from edge_runtime.review.reviews import ReviewError, file_within, open_reviews
+from edge_runtime.digest import sha256_fileobj
+from edge_runtime.review.reviews import ReviewError, open_image, open_reviews
 
 PROG = "edge-inspect export-labels"
 EXIT_OK, EXIT_FAILED, EXIT_SETUP = 0, 1, 2
@@ -58,43 +68,85 @@ def check_out(out: Path) -> None:
                           "refusing to write into it: give a new or empty folder")
 
 
+def _cell(value):
+    """A manifest cell that a spreadsheet will not run: text starting with = + - @, a tab or a carriage return
+    (a formula, e.g. a reviewer named =HYPERLINK(...)) gets a leading apostrophe, which spreadsheets show as
+    text (the OWASP CSV-injection rule). Numbers and other text are written as they are."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+def _inside(root: Path, label: str, name: str) -> Path:
+    """root/label/name, checked to be exactly two plain components below root (never above it, never absolute)."""
+    for part in (label, name):
+        if part in ("", ".", "..") or "/" in part or "\0" in part:
+            raise ExportError(f"{part!r} cannot be a file or folder name inside --out")
+    path = root / label / name
+    if path.parent.parent != root or os.path.commonpath([root, path]) != str(root):
+        raise ExportError(f"{label}/{name} would be written outside --out")
+    return path
+
+
+def _copy(fh, st: os.stat_result, dest: Path) -> None:
+    """Copy an open image into a new file (never through a link, never over an existing file), keeping its
+    modification time."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    with os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(fh, out, 1 << 20)
+        out.flush()
+        os.utime(out.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def export(reviews, out: str | os.PathLike) -> dict:
     """Write the export; returns {"exported": {label: n}, "skipped": [(result_id, path, reason)], "out": DIR}."""
     out = Path(out).expanduser().absolute()
     check_out(out)
     rows = reviews.for_export()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     skipped, counts, lines = [], Counter(), []
     try:
         for row in rows:
+            name = f"{row['result_id']}-{PurePosixPath(row['dest_path']).name}"
             try:
-                src = file_within(reviews.processed, row["dest_path"])
-            except ReviewError as exc:
+                label = check_class_name(row["label"], "reviewed label")
+                dest = _inside(tmp, label, name)
+                fh, st = open_image(reviews.processed, row["dest_path"])
+            except (ReviewError, ClassNameError, ExportError) as exc:
                 skipped.append((row["result_id"], row["dest_path"], str(exc)))
                 continue
-            if row["sha256"] and sha256_file(src) != row["sha256"]:
-                skipped.append((row["result_id"], row["dest_path"], "content differs from the inspected image "
-                                "(sha256 changed since it was recorded)"))
-                continue
-            rel = Path(row["label"]) / f"{row['result_id']}-{src.name}"
-            (tmp / rel.parent).mkdir(exist_ok=True)
-            shutil.copy2(src, tmp / rel)
-            counts[row["label"]] += 1
-            lines.append({"file": rel.as_posix(), "label": row["label"], "model_label": row["model_label"],
-                          "result_id": row["result_id"], "review_id": row["review_id"], "source_path": str(src),
-                          "sha256": row["sha256"], "reviewer": row["reviewer"], "reviewed_at": row["reviewed_at"],
-                          "bundle_id": row["bundle_id"] or ""})
+            with fh:
+                if row["sha256"] and sha256_fileobj(fh) != row["sha256"]:
+                    skipped.append((row["result_id"], row["dest_path"], "content differs from the inspected image "
+                                    "(sha256 changed since it was recorded)"))
+                    continue
+                fh.seek(0)
+                dest.parent.mkdir(exist_ok=True)
+                try:
+                    _copy(fh, st, dest)
+                except (ValueError, OSError) as exc:
+                    if isinstance(exc, OSError) and exc.errno not in (errno.ENAMETOOLONG, errno.EILSEQ, errno.EEXIST):
+                        raise               # disk full, I/O error: the export fails whole
+                    skipped.append((row["result_id"], row["dest_path"], f"cannot be written as {label}/{name!r}: "
+                                    f"{getattr(exc, 'strerror', None) or exc}"))
+                    continue
+            counts[label] += 1
+            rel = dest.relative_to(tmp)
+            lines.append({"file": rel.as_posix(), "label": label, "model_label": row["model_label"],
+                          "result_id": row["result_id"], "review_id": row["review_id"],
+                          "source_path": row["dest_path"], "sha256": row["sha256"], "reviewer": row["reviewer"],
+                          "reviewed_at": row["reviewed_at"], "bundle_id": row["bundle_id"] or ""})
         buf = io.StringIO()
         writer = csv.DictWriter(buf, FIELDS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(lines)
-        with open(tmp / MANIFEST, "w", encoding="utf-8", newline="") as fh:
+        writer.writerows({k: _cell(v) for k, v in line.items()} for line in lines)
+        fd = os.open(tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace", newline="") as fh:
             fh.write(buf.getvalue())
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())        # mkdtemp made it 0700; the export is an ordinary folder
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -102,8 +154,15 @@ def export(reviews, out: str | os.PathLike) -> dict:
     return {"exported": dict(sorted(counts.items())), "skipped": skipped, "out": out}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _replace(tmp: Path, out: Path) -> None:
-    """Put the finished export at `out`; an earlier export there is removed only once the new one is in place."""
+    """Put the finished export at `out`; an earlier export there is removed only once the new one is in place
+    (and put back if the new one cannot be moved in)."""
     check_out(out)          # again: nothing may have appeared there meanwhile
     old = None
     if out.exists():
@@ -112,7 +171,12 @@ def _replace(tmp: Path, out: Path) -> None:
             os.rename(out, old)
         else:
             out.rmdir()
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

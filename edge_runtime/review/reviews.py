@@ -24,8 +24,11 @@ import sqlite3
 import threading
 import unicodedata
 from pathlib import Path
+from typing import BinaryIO
 
+from edge_runtime.classnames import ClassNameError, check_class_name
 from edge_runtime.db.store import Store, utc_now
+from edge_runtime.safeopen import NotBeneath, NotRegularFile, open_beneath
 
 UNUSABLE = "unusable"
 STATES = ("unreviewed", "reviewed", "confirmed", "corrected", "unusable", "all")
@@ -55,22 +58,24 @@ class Conflict(ReviewError):
         self.current = current
 
 
-def file_within(root: Path | None, path: str | os.PathLike) -> Path:
-    """`path` resolved (symlinks followed, `..` collapsed) if it is a regular file inside `root`; else
-    Forbidden (outside) or NotFound (absent). The one check behind serving and exporting images."""
+def open_image(root: Path | None, path: str | os.PathLike) -> tuple[BinaryIO, os.stat_result]:
+    """The one check behind serving and exporting images: `path` opened once, only if it is a regular file
+    inside `root` reached without following a symbolic link (edge_runtime/safeopen.py: open_beneath), so a
+    link swapped in after any check cannot lead outside. Returns the open file and its fstat; Forbidden
+    (outside, or a link in the way) or NotFound (absent, not a regular file)."""
     if root is None:
         raise NotFound("no processed folder is configured")
     try:
-        real = Path(path).resolve(strict=True)
+        return open_beneath(root, path)
+    except NotBeneath:
+        raise Forbidden(f"image is outside the processed folder {root} (symbolic links are not followed): "
+                        f"{path}") from None
     except FileNotFoundError:
         raise NotFound(f"image file is missing: {path}") from None
-    except (OSError, RuntimeError) as exc:        # RuntimeError: a symlink loop
-        raise NotFound(f"image file cannot be read: {path}: {exc}") from None
-    if real != root and root not in real.parents:
-        raise Forbidden(f"image is outside the processed folder {root}: {path}")
-    if not real.is_file():
-        raise NotFound(f"not a file: {path}")
-    return real
+    except NotRegularFile as exc:
+        raise NotFound(f"not a file: {path} ({exc.strerror})") from None
+    except OSError as exc:
+        raise NotFound(f"image file cannot be read: {path}: {exc.strerror or exc}") from None
 
 
 def check_reviewer(name) -> str:
@@ -86,11 +91,17 @@ def check_reviewer(name) -> str:
     return name
 
 
+FIRST_DAY, LAST_DAY = _dt.date(1970, 1, 1), _dt.date.max - _dt.timedelta(days=1)   # a day after it must exist
+
+
 def _day(value: str, what: str) -> str:
     try:
-        return _dt.date.fromisoformat(value).isoformat()
+        day = _dt.date.fromisoformat(value)
     except (TypeError, ValueError):
         raise ReviewError(f"{what} must be a date YYYY-MM-DD, got {value!r}") from None
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise ReviewError(f"{what} must lie between {FIRST_DAY} and {LAST_DAY}, got {value!r}")
+    return day.isoformat()
 
 
 def top3(row: dict) -> tuple[list[list], bool]:
@@ -134,11 +145,24 @@ class Reviews:
         if not self.taxonomy:
             raise ReviewError(f"{store.path}: no model bundle is recorded in this database (results from before "
                               "provenance); give the bundle (--models BUNDLE) for the class list")
+        try:        # the class list may come from the database file, which others can write
+            for name in self.taxonomy:
+                check_class_name(name, "taxonomy")
+        except ClassNameError as exc:
+            raise ReviewError(f"{store.path}: {exc}") from None
         self.labels = self.taxonomy + [UNUSABLE]
 
     def _stored_taxonomy(self) -> list[str]:
         row = self.db.execute("SELECT taxonomy FROM bundles ORDER BY first_seen DESC, id LIMIT 1").fetchone()
-        return json.loads(row[0]) if row else []
+        if row is None:
+            return []
+        try:
+            taxonomy = json.loads(row[0])
+        except (TypeError, ValueError, RecursionError):
+            taxonomy = None
+        if not isinstance(taxonomy, list):
+            raise ReviewError(f"{self.store.path}: the recorded bundle's taxonomy is not a list of class names")
+        return taxonomy
 
     # -- reads -------------------------------------------------------------------------------------------
     def meta(self) -> dict:
@@ -247,14 +271,15 @@ class Reviews:
                                 for (a, b), n in sorted(corrections.items(), key=lambda kv: (-kv[1], kv[0]))],
                 "bundles": bundles}
 
-    def image_file(self, result_id: int) -> Path:
-        """The result's image file, checked to lie inside the processed folder."""
+    def open_image(self, result_id: int) -> tuple[BinaryIO, os.stat_result, str]:
+        """The result's image, opened from inside the processed folder (open_image): (file, fstat, its path)."""
         with self.lock:
             row = self.db.execute("SELECT dest_path FROM results WHERE id = ? AND outcome = 'inspected'",
                                   (result_id,)).fetchone()
         if row is None:
             raise NotFound(f"no inspected result with id {result_id}")
-        return file_within(self.processed, row[0])
+        fh, st = open_image(self.processed, row[0])
+        return fh, st, row[0]
 
     def for_export(self) -> list[dict]:
         """Every result whose latest review gives it a class (confirmed or corrected; not unusable), by id."""

@@ -14,32 +14,36 @@ Routes; every input is checked, a bad request gets a 4xx status with {"error": "
     GET  /api/queue?label=&state=&from=YYYY-MM-DD&to=YYYY-MM-DD&limit=&offset=
     GET  /api/summary                   counts per label and review state, corrections, per-bundle agreement
     GET  /api/results/ID                one result with its latest review
-    GET  /api/results/ID/image          its image, served only from inside the processed folder (resolved:
-                                        `..` and symlinks that lead outside are refused); TIFF is sent as PNG
+    GET  /api/results/ID/image          its image, opened once from inside the processed folder without
+                                        following symbolic links (`..`, links and paths elsewhere are refused)
+                                        and served from that descriptor; TIFF is sent as PNG
     POST /api/results/ID/reviews        {"label", "reviewer", "expected_review_id"} -> 201, or 409 when another
                                         review landed since (see reviews.py: optimistic concurrency)
 
 It binds to loopback by default; the page has no login, so bind another address only on a trusted network.
+The network side is edge_runtime/fleet/http_base.py's bounded server: slow clients hold no thread, connections
+and bodies are capped, and a request whose Host is not a name the server is bound for (plus --allowed-hosts)
+or whose Origin is another site's is refused, so neither a cross-site page nor a DNS-rebound name can read
+the queue or store a review.
 """
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
 import re
-import shutil
 import signal
-import socket
 import sys
 from http import HTTPStatus
-from http.server import ThreadingHTTPServer
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from edge_runtime.config.service_config import parse_host_names
 from edge_runtime.db.store import StorageError
-from edge_runtime.fleet.http_base import HTTPError, ResponseHandler
+from edge_runtime.fleet import json_input
+from edge_runtime.fleet.http_base import AllowedHosts, BoundedHTTPServer, HTTPError, Limits, ResponseHandler
+from edge_runtime.heap import return_large_blocks
 from edge_runtime.review.reviews import Conflict, ReviewError, Reviews, check_reviewer, open_reviews
 
 log = logging.getLogger("edge_inspect.review")
@@ -65,16 +69,17 @@ SECURITY_HEADERS = {
 _RESULT = re.compile(r"^/api/results/([^/]+)(/image|/reviews)?$")
 
 
-class ReviewServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], reviews: Reviews, operator: str | None = None):
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
+class ReviewServer(BoundedHTTPServer):
+    def __init__(self, address: tuple[str, int], reviews: Reviews, operator: str | None = None,
+                 allowed_hosts: tuple[str, ...] = ()):
         self.reviews = reviews
         self.operator = operator
         self.static = {route: ((STATIC_DIR / name).read_bytes(), ctype) for route, (name, ctype) in STATIC.items()}
-        super().__init__(address, Handler)
+        super().__init__(address, Handler, AllowedHosts(address[0], allowed_hosts),
+                         Limits(body_budget=64 * MAX_BODY))
+
+    def body_limit(self, method: str, path: str, headers) -> int:
+        return MAX_BODY if method == "POST" else 0
 
     @property
     def url(self) -> str:
@@ -125,7 +130,9 @@ class Handler(ResponseHandler):
         if m and m.group(2) is None:
             return self._json(HTTPStatus.OK, reviews.item(self._result_id(m.group(1))))
         if m and m.group(2) == "/image":
-            return self._image(reviews.image_file(self._result_id(m.group(1))))
+            fh, st, path = reviews.open_image(self._result_id(m.group(1)))
+            with fh:
+                return self._image(fh, st, path)
         raise HTTPError(HTTPStatus.NOT_FOUND, f"no such page: {path}")
 
     @staticmethod
@@ -148,22 +155,27 @@ class Handler(ResponseHandler):
             args[{"from": "date_from", "to": "date_to"}.get(key, key)] = value
         return args
 
-    def _image(self, path: Path) -> None:
-        ctype = IMAGE_TYPES.get(path.suffix.lower())
+    def _image(self, fh, st: os.stat_result, path: str) -> None:
+        """Serve the image from the descriptor that was checked (never opened again by name)."""
+        ctype = IMAGE_TYPES.get(PurePosixPath(path).suffix.lower())
         if ctype is None:           # TIFF and the like: browsers cannot show them; decode as the model does
             from PIL import Image
 
-            from edge_runtime.preprocess import ImageError, decode_image
+            from edge_runtime.preprocess import DEFAULT_MAX_BYTES, ImageError, decode_image
             try:
-                pixels = decode_image(path)
+                pixels = decode_image(fh.read(DEFAULT_MAX_BYTES + 1))
             except ImageError as exc:
                 raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, f"image cannot be decoded: {exc}") from None
             buf = io.BytesIO()
             Image.fromarray(pixels).save(buf, format="PNG")
             return self._send(HTTPStatus.OK, buf.getvalue(), "image/png")
-        with open(path, "rb") as fh:
-            self._headers(HTTPStatus.OK, ctype, os.fstat(fh.fileno()).st_size)
-            shutil.copyfileobj(fh, self.wfile, 1 << 16)
+        self._headers(HTTPStatus.OK, ctype, st.st_size)
+        left = st.st_size               # exactly the size announced, even if the file grows meanwhile
+        while left > 0 and (chunk := fh.read(min(left, 1 << 16))):
+            self.wfile.write(chunk)
+            left -= len(chunk)
+        if left:
+            self.close_connection = True    # it shrank: the response is short, the connection cannot be reused
 
     # -- POST --------------------------------------------------------------------------------------------
     def do_POST(self):
@@ -192,24 +204,14 @@ class Handler(ResponseHandler):
         self._json(HTTPStatus.CREATED, {"review": review, "item": reviews.item(result_id)})
 
     def _body(self) -> dict:
-        # Cross-site requests: a browser cannot send application/json to another origin without a CORS
-        # preflight, which this server never grants; an Origin header must name this server.
-        origin = self.headers.get("Origin")
-        if origin is not None and origin != f"http://{self.headers.get('Host', '')}":
-            raise HTTPError(HTTPStatus.FORBIDDEN, f"cross-origin request refused (Origin {origin})")
+        # Cross-site requests never get here: http_base refuses an Origin that is not this server's, and a
+        # browser cannot send application/json to another origin without a CORS preflight (never granted).
         if (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
             raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the review as application/json")
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
-        if int(length) > MAX_BODY:
-            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY} bytes")
-        raw = self.rfile.read(int(length))
-        self._body_read = True
         try:
-            body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "request body is not valid JSON") from None
+            body = json_input.loads(self.request_body(MAX_BODY))
+        except json_input.UntrustedJSON as exc:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"request body is not acceptable JSON: {exc}") from None
         if not isinstance(body, dict):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "request body must be a JSON object")
         unknown = sorted(set(body) - REVIEW_FIELDS)
@@ -250,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the service's processed folder; images are served only from inside it "
                         "(default: 'processed' beside the database, as the service defaults)")
     p.add_argument("--operator", metavar="NAME", help="reviewer name used when the page sends none")
+    p.add_argument("--allowed-hosts", metavar="NAMES",
+                   help="host names (or addresses) besides the --http address that browsers use to reach the page, "
+                        "comma-separated (e.g. sem-tool-07,sem-tool-07.fab.local); other names are refused (DNS "
+                        "rebinding)")
     p.add_argument("--models", metavar="BUNDLE",
                    help="take the class list from this bundle (needed only for a database that records no bundle)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -275,19 +281,24 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:                       # ReviewError is a ValueError
         return _error(f"--operator: {exc}" if isinstance(exc, ReviewError) else str(exc))
     try:
+        allowed = parse_host_names(args.allowed_hosts)
+    except ValueError as exc:
+        return _error(f"--allowed-hosts: {exc}")
+    try:
         reviews = open_reviews(args.db, args.processed, args.models)
     except (ReviewError, StorageError) as exc:
         return _error(str(exc))
     try:
-        server = ReviewServer((host, port), reviews, operator)
+        server = ReviewServer((host, port), reviews, operator, allowed)
     except OSError as exc:
         reviews.store.close()
         return _error(f"--http {args.http}: cannot listen: {exc.strerror or exc}")
     if host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("serving on %s: reachable from the network, and the page has no login", host)
+    return_large_blocks()       # decoded TIFFs' memory goes back to the system (edge_runtime/heap.py)
     signal.signal(signal.SIGTERM, _stop)
-    print(f"{PROG}: serving {server.url} (db {reviews.store.path}, images from {reviews.processed})",
-          file=sys.stderr, flush=True)
+    print(f"{PROG}: serving {server.url} (db {reviews.store.path}, images from {reviews.processed}; "
+          f"Host: {server.allowed_hosts.describe()})", file=sys.stderr, flush=True)
     try:
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_runtime.config.service_config import ServiceConfig, own_files
+from edge_runtime.config.service_config import ServiceConfig, inspector_args, own_files
 from edge_runtime.db.journal import Journal
 from edge_runtime.db.store import StorageError, Store, is_disk_full
 from edge_runtime.exits import EXIT_OK, EXIT_SETUP, EXIT_STORAGE, WatchError
@@ -90,9 +90,7 @@ class WatchService:
     def _open(self, config: ServiceConfig, inspector) -> None:
         if inspector is None:
             from edge_runtime.inspector import Inspector
-            inspector = Inspector(config.models, variant=config.variant, threads=config.threads,
-                                  runtime=config.runtime, max_pixels=config.max_image_pixels,
-                                  max_bytes=config.max_file_bytes, max_decode_mb=config.max_decode_mb)
+            inspector = Inspector(config.models, **inspector_args(config))
         self.inspector = inspector
         durable = config.durability == "full"
         self.store = Store(config.db, durable=durable)

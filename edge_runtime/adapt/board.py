@@ -6,8 +6,8 @@
 The reviewed images are those `edge-inspect export-labels` would export (latest review gives a class;
 `unusable` left out), read from inside the processed folder and only while their content is the one that was
 inspected (sha256). --models defaults to the bundle that recorded the latest result. numpy and the TFLite
-interpreter only: no TensorFlow. Exit 0 written; 1 nothing to adapt on; 2 a problem a person must fix
-(bundle without a replay set, unknown labels, one class only, ...), nothing written.
+interpreter only: no TensorFlow. Exit 0 written; 2 a problem a person must fix (nothing reviewed yet,
+a bundle without a replay set, unknown labels, one class only, ...), nothing written.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from edge_runtime.interpreter import NoInterpreter
 from edge_runtime.review.reviews import ReviewError, open_reviews, reviewed_images
 
 PROG = "edge-inspect adapt"
-EXIT_OK, EXIT_NOTHING, EXIT_SETUP = 0, 1, 2
+EXIT_OK, EXIT_SETUP = 0, 2
 
 
 def labelled_images(reviews) -> tuple[list[tuple[bytes, str, str]], list[tuple[int, str, str]], str | None]:
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     for result_id, path, reason in skipped:
         echo(f"result {result_id}: {path}: left out: {reason}")
     if not items:
-        echo("nothing to adapt on: no result has a usable confirmed or corrected review yet")
-        return EXIT_NOTHING
+        echo("error: nothing to adapt on: no result has a usable confirmed or corrected review yet")
+        return EXIT_SETUP
     models = args.models or recorded_by
     if not models:
         echo("error: the database records no bundle: give the bundle to adapt with --models BUNDLE")

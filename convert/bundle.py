@@ -88,6 +88,12 @@ def _extra_files(extra_files: dict[str, str | bytes] | None, files: dict[str, by
     return listed
 
 
+def _header(fmt: str, taxonomy, stage2_classes, stage1_threshold: float, stage2_review_floor: float) -> dict:
+    return {"format": fmt, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "taxonomy": list(taxonomy), "stage2_classes": list(stage2_classes),
+            "gating": {"stage1_threshold": float(stage1_threshold), "stage2_review_floor": float(stage2_review_floor)}}
+
+
 def write_bundle(out_dir: str | os.PathLike, models: dict[str, dict[int, bytes]], *, taxonomy: list[str],
                  stage2_classes: list[str], image_size: int, stage1_threshold: float,
                  stage2_review_floor: float, backbones: dict[str, str] | None = None,
@@ -99,13 +105,9 @@ def write_bundle(out_dir: str | os.PathLike, models: dict[str, dict[int, bytes]]
     variants = _variants(models, files)
     listed = _extra_files(extra_files, files)
     manifest = {
-        "format": FORMAT_V1,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "taxonomy": list(taxonomy),
-        "stage2_classes": list(stage2_classes),
+        **_header(FORMAT_V1, taxonomy, stage2_classes, stage1_threshold, stage2_review_floor),
         "input": {"height": int(image_size), "width": int(image_size), "channels": 3,
                   "preprocessing": PREPROCESSING},
-        "gating": {"stage1_threshold": float(stage1_threshold), "stage2_review_floor": float(stage2_review_floor)},
         "default_variant": default_variant or ("int8" if "int8" in models else next(iter(models))),
         "variants": variants,
         "backbones": dict(backbones or {}),
@@ -141,13 +143,9 @@ def write_bundle_v2(out_dir: str | os.PathLike, backbones: dict[str, dict[int, b
         stages[f"stage{stage}"] = stage_entry(stage, backbone_names[stage], (shape[1], shape[2]), heads[stage], data)
     listed = _extra_files(extra_files, files)
     manifest = {
-        "format": FORMAT,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "taxonomy": list(taxonomy),
-        "stage2_classes": list(stage2_classes),
+        **_header(FORMAT, taxonomy, stage2_classes, stage1_threshold, stage2_review_floor),
         "input": {"channels": 3, "preprocessing": PREPROCESSING},
         "stages": stages,
-        "gating": {"stage1_threshold": float(stage1_threshold), "stage2_review_floor": float(stage2_review_floor)},
         "default_variant": default_variant or ("int8" if "int8" in backbones else next(iter(backbones))),
         "variants": variants,
         "backbones": {f"stage{n}": name for n, name in backbone_names.items()},

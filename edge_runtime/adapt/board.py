@@ -22,7 +22,7 @@ from edge_runtime.bundle import BundleError
 from edge_runtime.db.store import StorageError
 from edge_runtime.digest import sha256_bytes
 from edge_runtime.interpreter import NoInterpreter
-from edge_runtime.review.reviews import ReviewError, open_reviews, reviewed_images
+from edge_runtime.review.reviews import ReviewError, add_database_flags, open_reviews, reviewed_images
 
 PROG = "edge-inspect adapt"
 EXIT_OK, EXIT_SETUP = 0, 2
@@ -45,12 +45,10 @@ def labelled_images(reviews) -> tuple[list[tuple[bytes, str, str]], list[tuple[i
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Refit the bundle's heads on the operators' reviews "
                                                        "and write a new bundle (numpy only, seconds).")
-    p.add_argument("--db", required=True, metavar="PATH", help="the service's SQLite result database")
+    add_database_flags(p)
     p.add_argument("--out", required=True, metavar="DIR", help="where the new bundle goes (new or empty folder)")
     p.add_argument("--models", metavar="BUNDLE", help="bundle to adapt (default: the one that recorded the latest "
                                                       "result)")
-    p.add_argument("--processed", metavar="DIR", help="the service's processed folder (default: 'processed' "
-                                                      "beside the database)")
     p.add_argument("--fab-weight", type=float, help="weight of the fab's images over the replay set (default: "
                                                      "the best of 4, 10, 30 out of fold)")
     p.add_argument("--folds", type=int, default=FOLDS, help=f"cross-validation folds (default {FOLDS})")

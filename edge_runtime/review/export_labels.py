@@ -33,7 +33,7 @@ from collections import Counter
 from pathlib import Path, PurePosixPath
 
 from edge_runtime.db.store import StorageError
-from edge_runtime.review.reviews import ReviewError, open_reviews, reviewed_images
+from edge_runtime.review.reviews import ReviewError, add_database_flags, open_reviews, reviewed_images
 
 PROG = "edge-inspect export-labels"
 EXIT_OK, EXIT_FAILED, EXIT_SETUP = 0, 1, 2
@@ -177,10 +177,8 @@ def _replace(tmp: Path, out: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Write the reviewed images in the class-folder layout "
                                                        "`python -m train prepare` ingests, with a manifest.")
-    p.add_argument("--db", required=True, metavar="PATH", help="the service's SQLite result database")
+    add_database_flags(p)
     p.add_argument("--out", required=True, metavar="DIR", help="new, empty, or earlier-export folder")
-    p.add_argument("--processed", metavar="DIR", help="the service's processed folder (default: 'processed' "
-                                                      "beside the database)")
     p.add_argument("--models", metavar="BUNDLE", help="class list, for a database that records no bundle")
     return p
 

@@ -58,6 +58,14 @@ class Conflict(ReviewError):
         self.current = current
 
 
+def add_database_flags(parser) -> None:
+    """--db and --processed, as every command that reads the review database takes them."""
+    parser.add_argument("--db", required=True, metavar="PATH", help="the service's SQLite result database")
+    parser.add_argument("--processed", metavar="DIR", help="the service's processed folder; images are read only "
+                                                           "from inside it (default: 'processed' beside the "
+                                                           "database, as the service defaults)")
+
+
 def reviewed_images(reviews: "Reviews"):
     """The images whose latest review gives a class, opened once inside processed/ (open_image) and checked to be
     the content that was inspected: yields (row, open file at offset 0, fstat, None), or (row, None, None, why)

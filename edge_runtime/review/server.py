@@ -44,7 +44,8 @@ from edge_runtime.db.store import StorageError
 from edge_runtime.fleet import json_input
 from edge_runtime.fleet.http_base import AllowedHosts, BoundedHTTPServer, HTTPError, Limits, ResponseHandler
 from edge_runtime.heap import return_large_blocks
-from edge_runtime.review.reviews import Conflict, ReviewError, Reviews, check_reviewer, open_reviews
+from edge_runtime.review.reviews import (Conflict, ReviewError, Reviews, add_database_flags, check_reviewer,
+                                         open_reviews)
 
 log = logging.getLogger("edge_inspect.review")
 
@@ -245,12 +246,9 @@ def parse_http(value: str) -> tuple[str, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="The operator review page for a result database.")
-    p.add_argument("--db", required=True, metavar="PATH", help="the service's SQLite result database")
+    add_database_flags(p)
     p.add_argument("--http", default=DEFAULT_HTTP, metavar="HOST:PORT",
                    help=f"address to serve on (default {DEFAULT_HTTP}: this machine only; port 0: any free one)")
-    p.add_argument("--processed", metavar="DIR",
-                   help="the service's processed folder; images are served only from inside it "
-                        "(default: 'processed' beside the database, as the service defaults)")
     p.add_argument("--operator", metavar="NAME", help="reviewer name used when the page sends none")
     p.add_argument("--allowed-hosts", metavar="NAMES",
                    help="host names (or addresses) besides the --http address that browsers use to reach the page, "

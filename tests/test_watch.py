@@ -464,7 +464,7 @@ def test_database_schema_is_the_documented_one(tiny_bundle, inspector, folders):
     con = sqlite3.connect(folders["db"])
     try:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert con.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 4
         columns = [r[1] for r in con.execute("PRAGMA table_info(results)")]
     finally:
         con.close()

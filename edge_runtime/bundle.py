@@ -113,6 +113,15 @@ class Bundle:
                               f"(available: {', '.join(self.variants)})")
         return self.specs[variant][n]
 
+    def files(self) -> list[str]:
+        """Every file the manifest pins (each variant's models, the heads, the replay set), by name."""
+        names = [spec.file for stages in self.specs.values() for spec in stages.values()]
+        if self.format != FORMAT_V1:
+            names += [self.manifest["stages"][f"stage{n}"]["head"]["file"] for n in (1, 2)]
+        if self.replay is not None:
+            names.append(self.replay.path.name)
+        return list(dict.fromkeys(names))
+
     def model_bytes(self, n: int, variant: str | None = None) -> bytes:
         """The model file of stage n, sha256-checked. The selected variant's bytes were read and checked when
         the bundle was loaded; another variant's are read and checked now (load with verify_all=False to

@@ -145,7 +145,7 @@ class Fetcher(threading.Thread):
                         while True:
                             if self._cancel.is_set():
                                 raise FetchError("cancelled")
-                            chunk = response.read(CHUNK)
+                            chunk = response.read1(CHUNK)    # what has arrived: progress on disk
                             if not chunk:
                                 break
                             total += len(chunk)

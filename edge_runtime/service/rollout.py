@@ -257,6 +257,7 @@ class RolloutAgent:
             self.state["handled"].append(msg.id)
             self._change("rejected", msg.bundle_id, f"kept the current bundle: {'; '.join(failed)} ({figures})",
                          msg.id)
+            self._prune()           # the rejected candidate's folder goes (the kept ones stay)
             self._save()
             return True
         old = self.service.inspector.bundle

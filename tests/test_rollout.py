@@ -294,7 +294,8 @@ def test_three_boards_promote_refuse_reject_and_roll_back(tmp_path, broker, file
         publish(broker.port, names, "publish", "--archive", str(fb["X"]["archive"]), "--url", archive_url("X"),
                 "--id", "roll-x", *shadow)
         assert wait_for(change_is(statuses, names, "refused", "roll-x", b), timeout=60)
-        assert all("sha256 mismatch" in statuses.bundle(n)["last_change"]["why"] for n in names)
+        assert all("sha256 mismatch" in statuses.bundle(n)["last_change"]["why"] and "rollout says" in
+                   statuses.bundle(n)["last_change"]["why"] for n in names)      # the download's own check
         # 4. a bundle that disagrees: shadowed, then kept out
         publish(broker.port, names, "publish", "--archive", str(fb["C"]["archive"]), "--url", archive_url("C"),
                 "--id", "roll-c", *shadow)
@@ -304,6 +305,16 @@ def test_three_boards_promote_refuse_reject_and_roll_back(tmp_path, broker, file
         assert wait_for(change_is(statuses, names, "rejected", "roll-c", b), timeout=90), \
             [statuses.bundle(n) for n in names]
         assert all("label agreement" in statuses.bundle(n)["last_change"]["why"] for n in names)
+        # a hostile message on one board's topic: refused with the reason, nothing changes
+        raw = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-hostile")
+        raw.connect("127.0.0.1", broker.port)
+        raw.loop_start()
+        raw.publish(f"{PREFIX}/board-1/rollout", b'{"action": "rollout", "id": "evil", "url": "file:///etc/shadow"}',
+                    qos=1).wait_for_publish(10)
+        raw.loop_stop()
+        assert wait_for(lambda: "rollout message refused: url must be" in
+                        (statuses.bundle("board-1").get("last_change") or {}).get("why", ""), timeout=30)
+        assert statuses.bundle("board-1")["current"] == b
         # 5. rollback: back to A
         publish(broker.port, names, "rollback", "--id", "back-1")
         assert wait_for(change_is(statuses, names, "rolled back", "back-1", a), timeout=60)
@@ -420,6 +431,15 @@ def test_kill_9_during_swaps_loses_and_duplicates_nothing(tmp_path, fleet_bundle
             (root / "incoming" / name).write_bytes(png_bytes(base + i, size=rng.choice([40, 200])))
             dropped.append(name)
 
+    def bundle_of(names):
+        con = sqlite3.connect(root / "results.sqlite3")
+        try:
+            found = dict(con.execute(f"SELECT name, bundle_id FROM results WHERE name IN ({','.join('?' * len(names))})",
+                                     names).fetchall())
+        finally:
+            con.close()
+        return found
+
     swaps = 0
     for rnd in range(4):
         proc = start()
@@ -428,15 +448,21 @@ def test_kill_9_during_swaps_loses_and_duplicates_nothing(tmp_path, fleet_bundle
             drop(10, rnd * 100)
             time.sleep(rng.uniform(0.05, 0.3))
             target = "B" if os.path.realpath(link).endswith("/A") else "A"
-            if rnd % 2:
-                os.symlink(root / "models" / target, root / "models" / ".next")
-                os.replace(root / "models" / ".next", link)     # seen on the next tick
-            else:
-                os.symlink(root / "models" / target, root / "models" / ".next")
-                os.replace(root / "models" / ".next", link)
-                proc.send_signal(signal.SIGHUP)                  # at once
+            seen = log.read_text(errors="replace").count("now inspects every new image")
+            os.symlink(root / "models" / target, root / "models" / ".next")
+            os.replace(root / "models" / ".next", link)
+            if rnd % 2 == 0:
+                proc.send_signal(signal.SIGHUP)                  # at once; else the link is seen on a tick
             swaps += 1
-            time.sleep(rng.uniform(0.0, 0.25))
+            if rnd % 2:     # let this swap land, then: every later result carries the new bundle id
+                assert wait_for(lambda: log.read_text(errors="replace").count("now inspects every new image") > seen,
+                                timeout=30), log.read_text(errors="replace")[-3000:]
+                later = [f"s{rnd * 100 + 50 + i}.png" for i in range(3)]
+                drop(3, rnd * 100 + 50)
+                assert wait_for(lambda: len(bundle_of(later)) == 3, timeout=30)
+                assert set(bundle_of(later).values()) == {fb[target]["bundle_id"]}, f"seed {seed}"
+                drop(5, rnd * 100 + 60)
+            time.sleep(rng.uniform(0.0, 0.25))               # kill -9 at a random moment (of the swap, or after)
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)

@@ -38,16 +38,16 @@ class ConfigError(ValueError):
 
 
 def setting(default, help: str, *, example=_NO_EXAMPLE, commented: bool = False, choices: tuple = (),
-            minimum: float | None = None, positive: bool = False, path: bool = False, flag: str = SERVICE,
+            minimum: float | None = None, maximum: float | None = None, positive: bool = False, path: bool = False, flag: str = SERVICE,
             metavar: str | None = None, exclusive: str | None = None, secret: bool = False):
     """One setting. help: the flag's help and the example file's comment; example: the value shown in the
     example file (default: the default), `commented` to show it as a commented-out line; choices / minimum
-    (inclusive) / positive (> 0) / path (text, relative to the config file's folder): its checks; flag: INSPECT
+    / maximum (inclusive) / positive (> 0) / path (text, relative to the config file's folder): its checks; flag: INSPECT
     or SERVICE; exclusive: flags sharing this name exclude each other on the command line; secret: never shown
     (left out of repr, so a logged config cannot leak it)."""
     return field(default=default, repr=not secret, metadata={
         "help": help, "example": default if example is _NO_EXAMPLE else example, "commented": commented,
-        "choices": tuple(choices), "minimum": minimum, "positive": positive, "path": path, "flag": flag,
+        "choices": tuple(choices), "minimum": minimum, "maximum": maximum, "positive": positive, "path": path, "flag": flag,
         "metavar": metavar, "exclusive": exclusive})
 
 
@@ -115,7 +115,7 @@ class ServiceConfig:
                                  metavar="BUNDLE")
     shadow_fraction: float = setting(1.0, "the fraction of images the candidate also inspects (0..1; chosen by the "
                                      "image's sha256, so the same image always gets the same answer)",
-                                     minimum=0.0, metavar="F")
+                                     minimum=0.0, maximum=1.0, metavar="F")
     bundles_dir: str | None = setting(None, "rollouts from the central side (needs mqtt): bundles are fetched into "
                                       "this folder (one versioned sub-folder each), shadowed, then `models` (a "
                                       "symlink) is re-pointed; unset: rollout messages are refused",
@@ -179,8 +179,6 @@ class ServiceConfig:
                     parse(getattr(out, name))
                 except ValueError as exc:
                     raise ConfigError(f"{name}: {exc}") from None
-        if self.shadow_fraction > 1.0:
-            raise ConfigError("shadow_fraction: must be <= 1")
         if self.bundles_dir and not self.mqtt:
             raise ConfigError("bundles_dir: rollouts arrive over MQTT: set mqtt too")
         if (self.mqtt_username is None) != (self.mqtt_password is None):
@@ -313,6 +311,8 @@ def check_setting(name: str, value):
         raise ConfigError(f"{name}: {value!r} is not one of {list(meta['choices'])}")
     if meta["minimum"] is not None and value < meta["minimum"]:
         raise ConfigError(f"{name}: must be >= {meta['minimum']:g}")
+    if meta["maximum"] is not None and value > meta["maximum"]:
+        raise ConfigError(f"{name}: must be <= {meta['maximum']:g}")
     if meta["positive"] and value <= 0:
         raise ConfigError(f"{name}: must be > 0")
     return value

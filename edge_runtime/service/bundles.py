@@ -80,6 +80,32 @@ def prune(bundles_dir: Path, keep: list[Path], at_most: int) -> list[Path]:
     return removed
 
 
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are followed to http(s) URLs only (urllib would also follow one to ftp://)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise urllib.error.HTTPError(newurl, code, f"redirect to a non-HTTP URL refused: {newurl[:200]!r}",
+                                         headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
+
+
+def clean_staging(staging: Path, keep: set[str]) -> None:
+    """Remove what interrupted rollouts left in the staging folder, but the downloads named in `keep`."""
+    if not staging.is_dir():
+        return
+    for child in staging.iterdir():
+        if child.name.split(".")[0] in keep and child.name.endswith(".part"):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
 def _disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
@@ -127,7 +153,7 @@ class Fetcher(threading.Thread):
                 have = 0
             request = urllib.request.Request(self.url, headers={"Range": f"bytes={have}-"} if have else {})
             try:
-                response = urllib.request.urlopen(request, timeout=self.TIMEOUT)
+                response = _OPENER.open(request, timeout=self.TIMEOUT)
             except urllib.error.HTTPError as exc:
                 if exc.code == 416 and have and have == self.size:
                     response = None         # already whole

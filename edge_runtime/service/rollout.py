@@ -33,6 +33,7 @@ from edge_runtime.service.bundles import (
     STATE,
     Fetcher,
     FetchError,
+    clean_staging,
     prune,
     repoint,
     unpack,
@@ -110,6 +111,8 @@ class RolloutAgent:
     def start(self) -> None:
         """After a restart: go on with what the state file says was under way."""
         cand = self.state.get("candidate")
+        keep = {cand["rollout"].get("sha256")} if cand and cand["phase"] == "fetching" else set()
+        clean_staging(self.staging, keep)       # what interrupted rollouts left, but a download to resume
         if not cand:
             return
         if cand["phase"] == "promoting":
@@ -231,10 +234,8 @@ class RolloutAgent:
 
     def _judge(self, cand: dict) -> bool:
         msg = rollout_message.parse(_dump(cand["rollout"]))
-        summary = self.service.shadow.refresh()
-        n = summary["images"]
         timed_out = _age_minutes(cand["since"]) >= msg.shadow["minutes"]
-        if n < msg.shadow["images"] and not timed_out:
+        if self.service.shadow.images < msg.shadow["images"] and not timed_out:
             return False
         summary = self.service.shadow.refresh(force=True)
         n, b = summary["images"], msg.bounds

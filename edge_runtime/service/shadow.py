@@ -38,6 +38,7 @@ class Shadow:
         self.listeners = []                     # called with each shadow row (e.g. the latency histogram)
         store.register_bundle(inspector.bundle)
         self.snapshot: dict = self._summary()
+        self.images = self.snapshot["images"]      # shadowed so far (counted as they run; the snapshot lags)
 
     def sampled(self, digest: str | None) -> bool:
         return bool(digest) and (self.fraction >= 1.0 or int(digest[:8], 16) < self._threshold)
@@ -58,6 +59,7 @@ class Shadow:
                           agree=int(r.label == row["label"]),
                           stage1_agree=int((r.defect_class is None) == (row["defect_class"] is None)))
         self.store.insert_shadow(shadow)
+        self.images += 1
         for listener in self.listeners:
             listener(shadow)
         return shadow

@@ -97,7 +97,7 @@ def test_signing_refuses_a_key_inside_the_bundle_or_a_bundle_holding_a_private_k
     inside = bundle / "release.key"
     shutil.copy(keys["key"], inside)
     assert sign_main(["sign", str(bundle), "--key", str(inside)]) == 2
-    assert "inside the bundle" in capsys.readouterr().err
+    assert "the private key lies inside the bundle" in capsys.readouterr().err
     assert sign_main(["sign", str(bundle), "--key", str(keys["key"])]) == 2
     assert "private key inside the bundle" in capsys.readouterr().err
     assert not (bundle / SIGNATURE).exists()

@@ -125,13 +125,19 @@ def one_run(models: Path, images: list[Path], work: Path, threads: int, fleet: t
             "scrapes": sum(scraped.values())}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.fleet_overhead", description=__doc__.split("\n")[0])
+def run_arguments(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark made of watch-service runs: --models --images --n --rounds --threads."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
     p.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of SEM images (recursive)")
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = run_arguments("python -m benchmarks.fleet_overhead", __doc__)
     p.add_argument("--out", type=Path, default=REPO / "reports" / "fleet")
     args = p.parse_args(argv)
     images = pick_images(args.images, args.n)

@@ -19,7 +19,6 @@ OUT/results.json and OUT/results.md. Not a test: the numbers depend on the machi
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import http.server
 import json
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.fleet_overhead import DEFAULT_IMAGES, DEFAULT_MODELS, REPO, one_run, pick_images, start_broker
+from benchmarks.fleet_overhead import REPO, one_run, pick_images, run_arguments, start_broker
 from benchmarks.machine import describe_machine
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -172,13 +171,8 @@ def rollout_time(args, images, tmp: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.rollout", description=__doc__.split("\n")[0])
-    p.add_argument("--models", type=Path, default=DEFAULT_MODELS)
-    p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of SEM images (recursive)")
-    p.add_argument("--n", type=int, default=300)
-    p.add_argument("--rounds", type=int, default=3)
+    p = run_arguments("python -m benchmarks.rollout", __doc__)
     p.add_argument("--fraction", type=float, default=0.1)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--shadow-images", type=int, default=50, help="the rollout's shadow.images")
     p.add_argument("--rate", type=float, default=20.0, help="images per second fed to the board during the rollout")
     p.add_argument("--out", type=Path, default=REPO / "reports" / "rollout")

@@ -27,7 +27,7 @@ import pytest
 
 from conftest import REPO
 from test_collect import Collector
-from test_fleet_mqtt import MOSQUITTO, Broker, mqtt  # noqa: F401
+from test_fleet_mqtt import MOSQUITTO, broker, mqtt  # noqa: F401 (fixture)
 from test_watch import png_bytes, wait_for
 
 pytest.importorskip("cryptography", reason='bundle signatures need cryptography (pip install "sem-inspect[signing]")')
@@ -87,14 +87,6 @@ def files(tmp_path):
     yield {"dir": folder, "url": f"http://127.0.0.1:{server.server_address[1]}", "server": server}
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture(scope="module")
@@ -271,35 +263,33 @@ def test_three_boards_promote_refuse_reject_and_roll_back(tmp_path, broker, file
         shadow = ["--shadow-images", "6", "--shadow-minutes", "5", "--min-agreement", "0.9",
                   "--min-stage1-agreement", "0.9", "--max-error-rate", "0"]
 
-        def archive_url(key):
-            return f"{files['url']}/{fb[key]['archive'].name}"
+        def roll(key: str, rid: str, outcome: str, current: str) -> None:
+            publish(broker.port, names, "publish", "--archive", str(fb[key]["archive"]), "--url",
+                    f"{files['url']}/{fb[key]['archive'].name}", "--id", rid, *shadow)
+            if outcome == "shadow":
+                assert wait_for(lambda: all(statuses.bundle(n).get("candidate") == current for n in names), timeout=60)
+            else:
+                assert wait_for(change_is(statuses, names, outcome, rid, current), timeout=60), \
+                    [statuses.bundle(n) for n in names]
 
         # 1. a good signed bundle: fetched, verified, shadowed on 6 images, promoted on all three
-        publish(broker.port, names, "publish", "--archive", str(fb["B"]["archive"]), "--url", archive_url("B"),
-                "--id", "roll-b", *shadow)
-        assert wait_for(lambda: all(statuses.bundle(n).get("candidate") == b for n in names), timeout=60)
+        roll("B", "roll-b", "shadow", b)
         for k, board in enumerate(boards):
             board.drop(8, 1000 * k + 100)
         assert wait_for(change_is(statuses, names, "promoted", "roll-b", b), timeout=90), \
             [statuses.bundle(n) for n in names]
         # 2. wrongly signed, 3. corrupted in transit: refused at once, the boards stay on B
-        publish(broker.port, names, "publish", "--archive", str(fb["W"]["archive"]), "--url", archive_url("W"),
-                "--id", "roll-w", *shadow)
-        assert wait_for(change_is(statuses, names, "refused", "roll-w", b), timeout=60)
+        roll("W", "roll-w", "refused", b)
         assert all("not among the 1 trusted key(s)" in statuses.bundle(n)["last_change"]["why"] for n in names)
         served = files["dir"] / fb["X"]["archive"].name
         data = bytearray(served.read_bytes())
         data[len(data) // 2] ^= 0xFF
         served.write_bytes(bytes(data))
-        publish(broker.port, names, "publish", "--archive", str(fb["X"]["archive"]), "--url", archive_url("X"),
-                "--id", "roll-x", *shadow)
-        assert wait_for(change_is(statuses, names, "refused", "roll-x", b), timeout=60)
+        roll("X", "roll-x", "refused", b)
         assert all("sha256 mismatch" in statuses.bundle(n)["last_change"]["why"] and "rollout says" in
                    statuses.bundle(n)["last_change"]["why"] for n in names)      # the download's own check
         # 4. a bundle that disagrees: shadowed, then kept out
-        publish(broker.port, names, "publish", "--archive", str(fb["C"]["archive"]), "--url", archive_url("C"),
-                "--id", "roll-c", *shadow)
-        assert wait_for(lambda: all(statuses.bundle(n).get("candidate") == c for n in names), timeout=60)
+        roll("C", "roll-c", "shadow", c)
         for k, board in enumerate(boards):
             board.drop(8, 1000 * k + 200)
         assert wait_for(change_is(statuses, names, "rejected", "roll-c", b), timeout=90), \

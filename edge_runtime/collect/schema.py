@@ -89,16 +89,21 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _json(payload: bytes):
+    """At most MAX_PAYLOAD bytes of strict JSON (edge_runtime/fleet/json_input.py), parsed; Rejected otherwise."""
+    if len(payload) > MAX_PAYLOAD:
+        raise Rejected(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
+    try:
+        return json_input.loads(payload)
+    except json_input.UntrustedJSON as exc:
+        raise Rejected(str(exc)) from None
+
+
 def parse_result(board: str, payload: bytes) -> Result:
     """One result message from the topic of `board` -> Result; Rejected says why not."""
     if not is_board_name(board):
         raise Rejected(f"topic board {_short(board)} is not a board name ({BOARD_RULE})")
-    if len(payload) > MAX_PAYLOAD:
-        raise Rejected(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
-    try:
-        msg = json_input.loads(payload)
-    except json_input.UntrustedJSON as exc:
-        raise Rejected(str(exc)) from None
+    msg = _json(payload)
     if not isinstance(msg, dict):
         raise Rejected(f"a result is a JSON object, got {type(msg).__name__}")
     rid = msg.get("id")
@@ -152,12 +157,7 @@ def _status_doc(payload: bytes) -> dict | None:
     """A JSON status ({"status": ..., "bundle": ...}, edge_runtime/fleet/publisher.py), or None for plain text."""
     if not payload.lstrip().startswith(b"{"):
         return None
-    if len(payload) > MAX_PAYLOAD:
-        raise Rejected(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
-    try:
-        doc = json_input.loads(payload)
-    except json_input.UntrustedJSON as exc:
-        raise Rejected(str(exc)) from None
+    doc = _json(payload)
     if not isinstance(doc, dict):
         raise Rejected("a status is a JSON object or online/offline")
     return doc

@@ -2,7 +2,8 @@
 
 Every method returns only once what it wrote is committed (durable): the collector acknowledges a message to
 the broker after that, so a crash loses nothing. A second back-end (e.g. PostgreSQL: the same tables, with
-`INSERT ... ON CONFLICT DO NOTHING` and the same comparison for conflicts) implements the same methods (set_bundle_state and bundle_states: issue 20).
+`INSERT ... ON CONFLICT DO NOTHING` and the same comparison for conflicts) implements the same methods
+(set_bundle_state and bundle_states came with rollouts: the boards' bundle state, fleet_bundle_state).
 
 SQLite schema:
     CREATE TABLE fleet_results (board TEXT, id INTEGER, name TEXT, label TEXT, outcome TEXT, stage1_score REAL,

@@ -170,8 +170,8 @@ function review(label) {
   const queuedBefore = page.pending.some((job) => job.id === item.id);
   page.pending.push({id: item.id, label, reviewer: operator(), expected: item.review ? item.review.id : 0,
                      follows: queuedBefore});
-  item.queued = (item.queued || 0) + 1;
-  status(`#${item.id}: ${label} queued (${page.pending.length} waiting)`, "");
+  item.queued = (item.queued || 0) + 1;   // marked on its queue line until stored; the status line says what the server answered
+  renderQueue();
   select(Math.min(page.index + 1, page.items.length - 1));
   send();
 }

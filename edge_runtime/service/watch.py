@@ -312,7 +312,15 @@ class WatchService:
             self.load_and_swap(self.cfg.models, "reloaded (SIGHUP or the models link re-pointed)")
             changed = True
         if self.rollout is not None:
-            changed |= self.rollout.tick()
+            try:
+                changed |= self.rollout.tick()
+            except OSError as exc:          # its state file or a bundle folder cannot be written (disk full)
+                error = f"rollout: {exc}"
+                if (self.bundle_error or {}).get("error") != error:     # said once, not at every tick
+                    self.bundle_error = {"at": _now(), "path": str(self.rollout.dir), "error": error}
+                    log.error("%s; the current bundle goes on inspecting, the rollout resumes at the next start",
+                              error)
+                    changed = True
         if self.shadow is not None:
             self.shadow.refresh()
         if changed and self.publisher:

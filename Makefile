@@ -45,13 +45,15 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 # The whole chain on the embedded synthetic data: synth -> train (quick) -> int8 convert + cross-compare
-# -> benchmark -> edge-inspect. About 9 minutes on 2 CPU cores (README).
+# -> benchmark -> edge-inspect -> adapt to a second synthetic "fab" (README: the measured time).
 demo: setup
-	$(PY) -m train synth --out $(DEMO)/data --per-class 60 --seed 0
+	$(PY) -m train synth --out $(DEMO)/data --per-class 150 --seed 0
 	$(PY) -m train --data $(DEMO)/data --out $(DEMO)/run --profile quick --weights imagenet
 	$(PY) -m convert --int8 --float32 --run $(DEMO)/run --out $(DEMO)/bundle
 	$(PY) -m benchmarks --models $(DEMO)/bundle --threads 1,2 --runs 20 --stream-length 20 --out $(DEMO)/bench
 	$(VENV)/bin/edge-inspect --models $(DEMO)/bundle $(DEMO)/data/clean/clean_0000.png $(DEMO)/data/bridges/bridges_0000.png $(DEMO)/data/vias/vias_0000.png
+	$(PY) -m train synth --out $(DEMO)/fab --per-class 20 --seed 7
+	$(PY) -m train adapt --from $(DEMO)/bundle --data $(DEMO)/fab --out $(DEMO)/bundle-fab
 	@echo
 	@echo "demo done. Reports:"
 	@echo "  data + audit:     $(DEMO)/run/data/summary.md"
@@ -59,6 +61,7 @@ demo: setup
 	@echo "  float vs int8:    $(DEMO)/bundle/compare.md"
 	@echo "  benchmark:        $(DEMO)/bench/results.md"
 	@echo "  deployable bundle: $(DEMO)/bundle"
+	@echo "  adapted to a fab: $(DEMO)/bundle-fab (adapt_report.json)"
 
 # models/ holds the committed reference bundle: only what the demo and runs wrote goes.
 clean:

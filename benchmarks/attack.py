@@ -20,7 +20,7 @@
     export     `edge-inspect export-labels` over a result database with hostile reviewed labels, hostile file
                names and a reviewer named like a spreadsheet formula: every path written must stay inside --out
 
-    python -m benchmarks.attack --models models/real-224-lite0 [--only service,collector,export] [--held 50]
+    python -m benchmarks.attack --models models/real-lite0 [--only service,collector,export] [--held 50]
         [--slow 200] [--fuzz 1000] [--repo DIR] [--out reports/attack.json]
 
 --repo runs another checkout's code (e.g. `git archive main | tar -x -C /tmp/main`) for the figures before a
@@ -734,7 +734,7 @@ def run_export(args, work: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.attack", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", type=Path, default=REPO / "models" / "real-224-lite0")
+    p.add_argument("--models", type=Path, default=REPO / "models" / "real-lite0")
     p.add_argument("--repo", type=Path, default=REPO, help="the checkout whose code runs (default: this one)")
     p.add_argument("--only", default="service,collector,export")
     p.add_argument("--held", type=int, default=50)

@@ -5,6 +5,11 @@
 Every measurement runs in a fresh worker process (benchmarks.worker) so its memory numbers are its own
 and one runtime's warm caches or thread pools never flatter another's. Results: results.json,
 results.md and PNG plots in --out.
+
+With labelled images, the bundle's gate is also measured as it is: its defect recall and clean false-positive
+rate at its own threshold, through the runtime, and from them the flagged fraction and the cost per image of
+the two-stage bundle against one 8-class model of Stage-2 size at each prevalence (results.md, "Two-stage vs
+one 8-class model").
 """
 from __future__ import annotations
 
@@ -21,8 +26,8 @@ from pathlib import Path
 
 from benchmarks import costmodel, report
 from benchmarks.machine import describe_machine, nominal_peak
-from benchmarks.schema import (FORMAT, BundleInfo, CostModel, Images, LightGate, Machine, PairedRun, PipelineRun,
-                               PrevalenceSummary, Results, Runtime, Settings, Speedup, StageRow)
+from benchmarks.schema import (FORMAT, BundleInfo, CostModel, GateCost, Images, LightGate, Machine, PairedRun,
+                               PipelineRun, PrevalenceSummary, Results, Runtime, Settings, Speedup, StageRow)
 from benchmarks.stats import summarize
 from benchmarks.streams import (discover_images, images_from_split_csv, label_mapper, prevalence_stream,
                                 split_pools)
@@ -75,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="lightweight Stage-1 gate for the cost model: auto = the bundle's Stage 1 if it is "
                          "mobilenet_v3_small, else a random-weight MobileNetV3Small exported int8 (needs TF); "
                          "or a .tflite file; or off")
+    ap.add_argument("--gate-images", type=int, default=0, metavar="N",
+                    help="labelled images the gate's recall and false-positive rate are measured on (both stages "
+                         "run on each; default 0 = all of them, else N spread evenly over them)")
     ap.add_argument("--seed", type=int, default=0, help="seed for stream sampling")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds before a worker is abandoned")
     args = ap.parse_args(argv)
@@ -88,8 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(f"--runtime: unknown {unknown}; choose from {list(RUNTIMES)}")
     if any(not 0.0 <= p <= 1.0 for p in args.prevalence):
         raise UsageError("--prevalence: values must lie in [0, 1]")
-    if args.runs < 1 or args.stream_length < 1 or args.max_seconds <= 0:
-        raise UsageError("--runs and --stream-length must be >= 1 and --max-seconds > 0")
+    if args.runs < 1 or args.stream_length < 1 or args.max_seconds <= 0 or args.gate_images < 0:
+        raise UsageError("--runs and --stream-length must be >= 1, --gate-images >= 0 and --max-seconds > 0")
     args.variants = _csv(args.variants, str, "variants") if args.variants else None
     return args
 
@@ -295,10 +303,34 @@ def pipeline_summary(result: dict, prevalences: list[float], invoke_means: dict 
     return out
 
 
+def same_work(stage_rows: list[StageRow], runtime: str, variant: str) -> dict | None:
+    """{"gmac": ..., "note": ...} when Stage 1 and Stage 2 of this runtime and variant do the same work (the
+    same graph MACs, to 0.5 %: a format-/1 Stage 1's one-unit output layer vs Stage 2's 7-way one is far less),
+    else None: a smaller input or a lighter backbone in Stage 1 is not the same work."""
+    gmac = {r["stage"]: r["gmac"] for r in stage_rows
+            if r.get("gmac") and r["variant"] == variant and r["runtime"] == runtime}
+    if len(gmac) != 2 or abs(gmac[1] - gmac[2]) > 0.005 * gmac[2]:
+        return None
+    return {"gmac": gmac[1], "note": (
+        f"Stage 1 and Stage 2 do the same work ({gmac[1]:.3f} and {gmac[2]:.3f} GMAC): the gate costs one full "
+        "model invoke on every image and never pays; a break-even near 0 is timing noise")}
+
+
+def gate_rates(gate_costs: list[GateCost]) -> dict[tuple[str, str, int], tuple[float, float, str]]:
+    """(runtime, variant, threads) -> (recall, fpr, where from) of every gate measured in this run."""
+    return {(g["runtime"], g["variant"], g["threads"]): (g["recall"], g["fpr"],
+            f"measured on {g['images']} labelled images ({g['defective']} defective, {g['clean']} clean) at "
+            f"threshold {g['threshold']:g}") for g in gate_costs if g["status"] == "ok"}
+
+
 def build_cost_models(paired_runs: list[PairedRun], pipe_runs: list[PipelineRun], light_gate: LightGate,
-                      prevalences: list[float], stage_rows: list[StageRow] = ()) -> list[CostModel]:
+                      prevalences: list[float], stage_rows: list[StageRow] = (),
+                      gate_costs: list[GateCost] = ()) -> list[CostModel]:
     """Two-stage vs one model per (runtime, variant, threads), from medians of the paired invokes (Stage 1,
-    Stage 2 and the light gate timed in turn in one process) and the measured preprocessing."""
+    Stage 2 and the light gate timed in turn in one process) and the measured preprocessing; the bundle's gate
+    as measured in this run (gate_costs: its recall and false-positive rate) or, where it was not, a perfect
+    gate (said so in the entry). The light gate's accuracy is never measured: its curve assumes a perfect gate."""
+    rates = gate_rates(list(gate_costs))
     pre_by_threads = {}
     for run in pipe_runs:
         for row in run.get("summary", []):
@@ -312,18 +344,19 @@ def build_cost_models(paired_runs: list[PairedRun], pipe_runs: list[PipelineRun]
         gate, s2 = run["latency"]["stage1"]["p50_ms"], run["latency"]["stage2"]["p50_ms"]
         pre_list = pre_by_threads.get(threads)
         pre = sum(pre_list) / len(pre_list) if pre_list else 0.0
+        recall, fpr, source = rates.get((runtime, variant, threads), (1.0, 0.0, None))
         entry = CostModel(runtime=runtime, variant=variant, threads=threads, preprocess_ms=pre,
                           preprocess_measured=bool(pre_list), gate_ms=gate, stage2_ms=s2, single_ms=s2,
                           estimator="median of paired invokes", rounds=run["rounds"],
-                          break_even=costmodel.break_even(gate, s2, s2), curve=costmodel.curve(pre, gate, s2, s2, grid))
-        gmac = {r["stage"]: r["gmac"] for r in stage_rows
-                if r.get("gmac") and r["variant"] == variant and r["runtime"] == runtime}
-        if len(gmac) == 2 and abs(gmac[1] - gmac[2]) <= 0.01 * gmac[2]:
-            # The same network twice: the gate costs a full Stage-2 invoke, so it can never pay; a small
-            # positive break-even here is the timing difference between two identical graphs.
-            entry["same_network"] = {"gmac": gmac[1], "note": (
-                f"Stage 1 and Stage 2 do the same work ({gmac[1]:.2f} GMAC each): the gate costs one full "
-                "model invoke on every image and never pays; a break-even near 0 is timing noise")}
+                          break_even=costmodel.break_even(gate, s2, s2, recall, fpr),
+                          curve=costmodel.curve(pre, gate, s2, s2, grid, recall, fpr))
+        if source:
+            entry.update(gate_recall=recall, gate_fpr=fpr, gate_source=source)
+        same = same_work(list(stage_rows), runtime, variant)
+        if same:
+            # The same work twice: the gate costs a full Stage-2 invoke, so it can never pay; a small positive
+            # break-even here is the timing difference between two identical graphs.
+            entry["same_network"] = same
         if "light_gate" in run["latency"]:
             lg = run["latency"]["light_gate"]["p50_ms"]
             entry["light_gate"] = {"gate_ms": lg, "source": light_gate["source"],
@@ -337,6 +370,49 @@ def build_cost_models(paired_runs: list[PairedRun], pipe_runs: list[PipelineRun]
                                      for r in prun["summary"]]
         models.append(entry)
     return models
+
+
+def gate_cost(variant: str, runtime: str, threads: int, result: dict, prevalences: list[float]) -> GateCost:
+    """The two-stage bundle against one 8-class model of Stage-2 size, at each prevalence, with the gate as it
+    behaved on the labelled images (a `gate` worker's records). Every term is a median over those images in one
+    process; the formulas are benchmarks/costmodel.py's:
+        two-stage  = (decode + resize1) + Stage 1 + flagged(p) x (resize2 + Stage 2)
+        one model  = (decode + resize to Stage 2's input) + Stage 2
+        flagged(p) = p x recall + (1 - p) x fpr"""
+    from statistics import median
+
+    entry = GateCost(variant=variant, runtime=runtime, threads=threads, status=result["status"])
+    if result["status"] != "ok":
+        entry["reason"] = result.get("reason", "")
+        return entry
+    recs = result["records"]
+    defective = [r for r in recs if r["defective"]]
+    clean = [r for r in recs if not r["defective"]]
+    entry.update(runtime_version=result["runtime_version"], threshold=result["threshold"], sizes=result["sizes"],
+                 images=len(recs), clean=len(clean), defective=len(defective), failures=result["failures"])
+    if not defective or not clean:
+        entry.update(status="skipped", reason=f"needs clean and defective images to measure the gate "
+                                              f"({len(clean)} clean, {len(defective)} defective scored)")
+        return entry
+    recall = sum(r["flagged"] for r in defective) / len(defective)
+    fpr = sum(r["flagged"] for r in clean) / len(clean)
+    med = {k: median(r[f"{k}_ms"] for r in recs) for k in ("decode", "resize1", "stage1", "stage2")}
+    resize2 = [r["resize2_ms"] for r in recs if r["resize2_ms"] is not None]
+    med["resize2"] = median(resize2) if resize2 else None
+    pre = med["decode"] + med["resize1"]
+    stage2 = (med["resize2"] or 0.0) + med["stage2"]
+    single_pre = med["decode"] + (med["resize1"] if med["resize2"] is None else med["resize2"])
+    single = costmodel.single_model_ms(single_pre, med["stage2"])
+    rows = []
+    for p in prevalences:
+        two = costmodel.two_stage_ms(pre, med["stage1"], stage2, p, recall, fpr)
+        rows.append({"prevalence": p, "flagged_fraction": costmodel.flagged_fraction(p, recall, fpr),
+                     "two_stage_ms": two, "single_ms": single, "ratio": two / single})
+    entry.update(recall=recall, fpr=fpr, medians_ms=med, preprocess_ms=pre, stage1_ms=med["stage1"],
+                 stage2_ms=stage2, single_preprocess_ms=single_pre, single_model_ms=med["stage2"], rows=rows,
+                 # the preprocessing differs between the two (Stage-1 vs Stage-2 resize): folded into each side
+                 break_even=costmodel.break_even(pre + med["stage1"], stage2, single, recall, fpr))
+    return entry
 
 
 def light_gate_models(args, bundle, out: Path, workers: Workers, tflite_rt: str | None) -> LightGate:
@@ -355,7 +431,7 @@ def light_gate_models(args, bundle, out: Path, workers: Workers, tflite_rt: str 
         return {"status": "ok", "source": f"measured: {path}", "model": str(path.resolve())}
     if importlib.util.find_spec("tensorflow") is None:
         return {"status": "skipped", "reason": "TensorFlow not installed: cannot build a MobileNetV3Small gate"}
-    size = bundle.image_size[0]
+    size = bundle.image_sizes[1][0]           # a light gate in place of Stage 1, at Stage 1's input size
     log(f"building a random-weight MobileNetV3Small Stage 1 at {size}x{size} (int8) for the light-gate estimate")
     res = workers.run({"mode": "build-gate", "image_size": size,
                        "out": str(out / "light_gate" / "stage1_mobilenet_v3_small_int8.tflite")})
@@ -371,8 +447,9 @@ class SetupError(Exception):
 
 
 class Benchmark:
-    """One `python -m benchmarks` run: set up from the arguments, then the four measurement passes, each
-    worker in a fresh process, results.json saved after every measurement."""
+    """One `python -m benchmarks` run: set up from the arguments, then the five measurement passes (stages,
+    light gate, paired, end to end, the gate on labelled images), each worker in a fresh process, results.json
+    saved after every measurement."""
 
     def __init__(self, args: argparse.Namespace, argv: list[str] | None):
         from edge_runtime.bundle import BundleError, load_bundle
@@ -416,8 +493,13 @@ class Benchmark:
             raise SetupError(str(exc)) from None
         streams = {}
         pools = images.pop("pools", None)
+        self.labelled = []                  # every labelled image, for the gate's measured recall and fpr
         if images["status"] == "ok":
             clean, defective = pools
+            self.labelled = [list(it) for it in clean + defective]
+            if args.gate_images and len(self.labelled) > args.gate_images:   # evenly spread: both pools stay in
+                n = args.gate_images
+                self.labelled = [self.labelled[i * len(self.labelled) // n] for i in range(n)]
             for p in args.prevalence:
                 try:
                     streams[str(p)] = [list(it) for it in prevalence_stream(clean, defective, p, args.stream_length,
@@ -436,10 +518,13 @@ class Benchmark:
                             runtimes=args.runtime, prevalences=args.prevalence, runs=args.runs,
                             max_seconds=args.max_seconds, stream_length=args.stream_length, images=args.images,
                             keras_run=str(self.keras_run) if self.keras_run else None, seed=args.seed,
+                            gate_images=args.gate_images,
                             command=" ".join(["python -m benchmarks"] + (argv or sys.argv[1:])))
         info = BundleInfo(path=str(bundle.root), image_size=list(bundle.image_size), backbones=bundle.backbones,
                           variants=list(bundle.variants), stage1_threshold=bundle.stage1_threshold,
-                          stage2_classes=list(bundle.stage2_classes), source_run=bundle.source_run)
+                          stage2_classes=list(bundle.stage2_classes), source_run=bundle.source_run,
+                          format=bundle.format, image_sizes={str(n): list(hw) for n, hw in bundle.image_sizes.items()},
+                          stage_classes={str(n): list(c) for n, c in bundle.stage_classes.items()})
         return Results(format=FORMAT, machine=self.machine, settings=settings, bundle=info, runtimes=self.runtimes,
                        images=self.images, stages=[], pipeline=[], notes=[])
 
@@ -464,6 +549,12 @@ class Benchmark:
                     jobs.append(("float32", "keras", threads))
         return jobs
 
+    def _gate_jobs(self) -> list[tuple[str, str, int]]:
+        if not self.labelled:
+            return []
+        return [(variant, rt, threads) for threads in self.args.threads for rt in self.tflite_rts
+                for variant in self.variants]
+
     def _paired_jobs(self) -> list[tuple[str, str, int]]:
         return [(variant, rt, threads) for threads in self.args.threads for rt in self.tflite_rts
                 for variant in self.variants]
@@ -486,7 +577,8 @@ class Benchmark:
     # -- the run ----------------------------------------------------------------------------------------
     def run(self) -> int:
         stage_jobs, paired_jobs, pipe_jobs = self._stage_jobs(), self._paired_jobs(), self._pipeline_jobs()
-        self._total = (len(stage_jobs) + len(paired_jobs) + len(pipe_jobs)
+        gate_jobs = self._gate_jobs()
+        self._total = (len(stage_jobs) + len(paired_jobs) + len(pipe_jobs) + len(gate_jobs)
                        + (len(self.args.threads) if self._gate_planned() else 0))
         workers = Workers(self.args.timeout)
         t_start = time.perf_counter()
@@ -495,8 +587,10 @@ class Benchmark:
             gate = self._measure_light_gate(workers)
             self._measure_paired(workers, paired_jobs, gate)
             self._measure_pipelines(workers, pipe_jobs)
+            self._measure_gates(workers, gate_jobs)
             self.results["cost_models"] = build_cost_models(self.results.get("paired", []), self.results["pipeline"],
-                                                            gate, self.args.prevalence, self.results["stages"])
+                                                            gate, self.args.prevalence, self.results["stages"],
+                                                            self.results.get("gate_costs", []))
         finally:
             workers.close()
         self.results["elapsed_s"] = time.perf_counter() - t_start
@@ -581,7 +675,8 @@ class Benchmark:
             spec = {"mode": "pipeline", "runtime": rt, "variant": variant, "threads": threads,
                     "bundle": str(bundle.root), "streams": self.streams, "max_seconds": self.args.max_seconds,
                     "clean_label": bundle.clean_label, "keras_run": str(self.keras_run) if self.keras_run else None,
-                    "image_size": list(bundle.image_size), "stage1_threshold": bundle.stage1_threshold}
+                    "image_sizes": {str(n): list(hw) for n, hw in bundle.image_sizes.items()},
+                    "stage1_classes": list(bundle.stage_classes[1]), "stage1_threshold": bundle.stage1_threshold}
             res = workers.run(spec)
             run = PipelineRun(variant=variant, runtime=rt, threads=threads, status=res["status"])
             if res["status"] == "ok":
@@ -598,6 +693,27 @@ class Benchmark:
                 run["reason"] = res.get("reason", "")
                 log(f"    {res['status']}: {run['reason']}")
             self.results["pipeline"].append(run)
+            self._save()
+
+
+    def _measure_gates(self, workers: Workers, jobs) -> None:
+        """5. the bundle's gate on every labelled image (both stages timed on each): its real recall and false
+        positive rate, and the two-stage vs one-model table at each prevalence."""
+        for variant, rt, threads in jobs:
+            self._progress(f"gate {variant} {rt} threads={threads}: {len(self.labelled)} labelled images, "
+                           "both stages on each ...")
+            res = workers.run({"mode": "gate", "runtime": rt, "variant": variant, "threads": threads,
+                               "bundle": str(self.bundle.root), "items": self.labelled})
+            entry = gate_cost(variant, rt, threads, res, self.args.prevalence)
+            if entry["status"] == "ok":
+                log(f"    recall {entry['recall']:.3f}, clean FPR {entry['fpr']:.3f} at threshold "
+                    f"{entry['threshold']:g}; " + ", ".join(
+                        f"p={r['prevalence']:g}: flagged {100 * r['flagged_fraction']:.0f}%, two-stage/single "
+                        f"{r['ratio']:.2f}" for r in entry["rows"]))
+            else:
+                self.failures += entry["status"] == "error"
+                log(f"    {entry['status']}: {entry.get('reason', '')}")
+            self.results.setdefault("gate_costs", []).append(entry)
             self._save()
 
 

@@ -1,6 +1,6 @@
 """What the fleet integration costs: watch-mode throughput and peak memory with MQTT + HTTP on, against off.
 
-    python -m benchmarks.fleet_overhead [--models models/real-224-lite0] [--images DIR] [--n 300] [--rounds 3]
+    python -m benchmarks.fleet_overhead [--models models/real-lite0] [--images DIR] [--n 300] [--rounds 3]
                                         [--threads 2] [--out reports/fleet]
 
 Each run is a fresh `edge-inspect --watch DIR --once` process over the same N images (copied into a new drop
@@ -35,7 +35,7 @@ from pathlib import Path
 from benchmarks.machine import describe_machine
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_MODELS = REPO / "models" / "real-224-lite0"
+DEFAULT_MODELS = REPO / "models" / "real-lite0"
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "hackathon-test"
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 

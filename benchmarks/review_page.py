@@ -1,6 +1,6 @@
 """The review page's figures: page load time with N results in the store, the review server's memory.
 
-    python -m benchmarks.review_page [--results 10000] [--models models/real-224-lite0] [--loads 7]
+    python -m benchmarks.review_page [--results 10000] [--models models/real-lite0] [--loads 7]
                                      [--out reports/review] [--screenshot docs/review_page.png]
 
 Builds a result database the way the service writes it (edge_runtime.db.store, the bundle registered, N rows
@@ -34,7 +34,7 @@ from benchmarks.machine import describe_machine
 from benchmarks.stats import summarize
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_MODELS = REPO / "models" / "real-224-lite0"   # the shipped reference bundle
+DEFAULT_MODELS = REPO / "models" / "real-lite0"   # the shipped reference bundle
 IMAGES_PER_CLASS = 8
 
 

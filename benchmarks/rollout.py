@@ -1,7 +1,7 @@
 """What rollouts cost on a board (issue 20): shadow mode per image, memory with two bundles loaded, and the time
 from a rollout message to the promotion.
 
-    python -m benchmarks.rollout [--models models/real-224-lite0] [--images DIR] [--n 300] [--rounds 3]
+    python -m benchmarks.rollout [--models models/real-lite0] [--images DIR] [--n 300] [--rounds 3]
                                  [--fraction 0.1] [--threads 2] [--out reports/rollout]
 
 Shadow cost: fresh `edge-inspect --watch DIR --once` processes over the same N images (benchmarks/fleet_overhead.py's

@@ -67,16 +67,20 @@ class Settings(TypedDict):
     keras_run: str | None
     seed: int
     command: str
+    gate_images: NotRequired[int]    # 0: the gate was measured on every labelled image
 
 
 class BundleInfo(TypedDict):
     path: str
-    image_size: list[int]
+    image_size: list[int]                        # the largest stage input (what an image is decoded for)
     backbones: dict[str, str]
     variants: list[str]
     stage1_threshold: float
     stage2_classes: list[str]
     source_run: str | None
+    format: NotRequired[str]                     # sem-inspect-bundle/1 or /2
+    image_sizes: NotRequired[dict[str, list[int]]]     # {"1": [h, w], "2": [h, w]}: each stage's input
+    stage_classes: NotRequired[dict[str, list[str]]]   # what each stage's probabilities are over
 
 
 class Runtime(TypedDict):
@@ -235,9 +239,53 @@ class CostModel(TypedDict):          # gate vs one 8-class model, per runtime x 
     rounds: int
     break_even: BreakEven
     curve: list[CurvePoint]
+    gate_recall: NotRequired[float]          # the gate the curve and break-even assume (absent: a perfect gate,
+    gate_fpr: NotRequired[float]             # recall 1 and no false positives)
+    gate_source: NotRequired[str]
     same_network: NotRequired[SameNetwork]
     light_gate: NotRequired[LightGateCost]
     measured: NotRequired[list[MeasuredPoint]]
+
+
+class GateMedians(TypedDict):        # medians over the labelled images of one gate pass, ms
+    decode: float
+    resize1: float                   # to Stage 1's input
+    stage1: float                    # Stage-1 backbone + head (+ the P(defective) score)
+    resize2: float | None            # to Stage 2's input (None: same size, the Stage-1 pixels are reused)
+    stage2: float                    # Stage-2 backbone + head
+
+
+class GateCostRow(TypedDict):        # one prevalence of the two-stage vs one-model table
+    prevalence: float
+    flagged_fraction: float          # prevalence * recall + (1 - prevalence) * fpr, the gate as measured
+    two_stage_ms: float              # preprocess_ms + stage1_ms + flagged_fraction * stage2_ms
+    single_ms: float                 # single_preprocess_ms + single_model_ms
+    ratio: float                     # two_stage_ms / single_ms
+
+
+class GateCost(TypedDict):           # the bundle's gate measured on the labelled images, per variant x runtime x threads
+    variant: str
+    runtime: str
+    threads: int
+    status: str                      # ok | skipped | not installed | error
+    reason: NotRequired[str]
+    runtime_version: NotRequired[str]
+    threshold: NotRequired[float]
+    sizes: NotRequired[dict[str, list[int]]]
+    images: NotRequired[int]
+    clean: NotRequired[int]
+    defective: NotRequired[int]
+    failures: NotRequired[list[dict[str, str]]]
+    recall: NotRequired[float]       # defective images flagged / defective images
+    fpr: NotRequired[float]          # clean images flagged / clean images
+    medians_ms: NotRequired[GateMedians]
+    preprocess_ms: NotRequired[float]         # two-stage: decode + resize1
+    stage1_ms: NotRequired[float]             # = medians stage1
+    stage2_ms: NotRequired[float]             # a flagged image's extra cost: resize2 + stage2
+    single_preprocess_ms: NotRequired[float]  # one model of Stage-2 size: decode + resize to Stage 2's input
+    single_model_ms: NotRequired[float]       # = medians stage2
+    rows: NotRequired[list[GateCostRow]]
+    break_even: NotRequired[BreakEven]        # with the measured recall and fpr
 
 
 class Results(TypedDict):
@@ -254,6 +302,7 @@ class Results(TypedDict):
     light_gate: NotRequired[LightGate]
     paired: NotRequired[list[PairedRun]]
     cost_models: NotRequired[list[CostModel]]
+    gate_costs: NotRequired[list[GateCost]]
     elapsed_s: NotRequired[float]
 
 
@@ -310,6 +359,29 @@ class PipelineResult(TypedDict):     # mode "pipeline"
     rss_end_mb: NotRequired[float | None]
     peak_rss_mb: NotRequired[float | None]
     prevalences: NotRequired[dict[str, StreamResult]]
+
+
+class GateRecord(TypedDict):         # one labelled image of a gate pass
+    score: float                     # Stage 1's P(defective)
+    decode_ms: float
+    resize1_ms: float
+    stage1_ms: float
+    resize2_ms: float | None
+    stage2_ms: float
+    defective: bool                  # its true label
+    flagged: bool                    # the gate's decision at the bundle's threshold
+
+
+class GateResult(TypedDict):         # mode "gate"
+    status: str
+    reason: NotRequired[str]
+    traceback: NotRequired[str]
+    runtime_version: NotRequired[str]
+    threshold: NotRequired[float]
+    sizes: NotRequired[dict[str, list[int]]]
+    records: NotRequired[list[GateRecord]]
+    failures: NotRequired[list[dict[str, str]]]
+    load_average: NotRequired[list[float] | None]
 
 
 class PairedResult(TypedDict):       # mode "paired"

@@ -10,6 +10,10 @@ Modes:
                TFLite variant, or the original notebook's path (Keras model.predict per stage) for keras
     paired     Stage 1, Stage 2 (and a light gate) invoked in turn in one process: their ratios, for the
                gate cost model, measured under the same load
+    gate       every labelled image through the Inspector's parts, timed one by one: decode, resize to each
+               stage's input, Stage 1 (backbone + head), its gate decision at the bundle's threshold, and Stage 2
+               (on every image, so its cost is measured on the same images): the gate's real recall and false
+               positive rate, and the medians the two-stage vs one-model table is computed from
     build-gate a random-weight MobileNetV3Small Stage 1, exported int8 like the real stages (needs TF)
 
 The result goes to a file, not stdout: TensorFlow's converter writes to stdout from C++.
@@ -23,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.schema import PairedResult, PipelineResult, StageResult
+from benchmarks.schema import GateResult, PairedResult, PipelineResult, StageResult
 
 
 # Process CPU time is accounted per scheduler tick on many VMs (4 ms here): over a shorter window a
@@ -190,12 +194,15 @@ def _keras_pipeline(spec: dict):
     import keras
     import numpy as np
 
-    from edge_runtime.gate import is_defective
-    from edge_runtime.preprocess import preprocess_file
+    from edge_runtime.gate import is_defective, stage1_score
+    from edge_runtime.preprocess import decode_for, to_model_input
 
     _set_threads_tf(int(spec["threads"]))
-    # From the bundle the parent loaded (edge_runtime.bundle): the same size and gating as the Inspector path.
-    size = tuple(int(x) for x in spec["image_size"])
+    # From the bundle the parent loaded (edge_runtime.bundle): the same sizes, Stage-1 classes and gating as the
+    # Inspector path; decoded once, resized for each stage, as the Inspector does.
+    sizes = {int(n): tuple(int(x) for x in hw) for n, hw in spec["image_sizes"].items()}
+    largest = max(sizes.values(), key=lambda hw: hw[0] * hw[1])
+    classes, clean = tuple(spec["stage1_classes"]), spec.get("clean_label", "clean")
     threshold = float(spec["stage1_threshold"])
     run = Path(spec["keras_run"])
     t0 = time.perf_counter()
@@ -205,13 +212,15 @@ def _keras_pipeline(spec: dict):
 
     def inspect(path):
         a = time.perf_counter()
-        x = preprocess_file(path, size)[None].astype(np.float32)
+        gray = decode_for(path, largest)
+        x1 = to_model_input(gray, sizes[1])[None].astype(np.float32)
         b = time.perf_counter()
-        score = float(m1.predict(x, verbose=0)[0, 0])
+        score = float(stage1_score(m1.predict(x1, verbose=0)[0], classes, clean))
         c = time.perf_counter()
         s2 = None
         if is_defective(score, threshold):
-            m2.predict(x, verbose=0)
+            x2 = x1 if sizes[2] == sizes[1] else to_model_input(gray, sizes[2])[None].astype(np.float32)
+            m2.predict(x2, verbose=0)
             s2 = (time.perf_counter() - c) * 1e3
         return {"preprocess_ms": (b - a) * 1e3, "stage1_ms": (c - b) * 1e3, "stage2_ms": s2}
 
@@ -279,6 +288,62 @@ def pipeline(spec: dict) -> PipelineResult:
             "rss_end_mb": end["rss_mb"], "peak_rss_mb": end["peak_rss_mb"], "prevalences": per_prevalence}
 
 
+def gate(spec: dict) -> GateResult:
+    """The bundle's gate on labelled images, through the runtime: per image its true label, Stage-1 score and
+    decision (edge_runtime.gate, the bundle's threshold) and the time of each part of the pipeline. Stage 2
+    runs on every image (timed with its head and, when its input size differs, its own resize), so the
+    single-model column and the flagged images' cost come from the same images, interleaved with Stage 1."""
+    from edge_runtime.gate import is_defective
+    from edge_runtime.interpreter import NoInterpreter, load_backend
+    from edge_runtime.preprocess import ImageError, to_model_input
+
+    try:
+        load_backend(spec["runtime"])
+    except NoInterpreter as exc:
+        return {"status": "not installed", "reason": str(exc)}
+    from edge_runtime.inspector import Inspector
+
+    insp = Inspector(spec["bundle"], variant=spec["variant"], threads=int(spec["threads"]), runtime=spec["runtime"])
+    size1, size2 = insp.stages[1].size, insp.stages[2].size
+    clean_label = insp.clean_label
+
+    def one(path):
+        t0 = time.perf_counter()
+        gray = insp.decode(path)
+        t1 = time.perf_counter()
+        pixels1 = to_model_input(gray, size1)
+        t2 = time.perf_counter()
+        score = insp.stage1_score(pixels1)           # backbone + head + gate.stage1_score
+        t3 = time.perf_counter()
+        pixels2 = pixels1 if size2 == size1 else to_model_input(gray, size2)
+        t4 = time.perf_counter()
+        insp.stages[2].probs(pixels2)                # backbone + head
+        t5 = time.perf_counter()
+        return {"score": score, "decode_ms": (t1 - t0) * 1e3, "resize1_ms": (t2 - t1) * 1e3,
+                "stage1_ms": (t3 - t2) * 1e3, "resize2_ms": (t4 - t3) * 1e3 if size2 != size1 else None,
+                "stage2_ms": (t5 - t4) * 1e3}
+
+    items = spec["items"]
+    for path, _ in items[: int(spec.get("warmup", 2))]:     # warm caches and lazy init, untimed
+        try:
+            one(path)
+        except ImageError:
+            pass
+    records, failures = [], []
+    for path, label in items:
+        try:
+            rec = one(path)
+        except ImageError as exc:
+            failures.append({"path": path, "reason": str(exc)})
+            continue
+        rec["defective"] = label != clean_label
+        rec["flagged"] = is_defective(rec["score"], insp.threshold)
+        records.append(rec)
+    return {"status": "ok", "runtime_version": insp.describe(), "threshold": insp.threshold,
+            "sizes": {"1": list(size1), "2": list(size2)}, "records": records, "failures": failures,
+            "load_average": _load()}
+
+
 def build_gate(spec: dict) -> dict:
     """Random-weight MobileNetV3Small Stage 1 -> int8 TFLite, exported exactly like the real stages."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -332,7 +397,7 @@ def paired(spec: dict) -> PairedResult:
     return {"status": "ok", "rounds": rounds, "latencies_ms": latencies, "load_average": _load()}
 
 
-MODES = {"stage": stage, "pipeline": pipeline, "build-gate": build_gate, "paired": paired}
+MODES = {"stage": stage, "pipeline": pipeline, "build-gate": build_gate, "paired": paired, "gate": gate}
 
 
 def main(argv=None) -> int:

@@ -4,17 +4,22 @@ Does a bundle give the same answers on every runtime it may meet? Runs each runt
 in its own process (convert/parity_worker.py, edge_runtime only) and, with --python, in its own Python (a
 tflite-runtime venv, or an aarch64 Python under qemu: deploy/arm64-smoke.sh --exec), then compares every
 runtime with the first one listed (the first that ran, if it did not):
-  labels      the final two-stage label (edge_runtime.gate: Stage-1 threshold, Stage-2 top-1), in agreement
-  S1 / S2     the largest score difference, in output quantization steps (int8) or absolute (float)
-  ms          mean Stage-1 and Stage-2 invoke latency (only meaningful on real hardware, not under qemu)
-Stage 2 runs on every image, so it is compared everywhere, not only where Stage 1 flags a defect.
+  labels      the final two-stage label (edge_runtime.gate: Stage 1's P(defective) against the threshold,
+              Stage-2 top-1), in agreement; from the stages' probabilities (format /2: after the numpy heads)
+  S1 / S2     the largest difference of the models' outputs, in output quantization steps (int8) or absolute
+              (float); format /2: of the backbones' features, where int8 steps exist
+  P(def)      the largest difference of Stage 1's P(defective) (absolute)
+  ms          mean Stage-1 and Stage-2 latency, model and head (only meaningful on real hardware, not under qemu)
+Stage 2 runs on every image, so it is compared everywhere, not only where Stage 1 flags a defect. Each stage
+runs at its own input size (the image decoded once, as edge-inspect does).
 
 A runtime spec is [LABEL=]NAME[:KERNELS]: NAME litert, tflite-runtime or tensorflow; KERNELS default (what the
 runtime does on its own: LiteRT applies XNNPACK), builtin (TFLite's own kernels) or reference. A runtime the
 bundle's manifest says is too old refuses it (as edge-inspect does): that is safe and reported, not a failure.
 
 Parity holds when every runtime that ran scored every image the first one scored, labels agree on all of them
-and Stage-1 scores lie within --tolerance output steps (default 1) of the first runtime's.
+and Stage-1 outputs (format /2: features) lie within --tolerance output steps (default 1) of the first
+runtime's.
 Exit status: 0 parity holds; 1 it does not (or a runtime crashed); 2 bad input (bundle, images, arguments) or
 fewer than two runtimes ran.
 """
@@ -84,12 +89,20 @@ def run_worker(name: str, kernels: str, command: list[str], bundle: Path, varian
     return {"status": "crashed", "reason": f"{what}: {tail}"}
 
 
-def final_label(s1: list[float], s2: list[float], bundle) -> str:
-    from edge_runtime.gate import is_defective
+def probs(row: dict, n: int) -> list[float]:
+    """Stage n's probabilities in a worker's row: after the head (format /2), or the model's own output."""
+    return row.get(f"probs{n}", row[f"stage{n}"])
 
-    if not is_defective(s1[0], bundle.stage1_threshold):
-        return bundle.clean_label
-    return bundle.stage2_classes[max(range(len(s2)), key=s2.__getitem__)]
+
+def score_and_label(row: dict, bundle) -> tuple[float, str]:
+    """Stage 1's P(defective) and the final label of one image, by the runtime's rules (edge_runtime.gate)."""
+    from edge_runtime.gate import is_defective, stage1_score
+
+    score = float(stage1_score(probs(row, 1), bundle.stage_classes[1], bundle.clean_label))
+    if not is_defective(score, bundle.stage1_threshold):
+        return score, bundle.clean_label
+    p2 = probs(row, 2)
+    return score, bundle.stage2_classes[max(range(len(p2)), key=p2.__getitem__)]
 
 
 def compare(ref: dict, other: dict, bundle) -> dict:
@@ -99,17 +112,20 @@ def compare(ref: dict, other: dict, bundle) -> dict:
     b = {r["path"]: r for r in other["images"] if "error" not in r}
     common = [p for p in a if p in b]
     worst = {1: 0.0, 2: 0.0}
+    worst_score = 0.0
     disagree = []
     for path in common:
         x, y = a[path], b[path]
         for n in (1, 2):
             diff = max(abs(u - v) for u, v in zip(x[f"stage{n}"], y[f"stage{n}"]))
             worst[n] = max(worst[n], diff / steps[n] if steps[n] else diff)
-        la, lb = final_label(x["stage1"], x["stage2"], bundle), final_label(y["stage1"], y["stage2"], bundle)
+        (sa, la), (sb, lb) = score_and_label(x, bundle), score_and_label(y, bundle)
+        worst_score = max(worst_score, abs(sa - sb))
         if la != lb:
-            disagree.append({"path": path, "labels": [la, lb], "stage1": [x["stage1"][0], y["stage1"][0]]})
+            disagree.append({"path": path, "labels": [la, lb], "stage1": [sa, sb]})
     return {"images": len(common), "labels_agree": len(common) - len(disagree),
             "stage1_max_diff": round(worst[1], 4), "stage2_max_diff": round(worst[2], 4),
+            "score_max_diff": round(worst_score, 6),
             "unit": "steps" if steps[1] else "absolute", "disagreements": disagree}
 
 
@@ -120,11 +136,14 @@ def mean_ms(result: dict, n: int) -> float | None:
 
 def report(bundle, rows: list[dict], tolerance: float) -> tuple[str, bool]:
     """Markdown table and whether parity holds."""
-    lines = [f"Parity of {bundle.root} (variant {bundle.variant}) against {rows[0]['label']}; scores in output "
-             f"quantization steps (Stage 1: {bundle.stage1.output.scale:g}, Stage 2: {bundle.stage2.output.scale:g})"
-             f", tolerance {tolerance:g} step(s) on Stage 1.", "",
+    what = "backbone features" if any(h is not None for h in bundle.heads.values()) else "scores"
+    sizes = " / ".join(f"{h}x{w}" for h, w in (bundle.image_sizes[1], bundle.image_sizes[2]))
+    lines = [f"Parity of {bundle.root} (variant {bundle.variant}, inputs {sizes}) against {rows[0]['label']}; "
+             f"{what} in output quantization steps (Stage 1: {bundle.stage1.output.scale:g}, Stage 2: "
+             f"{bundle.stage2.output.scale:g}), tolerance {tolerance:g} step(s) on Stage 1; labels and P(defective) "
+             "from the stages' probabilities.", "",
              "| runtime | version | kernels | python | images | labels agree | S1 max diff | S2 max diff | "
-             "S1 ms | S2 ms | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "P(def) max diff | S1 ms | S2 ms | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     holds = True
     for row in rows:
         res, cmp_ = row["result"], row.get("compare")
@@ -132,10 +151,10 @@ def report(bundle, rows: list[dict], tolerance: float) -> tuple[str, bool]:
             verdict = {"refused": "refused (safe)", "not installed": "not installed"}.get(res.get("status"),
                                                                                           res.get("status"))
             holds &= res.get("status") in ("refused", "not installed")
-            lines.append(f"| {row['label']} | | {row['kernels']} | | | | | | | | {verdict}: {res.get('reason', '')} |")
+            lines.append(f"| {row['label']} | | {row['kernels']} | | | | | | | | | {verdict}: {res.get('reason', '')} |")
             continue
         if cmp_ is None:
-            verdict, agree, d1, d2 = "reference", "-", "-", "-"
+            verdict, agree, d1, d2, ds = "reference", "-", "-", "-", "-"
         else:
             scored = len([r for r in rows[0]["result"]["images"] if "error" not in r])
             ok = (cmp_["images"] == scored > 0 and cmp_["labels_agree"] == cmp_["images"]
@@ -144,9 +163,10 @@ def report(bundle, rows: list[dict], tolerance: float) -> tuple[str, bool]:
             verdict = "parity" if ok else "DIFFERS"
             agree = f"{cmp_['labels_agree']}/{cmp_['images']}"
             d1, d2 = f"{cmp_['stage1_max_diff']:g}", f"{cmp_['stage2_max_diff']:g}"
+            ds = f"{cmp_['score_max_diff']:g}"
         lines.append(f"| {row['label']} | {res['distribution']} {res['version']} | {res['kernels']} | "
                      f"{res['python']} {res['machine']} | {len([r for r in res['images'] if 'error' not in r])} | "
-                     f"{agree} | {d1} | {d2} | {mean_ms(res, 1)} | {mean_ms(res, 2)} | {verdict} |")
+                     f"{agree} | {d1} | {d2} | {ds} | {mean_ms(res, 1)} | {mean_ms(res, 2)} | {verdict} |")
     return "\n".join(lines) + "\n", holds
 
 
@@ -214,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows.remove(ran[0])
     rows.insert(0, ran[0])
+    for row in ran:            # each image's P(defective) and final label, as that runtime's outputs give them
+        for image in row["result"]["images"]:
+            if "error" not in image:
+                image["stage1_score"], image["label"] = score_and_label(image, bundle)
     for row in ran[1:]:
         row["compare"] = compare(ran[0]["result"], row["result"], bundle)
     text, holds = report(bundle, rows, args.tolerance)

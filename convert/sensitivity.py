@@ -3,7 +3,9 @@
 Which layers lose the most to int8: TFLite's QuantizationDebugger runs the float and the quantized op side by
 side on real images and reports, per quantized tensor, the RMSE of the dequantized result against float
 in units of its quantization step (rmse/scale; ~0.29 is the floor of plain rounding, far above it means the
-layer's range or per-tensor scale does not suit its values). The calibration is the one `--int8` uses.
+layer's range or per-tensor scale does not suit its values). What is quantized is what `--int8` quantizes:
+each stage's backbone (the stage model up to its pooling; the dense head runs in float, in numpy, on the
+board), calibrated as `--int8` does, on images at that stage's own input size.
 Writes RUN/quant_sensitivity_stageN.csv and prints the worst layers.
 """
 from __future__ import annotations
@@ -53,6 +55,7 @@ def layer_sensitivity(model, calibration: np.ndarray, debug_images: np.ndarray) 
 
 def main(argv: list[str] | None = None) -> int:
     from convert import calibration as calib
+    from convert.export import split_stage_model
     from train.runs import RunError, load_models, read_run
 
     p = argparse.ArgumentParser(prog="python -m convert sensitivity", description=__doc__.split("\n\n")[0])
@@ -62,24 +65,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=32, help="val images the float and int8 layers are compared on")
     p.add_argument("--top", type=int, default=10, help="layers to print")
     args = p.parse_args(argv)
+    stages = args.stage or [1, 2]
     try:
         run = read_run(args.run)
         load_models(run)
-        cal = calib.select(run.rows("train"), args.calibration, run.image_size, run.seed, resolve=run.resolve)
-        debug = calib.select(run.rows("val"), args.images, run.image_size, run.seed, split="val",
-                             resolve=run.resolve)
+        sets = {}
+        for size in sorted({run.image_size_of(n) for n in stages}):   # the same files at each stage's size
+            cal = calib.select(run.rows("train"), args.calibration, size, run.seed, resolve=run.resolve)
+            debug = calib.select(run.rows("val"), args.images, size, run.seed, split="val", resolve=run.resolve)
+            sets[size] = (calib.anchor_input_range(cal.images)[0], debug.images)
+        backbones = {n: split_stage_model(run.models[n], run.stage1_classes if n == 1 else run.stage2_classes)[0]
+                     for n in stages}
     except (RunError, calib.CalibrationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    representative, _ = calib.anchor_input_range(cal.images)
-    for stage in args.stage or [1, 2]:
-        rows = layer_sensitivity(run.models[stage], representative, debug.images)
+    except ValueError as exc:           # not a stage model convert can split (no "gap" pooling layer)
+        print(f"error: {run.path}: {exc}", file=sys.stderr)
+        return 2
+    for stage in stages:
+        representative, debug_images = sets[run.image_size_of(stage)]
+        rows = layer_sensitivity(backbones[stage], representative, debug_images)
         out = run.path / f"quant_sensitivity_stage{stage}.csv"
         with out.open("w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-        print(f"Stage {stage}: {len(rows)} quantized tensors; worst by rmse/scale "
+        print(f"Stage {stage} backbone at {run.image_size_of(stage)}x{run.image_size_of(stage)}: {len(rows)} "
+              f"quantized tensors; worst by rmse/scale "
               f"(rounding alone gives {ROUNDING_FLOOR:.2f}); all in {out}")
         for r in rows[:args.top]:
             print(f"  {r['rmse_over_scale']:8.2f}  {r['op']:<20} {r['tensor'][:90]}")

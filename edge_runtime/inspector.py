@@ -167,7 +167,7 @@ class Inspector:
     def __init__(self, bundle: str | os.PathLike | Bundle, variant: str | None = None,
                  threads: int | None = None, runtime: str | None = None, *,
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
-                 max_decode_mb: float = DEFAULT_MAX_DECODE_MB, trusted_keys=None):
+                 max_decode_mb: float = DEFAULT_MAX_DECODE_MB, kernels: str = "default", trusted_keys=None):
         # trusted_keys: the bundle must be signed by one of them (edge_runtime/signing.py), checked before any
         # model is read; None: no signature needed.
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, variant,
@@ -183,8 +183,10 @@ class Inspector:
         self.stage2_classes = self.bundle.stage2_classes
         self.limits = {"max_pixels": max_pixels, "max_bytes": max_bytes, "max_decode_mb": max_decode_mb}
         b = self.bundle
-        self.stage1 = StageRunner(b.stage1, b.model_bytes(1), self.threads, runtime)
-        self.stage2 = StageRunner(b.stage2, b.model_bytes(2), self.threads, runtime)
+        # kernels (edge_runtime.interpreter.KERNELS): the runtime's default, or TFLite's builtin / reference
+        # kernels alone (the runtime parity check compares them)
+        self.stage1 = StageRunner(b.stage1, b.model_bytes(1), self.threads, runtime, kernels)
+        self.stage2 = StageRunner(b.stage2, b.model_bytes(2), self.threads, runtime, kernels)
         self.stages = {n: Stage(runner, b.heads.get(n), b.stage_classes[n])
                        for n, runner in ((1, self.stage1), (2, self.stage2))}
         if b.heads.get(1) is None and self.stage1._out.size != 1:

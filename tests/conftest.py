@@ -58,6 +58,72 @@ def build_tiny_bundle(out_dir: Path, variants=("int8", "float32"), image_size: i
                         extra={"source_run": "tests", "tools": {}})
 
 
+TINY_V2_SIZES = {1: 24, 2: 32}         # Stage 1 smaller than Stage 2, as a cheap gate would be
+
+
+def build_tiny_bundle_v2(out_dir: Path, sizes: dict[int, int] = TINY_V2_SIZES, stage1_classes=TAXONOMY,
+                         stage1_threshold: float = 0.5, review_floor: float = 0.5, seed: int = 0,
+                         keras_run: Path | None = None, replay_images: int = 48) -> Path:
+    """A format-/2 bundle (int8 only) made the way `python -m convert` makes one: per stage a random-init
+    tiny_cnn backbone (pixels -> pooled features, its own input size) exported int8, and a one-layer numpy head
+    with random weights over standardised features (Stage 1 over `stage1_classes`: the 8 taxonomy classes by
+    default, P(defective) = 1 - P(clean)). keras_run: also save the float stage models there (stageN.keras,
+    backbone + the head folded into one Dense layer), for the Keras path of the benchmarks. replay_images: a
+    replay set of that many synthetic images (0: none), for adaptation."""
+    import keras
+
+    from convert.bundle import write_bundle_v2
+    from convert.export import export_tflite
+    from edge_runtime.head import Head
+    from train.models import feature_extractor, with_dense_head
+
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    backbones, heads = {}, {}
+    for n, classes in ((1, tuple(stage1_classes)), (2, tuple(TINY_STAGE2))):
+        size = sizes[n]
+        # flat gray levels from black to white plus noise: features that vary from image to image
+        levels = np.linspace(0, 255, 8)[:, None, None, None]
+        rep = np.clip(levels + rng.normal(0, 20, (8, size, size, 1)), 0, 255).astype(np.uint8).repeat(3, axis=3)
+        rep[0, 0, 0], rep[0, 0, 1] = 0, 255
+        extractor = feature_extractor("tiny_cnn", size, None)
+        feats = extractor.predict(rep.astype(np.float32), verbose=0)
+        width = feats.shape[1]
+        units = 1 if classes == ("defective",) else len(classes)
+        heads[n] = Head(feats.mean(axis=0), feats.std(axis=0) + 1e-3,
+                        [(rng.normal(0, 2 / np.sqrt(width), (width, units)), rng.normal(0, 0.1, units))],
+                        ["sigmoid" if units == 1 else "softmax"], classes)
+        backbones[n] = export_tflite(extractor, "int8", rep)
+        if keras_run is not None:
+            keras_run.mkdir(parents=True, exist_ok=True)
+            with_dense_head(extractor, heads[n], f"stage{n}_tiny_cnn").save(keras_run / f"stage{n}.keras")
+    out = write_bundle_v2(out_dir, {"int8": backbones}, heads=heads, backbone_names={1: "tiny_cnn", 2: "tiny_cnn"},
+                          taxonomy=TAXONOMY, stage2_classes=TINY_STAGE2, stage1_threshold=stage1_threshold,
+                          stage2_review_floor=review_floor,
+                          extra={"source_run": str(keras_run) if keras_run else "tests", "tools": {}})
+    if replay_images:
+        add_replay(out, replay_images, rng)
+    return out
+
+
+def add_replay(bundle_dir: Path, n: int, rng: np.random.Generator) -> None:
+    """A replay set as convert adds one: n synthetic images (labels cycling over the taxonomy) through the
+    bundle's own int8 backbones, with their content hashes."""
+    import hashlib
+
+    from edge_runtime.adapt.derive import derive_bundle
+    from edge_runtime.adapt.features import extract, replay_bytes, replay_description
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.inspector import Inspector
+
+    bundle = load_bundle(bundle_dir)
+    items = [(rng.integers(0, 256, (40, 40), dtype=np.uint8), TAXONOMY[k % len(TAXONOMY)]) for k in range(n)]
+    features, _ = extract(Inspector(bundle, threads=1), items)
+    digests = [hashlib.sha256(img.tobytes()).hexdigest() for img, _ in items]   # in-memory images: their pixels
+    derive_bundle(bundle, bundle_dir, replay=(replay_bytes(features, bundle.taxonomy, digests),
+                                              replay_description(features, bundle.variant, "tests")))
+
+
 def weight_scales(data: bytes, op_name: str) -> list[int]:
     """Number of weight scales of every `op_name`, as the model file has them. Read with TFLite's built-in
     kernels: LiteRT's default XNNPACK delegate rewrites a per-tensor weight's quantization in place into one
@@ -79,56 +145,6 @@ def conv_weight_scales(data: bytes) -> list[int]:
     return weight_scales(data, "CONV_2D")
 
 
-TINY_V2_SIZES = {1: 32, 2: 48}
-
-
-def build_tiny_bundle_v2(out_dir: Path, seed: int = 0, stage1_classes: tuple[str, ...] = tuple(TAXONOMY),
-                         replay_images: int = 48) -> Path:
-    """A format-/2 bundle as `python -m convert` writes it, from random-init tiny_cnn stages of two input sizes:
-    int8 backbones, numpy heads (Stage 1 over `stage1_classes`), and a replay set of `replay_images` synthetic
-    images through those backbones (labels cycling over the taxonomy)."""
-    import keras
-
-    from convert.bundle import write_bundle_v2
-    from convert.export import export_tflite, split_stage_model
-    from edge_runtime.adapt.derive import derive_bundle
-    from edge_runtime.adapt.features import extract, replay_bytes, replay_description
-    from edge_runtime.bundle import load_bundle
-    from edge_runtime.inspector import Inspector
-    from train.models import build_stage_model
-
-    keras.utils.set_random_seed(seed)
-    rng = np.random.default_rng(seed)
-    binary = tuple(stage1_classes) == ("defective",)
-    backbones, heads = {"int8": {}}, {}
-    for n, classes in ((1, list(stage1_classes)), (2, TINY_STAGE2)):
-        size = TINY_V2_SIZES[n]
-        model = build_stage_model(n, backbone="tiny_cnn", image_size=size,
-                                  num_classes=1 if (n == 1 and binary) else len(classes))
-        rep = rng.integers(0, 256, (8, size, size, 3), dtype=np.uint8)
-        rep[0, 0, 0], rep[0, 0, 1] = 0, 255
-        backbone, heads[n] = split_stage_model(model, classes)
-        backbones["int8"][n] = export_tflite(backbone, "int8", rep)
-    out = write_bundle_v2(out_dir, backbones, heads=heads, backbone_names={1: "tiny_cnn", 2: "tiny_cnn"},
-                          taxonomy=TAXONOMY, stage2_classes=TINY_STAGE2, stage1_threshold=0.5,
-                          stage2_review_floor=0.5, extra={"source_run": "tests"})
-    bundle = load_bundle(out)
-    items = [(rng.integers(0, 256, (40, 40), dtype=np.uint8), TAXONOMY[k % len(TAXONOMY)])
-             for k in range(replay_images)]
-    features, _ = extract(Inspector(bundle, threads=1), items)
-    import hashlib
-    digests = [hashlib.sha256(img.tobytes()).hexdigest() for img, _ in items]   # in-memory images: their pixels
-    derive_bundle(bundle, out, replay=(replay_bytes(features, bundle.taxonomy, digests),
-                                       replay_description(features, bundle.variant, "tests")))
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle_v2(tmp_path_factory) -> Path:
-    """A read-only-by-convention format-/2 tiny bundle (Stage 1 32x32 over the 8 classes, Stage 2 48x48)."""
-    return build_tiny_bundle_v2(tmp_path_factory.mktemp("bundle") / "tiny-v2")
-
-
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """A read-only-by-convention tiny bundle (int8 + float32). Copy it before modifying."""
@@ -139,6 +155,15 @@ def tiny_bundle(tmp_path_factory) -> Path:
 def tiny_bundle_per_channel(tmp_path_factory) -> Path:
     """The tiny bundle (int8 only) with per-channel dense layers: what tflite-runtime 2.14 must refuse."""
     return build_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-pc", variants=("int8",), dense="per-channel")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_v2(tmp_path_factory) -> Path:
+    """A read-only-by-convention format-/2 bundle: Stage 1 at 24x24 over the 8 taxonomy classes, Stage 2 at
+    32x32 (int8 backbones + numpy heads); its source_run holds the float stage models (stageN.keras). Copy it
+    before modifying."""
+    root = tmp_path_factory.mktemp("bundle")
+    return build_tiny_bundle_v2(root / "tiny-v2", keras_run=root / "run")
 
 
 TFLRT_VENV = REPO / ".venv-tflrt"      # made by `make setup-tflrt` (tflite-runtime 2.14 + numpy<2 + the project)

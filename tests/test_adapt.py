@@ -102,6 +102,11 @@ def test_refit_learns_the_fab_and_calibrates_out_of_fold(tiny_bundle_v2):
     assert r.heads[2].classes == tuple(TAXONOMY[1:]) and r.heads[1].classes == tuple(TAXONOMY)
     assert r.data_sha256 == data_digest(list(zip(digests, fab.labels)))
     assert 0.0 <= r.gating["stage1_threshold"] <= 1.0 and 0.0 <= r.gating["stage2_review_floor"] < 1.0
+    # the fab's weight is the candidate with the best out-of-fold macro-F1 (ties: the smaller)
+    tried = r.report["fab_weights_tried"]
+    assert set(tried) == {"4", "10", "30"}
+    best = max(tried.values())
+    assert r.report["fab_weight"] == min(float(w) for w, f1 in tried.items() if f1 == best)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -250,10 +255,10 @@ def test_edge_inspect_adapt_learns_from_the_reviews_in_the_database(tiny_bundle_
     new = load_bundle(out)
     assert new.manifest["parent"]["bundle_id"] == load_bundle(tiny_bundle_v2).bundle_id     # the recording bundle
     assert new.manifest["adapted"]["images"] == 40
-    # nothing reviewed: exit 1, nothing written
+    # nothing reviewed: one line, exit 2, nothing written
     empty = tmp_path / "empty.sqlite3"
     Store(empty).close()
     (tmp_path / "processed2").mkdir()
     res = _run(["-m", "edge_runtime.cli", "adapt", "--db", str(empty), "--processed", str(tmp_path / "processed2"),
                 "--out", str(tmp_path / "none"), "--models", str(tiny_bundle_v2)])
-    assert res.returncode == 1 and "nothing to adapt on" in res.stderr and not (tmp_path / "none").exists()
+    assert res.returncode == 2 and "nothing to adapt on" in res.stderr and not (tmp_path / "none").exists()

@@ -156,7 +156,12 @@ def test_end_to_end_and_cost_model(bench_run, tiny_bundle):
         assert (c["light_gate"]["gate_ms"] > 0) if c["variant"] == "int8" else ("light_gate" not in c)
         at_zero = c["curve"][0]
         assert at_zero["prevalence"] == 0
-        assert at_zero["two_stage_ms"] == pytest.approx(c["preprocess_ms"] + c["gate_ms"])
+        # at prevalence 0 only the gate's false positives go on to Stage 2 (the gate as measured on the images)
+        assert "gate_source" in c and 0 <= c["gate_fpr"] <= 1
+        assert at_zero["two_stage_ms"] == pytest.approx(c["preprocess_ms"] + c["gate_ms"]
+                                                        + c["gate_fpr"] * c["stage2_ms"])
+    # the gate pass ran for each variant, on all 12 labelled images
+    assert {(g["variant"], g["images"]) for g in res["gate_costs"]} == {("int8", 12), ("float32", 12)}
 
 
 def test_damaged_bundle_refused(tiny_bundle, tmp_path, capsys):
@@ -330,3 +335,183 @@ def test_cpu_share_needs_a_long_enough_window():
     assert cpu_share(0.004, 0.0001) is None                 # one 4 ms scheduler tick in a 0.1 ms window
     assert cpu_share(0.5, 1.0) == 0.5
     assert cpu_share(2 * MIN_CPU_WINDOW_S, MIN_CPU_WINDOW_S) == 2.0
+
+
+# ---- format /2: per-stage input sizes, heads, and the gate as it really behaves ---------------------------
+
+def make_level_images(root: Path, per_class: int = 6, size=(40, 48)) -> Path:
+    """Flat gray levels plus noise in class folders (the tiny format-/2 heads' scores move with the level); each
+    class spans the whole range, so no threshold separates clean from defective: the gate is imperfect."""
+    rng = np.random.default_rng(2)
+    for k, folder in enumerate(("clean", "BRIDGE", "cracks")):
+        d = root / folder
+        d.mkdir(parents=True)
+        for i, level in enumerate(np.linspace(0, 255, per_class) + 13 * k):
+            pixels = np.clip(level + rng.normal(0, 20, size), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(d / f"img {i}.png")
+    return root
+
+
+def gate_truth(bundle: Path, images: Path) -> tuple[float, float, int]:
+    """The gate's recall and false-positive rate on the labelled images, through edge_runtime in this process."""
+    from benchmarks.streams import label_mapper
+    from edge_runtime.gate import is_defective
+    from edge_runtime.inspector import Inspector
+
+    inspector = Inspector(bundle, threads=1)
+    items, _ = discover_images(images, label_mapper()[0])
+    flags = [(is_defective(inspector.inspect(path).stage1_score, inspector.threshold), label != "clean")
+             for path, label in items]
+    defective = [f for f, d in flags if d]
+    clean = [f for f, d in flags if not d]
+    return sum(defective) / len(defective), sum(clean) / len(clean), len(items)
+
+
+@pytest.fixture(scope="module")
+def bench_v2(tiny_bundle_v2, tmp_path_factory):
+    """A benchmark run on the format-/2 tiny bundle (Stage 1 24x24 over 8 classes, Stage 2 32x32), its threshold
+    moved to the middle of its scores on the labelled images so that it flags some of each."""
+    import yaml
+
+    from benchmarks.streams import label_mapper
+    from edge_runtime.inspector import Inspector
+
+    tmp = tmp_path_factory.mktemp("bench-v2")
+    images = make_level_images(tmp / "images")
+    bundle = tmp / "bundle"
+    shutil.copytree(tiny_bundle_v2, bundle)
+    inspector = Inspector(bundle, threads=1)
+    scores = sorted(inspector.inspect(p).stage1_score for p, _ in discover_images(images, label_mapper()[0])[0])
+    manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
+    manifest["gating"]["stage1_threshold"] = (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2
+    (bundle / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    out = tmp / "out"
+    rc = main(["--models", str(bundle), "--images", str(images), "--threads", "1", "--runs", "3", "--max-seconds", "3",
+               "--stream-length", "6", "--prevalence", "0.05,0.2,0.5", "--runtime", "litert", "--light-gate", "off",
+               "--out", str(out)])
+    return rc, out, json.loads((out / "results.json").read_text()), bundle, images
+
+
+def test_format2_bundle_runs_every_path_at_each_stage_size(bench_v2):
+    from benchmarks.schema import problems
+    from conftest import TAXONOMY
+
+    rc, out, res, _, _ = bench_v2
+    assert rc == 0 and problems(res) == []
+    b = res["bundle"]
+    assert b["format"] == "sem-inspect-bundle/2" and b["image_sizes"] == {"1": [24, 24], "2": [32, 32]}
+    assert b["stage_classes"]["1"] == TAXONOMY and b["image_size"] == [32, 32]
+    stages = {r["stage"]: r for r in res["stages"] if r["status"] == "ok"}
+    assert stages[1]["input"]["shape"] == [1, 24, 24, 3] and stages[2]["input"]["shape"] == [1, 32, 32, 3]
+    assert stages[1]["gmac"] < 0.7 * stages[2]["gmac"]             # (24/32)^2 of the work
+    # the same backbone at a smaller input is not the same work: no "never pays, noise" note
+    assert res["cost_models"] and not any("same_network" in c for c in res["cost_models"])
+    pipe = res["pipeline"][0]
+    assert pipe["status"] == "ok" and all(x["images"] == 6 and x["stage1_ms"] > 0 for x in pipe["summary"])
+    md = (out / "results.md").read_text()
+    assert "Stage 1 tiny_cnn 24x24 (8 classes, P(defective) = 1 - P(clean)); Stage 2 tiny_cnn 32x32" in md
+    assert "same work" not in md
+
+
+def test_two_stage_table_uses_the_gate_as_measured_not_a_perfect_one(bench_v2):
+    _, out, res, bundle, images = bench_v2
+    recall, fpr, n = gate_truth(bundle, images)
+    assert 0 < fpr < 1 and 0 < recall < 1          # an imperfect gate: a perfect-gate table would differ
+    assert abs(0.05 * recall + 0.95 * fpr - 0.05) > 0.1
+    [g] = res["gate_costs"]
+    assert g["status"] == "ok" and (g["images"], g["clean"], g["defective"]) == (n, 6, 12)
+    assert (g["recall"], g["fpr"]) == (pytest.approx(recall), pytest.approx(fpr))
+    assert g["sizes"] == {"1": [24, 24], "2": [32, 32]}
+    m = g["medians_ms"]
+    assert all(m[k] > 0 for k in ("decode", "resize1", "stage1", "resize2", "stage2"))
+    pre, stage2 = m["decode"] + m["resize1"], m["resize2"] + m["stage2"]
+    single = m["decode"] + m["resize2"] + m["stage2"]
+    assert (g["preprocess_ms"], g["stage2_ms"]) == (pytest.approx(pre), pytest.approx(stage2))
+    assert [r["prevalence"] for r in g["rows"]] == [0.05, 0.2, 0.5]
+    md = (out / "results.md").read_text()
+    for r in g["rows"]:
+        p = r["prevalence"]
+        flagged = p * recall + (1 - p) * fpr
+        assert r["flagged_fraction"] == pytest.approx(flagged)
+        assert r["two_stage_ms"] == pytest.approx(pre + m["stage1"] + flagged * stage2)
+        assert r["single_ms"] == pytest.approx(single)
+        assert r["ratio"] == pytest.approx(r["two_stage_ms"] / r["single_ms"])
+        assert (f"| litert | int8 | 1 | {recall:.3f} | {fpr:.3f} | {p:.3f} | {100 * flagged:.1f}% | "
+                f"{r['two_stage_ms']:.3f} | {r['single_ms']:.3f} | {r['ratio']:.2f} |") in md
+    # break-even with the measured recall and fpr: where the two lines cross
+    be = g["break_even"]["prevalence"]
+    if be is not None and 0 < be < 1:
+        assert pre + m["stage1"] + (be * recall + (1 - be) * fpr) * stage2 == pytest.approx(single)
+    # the raw-invoke cost model assumes the same measured gate, and says so
+    [c] = res["cost_models"]
+    assert (c["gate_recall"], c["gate_fpr"]) == (pytest.approx(recall), pytest.approx(fpr))
+    assert c["curve"][0]["two_stage_ms"] == pytest.approx(c["preprocess_ms"] + c["gate_ms"] + fpr * c["stage2_ms"])
+
+
+def test_gate_cost_formula_on_known_records():
+    """Hand-made records: the medians, the flagged fraction and the cost of each side, worked out by hand."""
+    from benchmarks.cli import gate_cost
+
+    def rec(defective, flagged, resize2=0.5):
+        return {"score": 0.5, "decode_ms": 2.0, "resize1_ms": 0.25, "stage1_ms": 1.0, "resize2_ms": resize2,
+                "stage2_ms": 8.0, "defective": defective, "flagged": flagged}
+
+    # 4 defective (3 flagged: recall 0.75), 5 clean (1 flagged: fpr 0.2)
+    records = [rec(True, True)] * 3 + [rec(True, False)] + [rec(False, True)] + [rec(False, False)] * 4
+    result = {"status": "ok", "runtime_version": "x", "threshold": 0.4, "sizes": {"1": [8, 8], "2": [16, 16]},
+              "records": records, "failures": []}
+    g = gate_cost("int8", "litert", 1, result, [0.05, 0.5])
+    assert (g["recall"], g["fpr"]) == (0.75, 0.2)
+    low, half = g["rows"]
+    assert low["flagged_fraction"] == pytest.approx(0.05 * 0.75 + 0.95 * 0.2)           # 0.2275, not 0.05
+    assert low["two_stage_ms"] == pytest.approx(2.25 + 1.0 + 0.2275 * 8.5)               # 5.18375
+    assert low["single_ms"] == half["single_ms"] == pytest.approx(2.0 + 0.5 + 8.0)
+    assert half["ratio"] == pytest.approx((3.25 + 0.475 * 8.5) / 10.5)
+    assert g["break_even"]["prevalence"] == pytest.approx((10.5 - 3.25 - 0.2 * 8.5) / (0.55 * 8.5))
+    # one input size: Stage 2 reuses Stage 1's pixels (no second resize), the single model resizes once
+    same = gate_cost("int8", "litert", 1, {**result, "records": [{**r, "resize2_ms": None} for r in records]}, [0.5])
+    assert same["stage2_ms"] == 8.0 and same["single_preprocess_ms"] == pytest.approx(2.25)
+    # without clean (or defective) images the gate cannot be measured: skipped with the reason
+    none_clean = gate_cost("int8", "litert", 1, {**result, "records": records[:4]}, [0.5])
+    assert none_clean["status"] == "skipped" and "0 clean" in none_clean["reason"]
+
+
+def test_same_work_note_needs_the_same_macs():
+    from benchmarks.cli import same_work
+
+    def rows(g1, g2):
+        return [{"stage": n, "gmac": g, "variant": "int8", "runtime": "litert", "status": "ok"}
+                for n, g in ((1, g1), (2, g2))]
+
+    assert same_work(rows(0.384, 0.3841), "litert", "int8")["gmac"] == 0.384      # format /1: heads differ a hair
+    assert same_work(rows(0.2016, 0.384), "litert", "int8") is None                # Lite0 at 160 vs 224
+    assert same_work(rows(0.384, 0.384), "litert", "float32") is None              # no rows of that variant
+
+
+def test_keras_path_scores_stage1_as_the_bundle_says(tiny_bundle_v2, tmp_path, monkeypatch):
+    """The notebook (Keras) path on a format-/2 bundle's run: each stage at its own input size, and Stage 1's
+    P(defective) = 1 - P(clean) of its 8 classes (not its first output, which is P(clean))."""
+    pytest.importorskip("tensorflow")
+    import keras
+
+    from benchmarks.worker import _keras_pipeline
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.gate import stage1_score
+    from edge_runtime.preprocess import preprocess_file
+
+    bundle = load_bundle(tiny_bundle_v2)
+    images = make_level_images(tmp_path / "images", per_class=2)
+    paths = sorted(str(p) for p in images.rglob("*.png"))
+    m1 = keras.models.load_model(Path(bundle.source_run) / "stage1.keras", compile=False)
+    p1 = m1.predict(np.stack([preprocess_file(p, 24) for p in paths]).astype(np.float32), verbose=0)
+    scores = stage1_score(p1, bundle.stage_classes[1])
+    assert (scores >= 0.5).all() and (p1[:, 0] < 0.5).all()        # P(defective) and P(clean) disagree here
+    spec = {"threads": 1, "image_sizes": {str(n): list(hw) for n, hw in bundle.image_sizes.items()},
+            "stage1_classes": list(bundle.stage_classes[1]), "clean_label": "clean", "stage1_threshold": 0.5,
+            "keras_run": bundle.source_run}
+    # in this process TensorFlow is already running: its thread pools can no longer be sized (a worker does it)
+    monkeypatch.setattr("benchmarks.worker._set_threads_tf", lambda threads: None)
+    inspect, init_ms, version = _keras_pipeline(spec)
+    parts = [inspect(p) for p in paths]
+    assert init_ms > 0 and version.startswith("keras")
+    assert all(x["stage2_ms"] is not None and x["stage1_ms"] > 0 for x in parts)     # every image went on

@@ -84,7 +84,8 @@ def test_a_pickled_head_is_never_unpickled():
 def test_format_2_bundle_loads_with_its_stages(tiny_bundle_v2):
     b = load_bundle(tiny_bundle_v2)
     assert b.format == "sem-inspect-bundle/2"
-    assert b.image_sizes == {n: (s, s) for n, s in TINY_V2_SIZES.items()} and b.image_size == (48, 48)
+    big = TINY_V2_SIZES[2]
+    assert b.image_sizes == {n: (s, s) for n, s in TINY_V2_SIZES.items()} and b.image_size == (big, big)
     assert b.stage_classes == {1: tuple(TAXONOMY), 2: tuple(TINY_STAGE2)}
     assert b.heads[1].features == b.stage1.output.shape[-1] and b.heads[2].classes == tuple(TINY_STAGE2)
     assert b.replay is not None and b.manifest["replay"]["images"] == 48
@@ -95,7 +96,7 @@ def test_format_2_bundle_loads_with_its_stages(tiny_bundle_v2):
     (lambda m: m["stages"]["stage1"].update(classes=["bridges", "cracks"]), "Stage-1 classes must be"),
     (lambda m: m["stages"]["stage1"]["head"].update(sha256="0" * 64), "sha256 mismatch"),
     (lambda m: m["stages"]["stage1"]["head"].update(file="../stage1_head.npz"), "plain file name"),
-    (lambda m: m["stages"]["stage2"]["head"].update(activations=["relu"]), "do not match 1 layers"),
+    (lambda m: m["stages"]["stage2"]["head"].update(activations=["relu", "softmax"]), "do not match 2 layers"),
     (lambda m: m.pop("stages"), "missing key 'stages'"),
     (lambda m: m.update(format="sem-inspect-bundle/3"), "unsupported bundle format"),
     (lambda m: m["replay"].update(sha256="0" * 64), "replay set"),
@@ -141,11 +142,11 @@ def test_inspector_decodes_once_and_feeds_each_stage_its_own_size(tiny_bundle_v2
         orig = runner.run
         monkeypatch.setattr(runner, "run", lambda px, orig=orig: sizes.append(px.shape) or orig(px))
     r = insp.inspect(path)
-    assert len(decodes) == 1 and sizes == [(32, 32, 3), (48, 48, 3)]
+    assert len(decodes) == 1 and sizes == [(TINY_V2_SIZES[n], TINY_V2_SIZES[n], 3) for n in (1, 2)]
     # the same answers as each stage's backbone + head by hand, at its own size through the one preprocessing
     b = insp.bundle
-    p1 = b.heads[1].probs(insp.stages[1].runner.run(preprocess_file(path, 32)))
-    p2 = b.heads[2].probs(insp.stages[2].runner.run(preprocess_file(path, 48)))
+    p1 = b.heads[1].probs(insp.stages[1].runner.run(preprocess_file(path, TINY_V2_SIZES[1])))
+    p2 = b.heads[2].probs(insp.stages[2].runner.run(preprocess_file(path, TINY_V2_SIZES[2])))
     assert r.stage1_score == pytest.approx(float(stage1_score(p1, b.stage_classes[1])), abs=1e-6)
     assert r.defect_class == TINY_STAGE2[int(p2.argmax())] and r.confidence == pytest.approx(float(p2.max()))
 
@@ -155,8 +156,9 @@ def test_inspect_pixels_needs_stage_2_pixels_when_the_sizes_differ(tiny_bundle_v
 
     insp = Inspector(tiny_bundle_v2, threads=1)
     with pytest.raises(ValueError, match="pass pixels2"):
-        insp.inspect_pixels(np.zeros((32, 32, 3), np.uint8))
-    r = insp.inspect_pixels(np.zeros((32, 32, 3), np.uint8), pixels2=np.zeros((48, 48, 3), np.uint8))
+        insp.inspect_pixels(np.zeros((TINY_V2_SIZES[1],) * 2 + (3,), np.uint8))
+    r = insp.inspect_pixels(np.zeros((TINY_V2_SIZES[1],) * 2 + (3,), np.uint8),
+                            pixels2=np.zeros((TINY_V2_SIZES[2],) * 2 + (3,), np.uint8))
     assert r.label in TAXONOMY
 
 

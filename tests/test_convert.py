@@ -38,8 +38,9 @@ def synth_image(class_index: int, rng: np.random.Generator, size: int = 40) -> n
     return img
 
 
-def make_run(root: Path, train_models: bool = True) -> Path:
-    """A run folder as training writes it: run.json, stage1/2.keras, split.csv, config.yaml."""
+def make_run(root: Path, train_models: bool = True, stage1_size: int = SIZE) -> Path:
+    """A run folder as training writes it: run.json, stage1/2.keras, split.csv, config.yaml. stage1_size: Stage 1's
+    own input size (run.json image_sizes), when it differs from Stage 2's SIZE."""
     import keras
 
     from edge_runtime.preprocess import preprocess_file
@@ -60,12 +61,13 @@ def make_run(root: Path, train_models: bool = True) -> Path:
 
     keras.utils.set_random_seed(SEED)
     train = [(p, lab) for p, lab, s in rows if s == "train"]
-    x = np.stack([preprocess_file(p, SIZE) for p, _ in train]).astype(np.float32)
+    sizes = {1: stage1_size, 2: SIZE}
     labels = np.array([lab for _, lab in train])
     for stage in (1, 2):
+        x = np.stack([preprocess_file(p, sizes[stage]) for p, _ in train]).astype(np.float32)
         n = 1 if stage == 1 else len(DEFECTS)
-        model = build_stage_model(stage, backbone="tiny_cnn", image_size=SIZE, num_classes=n, dense_units=32,
-                                  dropout=0.0)
+        model = build_stage_model(stage, backbone="tiny_cnn", image_size=sizes[stage], num_classes=n,
+                                  dense_units=32, dropout=0.0)
         if train_models:
             if stage == 1:
                 xs, ys = x, (labels != "clean").astype(np.float32)
@@ -80,7 +82,8 @@ def make_run(root: Path, train_models: bool = True) -> Path:
         "image_size": SIZE, "taxonomy": TAXONOMY, "stage2_classes": DEFECTS, "stage1_threshold": THRESHOLD,
         "stage2_review_floor": REVIEW_FLOOR, "backbones": {"stage1": "tiny_cnn", "stage2": "tiny_cnn"},
         "profile": "quick", "weights": "none", "split_csv": str(run / "split.csv"), "seed": SEED,
-        "created": "2026-01-01T00:00:00+00:00"}))
+        "created": "2026-01-01T00:00:00+00:00",
+        **({"image_sizes": {"stage1": stage1_size, "stage2": SIZE}} if stage1_size != SIZE else {})}))
     return run
 
 

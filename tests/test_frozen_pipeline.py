@@ -67,6 +67,9 @@ def test_convert_makes_a_format_2_bundle_the_runtime_agrees_with(frozen_run, tmp
     b = load_bundle(bundle)
     assert b.format == "sem-inspect-bundle/2" and b.image_sizes == {1: (32, 32), 2: (48, 48)}
     assert b.stage_classes[1] == tuple(CLASSES)
+    # frozen stages: heads refitted on the bundle's own int8 features, the threshold recalibrated on val
+    assert set(b.manifest["heads_fitted"]) == {"stage1", "stage2"}
+    assert all("int8 features of the train split" in v for v in b.manifest["heads_fitted"].values())
     report = json.loads((bundle / "compare.json").read_text())
     int8 = report["models"]["int8"]
     assert int8["stage1"]["agreement"] >= 0.75 and int8["end_to_end"]["agreement"] >= 0.6

@@ -117,3 +117,12 @@ def test_cross_compare_decides_ties_like_the_runtime():
     assert m["final_labels"] == ["a", "clean", "b"]
     assert m["stage1"]["accuracy"] == 1.0
     assert m["end_to_end"]["review"] == 1           # only the third: under the floor, not at it
+
+
+def test_stage1_score_is_the_sigmoid_or_one_minus_p_clean():
+    from edge_runtime.gate import stage1_score
+
+    assert stage1_score(np.array([0.7]), ("defective",)) == pytest.approx(0.7)
+    probs = np.array([[0.6, 0.1, 0.3], [0.05, 0.9, 0.05]])
+    np.testing.assert_allclose(stage1_score(probs, ("bridges", "clean", "vias")), [0.9, 0.1])
+    np.testing.assert_allclose(stage1_score(probs, ("clean", "bridges", "vias")), [0.4, 0.95])

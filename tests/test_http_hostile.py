@@ -77,7 +77,7 @@ def open_board(tiny_bundle, tmp_path_factory):
     board.stop()
 
 
-SHIPPED = REPO / "models" / "real-224-lite0"
+SHIPPED = REPO / "models" / "real-lite0"
 
 
 @pytest.fixture

@@ -167,3 +167,75 @@ def test_tflite_runtime_refuses_a_per_channel_bundle_in_the_check(tiny_bundle_pe
                            "litert,litert:builtin,tflite-runtime", "--python", f"tflite-runtime={python}")
     assert code in (0, 1), err          # LiteRT's XNNPACK and built-in kernels may differ by a step here
     assert table_rows(out)["tflite-runtime"][-1].startswith("refused (safe)")
+
+
+# ---- format /2: each stage at its own size, labels from the heads' probabilities ----------------------------
+
+def v2_copy(tiny_bundle_v2: Path, images: Path, tmp_path: Path, threshold: float | None = None) -> Path:
+    """The format-/2 tiny bundle with its threshold in the middle of its scores on `images` (some flagged, some
+    not), or at `threshold`."""
+    from edge_runtime.inspector import Inspector
+
+    bundle = tmp_path / "b2"
+    shutil.copytree(tiny_bundle_v2, bundle)
+    if threshold is None:
+        inspector = Inspector(bundle, threads=1)
+        scores = sorted(inspector.inspect(p).stage1_score for p in sorted(images.iterdir()))
+        threshold = (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2
+    manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
+    manifest["gating"]["stage1_threshold"] = threshold
+    (bundle / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return bundle
+
+
+def test_format2_runs_each_stage_at_its_size_and_labels_as_edge_inspect(tiny_bundle_v2, images, capsys, tmp_path):
+    from edge_runtime.inspector import Inspector
+
+    bundle = v2_copy(tiny_bundle_v2, images, tmp_path)
+    code, out, err = check(capsys, bundle, "--images", images, "--runtime", "a=litert,b=litert",
+                           "--json", tmp_path / "r.json")
+    assert code == 0, err
+    assert "inputs 24x24 / 32x32" in out and "backbone features in output quantization steps" in out
+    assert table_rows(out)["b"][4:9] == ["10", "10/10", "0", "0", "0"] and table_rows(out)["b"][-1] == "parity"
+    ref = json.loads((tmp_path / "r.json").read_text())["runtimes"][0]["images"]
+    inspector = Inspector(bundle, threads=1)
+    labels = set()
+    for row in ref:
+        expected = inspector.inspect(row["path"])
+        assert len(row["stage1"]) == 32 and len(row["probs1"]) == 8 and len(row["probs2"]) == 3    # features, heads
+        assert row["stage1_score"] == pytest.approx(expected.stage1_score, abs=1e-6)
+        assert row["label"] == expected.label
+        labels.add(row["label"])
+    assert "clean" in labels and len(labels) > 1          # both sides of the threshold were compared
+
+
+PLANT_PROBS = textwrap.dedent("""
+    # Runs the real worker, then swaps image 0's Stage-2 top-1 probability with its lowest one (features untouched).
+    import json, subprocess, sys
+    proc = subprocess.run([sys.executable] + sys.argv[1:], capture_output=True, text=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    p2 = sorted((r for r in result["images"] if "error" not in r), key=lambda r: r["path"])[0]["probs2"]
+    hi, lo = p2.index(max(p2)), p2.index(min(p2))
+    p2[hi], p2[lo] = p2[lo], p2[hi]
+    print(json.dumps(result))
+""")
+
+
+def test_format2_labels_come_from_the_heads_probabilities(tiny_bundle_v2, images, capsys, tmp_path):
+    bundle = v2_copy(tiny_bundle_v2, images, tmp_path, threshold=0.0)      # every image's label is its Stage-2 top-1
+    plant = tmp_path / "plant.py"
+    plant.write_text(PLANT_PROBS)
+    code, out, err = check(capsys, bundle, "--images", images, "--runtime", "ref=litert:builtin,planted=litert:builtin",
+                           "--python", f"planted={sys.executable} {plant}")
+    assert code == 1, err
+    assert table_rows(out)["planted"][4:8] == ["10", "9/10", "0", "0"]      # same features, one label differs
+
+
+def test_tflite_runtime_matches_litert_builtin_on_a_format2_bundle(tiny_bundle_v2, images, capsys, tmp_path):
+    python = tflite_runtime_python()
+    bundle = v2_copy(tiny_bundle_v2, images, tmp_path)
+    code, out, err = check(capsys, bundle, "--images", images, "--runtime", "litert:builtin,tflite-runtime",
+                           "--python", f"tflite-runtime={python}")
+    assert code == 0, err
+    row = table_rows(out)["tflite-runtime"]
+    assert row[1] == "tflite-runtime 2.14.0" and row[4:9] == ["10", "10/10", "0", "0", "0"] and row[-1] == "parity"

@@ -101,6 +101,8 @@ class Profile:
     # The features the head reads: gap (global average of the last map) or mid (average + max pooling of
     # EfficientNet-Lite's block-5 and block-6 outputs; train/models.py)
     features: str = "gap"
+    # The Stage-1 threshold's defect recall on val; 0 = gating.target_defect_recall
+    target_defect_recall: float = 0.0
     stage1: StageSettings = dataclasses.field(default_factory=StageSettings)
     stage2: StageSettings = dataclasses.field(default_factory=StageSettings)
 
@@ -220,6 +222,8 @@ def _validate_values(cfg: Config) -> None:
                 raise ConfigError(f"profiles.{name}.{key}: {backbone!r} is not one of {BACKBONES}")
         if min(p.image_size_of(1), p.image_size_of(2)) < 32 or p.batch_size < 1:
             raise ConfigError(f"profiles.{name}: image_size must be >= 32 and batch_size >= 1")
+        if not 0.0 <= p.target_defect_recall <= 1.0:
+            raise ConfigError(f"profiles.{name}.target_defect_recall: must be in (0, 1], or 0 for the gating default")
         for n in (1, 2):
             features = p.features_of(n)
             if features not in ("gap", "mid") or (features == "mid" and not p.backbone_of(n).startswith(

@@ -95,13 +95,14 @@ def evaluate_and_report(results: dict, samples, *, cfg, profile, out: Path, run_
     metrics: dict = {"wall_seconds": wall_seconds}
     run = dict(run_info)
     run["stage2_review_floor"] = cfg.gating.stage2_review_floor
-    run["target_defect_recall"] = cfg.gating.target_defect_recall
+    target_recall = profile.target_defect_recall or cfg.gating.target_defect_recall
+    run["target_defect_recall"] = target_recall
     threshold = None
     if 1 in results:
         r = results[1]
         val_scores = r["pred"]["val"].reshape(-1)
         defective_val = val_scores[r["y"]["val"] == 1]
-        threshold = threshold_for_recall(defective_val, cfg.gating.target_defect_recall)
+        threshold = threshold_for_recall(defective_val, target_recall)
         run["stage1_threshold"] = threshold
         metrics["stage1"] = {
             "classes": r["classes"], "threshold": threshold, "seconds": r["seconds"], "best_phase": r.get("best_phase"),

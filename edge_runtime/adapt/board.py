@@ -6,8 +6,8 @@
 The reviewed images are those `edge-inspect export-labels` would export (latest review gives a class;
 `unusable` left out), read from inside the processed folder and only while their content is the one that was
 inspected (sha256). --models defaults to the bundle that recorded the latest result. numpy and the TFLite
-interpreter only: no TensorFlow. Exit 0 written; 1 nothing to adapt on; 2 a problem a person must fix
-(bundle without a replay set, unknown labels, one class only, ...), nothing written.
+interpreter only: no TensorFlow. Exit 0 written; 2 a problem a person must fix (nothing reviewed yet,
+a bundle without a replay set, unknown labels, one class only, ...), nothing written.
 """
 from __future__ import annotations
 
@@ -20,29 +20,25 @@ from edge_runtime.adapt.refit import FOLDS, AdaptError
 from edge_runtime.adapt.run import adapt, summary
 from edge_runtime.bundle import BundleError
 from edge_runtime.db.store import StorageError
-from edge_runtime.digest import sha256_file
+from edge_runtime.digest import sha256_bytes
 from edge_runtime.interpreter import NoInterpreter
-from edge_runtime.review.reviews import ReviewError, file_within, open_reviews
+from edge_runtime.review.reviews import ReviewError, open_reviews, reviewed_images
 
 PROG = "edge-inspect adapt"
-EXIT_OK, EXIT_NOTHING, EXIT_SETUP = 0, 1, 2
+EXIT_OK, EXIT_SETUP = 0, 2
 
 
-def reviewed_images(reviews) -> tuple[list[tuple[str, str, str]], list[tuple[int, str, str]], str | None]:
-    """(path, reviewed label, sha256) of each usable reviewed image, the ones skipped with why, and the path of
-    the bundle that recorded the latest of them."""
+def labelled_images(reviews) -> tuple[list[tuple[bytes, str, str]], list[tuple[int, str, str]], str | None]:
+    """(image bytes, reviewed label, sha256) of each usable reviewed image (the rule export-labels follows:
+    review/reviews.py reviewed_images, each file opened once inside processed/ and checked), the ones left out
+    with why, and the path of the bundle that recorded the latest result."""
     items, skipped = [], []
-    for row in reviews.for_export():
-        try:
-            src = file_within(reviews.processed, row["dest_path"])
-        except ReviewError as exc:
-            skipped.append((row["result_id"], row["dest_path"], str(exc)))
+    for row, fh, _st, problem in reviewed_images(reviews):
+        if problem is not None:
+            skipped.append((row["result_id"], row["dest_path"], problem))
             continue
-        digest = sha256_file(src)
-        if row["sha256"] and digest != row["sha256"]:
-            skipped.append((row["result_id"], row["dest_path"], "content differs from the inspected image"))
-            continue
-        items.append((str(src), row["label"], digest))
+        data = fh.read()
+        items.append((data, row["label"], sha256_bytes(data)))
     return items, skipped, reviews.store.latest_bundle_path()
 
 
@@ -78,14 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         echo(f"error: {exc}")
         return EXIT_SETUP
     try:
-        items, skipped, recorded_by = reviewed_images(reviews)
+        items, skipped, recorded_by = labelled_images(reviews)
     finally:
         reviews.store.close()
     for result_id, path, reason in skipped:
         echo(f"result {result_id}: {path}: left out: {reason}")
     if not items:
-        echo("nothing to adapt on: no result has a usable confirmed or corrected review yet")
-        return EXIT_NOTHING
+        echo("error: nothing to adapt on: no result has a usable confirmed or corrected review yet")
+        return EXIT_SETUP
     models = args.models or recorded_by
     if not models:
         echo("error: the database records no bundle: give the bundle to adapt with --models BUNDLE")

@@ -11,6 +11,7 @@ so a refit on a fab's few labels keeps what the public data taught.
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 from dataclasses import dataclass, field
 
@@ -48,23 +49,24 @@ class FeatureSet:
                    [x for s in sets for x in s.labels], [x for s in sets for x in s.paths])
 
 
-def extract(inspector: Inspector, items: list[tuple[object, str]], progress=None
-            ) -> tuple[FeatureSet, list[tuple[str, str]]]:
-    """items: (path, encoded bytes or an array; label). Returns the features of the readable ones and (path, reason)
-    for each image that could not be decoded."""
+def extract(inspector: Inspector, items: list[tuple], progress=None) -> tuple[FeatureSet, list[tuple[str, str]]]:
+    """items: (source, label) or (source, label, name); a source is a path, encoded bytes or an array, and its
+    name (default: the path, else its position) is what `paths` and messages show. Returns the features of the
+    readable images and (name, reason) for each one that could not be decoded."""
     f1, f2, labels, paths, skipped = [], [], [], [], []
     same = inspector.stages[1].size == inspector.stages[2].size
-    for i, (source, label) in enumerate(items):
+    for i, (source, label, *rest) in enumerate(items):
+        name = rest[0] if rest else (str(source) if isinstance(source, (str, os.PathLike)) else f"#{i}")
         try:
             gray = inspector.decode(source)
         except ImageError as exc:
-            skipped.append((str(source), str(exc)))
+            skipped.append((name, str(exc)))
             continue
         pixels1 = to_model_input(gray, inspector.stages[1].size)
         f1.append(inspector.stages[1].features(pixels1))
         f2.append(inspector.stages[2].features(pixels1 if same else to_model_input(gray, inspector.stages[2].size)))
         labels.append(label)
-        paths.append(str(source))
+        paths.append(name)
         if progress is not None:
             progress(i + 1, len(items))
     d1, d2 = (inspector.stages[n].runner._out.shape[-1] for n in (1, 2))

@@ -31,8 +31,8 @@ def check_out(out: Path, source: Path) -> None:
 def adapt(bundle_path: str | os.PathLike, items: list[tuple[str, str, str]], out: str | os.PathLike, *,
           fab_weight: float | None = None, lam: float = DEFAULT_LAMBDA, folds: int = FOLDS,
           target_recall: float = 0.98, threads: int | None = None, source: str = "", echo=print) -> dict:
-    """items: (image path, label, sha256 of its bytes). Writes the new bundle to `out` and returns the report.
-    Raises AdaptError / BundleError (nothing written)."""
+    """items: (image path or its bytes, label, sha256 of its bytes). Writes the new bundle to `out` and returns
+    the report. Raises AdaptError / BundleError (nothing written)."""
     t0 = time.perf_counter()
     out = Path(out).expanduser().absolute()
     bundle = load_bundle(bundle_path)
@@ -40,10 +40,12 @@ def adapt(bundle_path: str | os.PathLike, items: list[tuple[str, str, str]], out
     replay = load_replay(bundle)
     inspector = Inspector(bundle, threads=threads)
     echo(f"adapt: {len(items)} labelled image(s) through {bundle.root} (its backbones, variant {bundle.variant})")
-    fab, skipped = extract(inspector, [(path, label) for path, label, _ in items])
-    for path, reason in skipped:
-        echo(f"adapt: skipped {path}: {reason}")
-    digests = {path: digest for path, _, digest in items}
+    names = [src if isinstance(src, (str, os.PathLike)) else f"image sha256 {digest[:16]}"
+             for src, _, digest in items]
+    fab, skipped = extract(inspector, [(src, label, str(name)) for (src, label, _), name in zip(items, names)])
+    for name, reason in skipped:
+        echo(f"adapt: skipped {name}: {reason}")
+    digests = {str(name): digest for name, (_, _, digest) in zip(names, items)}
     t_features = time.perf_counter() - t0
     result = refit(bundle, fab, replay, [digests[p] for p in fab.paths], fab_weight=fab_weight, lam=lam,
                    folds=folds, target_recall=target_recall)

@@ -32,10 +32,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
-from edge_runtime.classnames import ClassNameError, check_class_name
 from edge_runtime.db.store import StorageError
-from edge_runtime.digest import sha256_fileobj
-from edge_runtime.review.reviews import ReviewError, open_image, open_reviews
+from edge_runtime.review.reviews import ReviewError, open_reviews, reviewed_images
 
 PROG = "edge-inspect export-labels"
 EXIT_OK, EXIT_FAILED, EXIT_SETUP = 0, 1, 2
@@ -102,35 +100,30 @@ def export(reviews, out: str | os.PathLike) -> dict:
     """Write the export; returns {"exported": {label: n}, "skipped": [(result_id, path, reason)], "out": DIR}."""
     out = Path(out).expanduser().absolute()
     check_out(out)
-    rows = reviews.for_export()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     skipped, counts, lines = [], Counter(), []
     try:
-        for row in rows:
+        for row, fh, st, problem in reviewed_images(reviews):
             name = f"{row['result_id']}-{PurePosixPath(row['dest_path']).name}"
-            try:
-                label = check_class_name(row["label"], "reviewed label")
-                dest = _inside(tmp, label, name)
-                fh, st = open_image(reviews.processed, row["dest_path"])
-            except (ReviewError, ClassNameError, ExportError) as exc:
-                skipped.append((row["result_id"], row["dest_path"], str(exc)))
-                continue
-            with fh:
-                if row["sha256"] and sha256_fileobj(fh) != row["sha256"]:
-                    skipped.append((row["result_id"], row["dest_path"], "content differs from the inspected image "
-                                    "(sha256 changed since it was recorded)"))
-                    continue
-                fh.seek(0)
-                dest.parent.mkdir(exist_ok=True)
+            if problem is None:
                 try:
-                    _copy(fh, st, dest)
-                except (ValueError, OSError) as exc:
-                    if isinstance(exc, OSError) and exc.errno not in (errno.ENAMETOOLONG, errno.EILSEQ, errno.EEXIST):
-                        raise               # disk full, I/O error: the export fails whole
-                    skipped.append((row["result_id"], row["dest_path"], f"cannot be written as {label}/{name!r}: "
-                                    f"{getattr(exc, 'strerror', None) or exc}"))
-                    continue
+                    label = row["label"]
+                    dest = _inside(tmp, label, name)
+                except ExportError as exc:
+                    problem = str(exc)
+            if problem is not None:
+                skipped.append((row["result_id"], row["dest_path"], problem))
+                continue
+            dest.parent.mkdir(exist_ok=True)
+            try:
+                _copy(fh, st, dest)
+            except (ValueError, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno not in (errno.ENAMETOOLONG, errno.EILSEQ, errno.EEXIST):
+                    raise               # disk full, I/O error: the export fails whole
+                skipped.append((row["result_id"], row["dest_path"], f"cannot be written as {label}/{name!r}: "
+                                f"{getattr(exc, 'strerror', None) or exc}"))
+                continue
             counts[label] += 1
             rel = dest.relative_to(tmp)
             lines.append({"file": rel.as_posix(), "label": label, "model_label": row["model_label"],

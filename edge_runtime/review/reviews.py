@@ -58,6 +58,27 @@ class Conflict(ReviewError):
         self.current = current
 
 
+def reviewed_images(reviews: "Reviews"):
+    """The images whose latest review gives a class, opened once inside processed/ (open_image) and checked to be
+    the content that was inspected: yields (row, open file at offset 0, fstat, None), or (row, None, None, why)
+    for one that cannot be used. What export-labels exports and adaptation learns from, chosen by one rule."""
+    from edge_runtime.digest import sha256_fileobj
+
+    for row in reviews.for_export():
+        try:
+            check_class_name(row["label"], "reviewed label")
+            fh, st = open_image(reviews.processed, row["dest_path"])
+        except (ReviewError, ClassNameError) as exc:
+            yield row, None, None, str(exc)
+            continue
+        with fh:
+            if row["sha256"] and sha256_fileobj(fh) != row["sha256"]:
+                yield row, None, None, "content differs from the inspected image (sha256 changed since it was recorded)"
+                continue
+            fh.seek(0)
+            yield row, fh, st, None
+
+
 def open_image(root: Path | None, path: str | os.PathLike) -> tuple[BinaryIO, os.stat_result]:
     """The one check behind serving and exporting images: `path` opened once, only if it is a regular file
     inside `root` reached without following a symbolic link (edge_runtime/safeopen.py: open_beneath), so a

@@ -85,13 +85,15 @@ def scraper(port: int, stop: threading.Event, counts: dict) -> None:
                 pass
 
 
-def one_run(models: Path, images: list[Path], work: Path, threads: int, fleet: tuple[int, int] | None) -> dict:
+def one_run(models: Path, images: list[Path], work: Path, threads: int, fleet: tuple[int, int] | None,
+            extra: tuple[str, ...] = ()) -> dict:
+    """One `edge-inspect --watch --once` process over copies of `images` (extra: more flags, e.g. --shadow)."""
     watch, db = work / "incoming", work / "results.sqlite3"
     watch.mkdir(parents=True)
     for i, src in enumerate(images):
         shutil.copyfile(src, watch / f"{i:05d}{src.suffix.lower()}")
     cmd = [sys.executable, "-m", "edge_runtime.cli", "--models", str(models), "--watch", str(watch), "--db", str(db),
-           "--threads", str(threads), "--once", "--summary-seconds", "0", "--log-level", "WARNING"]
+           "--threads", str(threads), "--once", "--summary-seconds", "0", "--log-level", "WARNING", *extra]
     if fleet:
         cmd += ["--mqtt", f"127.0.0.1:{fleet[0]}", "--http", f"127.0.0.1:{fleet[1]}", "--board", "bench"]
     stop, scraped = threading.Event(), {}
@@ -119,17 +121,23 @@ def one_run(models: Path, images: list[Path], work: Path, threads: int, fleet: t
         con.close()
     span = (times[-1] - times[0]).total_seconds()
     return {"fleet": bool(fleet), "images": len(times), "images_per_s": (len(times) - 1) / span if span else None,
-            "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "published": published if fleet else None,
+            "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024, "published": published if fleet else None,
             "scrapes": sum(scraped.values())}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.fleet_overhead", description=__doc__.split("\n")[0])
+def run_arguments(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark made of watch-service runs: --models --images --n --rounds --threads."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
     p.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of SEM images (recursive)")
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = run_arguments("python -m benchmarks.fleet_overhead", __doc__)
     p.add_argument("--out", type=Path, default=REPO / "reports" / "fleet")
     args = p.parse_args(argv)
     images = pick_images(args.images, args.n)

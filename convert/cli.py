@@ -1,6 +1,7 @@
 """python -m convert --int8 --run runs/NAME [...]   and   python -m convert compare --run runs/NAME --bundle models/NAME
 (and `python -m convert sensitivity --run runs/NAME`: which layers lose the most to int8, convert/sensitivity.py;
-`python -m convert check BUNDLE --images DIR`: the same answers on every runtime?, convert/parity.py)
+`python -m convert check BUNDLE --images DIR`: the same answers on every runtime?, convert/parity.py;
+`python -m convert keygen --out DIR` and `python -m convert sign BUNDLE --key KEY`: signatures, convert/sign.py)
 
 Convert: read a training run (run.json, stage1.keras, stage2.keras, split.csv), check that the Keras files
 are our two stages, calibrate int8 on N train-split images, export the requested variants, refuse float
@@ -262,6 +263,9 @@ def _fail(exc: Exception, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("sign", "keygen"):     # no TensorFlow either (convert/sign.py)
+        from convert.sign import main as sign_main
+        return sign_main(argv)
     if argv and argv[0] == "check":          # edge_runtime only: runs where TensorFlow is not installed
         from convert.parity import main as check_main
         return check_main(argv[1:])

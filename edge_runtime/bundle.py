@@ -86,6 +86,7 @@ class Bundle:
     source_run: str | None = None                              # the training run the bundle was converted from
     # sha256 of manifest.yaml: the model version (the manifest pins every model file's sha256). Results record it.
     bundle_id: str = ""
+    signed_by: str | None = None        # the trusted key id whose signature was checked at load (None: not asked)
     # Format /2: each stage's head (None: the model's output is already the stage's probabilities) and the
     # classes the stage outputs (Stage 1 of format /1: ("defective",), one sigmoid unit).
     heads: dict[int, Head | None] = field(default_factory=dict, repr=False)
@@ -111,6 +112,15 @@ class Bundle:
             raise BundleError(f"{self.root / MANIFEST}: no variant {variant!r} in this bundle "
                               f"(available: {', '.join(self.variants)})")
         return self.specs[variant][n]
+
+    def files(self) -> list[str]:
+        """Every file the manifest pins (each variant's models, the heads, the replay set), by name."""
+        names = [spec.file for stages in self.specs.values() for spec in stages.values()]
+        if self.format != FORMAT_V1:
+            names += [self.manifest["stages"][f"stage{n}"]["head"]["file"] for n in (1, 2)]
+        if self.replay is not None:
+            names.append(self.replay.path.name)
+        return list(dict.fromkeys(names))
 
     def model_bytes(self, n: int, variant: str | None = None) -> bytes:
         """The model file of stage n, sha256-checked. The selected variant's bytes were read and checked when
@@ -223,10 +233,36 @@ def _stage_v2(root: Path, n: int, d, taxonomy, stage2_classes, where: str) -> tu
     return classes, head
 
 
-def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all: bool = True) -> Bundle:
+def read_signature(root: Path) -> bytes | None:
+    """manifest.sig's bytes (None when the bundle has none)."""
+    from edge_runtime.signing import MAX_SIG_BYTES, SIGNATURE
+    try:
+        fh, _ = open_regular(root / SIGNATURE)
+        with fh:
+            return fh.read(MAX_SIG_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise BundleError(f"{root / SIGNATURE}: cannot read: {exc.strerror or exc}") from None
+
+
+def _check_signature(root: Path, manifest: bytes, trusted_keys) -> str:
+    """The bundle's signature against the trusted keys (edge_runtime/signing.py), before any model is read."""
+    from edge_runtime import signing
+    try:
+        return signing.verify_manifest(manifest, read_signature(root), signing.trusted(trusted_keys), str(root))
+    except signing.SignatureError as exc:
+        raise BundleError(str(exc)) from None
+
+
+def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all: bool = True,
+                trusted_keys=None) -> Bundle:
     """Read manifest.yaml, check it, verify the model files' sha256 and pick a variant.
 
     verify_all: check every variant's files (default), not just the selected one's.
+    trusted_keys: an edge_runtime.signing.TrustedKeys (or the path of a .pub file or folder of them): the
+    manifest must carry a valid signature (manifest.sig) by one of them, checked before anything else is read.
+    None (default): no signature needed.
     """
     root = Path(path).expanduser()
     if not root.exists():
@@ -246,6 +282,7 @@ def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all:
         raise BundleError(f"{manifest_path}: cannot read: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise BundleError(f"{manifest_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    signed_by = _check_signature(root, raw, trusted_keys) if trusted_keys is not None else None
     try:
         manifest = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -341,7 +378,7 @@ def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all:
                   stage1_threshold=threshold, stage2_review_floor=floor,
                   stage1=chosen_specs[1], stage2=chosen_specs[2], specs=specs,
                   backbones={str(k): str(v) for k, v in backbones.items()}, source_run=source_run,
-                  bundle_id=sha256_bytes(raw), heads=heads, stage_classes=stage_classes, replay=replay, format=fmt,
+                  bundle_id=sha256_bytes(raw), signed_by=signed_by, heads=heads, stage_classes=stage_classes, replay=replay, format=fmt,
                   _model_bytes=model_bytes)
 
 

@@ -63,7 +63,8 @@ def run_batch(args) -> int:
     if not args.paths:
         return _error("give image files or folders to inspect, or --watch DIR", EXIT_SETUP)
     try:
-        inspector = Inspector(args.models, variant=args.variant, threads=args.threads, runtime=args.runtime)
+        inspector = Inspector(args.models, variant=args.variant, threads=args.threads, runtime=args.runtime,
+                              trusted_keys=args.trusted_keys)
     except (BundleError, NoInterpreter) as exc:
         return _error(str(exc), EXIT_SETUP)
     files, problems = collect_inputs(args.paths)

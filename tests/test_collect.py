@@ -162,7 +162,7 @@ def test_the_shipped_acl_confines_each_board(tmp_path):
     passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
     if not Path(passwd).exists():
         pytest.skip("mosquitto_passwd is not installed")
-    users = {"board-a": "pw-a-123", "board-b": "pw-b-456", "collector": "pw-c-789"}
+    users = {"board-a": "pw-a-123", "board-b": "pw-b-456", "collector": "pw-c-789", "rollout": "pw-r-000"}
     pwfile = tmp_path / "passwd"
     for i, (user, pw) in enumerate(users.items()):
         subprocess.run([passwd, "-b", *(["-c"] if i == 0 else []), str(pwfile), user, pw], check=True, timeout=30)
@@ -199,6 +199,16 @@ def test_the_shipped_acl_confines_each_board(tmp_path):
             [("board-a", 7, own_a["name"]), ("board-b", 7, real_b["name"])]
         assert c.counts() == {"results": 2, "dead_letters": 0, "conflicts": 0}
         assert seen_by_a == [], "a board reads no other board's messages"
+        # Rollouts (issue 20): only the rollout user writes a board's rollout topic, which that board reads; the
+        # rollout user cannot write results.
+        operator = publisher(b.port, "rollout-cli", ("rollout", users["rollout"]))
+        publish(board_a, f"{PREFIX}/board-a/rollout", b'{"action": "rollback", "id": "by-the-board"}')  # dropped
+        publish(operator, f"{PREFIX}/board-a/rollout", b'{"action": "rollback", "id": "by-the-operator"}')
+        publish(operator, f"{PREFIX}/board-a/result", json.dumps(valid_result("board-a", 8, rng)).encode())
+        assert wait_for(lambda: seen_by_a == [f"{PREFIX}/board-a/rollout"], timeout=10), seen_by_a
+        time.sleep(0.5)
+        assert seen_by_a == [f"{PREFIX}/board-a/rollout"] and c.counts()["results"] == 2
+        operator.loop_stop()
     finally:
         spy.loop_stop()
         board_a.loop_stop()

@@ -119,6 +119,12 @@ def broker(tmp_path):
     b.stop()
 
 
+def status_of(sub: "Subscriber") -> str | None:
+    """The board's last status: {"status": "online" | "offline", ...} (edge_runtime/fleet/publisher.py)."""
+    raw = sub.last("status")
+    return None if raw is None else json.loads(raw)["status"]
+
+
 def fleet_args(port: int, *extra) -> list[str]:
     return ["--mqtt", f"127.0.0.1:{port}", "--mqtt-prefix", PREFIX, "--board", BOARD, "--mqtt-stats-seconds", "0.5",
             *extra]
@@ -155,7 +161,7 @@ def test_results_arrive_once_with_status_and_stats(tiny_bundle, folders, tmp_pat
     log = tmp_path / "service.log"
     proc = start_service(tiny_bundle, folders, log, *fleet_args(broker.port))
     try:
-        assert wait_for(lambda: sub.last("status") == b"online", timeout=60), log.read_text()
+        assert wait_for(lambda: status_of(sub) == "online", timeout=60), log.read_text()
         for i in range(6):
             (folders["watch"] / f"img {i}.png").write_bytes(png_bytes(i))
         (folders["watch"] / "bad.png").write_bytes(b"not an image")
@@ -165,13 +171,13 @@ def test_results_arrive_once_with_status_and_stats(tiny_bundle, folders, tmp_pat
         assert stats["board"] == BOARD and stats["inspected"] + stats["quarantined"] >= 1
         assert wait_for(lambda: published_flags(folders["db"]) == [1] * 7, timeout=10)
         stop(proc, log)
-        assert sub.last("status") == b"offline"
+        assert status_of(sub) == "offline"
         received = sub.results()
         assert len(received) == 7, "no outage: each result exactly once"
         check_delivery(received, folders["db"])
         # A restart sends nothing again: everything was acknowledged.
         proc = start_service(tiny_bundle, folders, log, *fleet_args(broker.port))
-        assert wait_for(lambda: sub.last("status") == b"online", timeout=60), log.read_text()
+        assert wait_for(lambda: status_of(sub) == "online", timeout=60), log.read_text()
         time.sleep(1.0)
         stop(proc, log)
         assert len(sub.results()) == 7
@@ -190,7 +196,7 @@ def test_broker_outage_loses_nothing(tiny_bundle, folders, tmp_path, broker):
     log = tmp_path / "service.log"
     proc = start_service(tiny_bundle, folders, log, *fleet_args(broker.port))
     try:
-        assert wait_for(lambda: sub.last("status") == b"online", timeout=60), log.read_text()
+        assert wait_for(lambda: status_of(sub) == "online", timeout=60), log.read_text()
         for i in range(3):
             (folders["watch"] / f"before {i}.png").write_bytes(png_bytes(1000 + i))
         assert wait_for(lambda: len(sub.results()) >= 3, timeout=60), log.read_text()
@@ -221,7 +227,7 @@ def test_kill_9_between_commit_and_publish_republishes(tiny_bundle, folders, tmp
     proc = start_service(tiny_bundle, folders, log, *fleet_args(broker.port))
     frozen = False
     try:
-        assert wait_for(lambda: sub.last("status") == b"online", timeout=60), log.read_text()
+        assert wait_for(lambda: status_of(sub) == "online", timeout=60), log.read_text()
         broker.proc.send_signal(signal.SIGSTOP)
         frozen = True
         for i in range(5):
@@ -234,7 +240,7 @@ def test_kill_9_between_commit_and_publish_republishes(tiny_bundle, folders, tmp
         assert published_flags(folders["db"]) == [0] * 5, "marked only once the broker acknowledged"
         broker.proc.send_signal(signal.SIGCONT)
         frozen = False
-        assert wait_for(lambda: sub.last("status") == b"offline", timeout=30), "the last will tells it went away"
+        assert wait_for(lambda: status_of(sub) == "offline", timeout=30), "the last will tells it went away"
         proc = start_service(tiny_bundle, folders, log, *fleet_args(broker.port))
         assert wait_for(lambda: len({m["id"] for m in sub.results()}) == 5, timeout=60), log.read_text()
         assert wait_for(lambda: published_flags(folders["db"]) == [1] * 5, timeout=30)
@@ -290,7 +296,7 @@ def test_schema_3_migration_marks_old_rows_published(tmp_path):
     con.close()
     store = Store(db)
     try:
-        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert store.count_unpublished() == 0 and store.get("k")["published"] == 1
     finally:
         store.close()

@@ -147,7 +147,7 @@ def test_version_1_database_is_migrated_and_stays_exactly_once(tiny_bundle, fold
 
     con = sqlite3.connect(folders["db"])
     try:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert tuple(r[1] for r in con.execute("PRAGMA table_info(results)")) == COLUMNS
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     finally:
@@ -187,7 +187,7 @@ def test_two_processes_opening_a_version_1_file_migrate_it_once(tmp_path):
     con = sqlite3.connect(db)
     try:
         assert [r[1] for r in con.execute("PRAGMA table_info(results)")].count("bundle_id") == 1
-        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     finally:
         con.close()
 

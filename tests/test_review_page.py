@@ -165,3 +165,41 @@ def test_a_page_from_a_rebound_name_can_neither_read_nor_review(page):
         ]).then(done, err => done(String(err)));""")
     assert statuses == [421, 421], statuses
     assert db_rows(page["db"], "SELECT * FROM reviews") == []
+
+
+def test_five_keys_in_quick_succession_all_apply_in_order_to_the_images_shown(page):
+    """Issue 20: keys pressed while a review was being stored were dropped without a word. Five class keys in
+    one burst: five reviews, in order, each of the image that was shown when its key was pressed."""
+    b, order = page["browser"], page["order"]
+    b.find_element("id", "operator").send_keys("Cy")
+    press(b, "\ue00c")
+    from selenium.webdriver.common.action_chains import ActionChains
+    chain = ActionChains(b)
+    for key in "23456":
+        chain.send_keys(key)
+    chain.perform()                                     # one burst: no waiting between the keys
+    wait_for(b, "return document.getElementById('status').textContent.includes('saved') && "
+                f"document.querySelectorAll('#queue li').length === {len(order) - 5}")
+    rows = db_rows(page["db"], "SELECT result_id, new_label, reviewer FROM reviews ORDER BY id")
+    assert rows == [{"result_id": rid, "new_label": label, "reviewer": "Cy"}
+                    for rid, label in zip(order[:5], ["bridges", "cracks", "opens", "shorts", "scratches"])]
+    assert current_id(b) == order[5]
+
+
+def test_a_shadow_answer_is_shown_beside_the_model(page):
+    """The candidate bundle's answer on an image (shadow_results) appears beside the model's, marked as such."""
+    import sqlite3
+    b, first = page["browser"], page["ids"]["b"]
+    con = sqlite3.connect(page["db"])
+    try:
+        con.execute("INSERT INTO shadow_results (result_id, candidate_id, label, stage1_score, confidence, review, "
+                    "agree, stage1_agree, recorded_at) VALUES (?, ?, 'bridges', 0.9, 0.7, 0, 0, 1, "
+                    "'2026-12-02T00:00:00+00:00')", (first, "c" * 64))
+        con.commit()
+    finally:
+        con.close()
+    b.refresh()
+    wait_for(b, "return document.body.dataset.ready === '1'")
+    facts = b.find_element("id", "facts").text
+    assert "candidate" in facts and f"bundle {'c' * 12}: bridges" in facts and "differs from the model" in facts
+    assert "shadow run: not the result" in facts

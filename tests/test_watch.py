@@ -464,7 +464,7 @@ def test_database_schema_is_the_documented_one(tiny_bundle, inspector, folders):
     con = sqlite3.connect(folders["db"])
     try:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert con.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 4
         columns = [r[1] for r in con.execute("PRAGMA table_info(results)")]
     finally:
         con.close()
@@ -547,7 +547,8 @@ def test_example_service_config_is_generated_valid_and_complete():
     assert cfg.watch == "/srv/sem/incoming" and cfg.processed == "/srv/sem/processed"
     commented = {m[1] for line in text.splitlines() if (m := re.match(r"# ([a-z_]+): ", line))
                  and m[1] in service_config.SETTINGS}
-    assert commented == {"leave_in_place", "variant", "threads", "runtime", "board", "mqtt", "mqtt_username",
+    assert commented == {"leave_in_place", "trusted_keys", "shadow", "bundles_dir", "variant", "threads", "runtime",
+                         "board", "mqtt", "mqtt_username",
                          "mqtt_password", "mqtt_tls", "mqtt_ca", "http", "http_token", "http_allowed_hosts"}
     assert set(yaml.safe_load(text)) | commented == set(service_config.SETTINGS), "every setting appears"
     assert "# leave_in_place: true" in text
@@ -565,6 +566,8 @@ def _another_value(name: str, tmp_path: Path):
         return not f.default
     if kind is str:     # the example value where it is one (e.g. HOST:PORT), else any text
         return meta["example"] if isinstance(meta["example"], str) and meta["example"] != f.default else "float32"
+    if meta["maximum"] is not None and (f.default or 0.0) + 0.25 > meta["maximum"]:
+        return f.default - 0.25
     return kind((f.default or 1) + 1) if kind is int else (f.default or 0.0) + 0.25
 
 
@@ -600,6 +603,8 @@ def test_every_setting_is_checked_in_files_and_flags(tiny_bundle, tmp_path):
             bad.append(kind(0))
         if meta["minimum"] is not None:
             bad.append(kind(meta["minimum"] - 1))
+        if meta["maximum"] is not None:
+            bad.append(kind(meta["maximum"] + 1))
         for value in bad:
             cfg_file.write_text(yaml.safe_dump({"models": str(tiny_bundle), "watch": "incoming", name: value}))
             with pytest.raises(ConfigError, match=name):

@@ -13,7 +13,8 @@ returns. No message can stop it: each is checked (schema.py) and then stored as 
                     ACL in deploy/mosquitto-acl.conf): kept in fleet_conflicts, the stored result stays;
     a dead letter   anything rejected (not UTF-8 JSON, wrong types, missing fields, out of range, too large,
                     unknown status), with the reason, in fleet_dead_letters: counted, logged, never lost;
-    a board status  online/offline in fleet_boards.
+    a board status  online/offline in fleet_boards; the bundles it reports with it (current, candidate, shadow
+                    agreement, last change) in fleet_bundle_state.
 The broker gets its acknowledgement only after that row is committed (manual acknowledgement): a crash or a
 storage failure (disk full: logged, exit 3) leaves the message with the broker, which delivers it again.
 SIGTERM/SIGINT: disconnect and exit 0. Storage (SQLite; tables in storage.py) sits behind a small interface so
@@ -29,7 +30,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from edge_runtime.collect.schema import Rejected, parse_result, parse_status
+from edge_runtime.collect.schema import Rejected, parse_bundle_state, parse_result, parse_status
 from edge_runtime.collect.storage import Storage, open_storage
 from edge_runtime.config.service_config import parse_host_port
 from edge_runtime.fleet.publisher import FleetUnavailable, need
@@ -78,7 +79,10 @@ class Collector:
             raise Rejected(f"not a topic of the form {self.prefix}/BOARD/result or /status")
         board, kind = parts[-2], parts[-1]
         if kind == "status":
-            self.storage.set_status(board, parse_status(board, payload))
+            status, bundles = parse_status(board, payload), parse_bundle_state(payload)
+            self.storage.set_status(board, status)
+            if bundles is not None:         # the board's bundles (issue 20: rollouts); fleet_bundle_state
+                self.storage.set_bundle_state(board, bundles)
             return "status"
         return self.storage.add_result(parse_result(board, payload))
 

@@ -89,16 +89,21 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _json(payload: bytes):
+    """At most MAX_PAYLOAD bytes of strict JSON (edge_runtime/fleet/json_input.py), parsed; Rejected otherwise."""
+    if len(payload) > MAX_PAYLOAD:
+        raise Rejected(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
+    try:
+        return json_input.loads(payload)
+    except json_input.UntrustedJSON as exc:
+        raise Rejected(str(exc)) from None
+
+
 def parse_result(board: str, payload: bytes) -> Result:
     """One result message from the topic of `board` -> Result; Rejected says why not."""
     if not is_board_name(board):
         raise Rejected(f"topic board {_short(board)} is not a board name ({BOARD_RULE})")
-    if len(payload) > MAX_PAYLOAD:
-        raise Rejected(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
-    try:
-        msg = json_input.loads(payload)
-    except json_input.UntrustedJSON as exc:
-        raise Rejected(str(exc)) from None
+    msg = _json(payload)
     if not isinstance(msg, dict):
         raise Rejected(f"a result is a JSON object, got {type(msg).__name__}")
     rid = msg.get("id")
@@ -148,11 +153,58 @@ def parse_result(board: str, payload: bytes) -> Result:
     return Result(board=board, id=rid, columns=columns, message=msg, payload=payload.decode("utf-8"))
 
 
+def _status_doc(payload: bytes) -> dict | None:
+    """A JSON status ({"status": ..., "bundle": ...}, edge_runtime/fleet/publisher.py), or None for plain text."""
+    if not payload.lstrip().startswith(b"{"):
+        return None
+    doc = _json(payload)
+    if not isinstance(doc, dict):
+        raise Rejected("a status is a JSON object or online/offline")
+    return doc
+
+
 def parse_status(board: str, payload: bytes) -> str:
-    """A board's status message: "online" or "offline"."""
+    """A board's status message: "online" or "offline", plain or as {"status": ...} (with the bundles' state)."""
     if not is_board_name(board):
         raise Rejected(f"topic board {_short(board)} is not a board name ({BOARD_RULE})")
-    status = payload.decode("ascii", "replace")
+    doc = _status_doc(payload)
+    status = payload.decode("ascii", "replace") if doc is None else doc.get("status")
     if status not in STATUSES:
-        raise Rejected(f"status must be one of {', '.join(STATUSES)}, got {_short(payload[:40])}")
+        raise Rejected(f"status must be one of {', '.join(STATUSES)}, got {_short(status if doc else payload[:40])}")
     return status
+
+
+BUNDLE_STATE_COLUMNS = ("current", "candidate", "phase", "shadow_images", "agreement", "stage1_agreement",
+                        "error_rate", "last_change_at", "last_change")
+
+
+def parse_bundle_state(payload: bytes) -> dict | None:
+    """The bundles' state a board reports with its status (edge_runtime/service/watch.py bundle_state), as the
+    columns of fleet_bundle_state plus "payload" (the state as JSON); None when the status carries none."""
+    doc = _status_doc(payload)
+    if doc is None or doc.get("bundle") is None:
+        return None
+    b = doc["bundle"]
+    if not isinstance(b, dict):
+        raise Rejected("bundle must be an object")
+    current = _hex(b, "current")
+    if current is None:
+        raise Rejected("bundle.current must be a bundle id")
+    shadow = b.get("shadow") or {}
+    change = b.get("last_change") or {}
+    phase = b.get("phase")
+    if not isinstance(shadow, dict) or not isinstance(change, dict) or \
+            not (phase is None or (isinstance(phase, str) and len(phase) <= 32)):
+        raise Rejected("bundle.shadow and bundle.last_change must be objects, bundle.phase short text")
+    what, why = change.get("what"), change.get("why")
+    if not all(v is None or (isinstance(v, str) and len(v) <= MAX_TEXT) for v in (what, why, change.get("at"))):
+        raise Rejected("bundle.last_change fields must be text")
+    images = shadow.get("images")
+    if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 0):
+        raise Rejected("bundle.shadow.images must be a count")
+    return {"current": current, "candidate": _hex(b, "candidate"), "phase": phase, "shadow_images": images,
+            "agreement": _number(shadow, "agreement", 0.0, 1.0, False),
+            "stage1_agreement": _number(shadow, "stage1_agreement", 0.0, 1.0, False),
+            "error_rate": _number(shadow, "error_rate", 0.0, 1.0, False),
+            "last_change_at": change.get("at"), "last_change": None if what is None else f"{what}: {why or ''}",
+            "payload": payload.decode("utf-8")}

@@ -2,7 +2,8 @@
 
 Every method returns only once what it wrote is committed (durable): the collector acknowledges a message to
 the broker after that, so a crash loses nothing. A second back-end (e.g. PostgreSQL: the same tables, with
-`INSERT ... ON CONFLICT DO NOTHING` and the same comparison for conflicts) implements the same five methods.
+`INSERT ... ON CONFLICT DO NOTHING` and the same comparison for conflicts) implements the same methods
+(set_bundle_state and bundle_states came with rollouts: the boards' bundle state, fleet_bundle_state).
 
 SQLite schema:
     CREATE TABLE fleet_results (board TEXT, id INTEGER, name TEXT, label TEXT, outcome TEXT, stage1_score REAL,
@@ -18,6 +19,11 @@ SQLite schema:
     CREATE TABLE fleet_conflicts (       -- a result whose (board, id) is stored with other content
         id INTEGER PRIMARY KEY, board TEXT, result_id INTEGER, payload TEXT, sha256 TEXT, received_at TEXT,
         UNIQUE (board, result_id, sha256));
+    CREATE TABLE fleet_bundle_state (    -- each board's bundles as its latest status reported them (rollouts)
+        board TEXT PRIMARY KEY, current TEXT, candidate TEXT, phase TEXT, shadow_images INTEGER, agreement REAL,
+        stage1_agreement REAL, error_rate REAL, last_change_at TEXT, last_change TEXT,
+        payload TEXT,                 -- the whole status (JSON, as received)
+        reported_at TEXT);
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import sqlite3
 from pathlib import Path
 from typing import Protocol
 
-from edge_runtime.collect.schema import COLUMNS, Result
+from edge_runtime.collect.schema import BUNDLE_STATE_COLUMNS, COLUMNS, Result
 from edge_runtime.db.store import utc_now
 
 KEEP_BYTES = 64 * 1024
@@ -45,6 +51,10 @@ CREATE TABLE IF NOT EXISTS fleet_dead_letters (
 CREATE TABLE IF NOT EXISTS fleet_conflicts (
     id INTEGER PRIMARY KEY, board TEXT NOT NULL, result_id INTEGER NOT NULL, payload TEXT NOT NULL,
     sha256 TEXT NOT NULL, received_at TEXT NOT NULL, UNIQUE (board, result_id, sha256));
+CREATE TABLE IF NOT EXISTS fleet_bundle_state (
+    board TEXT PRIMARY KEY, current TEXT NOT NULL, candidate TEXT, phase TEXT, shadow_images INTEGER, agreement REAL,
+    stage1_agreement REAL, error_rate REAL, last_change_at TEXT, last_change TEXT, payload TEXT NOT NULL,
+    reported_at TEXT NOT NULL);
 """
 
 
@@ -58,6 +68,12 @@ class Storage(Protocol):
 
     def set_status(self, board: str, status: str) -> None:
         """A board's latest status."""
+
+    def set_bundle_state(self, board: str, state: dict) -> None:
+        """A board's bundles as it reported them (schema.parse_bundle_state), replacing the previous report."""
+
+    def bundle_states(self) -> list[dict]:
+        """Every board's latest bundle report, by board."""
 
     def counts(self) -> dict[str, int]:
         """Rows per table: results, boards, dead_letters, conflicts."""
@@ -113,6 +129,17 @@ class SQLiteStorage:
     def set_status(self, board: str, status: str) -> None:
         self.db.execute("INSERT INTO fleet_boards VALUES (?, ?, ?) ON CONFLICT(board) DO UPDATE SET "
                         "status = excluded.status, changed_at = excluded.changed_at", (board, status, utc_now()))
+
+    def set_bundle_state(self, board: str, state: dict) -> None:
+        cols = ("board", *BUNDLE_STATE_COLUMNS, "payload", "reported_at")
+        values = {**state, "board": board, "reported_at": utc_now()}
+        self.db.execute(f"INSERT OR REPLACE INTO fleet_bundle_state ({', '.join(cols)}) VALUES "
+                        f"({', '.join('?' * len(cols))})", [values[c] for c in cols])
+
+    def bundle_states(self) -> list[dict]:
+        cur = self.db.execute("SELECT * FROM fleet_bundle_state ORDER BY board")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur]
 
     def counts(self) -> dict[str, int]:
         return {name: self.db.execute(f"SELECT count(*) FROM fleet_{name}").fetchone()[0]

@@ -38,16 +38,16 @@ class ConfigError(ValueError):
 
 
 def setting(default, help: str, *, example=_NO_EXAMPLE, commented: bool = False, choices: tuple = (),
-            minimum: float | None = None, positive: bool = False, path: bool = False, flag: str = SERVICE,
+            minimum: float | None = None, maximum: float | None = None, positive: bool = False, path: bool = False, flag: str = SERVICE,
             metavar: str | None = None, exclusive: str | None = None, secret: bool = False):
     """One setting. help: the flag's help and the example file's comment; example: the value shown in the
     example file (default: the default), `commented` to show it as a commented-out line; choices / minimum
-    (inclusive) / positive (> 0) / path (text, relative to the config file's folder): its checks; flag: INSPECT
+    / maximum (inclusive) / positive (> 0) / path (text, relative to the config file's folder): its checks; flag: INSPECT
     or SERVICE; exclusive: flags sharing this name exclude each other on the command line; secret: never shown
     (left out of repr, so a logged config cannot leak it)."""
     return field(default=default, repr=not secret, metadata={
         "help": help, "example": default if example is _NO_EXAMPLE else example, "commented": commented,
-        "choices": tuple(choices), "minimum": minimum, "positive": positive, "path": path, "flag": flag,
+        "choices": tuple(choices), "minimum": minimum, "maximum": maximum, "positive": positive, "path": path, "flag": flag,
         "metavar": metavar, "exclusive": exclusive})
 
 
@@ -56,6 +56,11 @@ class ServiceConfig:
     models: str | None = setting(None, "model bundle folder (from `python -m convert`; sha256-checked at start)",
                                  example="/opt/sem-inspect/models/current", path=True, flag=INSPECT,
                                  metavar="BUNDLE")
+    trusted_keys: str | None = setting(None, "accept only bundles signed by one of these Ed25519 public keys: a .pub "
+                                       "file, or a folder whose *.pub files are all trusted (`python -m convert "
+                                       "keygen`); checked before any model is read (unset: no signature needed)",
+                                       example="/etc/sem-inspect/trusted-keys", commented=True, path=True,
+                                       flag=INSPECT, metavar="PATH")
     watch: str | None = setting(None, "the drop folder to watch (flat: sub-folders are not entered)",
                                 example="/srv/sem/incoming", path=True, metavar="DIR")
     processed: str | None = setting(None, "inspected images are moved here (default: WATCH/processed)",
@@ -103,6 +108,23 @@ class ServiceConfig:
     durability: str = setting("full", "full: each commit fsynced (survives power loss); normal: survives "
                               "process kills only", choices=("full", "normal"))
     log_level: str = setting("INFO", "log verbosity", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    # -- bundles: swap, shadow, rollouts (edge_runtime/service/bundles.py, shadow.py, rollout.py) ------------
+    shadow: str | None = setting(None, "a candidate bundle to run beside the current one on live images; its answers "
+                                 "are stored apart (shadow_results) and never replace a result",
+                                 example="/opt/sem-inspect/models/candidate", commented=True, path=True,
+                                 metavar="BUNDLE")
+    shadow_fraction: float = setting(1.0, "the fraction of images the candidate also inspects (0..1; chosen by the "
+                                     "image's sha256, so the same image always gets the same answer)",
+                                     minimum=0.0, maximum=1.0, metavar="F")
+    bundles_dir: str | None = setting(None, "rollouts from the central side (needs mqtt): bundles are fetched into "
+                                      "this folder (one versioned sub-folder each), shadowed, then `models` (a "
+                                      "symlink) is re-pointed; unset: rollout messages are refused",
+                                      example="/var/lib/sem-inspect/bundles", commented=True, path=True,
+                                      metavar="DIR")
+    bundle_keep: int = setting(3, "bundles kept in bundles_dir (the current one, the previous ones for rollback)",
+                               positive=True, metavar="N")
+    rollout_max_bytes: int = setting(1 << 30, "largest bundle archive a rollout may fetch", positive=True,
+                                     metavar="N")
     # -- fleet (edge_runtime/fleet/publisher.py, http_api.py; needs `pip install "sem-inspect[fleet]"`) --
     board: str | None = setting(None, "this board's name in MQTT topics and the HTTP API (default: the host name)",
                                 example="sem-tool-07", commented=True, metavar="NAME")
@@ -157,6 +179,8 @@ class ServiceConfig:
                     parse(getattr(out, name))
                 except ValueError as exc:
                     raise ConfigError(f"{name}: {exc}") from None
+        if self.bundles_dir and not self.mqtt:
+            raise ConfigError("bundles_dir: rollouts arrive over MQTT: set mqtt too")
         if (self.mqtt_username is None) != (self.mqtt_password is None):
             raise ConfigError("mqtt_username and mqtt_password go together")
         if self.mqtt_ca and not self.mqtt_tls:
@@ -180,9 +204,10 @@ class ServiceConfig:
 
 
 def inspector_args(cfg: ServiceConfig) -> dict:
-    """The Inspector's keyword arguments from the config (variant, threads, runtime and every decode limit): the
-    one place the watch service and POST /inspect build their inspectors from."""
-    return {"variant": cfg.variant, "threads": cfg.threads, "runtime": cfg.runtime,
+    """The Inspector's keyword arguments from the config (variant, threads, runtime, trusted keys and every decode
+    limit): the one place the watch service, its swaps, shadows and rollouts, and POST /inspect build their
+    inspectors from."""
+    return {"variant": cfg.variant, "threads": cfg.threads, "runtime": cfg.runtime, "trusted_keys": cfg.trusted_keys,
             "max_pixels": cfg.max_image_pixels, "max_bytes": cfg.max_file_bytes, "max_decode_mb": cfg.max_decode_mb}
 
 
@@ -286,6 +311,8 @@ def check_setting(name: str, value):
         raise ConfigError(f"{name}: {value!r} is not one of {list(meta['choices'])}")
     if meta["minimum"] is not None and value < meta["minimum"]:
         raise ConfigError(f"{name}: must be >= {meta['minimum']:g}")
+    if meta["maximum"] is not None and value > meta["maximum"]:
+        raise ConfigError(f"{name}: must be <= {meta['maximum']:g}")
     if meta["positive"] and value <= 0:
         raise ConfigError(f"{name}: must be > 0")
     return value

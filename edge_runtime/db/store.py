@@ -1,6 +1,6 @@
 """The watch service's result store: one SQLite file (standard library, WAL journal).
 
-Schema (PRAGMA user_version = 3; a version-1 or -2 file is migrated in place on open, its rows kept):
+Schema (PRAGMA user_version = 4; a version-1, -2 or -3 file is migrated in place on open, its rows kept):
 
     CREATE TABLE results (
         id            INTEGER PRIMARY KEY,   -- also written into each JSONL line as "id"
@@ -52,12 +52,29 @@ Schema (PRAGMA user_version = 3; a version-1 or -2 file is migrated in place on 
         reviewed_at TEXT NOT NULL,           -- ISO-8601 UTC
         UNIQUE (result_id, supersedes)
     );
+    CREATE TABLE shadow_results (            -- v4: a candidate bundle's answers on live images (shadow runs,
+        result_id    INTEGER NOT NULL REFERENCES results(id),   -- edge_runtime/service/shadow.py); never a result
+        candidate_id TEXT NOT NULL,          -- the candidate's bundle id (in bundles)
+        label        TEXT,                   -- the candidate's final label (NULL when it failed: see error)
+        stage1_score REAL,
+        defect_class TEXT,
+        confidence   REAL,
+        review       INTEGER,
+        stage2_probs TEXT,
+        latency_ms   REAL,
+        error        TEXT,                   -- why the candidate could not inspect an image the current one did
+        agree        INTEGER NOT NULL,       -- 1: the same final label as the recorded result
+        stage1_agree INTEGER NOT NULL,       -- 1: the same Stage-1 decision (defective or not)
+        recorded_at  TEXT NOT NULL,
+        PRIMARY KEY (result_id, candidate_id)
+    );
     CREATE INDEX results_state ON results(state) WHERE state != 'done';
     CREATE INDEX results_journal ON results(journaled) WHERE journaled = 0;
     CREATE INDEX results_publish ON results(id) WHERE published = 0;
     CREATE INDEX results_dest ON results(dest_path);
     CREATE INDEX results_src ON results(src_path, size, mtime_ns);
     CREATE INDEX reviews_result ON reviews(result_id, id);
+    CREATE INDEX shadow_candidate ON shadow_results(candidate_id);
 
 Query it with the sqlite3 shell, e.g. `SELECT label, count(*) FROM results GROUP BY label`.
 
@@ -75,7 +92,7 @@ from pathlib import Path
 
 from edge_runtime.names import db_text  # noqa: F401  (re-exported: paths as database text)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
     id INTEGER PRIMARY KEY,
@@ -127,14 +144,34 @@ CREATE TABLE IF NOT EXISTS reviews (
     reviewed_at TEXT NOT NULL,
     UNIQUE (result_id, supersedes)
 );
-CREATE INDEX IF NOT EXISTS reviews_result ON reviews(result_id, id)
+CREATE INDEX IF NOT EXISTS reviews_result ON reviews(result_id, id);
+CREATE TABLE IF NOT EXISTS shadow_results (
+    result_id INTEGER NOT NULL REFERENCES results(id),
+    candidate_id TEXT NOT NULL,
+    label TEXT,
+    stage1_score REAL,
+    defect_class TEXT,
+    confidence REAL,
+    review INTEGER,
+    stage2_probs TEXT,
+    latency_ms REAL,
+    error TEXT,
+    agree INTEGER NOT NULL,
+    stage1_agree INTEGER NOT NULL,
+    recorded_at TEXT NOT NULL,
+    PRIMARY KEY (result_id, candidate_id)
+);
+CREATE INDEX IF NOT EXISTS shadow_candidate ON shadow_results(candidate_id)
 """
+SHADOW_COLUMNS = ("result_id", "candidate_id", "label", "stage1_score", "defect_class", "confidence", "review",
+                  "stage2_probs", "latency_ms", "error", "agree", "stage1_agree", "recorded_at")
 COLUMNS = ("id", "key", "name", "src_path", "dest_path", "size", "mtime_ns", "sha256", "outcome", "label",
            "stage1_score", "defect_class", "confidence", "review", "latency_ms", "reason", "variant", "state",
            "journaled", "recorded_at", "done_at", "bundle_id", "stage2_probs", "published")
 # Version 1 -> 2: results gain these columns (appended, so a migrated table matches a new one); the bundles and
 # reviews tables are created.
 V2_RESULT_COLUMNS = (("bundle_id", "TEXT"), ("stage2_probs", "TEXT"))
+# Version 3 -> 4: the shadow_results table is created (nothing else changes).
 # Version 2 -> 3: results gain `published` (MQTT). Rows recorded before it are marked published: a board that
 # turns MQTT on publishes what it records from then on, not its whole history.
 V3_RESULT_COLUMN = "published INTEGER NOT NULL DEFAULT 0"
@@ -176,7 +213,7 @@ class Store:
             # must not grow with the size of the database.
             self.db.execute("PRAGMA cache_size=-512")
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, 2, SCHEMA_VERSION):
+            if version not in (0, 1, 2, 3, SCHEMA_VERSION):
                 raise StorageError(f"{self.path}: result database schema version {version} is not supported "
                                    f"(this version writes {SCHEMA_VERSION})")
             if version != SCHEMA_VERSION:
@@ -190,7 +227,7 @@ class Store:
                                is_disk_full(exc)) from exc
 
     def _create_or_migrate(self) -> None:
-        """Create the schema, or bring a version-1 or -2 file to this version, in one transaction: a service and
+        """Create the schema, or bring a version-1, -2 or -3 file to this version, in one transaction: a service and
         a review server opening the same old file at once migrate it once."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
@@ -305,6 +342,54 @@ class Store:
             (bundle.bundle_id, db_text(bundle.root), json.dumps(list(bundle.taxonomy)),
              json.dumps(list(bundle.stage2_classes)), bundle.stage1_threshold, bundle.stage2_review_floor,
              utc_now())))
+
+    def insert_shadow(self, row: dict) -> None:
+        """A candidate's answer for a result, into the open group transaction (with the result it shadows)."""
+        try:
+            if not self.db.in_transaction:
+                self.db.execute("BEGIN IMMEDIATE")
+            cols = [c for c in SHADOW_COLUMNS if c in row]
+            self.db.execute(f"INSERT OR REPLACE INTO shadow_results ({', '.join(cols)}) VALUES "
+                            f"({', '.join('?' * len(cols))})", [row[c] for c in cols])
+        except sqlite3.Error as exc:
+            raise self._fail(exc) from exc
+
+    def shadow_summary(self, candidate_id: str, since: str | None = None) -> dict:
+        """How a candidate compares with the results it shadowed (those recorded at or after `since`, ISO time):
+        images, label and Stage-1 agreement, failures, mean latency, agreement per recorded label, and on the
+        images operators reviewed since (their latest review, 'unusable' left out) which of the two was right."""
+        where, args = "s.candidate_id = ?", [candidate_id]
+        if since:
+            where, args = where + " AND s.recorded_at >= ?", args + [since]
+        n, agree, stage1, errors, latency = self.db.execute(
+            f"SELECT count(*), coalesce(sum(s.agree), 0), coalesce(sum(s.stage1_agree), 0), "
+            f"coalesce(sum(s.error IS NOT NULL), 0), avg(s.latency_ms) FROM shadow_results s WHERE {where}",
+            args).fetchone()
+        per_class = {label: {"images": c, "agree": a} for label, c, a in self.db.execute(
+            f"SELECT r.label, count(*), sum(s.agree) FROM shadow_results s JOIN results r ON r.id = s.result_id "
+            f"WHERE {where} GROUP BY r.label ORDER BY r.label", args)}
+        reviewed = self.db.execute(
+            f"SELECT count(*), coalesce(sum(r.label = v.new_label), 0), coalesce(sum(s.label = v.new_label), 0) "
+            f"FROM shadow_results s JOIN results r ON r.id = s.result_id "
+            f"JOIN reviews v ON v.id = (SELECT max(id) FROM reviews WHERE result_id = s.result_id) "
+            f"WHERE {where} AND v.new_label != 'unusable'", args).fetchone()
+        return {"candidate": candidate_id, "images": n, "agreement": agree / n if n else None,
+                "stage1_agreement": stage1 / n if n else None, "errors": errors,
+                "error_rate": errors / n if n else None,
+                "latency_ms": None if latency is None else round(latency, 3),
+                "per_class": {k: {**v, "agreement": v["agree"] / v["images"]} for k, v in per_class.items()},
+                "reviewed": {"images": reviewed[0], "current_right": reviewed[1], "candidate_right": reviewed[2]}}
+
+    def shadows_of(self, result_ids) -> dict[int, list[dict]]:
+        """The candidates' answers for these results, by result id."""
+        ids = list(result_ids)
+        out: dict[int, list[dict]] = {}
+        for k in range(0, len(ids), 500):
+            chunk = ids[k:k + 500]
+            for r in self.db.execute(f"SELECT * FROM shadow_results WHERE result_id IN ({', '.join('?' * len(chunk))}) "
+                                     "ORDER BY recorded_at", chunk):
+                out.setdefault(r["result_id"], []).append(dict(r))
+        return out
 
     def latest_bundle_path(self) -> str | None:
         """Where the bundle that recorded the latest result was loaded from (None when none is recorded)."""

@@ -1,7 +1,9 @@
 """The watch service's HTTP API (`http: HOST:PORT`; the bounded server of edge_runtime/fleet/http_base.py).
 
     GET  /healthz                  {"ok", "model_loaded", "bundle_id", "folder_writable", "last_image_at",
-                                   "backlog", "mqtt_connected", "unpublished"}; 200 when ok, else 503
+                                   "backlog", "bundle", "mqtt_connected", "unpublished"}; 200 when ok, else 503
+                                   ("bundle": current, candidate, shadow comparison, previous, phase,
+                                   last_change, error: the last bundle that failed to load and why)
     GET  /metrics                  Prometheus text exposition (edge_runtime/fleet/metrics.py)
     GET  /results?since=ID&limit=N results with id > ID (default 0), oldest first, at most N (1..1000, default
                                    100): {"results": [...], "next": the last id (pass it as since=)}
@@ -87,13 +89,18 @@ class HttpApi(BoundedHTTPServer):
             self._thread.join(5.0)
         self.server_close()
 
+    def bundle_changed(self) -> None:
+        """The service swapped its bundle: the next POST /inspect loads the new one."""
+        with self._inspect_lock:
+            self._inspector = None
+
     def inspect(self, data: bytes) -> dict:
-        """POST /inspect: its own interpreter (the service's belongs to the watch thread), with the service's
-        decode limits; one request at a time."""
+        """POST /inspect: its own interpreter (the service's belongs to the watch thread) of the service's
+        current bundle, with the service's decode limits; one request at a time."""
         with self._inspect_lock:
             if self._inspector is None:
                 from edge_runtime.inspector import Inspector
-                self._inspector = Inspector(self.cfg.models, **inspector_args(self.cfg))
+                self._inspector = Inspector(self.service.inspector.bundle.root, **inspector_args(self.cfg))
             result = self._inspector.inspect(data)
         self.metrics.timed(result)
         return {**result.to_dict(), "bundle_id": self._inspector.bundle.bundle_id}

@@ -2,9 +2,13 @@
 
 Topics (PREFIX = mqtt_prefix, BOARD = board):
     PREFIX/BOARD/result   one JSON object per result (journal.row_to_json plus "board"), QoS 1, not retained
-    PREFIX/BOARD/status   "online" (retained, on connect) / "offline" (retained: clean stop, or the broker's
-                          last will when the board vanishes)
+    PREFIX/BOARD/status   {"status": "online", "board", "bundle": {current, candidate, shadow, previous, phase,
+                          last_change, error}, "at"} (retained, QoS 1; on connect and whenever the bundles change)
+                          / {"status": "offline", "board"} (retained: clean stop, or the broker's last will when the
+                          board vanishes)
     PREFIX/BOARD/stats    the service's counters every mqtt_stats_seconds, QoS 0, retained
+    PREFIX/BOARD/rollout  subscribed (QoS 1) when the board takes rollouts (bundles_dir): handed to on_rollout
+                          (edge_runtime/fleet/rollout_message.py, edge_runtime/service/rollout.py)
 
 Exactly-once stays the store's job. A result is published only after its row is committed; its row is marked
 `published` only when the broker acknowledged it (PUBACK). After a broker outage, or a kill -9 between commit
@@ -46,7 +50,12 @@ def need(module: str, setting: str, package: str):
 
 def topics(prefix: str, board: str) -> dict[str, str]:
     base = f"{prefix.strip('/')}/{board}"
-    return {"result": f"{base}/result", "status": f"{base}/status", "stats": f"{base}/stats"}
+    return {"result": f"{base}/result", "status": f"{base}/status", "stats": f"{base}/stats",
+            "rollout": f"{base}/rollout"}
+
+
+def offline(board: str) -> bytes:
+    return json.dumps({"status": "offline", "board": board}).encode()
 
 
 def payload(row: dict, board: str) -> bytes:
@@ -57,10 +66,12 @@ class Publisher:
     WINDOW = 200            # results sent but not yet acknowledged, at most (bounded memory)
     KEEPALIVE = 30
 
-    def __init__(self, cfg: ServiceConfig, store: Store, stats_fn=None, wake=None):
+    def __init__(self, cfg: ServiceConfig, store: Store, stats_fn=None, wake=None, status_fn=None, on_rollout=None):
         mqtt = need("paho.mqtt.client", "mqtt", "paho-mqtt")
         self.store, self.board, self.stats_fn, self.wake = store, cfg.board, stats_fn, wake or (lambda: None)
         self.topics = topics(cfg.mqtt_prefix, cfg.board)
+        self.status_fn = status_fn or (lambda: {"status": "online"})
+        self.on_rollout = on_rollout
         self.stats_every = cfg.mqtt_stats_seconds
         self.host, self.port = parse_host_port(cfg.mqtt)
         self._lock = threading.Lock()
@@ -76,7 +87,7 @@ class Publisher:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sem-inspect-{cfg.board}",
                              clean_session=True)
         client.max_inflight_messages_set(self.WINDOW)
-        client.will_set(self.topics["status"], b"offline", qos=1, retain=True)
+        client.will_set(self.topics["status"], offline(cfg.board), qos=1, retain=True)
         if cfg.mqtt_username is not None:
             client.username_pw_set(cfg.mqtt_username, cfg.mqtt_password)
             if cfg.mqtt_username != cfg.board:
@@ -89,6 +100,7 @@ class Publisher:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
         self.client = client
 
     # -- paho's thread --------------------------------------------------------------------------------
@@ -96,7 +108,9 @@ class Publisher:
         if reason.is_failure:
             log.warning("mqtt: %s:%d refused the connection: %s", self.host, self.port, reason)
             return
-        client.publish(self.topics["status"], b"online", qos=1, retain=True)
+        self.publish_status()
+        if self.on_rollout is not None:
+            client.subscribe(self.topics["rollout"], qos=1)
         with self._lock:
             self.connected = True
             self._generation += 1
@@ -110,10 +124,19 @@ class Publisher:
             log.warning("mqtt: disconnected from %s:%d (%s); results wait in the database", self.host, self.port,
                         reason)
 
+    def _on_message(self, client, userdata, msg):
+        if self.on_rollout is not None and msg.topic == self.topics["rollout"]:
+            self.on_rollout(msg.payload)
+
     def _on_publish(self, client, userdata, mid, reason, properties):
         with self._lock:
             self._acked.append(mid)
         self.wake()
+
+    def publish_status(self) -> None:
+        """The retained status with the bundles' state (any thread; paho queues it while disconnected)."""
+        doc = {**self.status_fn(), "board": self.board, "at": utc_now()}
+        self.client.publish(self.topics["status"], json.dumps(doc, default=str).encode(), qos=1, retain=True)
 
     # -- the service's thread -------------------------------------------------------------------------
     def start(self) -> None:
@@ -170,7 +193,8 @@ class Publisher:
                         self.unpublished, self.host, self.port)
         try:
             if self.connected:
-                self.client.publish(self.topics["status"], b"offline", qos=1, retain=True).wait_for_publish(2.0)
+                self.client.publish(self.topics["status"], offline(self.board), qos=1,
+                                    retain=True).wait_for_publish(2.0)
         except (RuntimeError, ValueError) as exc:
             log.debug("mqtt: offline status not sent: %s", exc)
         self.client.disconnect()

@@ -3,7 +3,10 @@
 "use strict";
 
 const PAGE = 100;
-const page = {meta: null, items: [], total: 0, index: 0, busy: false};
+// Reviews are queued: each key (or click) is taken for the image shown when it was pressed, the page moves on at
+// once, and the queue sends them to the server one at a time, in order. Nothing pressed is dropped: a review the
+// server refuses (409: reviewed meanwhile, or an error) is said in the status line and its image shown again.
+const page = {meta: null, items: [], total: 0, index: 0, pending: [], sending: false};
 const $ = (id) => document.getElementById(id);
 
 function el(tag, text, cls) {
@@ -59,7 +62,7 @@ async function loadQueue(append = false) {
 }
 
 function queueLine(item) {
-  const li = el("li", null, `state-${item.state}${item.flagged ? " flagged" : ""}`);
+  const li = el("li", null, `state-${item.state}${item.flagged ? " flagged" : ""}${item.queued ? " queued" : ""}`);
   li.dataset.id = item.id;
   li.append(el("span", `#${item.id}`, "id"), el("span", item.name, "name"), el("span", item.label, "label"),
             el("span", `P ${fmt(item.stage1_score, 2)}`, "score"));
@@ -129,6 +132,14 @@ function renderDetail(item) {
       `${item.review.reviewed_at.slice(0, 19).replace("T", " ")} UTC`
     : "not reviewed yet");
   add("model", item.bundle_id ? `bundle ${item.bundle_id.slice(0, 12)} (${item.variant})` : "unknown (before provenance)");
+  for (const s of item.shadow || []) {
+    add("candidate", `bundle ${s.candidate_id.slice(0, 12)}: `,
+        s.error ? el("span", `failed: ${s.error}`, "flag")
+                : el("strong", `${s.label} (P(defective) ${fmt(s.stage1_score)}, confidence ${fmt(s.confidence)})`,
+                     s.agree ? "agree" : "disagree"),
+        s.error ? "" : (s.agree ? " · agrees" : " · differs from the model"), " (shadow run: not the result)");
+  }
+  if (item.queued) add("queued", `${item.queued} review(s) of this image waiting to be sent`);
   document.querySelectorAll("#actions button").forEach((b) => {
     b.classList.toggle("is-current", b.dataset.label === item.label);
   });
@@ -147,51 +158,85 @@ function operator() {
   return name || page.meta.operator || "";
 }
 
-async function review(label) {
+function review(label) {
   const item = page.items[page.index];
-  if (!item || page.busy) return;
+  if (!item) return;
   if (!operator()) {
     status("Enter your name in Operator first.", "error");
     $("operator").focus();
     return;
   }
-  page.busy = true;
+  // The image shown now, and the review its page showed (a second key on it follows the first one's review).
+  const queuedBefore = page.pending.some((job) => job.id === item.id);
+  page.pending.push({id: item.id, label, reviewer: operator(), expected: item.review ? item.review.id : 0,
+                     follows: queuedBefore});
+  item.queued = (item.queued || 0) + 1;   // marked on its queue line until stored; the status line says what the server answered
+  renderQueue();
+  select(Math.min(page.index + 1, page.items.length - 1));
+  send();
+}
+
+function indexOf(id) { return page.items.findIndex((i) => i.id === id); }
+
+async function send() {
+  if (page.sending) return;
+  page.sending = true;
   try {
-    const r = await api(`/api/results/${item.id}/reviews`, {
-      method: "POST",
-      headers: {"Content-Type": "application/json"},
-      body: JSON.stringify({label, reviewer: operator(), expected_review_id: item.review ? item.review.id : 0}),
-    });
-    if (r.status === 201) {
-      const saved = r.body.review;
-      status(`#${item.id}: ${saved.old_label} → ${saved.new_label} saved (${r.body.item.state})`, "ok");
-      const stays = $("f-state").value === "all" || $("f-state").value === r.body.item.state ||
-                    ($("f-state").value === "reviewed");
-      const labelOk = !$("f-label").value || $("f-label").value === r.body.item.label;
-      if (stays && labelOk) {
-        page.items[page.index] = r.body.item;
-        renderQueue();
-        select(Math.min(page.index + 1, page.items.length - 1));
-      } else {
-        page.items.splice(page.index, 1);
-        page.total -= 1;
-        renderQueue();
-        if (page.items.length === 0 && page.total > 0) await loadQueue();
-        else select(Math.min(page.index, page.items.length - 1));
-      }
-      loadSummary();
-    } else if (r.status === 409) {
-      page.items[page.index] = r.body.item;
-      renderQueue();
-      select(page.index);
-      const c = r.body.current;
-      status(`#${item.id} was reviewed meanwhile${c ? ` by ${c.reviewer} (now ${c.new_label})` : ""}; ` +
-             "nothing saved. Press again to override.", "error");
-    } else {
-      status(r.body.error, "error");
+    while (page.pending.length) {
+      const job = page.pending[0];
+      const at = indexOf(job.id);
+      if (job.follows && at >= 0 && page.items[at].review) job.expected = page.items[at].review.id;
+      const r = await api(`/api/results/${job.id}/reviews`, {
+        method: "POST",
+        headers: {"Content-Type": "application/json"},
+        body: JSON.stringify({label: job.label, reviewer: job.reviewer, expected_review_id: job.expected}),
+      });
+      page.pending.shift();
+      saved(job, r);
     }
   } finally {
-    page.busy = false;
+    page.sending = false;
+  }
+}
+
+function saved(job, r) {
+  const shownId = page.items[page.index] ? page.items[page.index].id : null;
+  const at = indexOf(job.id);
+  if (at >= 0) page.items[at].queued = Math.max((page.items[at].queued || 1) - 1, 0);
+  if (r.status === 201) {
+    const saved = r.body.review;
+    const item = Object.assign(r.body.item, {queued: at >= 0 ? page.items[at].queued : 0});
+    status(`#${job.id}: ${saved.old_label} → ${saved.new_label} saved (${item.state})`, "ok");
+    const stays = $("f-state").value === "all" || $("f-state").value === item.state ||
+                  ($("f-state").value === "reviewed");
+    const labelOk = !$("f-label").value || $("f-label").value === item.label;
+    if (at >= 0) {
+      if ((stays && labelOk) || item.queued) page.items[at] = item;
+      else { page.items.splice(at, 1); page.total -= 1; }
+    }
+    renderQueue();
+    if (page.items.length === 0 && page.total > 0) { loadQueue(); return; }
+    const keep = shownId === null ? -1 : indexOf(shownId);
+    select(keep >= 0 ? keep : Math.min(page.index, page.items.length - 1));
+    loadSummary();
+    return;
+  }
+  // Refused: the keys queued after it for the same image are not sent either (they followed this review).
+  const later = page.pending.filter((j) => j.id === job.id).length;
+  page.pending = page.pending.filter((j) => j.id !== job.id);
+  if (at >= 0) page.items[at].queued = 0;
+  const notSent = later ? ` (${later} later key(s) for it not sent)` : "";
+  if (r.status === 409) {
+    if (at >= 0) page.items[at] = Object.assign(r.body.item, {queued: 0});
+    renderQueue();
+    if (at >= 0) select(at);             // refused: its image again, for the operator to decide
+    const c = r.body.current;
+    status(`#${job.id} was reviewed meanwhile${c ? ` by ${c.reviewer} (now ${c.new_label})` : ""}; ` +
+           `nothing saved${notSent}. Press again to override.`, "error");
+  } else {
+    renderQueue();
+    if (at >= 0) select(at);
+    status(`#${job.id}: ${job.label} not saved: ${r.body.error}${notSent}`, "error");
   }
 }
 

@@ -233,17 +233,19 @@ class Reviews:
             total = self.db.execute(f"SELECT count(*) FROM {_ROWS}{cond}", args).fetchone()[0]
             rows = [dict(r) for r in self.db.execute(f"SELECT * FROM {_ROWS}{cond} {_ORDER} LIMIT ? OFFSET ?",
                                                      [*args, limit, offset])]
-        return {"total": total, "offset": offset, "items": [self._item(r) for r in rows]}
+            shadows = self.store.shadows_of(r["id"] for r in rows)
+        return {"total": total, "offset": offset, "items": [self._item(r, shadows) for r in rows]}
 
     def item(self, result_id: int) -> dict:
         with self.lock:
             row = self.db.execute(f"SELECT * FROM {_ROWS} WHERE id = ?", (result_id,)).fetchone()
+            shadows = self.store.shadows_of([result_id])
         if row is None:
             raise NotFound(f"no inspected result with id {result_id}")
-        return self._item(dict(row))
+        return self._item(dict(row), shadows)
 
     @staticmethod
-    def _item(row: dict) -> dict:
+    def _item(row: dict, shadows: dict) -> dict:
         top, complete = top3(row)
         review = None
         if row["review_id"] is not None:
@@ -254,7 +256,11 @@ class Reviews:
                 "stage1_score": row["stage1_score"], "threshold": row["threshold"], "margin": row["margin"],
                 "confidence": row["confidence"], "top3": top, "top3_complete": complete,
                 "bundle_id": row["bundle_id"], "variant": row["variant"], "recorded_at": row["recorded_at"],
-                "file_state": row["file_state"], "review": review}
+                "file_state": row["file_state"], "review": review,
+                # a candidate bundle's answers on this image (shadow runs), beside the model's; never the result
+                "shadow": [{"candidate_id": s["candidate_id"], "label": s["label"], "stage1_score": s["stage1_score"],
+                            "confidence": s["confidence"], "agree": bool(s["agree"]), "error": s["error"]}
+                           for s in shadows.get(row["id"], [])]}
 
     def summary(self) -> dict:
         """Counts per label (model's and current), per review state, the corrections made (model label ->

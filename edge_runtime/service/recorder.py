@@ -99,9 +99,8 @@ class Recorder:
         self.watch = Path(cfg.watch)
         self.processed = Path(cfg.processed) if cfg.processed else None
         self.quarantine = Path(cfg.quarantine)
-        self.inspector = inspector
-        self.variant = inspector.bundle.variant
-        self.bundle_id = inspector.bundle.bundle_id     # model provenance, recorded with every result
+        self.set_inspector(inspector)
+        self.shadow = None          # a candidate bundle beside the current one (edge_runtime/service/shadow.py)
         self.store = store
         self.journal = journal
         self.stats = stats
@@ -121,6 +120,12 @@ class Recorder:
         self._unexpected = 0
 
     # -- the loop's interface ---------------------------------------------------------------------------
+    def set_inspector(self, inspector) -> None:
+        """The bundle that inspects the next image (a swap: the image in hand was finished on the old one)."""
+        self.inspector = inspector
+        self.variant = inspector.bundle.variant
+        self.bundle_id = inspector.bundle.bundle_id     # model provenance, recorded with every result
+
     def holds(self, name: str, sig: FileSig) -> bool:
         return (name in self._batch_names or self._stuck.get(name) == sig or self._in_place.get(name) == sig
                 or self._unreadable.get(name) == sig)
@@ -267,7 +272,9 @@ class Recorder:
                     raise WatchError(f"{self._unexpected} images in a row failed unexpectedly (last: "
                                      f"{type(exc).__name__}: {exc}); stopping, the rest stay in {self.watch}")
                 reason = f"could not be inspected: {type(exc).__name__}: {exc}"
-        self._record(name, path, seen, digest, key, result, reason)
+        row = self._record(name, path, seen, digest, key, result, reason)
+        if result is not None and self.shadow is not None and self.shadow.sampled(digest):
+            self.shadow.run(row, data)      # into the same group transaction, never instead of the result
         return Handled.DONE
 
     def _hold_unreadable(self, name: str, seen: FileSig, exc: OSError) -> Handled:
@@ -319,7 +326,7 @@ class Recorder:
                 return dest
         raise WatchError(f"{folder}: no free name for {shown(name)}")
 
-    def _record(self, name, path, seen: FileSig, digest, key, result, reason) -> None:
+    def _record(self, name, path, seen: FileSig, digest, key, result, reason) -> dict:
         quarantined = reason is not None
         in_place = self.processed is None and not quarantined
         dest = self._destination(name, digest, quarantined)
@@ -340,6 +347,7 @@ class Recorder:
             self._batch_started = time.monotonic()
         self._batch.append((row, path, in_place, seen))
         self._batch_names.add(name)
+        return row
 
     def _commit(self) -> None:
         """Commit the group, then (4) journal and move each of its images, (5) deferred marks."""

@@ -1,0 +1,120 @@
+"""The rollout message: what the central side (`python -m edge_runtime.collect.rollout`) publishes to a board and
+what the board (edge_runtime/service/rollout.py) accepts. One definition, both sides.
+
+Topic PREFIX/BOARD/rollout, QoS 1, retained (a board that was off receives the latest when it connects; a board
+handles each message id once, so the retained copy delivered again at every reconnect does nothing).
+
+    {"action": "rollout", "id": "r-20261202-1", "bundle_id": 64 hex (sha256 of manifest.yaml),
+     "sha256": 64 hex (of the archive), "bytes": N, "url": "https://host/bundles/X.tar",
+     "signature": {manifest.sig's fields: format, algorithm, key_id, signature},
+     "shadow": {"images": N, "minutes": T, "fraction": F},
+     "bounds": {"min_agreement": A, "min_stage1_agreement": S, "max_error_rate": E},
+     "at": ISO time}
+    {"action": "rollback", "id": "...", "bundle_id": 64 hex or null (null: the previous bundle), "at": ...}
+
+Anything else is refused with the reason (MessageError): at most MAX_BYTES of strict JSON
+(edge_runtime/fleet/json_input.py), http or https URLs only, ids of plain characters, numbers in range.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from edge_runtime.fleet import json_input
+
+MAX_BYTES = 16 * 1024
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,79}")
+DEFAULT_SHADOW = {"images": 200, "minutes": 60.0, "fraction": 1.0}
+DEFAULT_BOUNDS = {"min_agreement": 0.95, "min_stage1_agreement": 0.95, "max_error_rate": 0.0}
+
+
+class MessageError(ValueError):
+    """A rollout message the board refuses; the text says why (ASCII)."""
+
+
+@dataclass(frozen=True)
+class Rollout:
+    action: str                     # "rollout" | "rollback"
+    id: str
+    bundle_id: str | None
+    sha256: str | None = None
+    bytes: int | None = None
+    url: str | None = None
+    signature: dict = field(default_factory=dict)
+    shadow: dict = field(default_factory=lambda: dict(DEFAULT_SHADOW))
+    bounds: dict = field(default_factory=lambda: dict(DEFAULT_BOUNDS))
+    raw: dict = field(default_factory=dict, repr=False)
+
+
+def topic(prefix: str, board: str) -> str:
+    return f"{prefix.strip('/')}/{board}/rollout"
+
+
+def _hex(d: dict, key: str, required: bool = True) -> str | None:
+    value = d.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        raise MessageError(f"{key} must be 64 lowercase hex digits")
+    return value
+
+
+def _number(d: dict, key: str, low: float, high: float, default, integer: bool = False):
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high or \
+            (integer and not isinstance(value, int)):
+        raise MessageError(f"{key} must be {'an integer' if integer else 'a number'} in [{low:g}, {high:g}]")
+    return value
+
+
+def _section(d: dict, key: str, spec: dict) -> dict:
+    sub = d.get(key, {})
+    if not isinstance(sub, dict) or set(sub) - set(spec):
+        raise MessageError(f"{key} must be an object with keys among {', '.join(spec)}")
+    return {name: _number(sub, name, *rule) for name, rule in spec.items()}
+
+
+SHADOW_RULES = {"images": (1, 10**7, DEFAULT_SHADOW["images"], True), "minutes": (0.01, 7 * 24 * 60.0,
+                DEFAULT_SHADOW["minutes"]), "fraction": (0.001, 1.0, DEFAULT_SHADOW["fraction"])}
+BOUND_RULES = {"min_agreement": (0.0, 1.0, DEFAULT_BOUNDS["min_agreement"]),
+               "min_stage1_agreement": (0.0, 1.0, DEFAULT_BOUNDS["min_stage1_agreement"]),
+               "max_error_rate": (0.0, 1.0, DEFAULT_BOUNDS["max_error_rate"])}
+
+
+def parse(payload: bytes) -> Rollout:
+    """A message from the network, checked (MessageError with the reason otherwise)."""
+    if len(payload) > MAX_BYTES:
+        raise MessageError(f"message of {len(payload)} bytes (at most {MAX_BYTES})")
+    try:
+        d = json_input.loads(payload)
+    except json_input.UntrustedJSON as exc:
+        raise MessageError(f"not acceptable JSON: {exc}") from None
+    if not isinstance(d, dict):
+        raise MessageError("not a JSON object")
+    action, mid = d.get("action"), d.get("id")
+    if not isinstance(mid, str) or not _ID.fullmatch(mid):
+        raise MessageError("id must be 1-80 letters, digits, '.', '_', ':' or '-'")
+    if action == "rollback":
+        return Rollout("rollback", mid, _hex(d, "bundle_id", required=False), raw=d)
+    if action != "rollout":
+        raise MessageError("action must be 'rollout' or 'rollback'")
+    url = d.get("url")
+    parts = urlsplit(url) if isinstance(url, str) and len(url) <= 2048 else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or any(c in url for c in "\r\n\0 "):
+        raise MessageError("url must be an http:// or https:// URL of at most 2048 characters")
+    sig = d.get("signature")
+    if not isinstance(sig, dict) or not all(isinstance(sig.get(k), str) and len(sig[k]) <= 512
+                                            for k in ("format", "algorithm", "key_id", "signature")):
+        raise MessageError("signature must hold the bundle's manifest.sig (format, algorithm, key_id, signature)")
+    size = _number(d, "bytes", 1, 2**40, None, integer=True)
+    return Rollout("rollout", mid, _hex(d, "bundle_id"), _hex(d, "sha256"), size, url,
+                   {k: sig[k] for k in ("format", "algorithm", "key_id", "signature")},
+                   _section(d, "shadow", SHADOW_RULES), _section(d, "bounds", BOUND_RULES), raw=d)
+
+
+def signature_bytes(msg: Rollout) -> bytes:
+    """manifest.sig as the board writes it beside the fetched manifest (checked by the one bundle reader)."""
+    return (json.dumps(msg.signature, indent=1) + "\n").encode("utf-8")

@@ -1,0 +1,223 @@
+"""Bundle signatures: Ed25519 over manifest.yaml's exact bytes (the manifest pins every file's sha256, so the
+signature covers the whole bundle). The one place a signature is made, read and checked.
+
+Files
+    KEY.key          the private key (PKCS#8 PEM, mode 0600); made by `python -m convert keygen`, used by
+                     `python -m convert sign`; never goes in a bundle, a log or a result
+    KEY.pub          the public key (SubjectPublicKeyInfo PEM): what a board trusts (`trusted_keys:` a .pub file,
+                     or a folder whose *.pub files are all trusted)
+    manifest.sig     beside manifest.yaml in the bundle: JSON {"format": "sem-inspect-signature/1",
+                     "algorithm": "ed25519", "key_id", "bundle_id", "signature": base64}. key_id is the first 16
+                     hex digits of sha256(raw public key); bundle_id is sha256(manifest.yaml), as the runtime has it
+
+The `cryptography` package (the optional `signing` extra; aarch64 wheels exist) is imported only here and only
+when a key is read: a board configured without trusted keys runs without it, exactly as before. The bundle
+reader (edge_runtime/bundle.py) calls verify_manifest() right after reading the manifest, before any model file
+is read, when it is given trusted keys.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_runtime.digest import sha256_bytes
+from edge_runtime.safeopen import open_regular
+
+SIGNATURE = "manifest.sig"
+SIG_FORMAT = "sem-inspect-signature/1"
+ALGORITHM = "ed25519"
+HINT = 'pip install "sem-inspect[signing]"'
+MAX_KEY_BYTES = 16 * 1024
+MAX_SIG_BYTES = 4096
+PRIVATE_MARKERS = (b"PRIVATE KEY-----",)       # any PEM private key (PKCS#8, OpenSSH, RSA, EC)
+
+
+class SignatureError(ValueError):
+    """A key or a signature that cannot be used; the message names the file and says why (one line)."""
+
+
+def _crypto():
+    try:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError:
+        raise SignatureError(f"bundle signatures need the cryptography package: {HINT}") from None
+    return serialization, ed25519, InvalidSignature
+
+
+def _read_small(path: Path, limit: int, what: str) -> bytes:
+    try:
+        fh, st = open_regular(path)
+        with fh:
+            data = fh.read(limit + 1)
+    except FileNotFoundError:
+        raise SignatureError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise SignatureError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise SignatureError(f"{path}: not a {what} (over {limit} bytes)")
+    return data
+
+
+def key_id_of(raw_public: bytes) -> str:
+    return sha256_bytes(raw_public)[:16]
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    key_id: str
+    path: str
+    key: object          # cryptography's Ed25519PublicKey
+
+
+class TrustedKeys:
+    """The public keys a board trusts, by key id."""
+
+    def __init__(self, keys: list[PublicKey], source: str):
+        self.by_id = {k.key_id: k for k in keys}
+        self.source = source
+
+    def __bool__(self) -> bool:
+        return bool(self.by_id)
+
+    def describe(self) -> str:
+        return f"{len(self.by_id)} trusted key(s) from {self.source} ({', '.join(sorted(self.by_id))})"
+
+
+def read_public_key(path: str | os.PathLike) -> PublicKey:
+    serialization, ed25519, _ = _crypto()
+    path = Path(path)
+    data = _read_small(path, MAX_KEY_BYTES, "public key")
+    if any(m in data for m in PRIVATE_MARKERS):
+        raise SignatureError(f"{path}: this is a private key; a board needs only the public one (KEY.pub)")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError:
+        raise SignatureError(f"{path}: not a PEM public key (make one with `python -m convert keygen`)") from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise SignatureError(f"{path}: not an Ed25519 public key")
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return PublicKey(key_id_of(raw), str(path), key)
+
+
+def load_trusted_keys(source: str | os.PathLike) -> TrustedKeys:
+    """A .pub file, or a folder whose *.pub files are all trusted (at least one)."""
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.name.endswith(".pub") and not p.name.startswith("."))
+        if not files:
+            raise SignatureError(f"{source}: no *.pub public key in this folder (trusted_keys)")
+    elif source.exists():
+        files = [source]
+    else:
+        raise SignatureError(f"{source}: trusted_keys does not exist")
+    return TrustedKeys([read_public_key(f) for f in files], str(source))
+
+
+def trusted(keys: "TrustedKeys | str | os.PathLike | None") -> TrustedKeys | None:
+    """TrustedKeys, a path to load them from, or None (no signature required)."""
+    if keys is None or isinstance(keys, TrustedKeys):
+        return keys
+    return load_trusted_keys(keys)
+
+
+def parse_signature(data: bytes, where: str) -> dict:
+    """manifest.sig's fields, checked (SignatureError otherwise)."""
+    try:
+        sig = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise SignatureError(f"{where}: not a signature file (JSON expected)") from None
+    if not isinstance(sig, dict) or sig.get("format") != SIG_FORMAT or sig.get("algorithm") != ALGORITHM:
+        raise SignatureError(f"{where}: not a {SIG_FORMAT} {ALGORITHM} signature")
+    for key in ("key_id", "signature"):
+        if not isinstance(sig.get(key), str):
+            raise SignatureError(f"{where}: {key} missing")
+    try:
+        sig["raw"] = base64.b64decode(sig["signature"], validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureError(f"{where}: signature is not base64") from None
+    return sig
+
+
+def verify_manifest(manifest: bytes, signature: bytes | None, keys: TrustedKeys, where: str) -> str:
+    """Check manifest.yaml's bytes against manifest.sig's bytes (None: there is none) with the trusted keys.
+    Returns the key id that signed it; SignatureError with one line saying why not."""
+    if signature is None:
+        raise SignatureError(f"{where}: unsigned bundle (no {SIGNATURE}), and this board accepts only bundles "
+                             f"signed by {keys.describe()}")
+    sig = parse_signature(signature, f"{where}/{SIGNATURE}")
+    key = keys.by_id.get(sig["key_id"])
+    if key is None:
+        raise SignatureError(f"{where}: signed by key {sig['key_id']!r}, which is not among the {keys.describe()}")
+    _, _, invalid = _crypto()
+    try:
+        key.key.verify(sig["raw"], manifest)
+    except invalid:
+        raise SignatureError(f"{where}: the signature of key {sig['key_id']} does not match manifest.yaml: the "
+                             "bundle was altered after it was signed, or the signature belongs to another bundle") \
+            from None
+    return sig["key_id"]
+
+
+# ---- signing (the training machine) ----------------------------------------------------------------------
+def generate_key(out_dir: str | os.PathLike, name: str) -> tuple[Path, Path, str]:
+    """Write OUT/NAME.key (private, 0600, created new) and OUT/NAME.pub. Returns (key, pub, key id)."""
+    serialization, ed25519, _ = _crypto()
+    if not name or Path(name).name != name or name.startswith("."):
+        raise SignatureError(f"--name {name!r} must be a plain file name")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    key_path, pub_path = out / f"{name}.key", out / f"{name}.pub"
+    for p in (key_path, pub_path):
+        if os.path.lexists(p):
+            raise SignatureError(f"{p} exists: refusing to overwrite a key")
+    private = ed25519.Ed25519PrivateKey.generate()
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    public = private.public_key()
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    pub_path.write_bytes(public.public_bytes(serialization.Encoding.PEM,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo))
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return key_path, pub_path, key_id_of(raw)
+
+
+def _private_key(path: Path):
+    serialization, ed25519, _ = _crypto()
+    data = _read_small(path, MAX_KEY_BYTES, "private key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise SignatureError(f"{path}: not an unencrypted PEM private key (make one with `python -m convert "
+                             "keygen`)") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise SignatureError(f"{path}: not an Ed25519 private key")
+    return key
+
+
+def signature_for(manifest: bytes, key_path: str | os.PathLike) -> bytes:
+    """manifest.sig's bytes for these manifest bytes, signed with the private key at key_path."""
+    serialization, _, _ = _crypto()
+    private = _private_key(Path(key_path))
+    raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    doc = {"format": SIG_FORMAT, "algorithm": ALGORITHM, "key_id": key_id_of(raw), "bundle_id": sha256_bytes(manifest),
+           "signature": base64.b64encode(private.sign(manifest)).decode("ascii")}
+    return (json.dumps(doc, indent=1) + "\n").encode("utf-8")
+
+
+def holds_private_key(path: Path) -> bool:
+    """Whether a file looks like a PEM private key (never allowed inside a bundle)."""
+    try:
+        fh, _ = open_regular(path)
+        with fh:
+            head = fh.read(1 << 20)
+    except OSError:
+        return False
+    return any(m in head for m in PRIVATE_MARKERS)

@@ -1,0 +1,137 @@
+"""Shadow runs and swaps inside the watch service (in-process, with its HTTP API): the candidate's answers are
+stored apart and never replace a result, a fraction bounds the images it sees, the comparison (per class,
+Stage-1, reviewed images) and its latency reach /metrics, /healthz and the MQTT stats message; a bundle that does
+not load leaves the current one running and says why."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.request
+
+import pytest
+
+from edge_runtime.adapt.derive import derive_bundle
+from edge_runtime.bundle import load_bundle
+from edge_runtime.db.store import Store
+from edge_runtime.inspector import Inspector
+from edge_runtime.service.watch import WatchService
+from test_watch import files_in, folders, make_config, png_bytes, rows, run_in_thread, wait_for  # noqa: F401
+
+pytest.importorskip("prometheus_client", reason="the HTTP API needs prometheus-client")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny_bundle_v2):
+    """The current bundle and a candidate whose Stage-1 threshold flips the decisions on the test images."""
+    root = tmp_path_factory.mktemp("pair")
+    current = load_bundle(tiny_bundle_v2)
+    insp = Inspector(current, threads=1)
+    defective = sum(insp.inspect(png_bytes(s)).defect_class is not None for s in range(20))
+    candidate = derive_bundle(current, root / "candidate", gating={"stage1_threshold": 0.0 if defective < 10 else 1.0},
+                              extra={"source_run": "tests-candidate"})
+    return tiny_bundle_v2, candidate
+
+
+def get(url: str):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode()
+
+
+def test_shadow_is_stored_apart_and_reported(pair, folders):
+    current, candidate = pair
+    cfg = make_config(current, folders, shadow=str(candidate), http="127.0.0.1:0", threads=1)
+    for i in range(12):
+        (folders["watch"] / f"w{i}.png").write_bytes(png_bytes(i))
+    service = WatchService(cfg)
+    thread, out = run_in_thread(service)
+    try:
+        assert wait_for(lambda: len(files_in(folders["processed"])) == 12, timeout=60)
+        recorded = rows(folders["db"])
+        review_store = Store(folders["db"])       # an operator reviews two images: the candidate was right on one
+        try:
+            con = review_store.db
+            for r, label in ((recorded[0], recorded[0]["label"]), (recorded[1], "vias")):
+                con.execute("INSERT INTO reviews (result_id, old_label, new_label, reviewer, reviewed_at) "
+                            "VALUES (?, ?, ?, 'ann', '2026-12-02T00:00:00+00:00')", (r["id"], r["label"], label))
+        finally:
+            review_store.close()
+        assert wait_for(lambda: service.shadow.snapshot["reviewed"]["images"] == 2, timeout=10)
+        health = json.loads(get(service.http.url + "/healthz"))
+        metrics = get(service.http.url + "/metrics")
+        stats = service._stats_message()
+    finally:
+        service.stop()
+        thread.join(30)
+    assert out["rc"] == 0
+    # the results are the current bundle's, exactly as without a shadow
+    plain = Inspector(current, threads=1)
+    for r in recorded:
+        assert r["label"] == plain.inspect(png_bytes(int(r["name"][1:-4]))).label
+        assert r["bundle_id"] == load_bundle(current).bundle_id
+    cand_id = load_bundle(candidate).bundle_id
+    shadows = {s["result_id"]: s for s in rows_of(folders["db"], "SELECT * FROM shadow_results")}
+    assert sorted(shadows) == [r["id"] for r in recorded]
+    assert all(s["candidate_id"] == cand_id for s in shadows.values())
+    agree = sum(s["agree"] for s in shadows.values())
+    assert agree < 12                                   # the flipped threshold disagrees somewhere
+    b = health["bundle"]
+    assert b["candidate"] == cand_id and b["shadow"]["images"] == 12
+    assert b["shadow"]["agreement"] == pytest.approx(agree / 12)
+    assert b["shadow"]["reviewed"]["images"] == 2 and b["shadow"]["reviewed"]["current_right"] >= 1
+    assert set(b["shadow"]["per_class"]) == {r["label"] for r in recorded}
+    assert f'sem_inspect_shadow_agreement{{scope="label"}} {agree / 12}' in metrics
+    assert 'sem_inspect_shadow_agreement{scope="stage1"}' in metrics
+    assert "sem_inspect_shadow_class_agreement{label=" in metrics
+    assert 'sem_inspect_shadow_reviewed{which="candidate"}' in metrics
+    assert "sem_inspect_shadow_latency_seconds_count 12.0" in metrics
+    assert f'sem_inspect_bundle_info{{bundle_id="{cand_id}",role="candidate"}} 1.0' in metrics
+    assert stats["shadow"]["images"] == 12 and stats["bundle_id"] == health["bundle_id"]
+
+
+def rows_of(db, sql):
+    import sqlite3
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute(sql)]
+    finally:
+        con.close()
+
+
+def test_a_fraction_bounds_the_shadowed_images(pair, folders):
+    current, candidate = pair
+    for i in range(40):
+        (folders["watch"] / f"f{i}.png").write_bytes(png_bytes(100 + i))
+    cfg = make_config(current, folders, shadow=str(candidate), shadow_fraction=0.25, threads=1)
+    assert WatchService(cfg).run(once=True) == 0
+    shadowed = rows_of(folders["db"], "SELECT r.sha256 FROM shadow_results s JOIN results r ON r.id = s.result_id")
+    assert 2 <= len(shadowed) <= 20                  # about a quarter, chosen by the image's sha256
+    assert all(int(s["sha256"][:8], 16) < 0.25 * 2**32 for s in shadowed)
+
+
+def test_a_bundle_that_does_not_load_leaves_the_old_one_and_says_why(pair, folders, tmp_path):
+    current, _ = pair
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(current, models / "good")
+    broken = models / "broken"
+    shutil.copytree(current, broken)
+    (broken / "stage1.tflite").write_bytes(b"damaged")
+    os.symlink(models / "good", models / "current")
+    cfg = make_config(models / "current", folders, http="127.0.0.1:0", threads=1)
+    service = WatchService(cfg)
+    thread, out = run_in_thread(service)
+    try:
+        os.symlink(models / "broken", models / "next")
+        os.replace(models / "next", models / "current")     # re-pointed: seen on the next tick
+        assert wait_for(lambda: service.bundle_error is not None, timeout=15)
+        health = json.loads(get(service.http.url + "/healthz"))
+        (folders["watch"] / "after.png").write_bytes(png_bytes(7))
+        assert wait_for(lambda: len(files_in(folders["processed"])) == 1, timeout=30)
+    finally:
+        service.stop()
+        thread.join(30)
+    assert health["ok"] and "sha256 mismatch" in health["bundle"]["error"]["error"]
+    assert health["bundle_id"] == load_bundle(current).bundle_id
+    assert rows(folders["db"])[0]["bundle_id"] == load_bundle(current).bundle_id

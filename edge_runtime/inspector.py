@@ -193,11 +193,12 @@ class Inspector:
             raise BundleError(f"{b.stage1.path}: Stage 1 must have one output (P(defective)), "
                               f"has {self.stage1._out.size}")
 
-    def decode(self, source) -> "object":
-        """An image decoded once (8-bit gray), ready to be resized for each stage."""
+    def decode(self, source, size: tuple[int, int] | None = None) -> "object":
+        """An image decoded once (8-bit gray), ready to be resized for each stage; `size` (default: this bundle's
+        largest input) is the largest input it will be resized to (another bundle's, when it is shared)."""
         if isinstance(source, np.ndarray):
             return gray_of_array(source)
-        return decode_for(source, self.size, **self.limits)
+        return decode_for(source, size or self.size, **self.limits)
 
     def preprocess(self, source, stage: int = 1) -> np.ndarray:
         """uint8 HxWx3 at the input size of `stage`."""
@@ -208,10 +209,16 @@ class Inspector:
         images. `path` labels the result (default: the path given as source)."""
         t0 = time.perf_counter()
         gray = self.decode(source)
-        pixels1 = to_model_input(gray, self.stages[1].size)
-        t1 = time.perf_counter()
         if path is None and isinstance(source, (str, os.PathLike)):
             path = str(source)
+        return self.inspect_decoded(gray, path, t0)
+
+    def inspect_decoded(self, gray, path: str | None = None, t0: float | None = None) -> InspectionResult:
+        """Inspect an image decode() returned (the watch service decodes once for the current bundle and a shadow
+        candidate). t0: when the decode began, so preprocess_ms covers it (default: now)."""
+        t0 = time.perf_counter() if t0 is None else t0
+        pixels1 = to_model_input(gray, self.stages[1].size)
+        t1 = time.perf_counter()
         return self._classify(pixels1, lambda: to_model_input(gray, self.stages[2].size), t0, t1, path)
 
     def inspect_pixels(self, pixels: np.ndarray, path: str | None = None, pixels2: np.ndarray | None = None

@@ -135,3 +135,29 @@ def test_a_bundle_that_does_not_load_leaves_the_old_one_and_says_why(pair, folde
     assert health["ok"] and "sha256 mismatch" in health["bundle"]["error"]["error"]
     assert health["bundle_id"] == load_bundle(current).bundle_id
     assert rows(folders["db"])[0]["bundle_id"] == load_bundle(current).bundle_id
+
+
+def test_a_shadowed_image_is_decoded_once_for_both_bundles(pair, folders, monkeypatch):
+    """The candidate reads the current bundle's decode (the shadow's extra cost is its models, not a second
+    decode), and its answer equals its own Inspector's on the same bytes."""
+    import edge_runtime.inspector as insp_mod
+
+    current, candidate = pair
+    cfg = make_config(current, folders, shadow=str(candidate), threads=1)
+    for i in range(4):
+        (folders["watch"] / f"s{i}.png").write_bytes(png_bytes(100 + i))
+    decodes = []
+    real = insp_mod.decode_for
+    monkeypatch.setattr(insp_mod, "decode_for", lambda *a, **k: decodes.append(a[1]) or real(*a, **k))
+    assert WatchService(cfg).run(once=True) == 0
+    assert len(decodes) == 4            # one per image, not one per bundle
+    own = Inspector(candidate, threads=1)
+    store = Store(folders["db"])
+    try:
+        shadows = {r["result_id"]: r for r in store.db.execute("SELECT * FROM shadow_results").fetchall()}
+        for row in rows(folders["db"]):
+            expected = own.inspect(png_bytes(100 + int(row["name"][1])))
+            assert shadows[row["id"]]["label"] == expected.label
+            assert shadows[row["id"]]["stage1_score"] == pytest.approx(expected.stage1_score, abs=1e-6)
+    finally:
+        store.close()

@@ -73,13 +73,18 @@ class Metrics:
 
 
 class TimedInspector:
-    """An Inspector whose every inspect() also feeds the stage-latency histogram."""
+    """An Inspector whose every inspect() / inspect_decoded() also feeds the stage-latency histogram."""
 
     def __init__(self, inspector, metrics: Metrics):
         self._inspector, self._metrics = inspector, metrics
 
     def inspect(self, *args, **kwargs):
         result = self._inspector.inspect(*args, **kwargs)
+        self._metrics.timed(result)
+        return result
+
+    def inspect_decoded(self, *args, **kwargs):
+        result = self._inspector.inspect_decoded(*args, **kwargs)
         self._metrics.timed(result)
         return result
 

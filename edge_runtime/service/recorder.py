@@ -251,9 +251,16 @@ class Recorder:
         if reason is None and Path(name).suffix.lower() not in SUPPORTED_SUFFIXES:
             reason = (f"unsupported file type {Path(name).suffix or '(no extension)'!r} "
                       f"(supported: {' '.join(SUPPORTED_SUFFIXES)})")
+        gray = None
         if reason is None:
             try:
-                result = self.inspector.inspect(data, path=str(path))
+                if self.shadow is not None and self.shadow.sampled(digest):
+                    # decoded once for both bundles (to the larger of their inputs); the candidate reuses it
+                    t0 = time.perf_counter()
+                    gray = self.inspector.decode(data, self._decode_size())
+                    result = self.inspector.inspect_decoded(gray, path=str(path), t0=t0)
+                else:
+                    result = self.inspector.inspect(data, path=str(path))
                 self._unexpected = 0
             except ImageError as exc:
                 if self._changed(path, seen):
@@ -273,9 +280,13 @@ class Recorder:
                                      f"{type(exc).__name__}: {exc}); stopping, the rest stay in {self.watch}")
                 reason = f"could not be inspected: {type(exc).__name__}: {exc}"
         row = self._record(name, path, seen, digest, key, result, reason)
-        if result is not None and self.shadow is not None and self.shadow.sampled(digest):
-            self.shadow.run(row, data)      # into the same group transaction, never instead of the result
+        if result is not None and gray is not None:
+            self.shadow.run(row, gray)      # into the same group transaction, never instead of the result
         return Handled.DONE
+
+    def _decode_size(self) -> tuple[int, int]:
+        """The largest input a shadowed image will be resized to: this bundle's or the candidate's."""
+        return max(self.inspector.size, self.shadow.inspector.size, key=lambda hw: hw[0] * hw[1])
 
     def _hold_unreadable(self, name: str, seen: FileSig, exc: OSError) -> Handled:
         """A file this process cannot read stays where it is (nothing is recorded) until it changes: a

@@ -1,7 +1,7 @@
 """Shadow runs: a candidate bundle inspects live images beside the current one, and only its comparison counts.
 
-The recorder hands each image the current bundle inspected (its committed-to-be result row and the bytes it
-read) to Shadow.run, for the images `sampled` picks: a fraction of them chosen by the image's sha256 (the same
+The recorder hands each image the current bundle inspected (its committed-to-be result row and the image as
+decoded once for both bundles) to Shadow.run, for the images `sampled` picks: a fraction of them chosen by the image's sha256 (the same
 image always gets the same decision, so a fraction bounds the extra CPU without a random generator). The
 candidate's answer goes to the store's shadow_results table in the same transaction as the result it shadows:
 it never replaces the recorded result, and a kill -9 keeps both or neither. A candidate that fails on an image
@@ -43,12 +43,13 @@ class Shadow:
     def sampled(self, digest: str | None) -> bool:
         return bool(digest) and (self.fraction >= 1.0 or int(digest[:8], 16) < self._threshold)
 
-    def run(self, row: dict, data: bytes) -> dict:
-        """Inspect the bytes the current bundle inspected with the candidate; store the answer beside `row`."""
+    def run(self, row: dict, gray) -> dict:
+        """Inspect the image the current bundle inspected (decoded once for both: the candidate's latency leaves
+        the decode out) with the candidate; store the answer beside `row`."""
         shadow = {"result_id": row["id"], "candidate_id": self.bundle_id, "recorded_at": utc_now()}
         t0 = time.perf_counter()
         try:
-            r = self.inspector.inspect(data, path=row["src_path"])
+            r = self.inspector.inspect_decoded(gray, path=row["src_path"])
         except Exception as exc:        # the candidate's failure is its own error count, never the image's
             shadow.update(error=f"{type(exc).__name__}: {exc}"[:500], agree=0, stage1_agree=0,
                           latency_ms=round((time.perf_counter() - t0) * 1e3, 3))

@@ -5,8 +5,10 @@ from a rollout message to the promotion.
                                  [--fraction 0.1] [--threads 2] [--out reports/rollout]
 
 Shadow cost: fresh `edge-inspect --watch DIR --once` processes over the same N images (benchmarks/fleet_overhead.py's
-run), alternating shadow off / on (`--shadow` = a copy of the same bundle under another manifest, `--shadow-fraction
-F`) so that load from other jobs falls on both; per run the steady rate from the store's recorded_at and the
+run), alternating shadow off / on with two candidates so that load from other jobs falls on all: an adapted one
+(the same model files under another manifest, as `edge-inspect adapt` derives: its backbones are shared with the
+current bundle, so it costs its heads) and a retrained one (the same networks in model files whose bytes differ:
+nothing shared), each with `--shadow-fraction F`; per run the steady rate from the store's recorded_at and the
 process's peak RSS (wait4). The ratio is the median time per image with the shadow over without, same run. A run
 with `--shadow-fraction 1` gives the peak RSS with both bundles' interpreters busy on every image.
 
@@ -20,6 +22,7 @@ OUT/results.json and OUT/results.md. Not a test: the numbers depend on the machi
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import json
 import os
@@ -56,11 +59,31 @@ def remanifest(src: Path, dst: Path, tag: str) -> Path:
     return dst
 
 
+def with_other_backbones(src: Path, dst: Path) -> Path:
+    """A stand-in for a retrained candidate: the same networks (same cost, same answers) in model files whose bytes
+    differ (one character of the converter's description string), so the board cannot share their backbones."""
+    remanifest(src, dst, "other backbones")
+    manifest = yaml.safe_load((dst / "manifest.yaml").read_text())
+    for variant in manifest["variants"].values():
+        for entry in variant.values():
+            path = dst / entry["file"]
+            data = path.read_bytes()
+            assert data.count(b"MLIR Converted.") == 1, f"{path}: no converter description to alter"
+            path.write_bytes(data.replace(b"MLIR Converted.", b"MLIR Converted!"))
+            entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (dst / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return dst
+
+
 def shadow_cost(args, images, tmp: Path) -> dict:
     candidate = remanifest(args.models, tmp / "candidate", "shadow benchmark")
+    retrained = with_other_backbones(args.models, tmp / "retrained")
     runs = []
-    configs = [("off", ()), (f"shadow {args.fraction:g}", ("--shadow", str(candidate), "--shadow-fraction",
-                                                             str(args.fraction)))]
+    shadow = ("--shadow-fraction", str(args.fraction))
+    # an adapted candidate (the review -> adapt loop: its parent's backbones, byte-identical, new heads) and a
+    # retrained one (other backbone files): the board shares a backbone only when its file is the same
+    configs = [("off", ()), (f"shadow {args.fraction:g}", ("--shadow", str(candidate), *shadow)),
+               (f"shadow {args.fraction:g} other backbones", ("--shadow", str(retrained), *shadow))]
     for r in range(args.rounds):
         for name, extra in configs:
             one = one_run(args.models, images, tmp / f"run{r}-{len(runs)}", args.threads, None, extra)
@@ -73,10 +96,14 @@ def shadow_cost(args, images, tmp: Path) -> dict:
     single = [r["peak_rss_mb"] for r in runs if r["config"] == "off"]
     per_image = {name: statistics.median(1e3 / r["images_per_s"] for r in runs if r["config"] == name)
                  for name, _ in configs}
-    ratios = [runs[k]["images_per_s"] / runs[k + 1]["images_per_s"] for k in range(0, len(runs), 2)]
-    cpu_ratios = [runs[k + 1]["cpu_s"] / runs[k]["cpu_s"] for k in range(0, len(runs), 2)]
-    return {"runs": runs, "ms_per_image": per_image, "ratio_median": statistics.median(ratios), "ratios": ratios,
-            "cpu_ratio_median": statistics.median(cpu_ratios), "cpu_ratios": cpu_ratios,
+    k = len(configs)
+    ratios = {name: [runs[r]["images_per_s"] / runs[r + i]["images_per_s"] for r in range(0, len(runs), k)]
+              for i, (name, _) in enumerate(configs) if i}
+    cpu_ratios = {name: [runs[r + i]["cpu_s"] / runs[r]["cpu_s"] for r in range(0, len(runs), k)]
+                  for i, (name, _) in enumerate(configs) if i}
+    return {"runs": runs, "ms_per_image": per_image, "ratios": ratios, "cpu_ratios": cpu_ratios,
+            "ratio_median": {n: statistics.median(v) for n, v in ratios.items()},
+            "cpu_ratio_median": {n: statistics.median(v) for n, v in cpu_ratios.items()},
             "fraction": args.fraction, "peak_rss_mb_one_bundle": max(single),
             "peak_rss_mb_two_bundles": both["peak_rss_mb"], "both_images_per_s": both["images_per_s"]}
 
@@ -188,12 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     s, r = shadow, rollout
     md = [f"| measure | value |", "|---|---|",
           f"| ms per image, shadow off (median of {args.rounds}) | {s['ms_per_image']['off']:.2f} |",
-          f"| ms per image, shadow on a {args.fraction:g} fraction (median of {args.rounds}) | "
-          f"{s['ms_per_image'][f'shadow {args.fraction:g}']:.2f} |",
-          f"| same-run ratio shadow / off (median; each round: {', '.join(f'{x:.3f}' for x in s['ratios'])}) | "
-          f"{s['ratio_median']:.3f} x |",
-          f"| same-run CPU-time ratio shadow / off, whole process incl. loading the second bundle (median; each "
-          f"round: {', '.join(f'{x:.3f}' for x in s['cpu_ratios'])}) | {s['cpu_ratio_median']:.3f} x |",
+          *[row for name in s["ratios"] for row in (
+              f"| ms per image, {name} (median of {args.rounds}) | {s['ms_per_image'][name]:.2f} |",
+              f"| same-run ratio {name} / off (median; each round: "
+              f"{', '.join(f'{x:.3f}' for x in s['ratios'][name])}) | {s['ratio_median'][name]:.3f} x |",
+              f"| same-run CPU-time ratio {name} / off, whole process incl. loading the second bundle (median; "
+              f"each round: {', '.join(f'{x:.3f}' for x in s['cpu_ratios'][name])}) | "
+              f"{s['cpu_ratio_median'][name]:.3f} x |")],
           f"| peak RSS, one bundle (max) | {s['peak_rss_mb_one_bundle']:.0f} MB |",
           f"| peak RSS, two bundles (shadow on every image) | {s['peak_rss_mb_two_bundles']:.0f} MB |",
           f"| rollout message -> candidate shadowing ({r['bundle_bytes'] / 1e6:.1f} MB archive) | "

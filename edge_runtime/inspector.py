@@ -189,6 +189,9 @@ class Inspector:
         self.stage2 = StageRunner(b.stage2, b.model_bytes(2), self.threads, runtime, kernels)
         self.stages = {n: Stage(runner, b.heads.get(n), b.stage_classes[n])
                        for n, runner in ((1, self.stage1), (2, self.stage2))}
+        # What makes two bundles' backbone outputs identical for one image (Inspector.inspect_decoded's shared).
+        self._backbone_key = {n: (spec.sha256, self.stages[n].size, self.threads, runtime, kernels)
+                              for n, spec in ((1, b.stage1), (2, b.stage2))}
         if b.heads.get(1) is None and self.stage1._out.size != 1:
             raise BundleError(f"{b.stage1.path}: Stage 1 must have one output (P(defective)), "
                               f"has {self.stage1._out.size}")
@@ -213,13 +216,17 @@ class Inspector:
             path = str(source)
         return self.inspect_decoded(gray, path, t0)
 
-    def inspect_decoded(self, gray, path: str | None = None, t0: float | None = None) -> InspectionResult:
+    def inspect_decoded(self, gray, path: str | None = None, t0: float | None = None,
+                        shared: dict | None = None) -> InspectionResult:
         """Inspect an image decode() returned (the watch service decodes once for the current bundle and a shadow
-        candidate). t0: when the decode began, so preprocess_ms covers it (default: now)."""
+        candidate). t0: when the decode began, so preprocess_ms covers it (default: now). shared: a dict kept for
+        this one image across bundles: a backbone already run on it by another bundle (same model file, same
+        input size and interpreter settings: the same output) is not run again (an adapted candidate shares its
+        parent's backbones, so shadowing it costs its heads)."""
         t0 = time.perf_counter() if t0 is None else t0
         pixels1 = to_model_input(gray, self.stages[1].size)
         t1 = time.perf_counter()
-        return self._classify(pixels1, lambda: to_model_input(gray, self.stages[2].size), t0, t1, path)
+        return self._classify(pixels1, lambda: to_model_input(gray, self.stages[2].size), t0, t1, path, shared)
 
     def inspect_pixels(self, pixels: np.ndarray, path: str | None = None, pixels2: np.ndarray | None = None
                        ) -> InspectionResult:
@@ -230,15 +237,25 @@ class Inspector:
         t = time.perf_counter()
         return self._classify(pixels, lambda: pixels if pixels2 is None else pixels2, t, t, path)
 
-    def stage1_score(self, pixels: np.ndarray) -> float:
-        return float(stage1_score(self.stages[1].probs(pixels), self.stages[1].classes, self.clean_label))
+    def stage1_score(self, pixels: np.ndarray, shared: dict | None = None) -> float:
+        return float(stage1_score(self._probs(1, pixels, shared), self.stages[1].classes, self.clean_label))
 
-    def _classify(self, pixels1, stage2_input, t0, t1, path) -> InspectionResult:
-        score = self.stage1_score(pixels1)
+    def _probs(self, n: int, pixels: np.ndarray, shared: dict | None) -> np.ndarray:
+        stage = self.stages[n]
+        if shared is None:
+            return stage.probs(pixels)
+        key = self._backbone_key[n]
+        out = shared.get(key)
+        if out is None:
+            out = shared[key] = stage.features(pixels)
+        return out if stage.head is None else stage.head.probs(out)
+
+    def _classify(self, pixels1, stage2_input, t0, t1, path, shared=None) -> InspectionResult:
+        score = self.stage1_score(pixels1, shared)
         t2 = time.perf_counter()
         if is_defective(score, self.threshold):
             pixels2 = pixels1 if self.stages[1].size == self.stages[2].size else stage2_input()
-            probs = self.stages[2].probs(pixels2)
+            probs = self._probs(2, pixels2, shared)
             top = int(probs.argmax())
             confidence = float(probs[top])
             defect = self.stage2_classes[top]

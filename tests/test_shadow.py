@@ -161,3 +161,66 @@ def test_a_shadowed_image_is_decoded_once_for_both_bundles(pair, folders, monkey
             assert shadows[row["id"]]["stage1_score"] == pytest.approx(expected.stage1_score, abs=1e-6)
     finally:
         store.close()
+
+
+def _count_backbone_runs(monkeypatch) -> list:
+    import edge_runtime.inspector as insp_mod
+
+    runs = []
+    real = insp_mod.StageRunner.run
+    monkeypatch.setattr(insp_mod.StageRunner, "run", lambda self, px: runs.append(self.spec.sha256) or real(self, px))
+    return runs
+
+
+def test_a_backbone_both_bundles_have_runs_once_per_image(pair, folders, monkeypatch):
+    """An adapted candidate has its parent's backbones (byte-identical): shadowing it runs each backbone once per
+    image for both bundles (the candidate pays for its heads), and its answers are still its own Inspector's."""
+    current, candidate = pair
+    cfg = make_config(current, folders, shadow=str(candidate), threads=1)
+    seeds = range(200, 206)
+    for s in seeds:
+        (folders["watch"] / f"b{s}.png").write_bytes(png_bytes(s))
+    runs = _count_backbone_runs(monkeypatch)
+    assert WatchService(cfg).run(once=True) == 0
+    b = load_bundle(current)
+    own_current, own_candidate = Inspector(current, threads=1), Inspector(candidate, threads=1)
+    monkeypatch.undo()
+    answers = [(own_current.inspect(png_bytes(s)), own_candidate.inspect(png_bytes(s))) for s in seeds]
+    # Stage 1 once per image; Stage 2 once for each image that either bundle calls defective (not once per bundle)
+    assert runs.count(b.stage1.sha256) == len(seeds)
+    assert runs.count(b.stage2.sha256) == sum(cur.defect_class is not None or cand.defect_class is not None
+                                              for cur, cand in answers)
+    store = Store(folders["db"])
+    try:
+        shadows = {r["result_id"]: r for r in store.db.execute("SELECT * FROM shadow_results").fetchall()}
+        for row in rows(folders["db"]):
+            expected = answers[int(row["name"][1:].split(".")[0]) - seeds[0]][1]
+            assert shadows[row["id"]]["label"] == expected.label
+            assert shadows[row["id"]]["stage1_score"] == pytest.approx(expected.stage1_score, abs=1e-6)
+    finally:
+        store.close()
+
+
+def test_a_candidate_with_other_backbones_runs_its_own(folders, tmp_path, monkeypatch, tiny_bundle_v2):
+    """A retrained candidate (other backbone files) gets no features from the current bundle: its shadow answers
+    are its own Inspector's."""
+    from conftest import build_tiny_bundle_v2
+
+    candidate = build_tiny_bundle_v2(tmp_path / "retrained", seed=7, replay_images=0)
+    cfg = make_config(tiny_bundle_v2, folders, shadow=str(candidate), threads=1)
+    seeds = range(300, 304)
+    for s in seeds:
+        (folders["watch"] / f"c{s}.png").write_bytes(png_bytes(s))
+    runs = _count_backbone_runs(monkeypatch)
+    assert WatchService(cfg).run(once=True) == 0
+    monkeypatch.undo()
+    assert runs.count(load_bundle(candidate).stage1.sha256) == len(seeds)
+    own = Inspector(candidate, threads=1)
+    store = Store(folders["db"])
+    try:
+        shadows = {r["result_id"]: r for r in store.db.execute("SELECT * FROM shadow_results").fetchall()}
+        for row in rows(folders["db"]):
+            expected = own.inspect(png_bytes(int(row["name"][1:].split(".")[0])))
+            assert shadows[row["id"]]["stage1_score"] == pytest.approx(expected.stage1_score, abs=1e-6)
+    finally:
+        store.close()

@@ -251,14 +251,15 @@ class Recorder:
         if reason is None and Path(name).suffix.lower() not in SUPPORTED_SUFFIXES:
             reason = (f"unsupported file type {Path(name).suffix or '(no extension)'!r} "
                       f"(supported: {' '.join(SUPPORTED_SUFFIXES)})")
-        gray = None
+        gray = shared = None
         if reason is None:
             try:
                 if self.shadow is not None and self.shadow.sampled(digest):
-                    # decoded once for both bundles (to the larger of their inputs); the candidate reuses it
+                    # decoded once for both bundles (to the larger of their inputs), and a backbone both bundles
+                    # have (an adapted candidate's) run once: the candidate reuses both
                     t0 = time.perf_counter()
-                    gray = self.inspector.decode(data, self._decode_size())
-                    result = self.inspector.inspect_decoded(gray, path=str(path), t0=t0)
+                    gray, shared = self.inspector.decode(data, self._decode_size()), {}
+                    result = self.inspector.inspect_decoded(gray, path=str(path), t0=t0, shared=shared)
                 else:
                     result = self.inspector.inspect(data, path=str(path))
                 self._unexpected = 0
@@ -281,7 +282,7 @@ class Recorder:
                 reason = f"could not be inspected: {type(exc).__name__}: {exc}"
         row = self._record(name, path, seen, digest, key, result, reason)
         if result is not None and gray is not None:
-            self.shadow.run(row, gray)      # into the same group transaction, never instead of the result
+            self.shadow.run(row, gray, shared)      # into the same group transaction, never instead of the result
         return Handled.DONE
 
     def _decode_size(self) -> tuple[int, int]:

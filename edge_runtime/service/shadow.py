@@ -43,13 +43,14 @@ class Shadow:
     def sampled(self, digest: str | None) -> bool:
         return bool(digest) and (self.fraction >= 1.0 or int(digest[:8], 16) < self._threshold)
 
-    def run(self, row: dict, gray) -> dict:
+    def run(self, row: dict, gray, shared: dict | None = None) -> dict:
         """Inspect the image the current bundle inspected (decoded once for both: the candidate's latency leaves
-        the decode out) with the candidate; store the answer beside `row`."""
+        the decode out) with the candidate; store the answer beside `row`. shared: the current bundle's backbone
+        outputs for this image (Inspector.inspect_decoded), reused where the candidate has the same backbone."""
         shadow = {"result_id": row["id"], "candidate_id": self.bundle_id, "recorded_at": utc_now()}
         t0 = time.perf_counter()
         try:
-            r = self.inspector.inspect_decoded(gray, path=row["src_path"])
+            r = self.inspector.inspect_decoded(gray, path=row["src_path"], shared=shared)
         except Exception as exc:        # the candidate's failure is its own error count, never the image's
             shadow.update(error=f"{type(exc).__name__}: {exc}"[:500], agree=0, stage1_agree=0,
                           latency_ms=round((time.perf_counter() - t0) * 1e3, 3))

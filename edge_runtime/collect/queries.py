@@ -5,7 +5,7 @@ open_reader(db) opens the database for reading only, on either back-end, and nev
     PostgreSQL   sessions with default_transaction_read_only=on (every statement runs in a read-only
                  transaction: the server refuses any write) and a statement_timeout
 Each thread gets a connection of its own (the API answers on a few worker threads); a query that fails because
-the database is unreachable raises StorageError and the next one reconnects. A query taking over QUERY_SECONDS
+the database is unreachable raises StorageError and the next one reconnects. A query taking over QUERY_TIMEOUT_S
 is cancelled (StorageError: narrow the filters).
 
 The questions (every value from the request goes into SQL only as a bound parameter; the SQL text is built only
@@ -35,11 +35,13 @@ from pathlib import Path
 from typing import Protocol, Sequence
 from urllib.parse import quote
 
+from edge_runtime.collect.postgres import CONNECT_TIMEOUT_S, INSTALL_HINT, placeholders
+from edge_runtime.collect.rows import QUERY_TIMEOUT_S, utc_iso
 from edge_runtime.collect.schema import BUNDLE_STATE_COLUMNS
+from edge_runtime.collect.storage import StorageError, is_postgres_url
 from edge_runtime.config.service_config import BOARD_RULE, is_board_name
 from edge_runtime.fleet import json_input
 
-QUERY_SECONDS = 10
 MAX_LIMIT, DEFAULT_LIMIT = 1000, 100
 MAX_GROUPS = 10_000                 # /counts rows at most; more: truncated (narrow the filters)
 BY_KEYS = {"board": "board", "label": "label", "day": "substr(recorded_at, 1, 10)", "bundle_id": "bundle_id",
@@ -49,29 +51,6 @@ RESULT_COLUMNS = ("board", "id", "name", "label", "outcome", "stage1_score", "de
                   "sha256", "bundle_id", "recorded_at", "received_at")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_LABEL = 100
-
-
-# TEMPORARY until storage.py has them (the STORAGE helper's shared rules): then imported from there.
-class StorageError(Exception):
-    def __init__(self, message: str, retry: bool = False):
-        super().__init__(message)
-        self.retry = retry
-
-
-def is_postgres_url(db: str) -> bool:
-    return db.startswith(("postgresql://", "postgres://"))
-
-
-def normalise_time(when: _dt.datetime) -> str:
-    return when.astimezone(_dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def pg_placeholders(sql: str) -> str:
-    return sql.replace("%", "%%").replace("?", "%s")
-
-
-def schema_version(reader) -> int | None:
-    return None
 
 
 class BadParameter(ValueError):
@@ -131,7 +110,7 @@ class SQLiteReader:
         self.query("SELECT 1")
 
     def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(f"file:{quote(str(self.path.resolve()))}?mode=ro", uri=True, timeout=QUERY_SECONDS,
+        con = sqlite3.connect(f"file:{quote(str(self.path.resolve()))}?mode=ro", uri=True, timeout=QUERY_TIMEOUT_S,
                               check_same_thread=False)
         con.execute("PRAGMA query_only = ON")
         return con
@@ -139,7 +118,7 @@ class SQLiteReader:
     def query(self, sql: str, params: Sequence = ()) -> list[dict]:
         try:
             con = self._cons.get()
-            deadline = time.monotonic() + QUERY_SECONDS
+            deadline = time.monotonic() + QUERY_TIMEOUT_S
             # called every 10,000 SQLite steps; nonzero interrupts the query
             con.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
             cur = con.execute(sql, tuple(params))
@@ -148,7 +127,7 @@ class SQLiteReader:
         except sqlite3.OperationalError as exc:
             self._cons.drop()
             if "interrupted" in str(exc):
-                raise StorageError(f"query over {QUERY_SECONDS} s: narrow the filters", retry=False) from None
+                raise StorageError(f"query over {QUERY_TIMEOUT_S} s: narrow the filters", retry=False) from None
             raise StorageError(f"{self.path}: {exc}", retry=True) from None
         except sqlite3.Error as exc:
             self._cons.drop()
@@ -160,33 +139,39 @@ class SQLiteReader:
 
 class PostgresReader:
     """A collector's PostgreSQL database, read-only: every session has default_transaction_read_only=on (the
-    server refuses writes) and a statement_timeout of QUERY_SECONDS."""
+    server refuses writes) and a statement_timeout of QUERY_TIMEOUT_S."""
 
     def __init__(self, url: str):
         try:
             import psycopg
             from psycopg.rows import dict_row
         except ImportError:
-            raise StorageError('PostgreSQL needs psycopg 3: pip install "sem-inspect[central]"', retry=False) \
-                from None
-        self._psycopg, self._dict_row, self._url = psycopg, dict_row, url
+            raise StorageError(f"a postgresql:// database needs psycopg 3: {INSTALL_HINT}") from None
+        self._psycopg, self._dict_row = psycopg, dict_row
+        try:
+            self._params = psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise StorageError(f"PostgreSQL: {_first_line(exc)}") from None
+        # appended last: these settings win over any the URL carries
+        self._params["options"] = (f"{self._params.get('options', '')} -c default_transaction_read_only=on "
+                                   f"-c statement_timeout={int(QUERY_TIMEOUT_S * 1000)}").strip()
+        self._params.setdefault("connect_timeout", str(CONNECT_TIMEOUT_S))
+        self._params.setdefault("application_name", "sem-inspect-central-api")
         self._cons = _PerThread(self._connect)
         self.query("SELECT 1")
 
     def _connect(self):
         try:
-            return self._psycopg.connect(
-                self._url, autocommit=True, row_factory=self._dict_row, connect_timeout=QUERY_SECONDS,
-                options=f"-c default_transaction_read_only=on -c statement_timeout={QUERY_SECONDS * 1000}")
+            return self._psycopg.connect(**self._params, autocommit=True, row_factory=self._dict_row)
         except self._psycopg.Error as exc:
             raise StorageError(f"PostgreSQL: {_first_line(exc)}", retry=True) from None
 
     def query(self, sql: str, params: Sequence = ()) -> list[dict]:
         con = self._cons.get()
         try:
-            return con.execute(pg_placeholders(sql), tuple(params)).fetchall()
+            return con.execute(placeholders(sql), tuple(params)).fetchall()
         except self._psycopg.errors.QueryCanceled:
-            raise StorageError(f"query over {QUERY_SECONDS} s: narrow the filters", retry=False) from None
+            raise StorageError(f"query over {QUERY_TIMEOUT_S} s: narrow the filters", retry=False) from None
         except self._psycopg.Error as exc:
             if con.closed or con.broken:
                 self._cons.drop()
@@ -241,7 +226,7 @@ def utc_text(name: str, value: str) -> str:
     except ValueError:
         raise BadParameter(f"{name} must be an ISO-8601 time (e.g. 2026-12-02 or 2026-12-02T10:00:00Z; "
                            f"write + as %2B), got {_short(value)}") from None
-    return normalise_time(when if when.tzinfo else when.replace(tzinfo=_dt.timezone.utc))
+    return utc_iso(value)       # the storage's rule: the form recorded_at is stored in
 
 
 def parse_filters(query: dict[str, str]) -> Filters:
@@ -397,6 +382,7 @@ def results(reader: Reader, f: Filters, before: tuple[str, str, int] | None, lim
 
 
 def health(reader: Reader) -> dict:
-    """Whether the database answers, and its schema version where the collector records one."""
-    reader.query("SELECT 1")
-    return {"database": True, "schema_version": schema_version(reader)}
+    """The database answers; its schema version (fleet_schema; 0: a database from before it)."""
+    tables = {r["name"] for r in reader.query(_TABLES_SQL[isinstance(reader, PostgresReader)])}
+    version = reader.query("SELECT max(version) AS v FROM fleet_schema")[0]["v"] if "fleet_schema" in tables else 0
+    return {"database": True, "schema_version": version}

@@ -167,15 +167,19 @@ class PostgresReader:
             raise StorageError(f"PostgreSQL: {_first_line(exc)}", retry=True) from None
 
     def query(self, sql: str, params: Sequence = ()) -> list[dict]:
-        con = self._cons.get()
-        try:
-            return con.execute(placeholders(sql), tuple(params)).fetchall()
-        except self._psycopg.errors.QueryCanceled:
-            raise StorageError(f"query over {QUERY_TIMEOUT_S} s: narrow the filters", retry=False) from None
-        except self._psycopg.Error as exc:
-            if con.closed or con.broken:
-                self._cons.drop()
-            raise StorageError(f"PostgreSQL: {_first_line(exc)}", retry=True) from None
+        for attempt in (1, 2):
+            con = self._cons.get()
+            try:
+                return con.execute(placeholders(sql), tuple(params)).fetchall()
+            except self._psycopg.errors.QueryCanceled:
+                raise StorageError(f"query over {QUERY_TIMEOUT_S} s: narrow the filters", retry=False) from None
+            except self._psycopg.Error as exc:
+                lost = con.closed or con.broken
+                if lost:
+                    self._cons.drop()
+                # a connection lost since its last use (a server restart): a read is safe to run again once
+                if not (lost and attempt == 1):
+                    raise StorageError(f"PostgreSQL: {_first_line(exc)}", retry=True) from None
 
     def close(self) -> None:
         self._cons.close()

@@ -296,6 +296,45 @@ def test_sqlite_file_unchanged_by_the_api(tmp_path):
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
 
 
+def test_sqlite_reads_what_a_running_collector_commits(tmp_path):
+    path = str(tmp_path / "central.sqlite3")
+    fill(path)
+    storage = open_storage(path)            # the collector, still running
+    api = Api(path)
+    try:
+        assert api.ok("/counts")["counts"] == [{"results": N}]
+        msg = {**messages()[0], "id": N + 1, "recorded_at": "2026-12-05T00:00:00Z"}
+        assert storage.add_results([parse_result(msg["board"], json.dumps(msg).encode())]) == ["stored"]
+        assert api.ok("/counts")["counts"] == [{"results": N + 1}]
+        assert api.ok("/results", limit=1)["results"][0]["id"] == N + 1
+    finally:
+        api.close()
+        storage.close()
+
+
+HEAVY = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100000000) SELECT count(*) AS n FROM c"
+
+
+def test_a_long_query_is_cancelled(db, monkeypatch):
+    monkeypatch.setattr(queries, "QUERY_TIMEOUT_S", 0.2)
+    reader = queries.open_reader(db)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageError, match="narrow the filters"):
+            reader.query(HEAVY)
+        assert time.monotonic() - started < 5
+        assert reader.query("SELECT count(*) AS n FROM fleet_results")[0]["n"] == N     # and it goes on
+    finally:
+        reader.close()
+
+
+def test_postgres_without_psycopg_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    with pytest.raises(StorageError, match=r'pip install "sem-inspect\[central\]"') as err:
+        queries.open_reader("postgresql://nobody@127.0.0.1:1/none")
+    assert "\n" not in str(err.value)
+
+
 def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edge_runtime.collect.api", *args], capture_output=True,
                           text=True, cwd=REPO, timeout=timeout)

@@ -23,7 +23,7 @@ answer 503. The token is read from a file (never from the command line) and neve
 
 The network side is the board's own hardened server (edge_runtime/fleet/http_base.py: slow clients hold no
 thread, bounded connections and workers, Host allow-list against DNS rebinding, cross-origin requests refused,
-no request bodies read); each query is cancelled after queries.QUERY_SECONDS.
+no request bodies read); a query running over rows.QUERY_TIMEOUT_S is cancelled (503).
 """
 from __future__ import annotations
 

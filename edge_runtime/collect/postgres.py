@@ -115,8 +115,8 @@ class PostgresStorage:
 
     @contextlib.contextmanager
     def _guard(self):
-        """One call at a time; psycopg errors become StorageError (the transaction is rolled back by then); a
-        broken connection is dropped so that the next call connects again."""
+        """One call at a time; psycopg errors become StorageError (the transaction is rolled back by then; a
+        lost connection is closed by psycopg, and _connection() makes a new one on the next call)."""
         with self._lock:
             try:
                 yield
@@ -124,9 +124,6 @@ class PostgresStorage:
                 state = getattr(exc, "sqlstate", None) or ""
                 retry = isinstance(exc, (self.psycopg.OperationalError, self.psycopg.InterfaceError)) and not state \
                     or state.startswith(_RETRY_STATES)
-                if self.conn is not None and (self.conn.closed or self.conn.broken):
-                    self.conn.close()
-                    self.conn = None
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise StorageError(f"PostgreSQL: {first}", retry=retry) from exc
 

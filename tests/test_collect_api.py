@@ -312,7 +312,8 @@ def test_sqlite_reads_what_a_running_collector_commits(tmp_path):
         storage.close()
 
 
-HEAVY = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100000000) SELECT count(*) AS n FROM c"
+HEAVY = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100000000) "
+         "SELECT count(*) AS n FROM c")
 
 
 def test_a_long_query_is_cancelled(db, monkeypatch):

@@ -4,9 +4,10 @@ open_reader(db) opens the database for reading only, on either back-end, and nev
     SQLite       the file opened with `mode=ro` and `PRAGMA query_only`; a missing file is an error
     PostgreSQL   sessions with default_transaction_read_only=on (every statement runs in a read-only
                  transaction: the server refuses any write) and a statement_timeout
-Each thread gets a connection of its own (the API answers on a few worker threads); a query that fails because
-the database is unreachable raises StorageError and the next one reconnects. A query taking over QUERY_TIMEOUT_S
-is cancelled (StorageError: narrow the filters).
+Each thread gets a connection of its own (the API answers on a few worker threads). A PostgreSQL connection found
+lost (a server restart) is replaced and the read run once more; a database that does not answer raises
+StorageError (the API: 503) and the next query connects again. A query taking over QUERY_TIMEOUT_S is cancelled
+(StorageError: narrow the filters).
 
 The questions (every value from the request goes into SQL only as a bound parameter; the SQL text is built only
 from the fixed names below):

@@ -116,7 +116,7 @@ def test_two_collectors_one_killed_every_result_stored_once(broker, postgres_ser
         assert pg_count(url) == n and pg_count(url, "fleet_dead_letters") == 0
         assert c1.stop() == 0
         stored, duplicates = stopped_counts(c1)
-        assert stored < n, "the killed collector stored its share before it died"
+        assert stored + duplicates < n, "the survivor did not see every message: the other one had its share"
     finally:
         boards.join()
         c1.stop()

@@ -8,16 +8,20 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from benchmarks.attack import valid_result
+from conftest import REPO
 from test_collect import PREFIX, Collector, publish, publisher
-from test_fleet_mqtt import MOSQUITTO, broker, mqtt  # noqa: F401 (fixture)
+from test_fleet_mqtt import MOSQUITTO, Broker, broker, mqtt  # noqa: F401 (fixture)
 from test_watch import wait_for
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed (apt-get install mosquitto)")
@@ -50,8 +54,10 @@ def sqlite_rows(db, sql: str) -> list[tuple]:
 class Boards:
     """Boards publishing real result messages (QoS 1) at a steady pace, one thread and one MQTT client each."""
 
-    def __init__(self, port: int, names: list[str], per_board: int, interval_s: float, seed: int = 0):
+    def __init__(self, port: int, names: list[str], per_board: int, interval_s: float, seed: int = 0,
+                 passwords: dict | None = None):
         self.expected = set()
+        self.passwords = passwords or {}
         self.threads = []
         self.published = 0
         self.lock = threading.Lock()
@@ -62,7 +68,7 @@ class Boards:
             self.threads.append(threading.Thread(target=self._run, args=(port, name, messages, interval_s)))
 
     def _run(self, port, name, messages, interval_s):
-        pub = publisher(port, name)
+        pub = publisher(port, name, (name, self.passwords[name]) if name in self.passwords else None)
         try:
             for m in messages:
                 publish(pub, f"{PREFIX}/{name}/result", json.dumps(m).encode())
@@ -212,12 +218,56 @@ def test_sigterm_stores_and_acknowledges_what_is_pending(broker, tmp_path):
 
 
 def test_share_needs_a_client_id_of_its_own(tmp_path):
-    import subprocess
     import sys
 
-    from conftest import REPO
     proc = subprocess.run([sys.executable, "-m", "edge_runtime.collect", "--broker", "127.0.0.1:1", "--db",
                            str(tmp_path / "x.sqlite3"), "--share", "central"], capture_output=True, text=True,
                           cwd=REPO, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == \
         ["collect: error: --share needs a --client-id of its own for each collector of the group"]
+
+
+def test_the_central_broker_config(postgres_server, tmp_path):
+    """deploy/mosquitto-central.conf with deploy/mosquitto-acl.conf on a real Mosquitto (its listener, TLS files
+    and paths replaced by the test's): boards with their own passwords, two collectors as the user `collector`
+    sharing the results; one is killed, the other takes its session over (the ACL lets collectors write their
+    presence), every result stored once."""
+    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    if not Path(passwd).exists():
+        pytest.skip("mosquitto_passwd is not installed")
+    users = {"tool-01": "pw-1-aaa", "tool-02": "pw-2-bbb", "collector": "pw-c-ccc"}
+    pwfile = tmp_path / "passwd"
+    for i, (user, pw) in enumerate(users.items()):
+        subprocess.run([passwd, "-b", *(["-c"] if i == 0 else []), str(pwfile), user, pw], check=True, timeout=30)
+    local = ("per_listener_settings", "listener", "certfile", "keyfile", "cafile", "password_file", "acl_file",
+             "persistence_location", "log_dest", "log_type", "allow_anonymous")
+    shipped = [line for line in (REPO / "deploy" / "mosquitto-central.conf").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    assert {"persistence true", "max_queued_messages 5000000"} <= set(shipped)
+    kept = [line for line in shipped if line.split()[0] not in local]
+    b = Broker(tmp_path / "broker", extra="\n".join(kept) + f"\npassword_file {pwfile}\n"
+               f"acl_file {REPO / 'deploy' / 'mosquitto-acl.conf'}\n")
+    b.conf.write_text(b.conf.read_text().replace("allow_anonymous true", "allow_anonymous false"))
+    b.start()
+    url = postgres_server.create_database()
+    (tmp_path / "collector.pw").write_text(users["collector"])
+    auth = ["--username", "collector", "--password-file", str(tmp_path / "collector.pw"), "--share", "central"]
+    c1 = Collector(b.port, url, tmp_path / "c1.log", *auth, "--client-id", "collect-1")
+    c2 = Collector(b.port, url, tmp_path / "c2.log", *auth, "--client-id", "collect-2")
+    boards = Boards(b.port, ["tool-01", "tool-02"], per_board=200, interval_s=0.01, seed=2, passwords=users)
+    try:
+        boards.start()
+        assert wait_for(lambda: boards.published >= 100, timeout=20)
+        c2.proc.send_signal(signal.SIGKILL)
+        boards.join()
+        n = len(boards.expected)
+        assert wait_for(lambda: pg_count(url) == n, timeout=30), (pg_count(url), n, c1.log.read_text()[-2000:])
+        assert set(pg_rows(url, "SELECT board, id FROM fleet_results")) == boards.expected
+        assert wait_for(lambda: "took over collect-2's session" in c1.log.read_text(), timeout=10), \
+            c1.log.read_text()[-2000:]
+        assert c1.stop() == 0
+    finally:
+        boards.join()
+        c1.stop()
+        c2.stop()
+        b.stop()

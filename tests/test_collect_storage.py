@@ -10,6 +10,7 @@ import json
 import sqlite3
 import sys
 import threading
+import time
 
 import pytest
 
@@ -267,6 +268,46 @@ def test_two_collectors_create_the_postgres_schema_at_once(postgres_server):
         assert opened[0].query("SELECT version FROM fleet_schema") == [{"version": rows.SCHEMA_VERSION}]
         for s in opened:
             s.close()
+
+
+def test_two_collectors_writing_the_same_keys_store_each_once(postgres_server):
+    """A redelivery after a collector died can reach another one while the first still writes: both store the
+    same keys at once, given in opposite orders. Each key is STORED once in all, DUPLICATE for the other, and
+    the two never deadlock (rows go in key order). Made certain: a third session holds key 50 until both
+    collectors wait, so that their inserts overlap."""
+    import psycopg
+
+    url = postgres_server.create_database()
+    stores = [open_storage(url), open_storage(url)]
+    batch = [result(i) for i in range(1, 101)]
+    plans = [batch, batch[::-1]]
+    outcomes, errors = [None, None], []
+    blocker = psycopg.connect(url)
+    blocker.execute("INSERT INTO fleet_results (board, id, payload, received_at) VALUES ('board-a', 50, '{}', 'x')")
+
+    def write(n):
+        try:
+            outcomes[n] = stores[n].add_results(plans[n])
+        except Exception as exc:                                               # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=write, args=(n,)) for n in (0, 1)]
+    for t in threads:
+        t.start()
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    with psycopg.connect(url, autocommit=True) as watch:
+        deadline = time.monotonic() + 30
+        while watch.execute(waiting).fetchone()[0] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    blocker.rollback()
+    blocker.close()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    for k in range(100):
+        assert sorted([outcomes[0][k], outcomes[1][99 - k]]) == [DUPLICATE, STORED], k
+    assert stores[0].counts()["results"] == 100
+    for s in stores:
+        s.close()
 
 
 def test_a_postgres_restart_between_batches_loses_nothing(tmp_path):

@@ -98,8 +98,8 @@ class PostgresServer:
             proc = subprocess.run([str(self.bindir / argv[0]), *argv[1:]], stdin=subprocess.DEVNULL, stdout=out,
                                   stderr=subprocess.STDOUT, cwd=self.root, timeout=timeout, **self._as)
         if proc.returncode != 0:
-            raise PostgresUnavailable(f"{argv[0]} {argv[1] if len(argv) > 1 else ''} failed (exit {proc.returncode}): "
-                                      f"{self._tail()}")
+            action = argv[-1] if argv[0] == "pg_ctl" else ""            # pg_ctl ... start|stop
+            raise PostgresUnavailable(f"{argv[0]} {action}".strip() + f" failed (exit {proc.returncode}): {self._tail()}")
 
     def _tail(self) -> str:
         lines = []

@@ -215,13 +215,21 @@ def run_unprivileged(argv: list[str]) -> tuple[int, str]:
 def postgres_server():
     """A throwaway PostgreSQL server for the whole session (benchmarks/pgserver.py), or skip with the reason it
     cannot start here. Tests that need an empty database call postgres_server.create_database()."""
-    from benchmarks.pgserver import PostgresServer, unavailable_reason
+    from benchmarks.pgserver import PostgresServer, PostgresUnavailable, unavailable_reason
 
     reason = unavailable_reason()
     if reason:
         pytest.skip(f"no PostgreSQL server: {reason}")
-    with PostgresServer() as server:
+    server = PostgresServer()
+    try:
+        server.start()
+    except PostgresUnavailable as exc:
+        server.stop()
+        pytest.skip(f"PostgreSQL could not start here: {exc}")
+    try:
         yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -191,7 +191,8 @@ class Batcher:
             self.cond.notify()
 
     def next_batch(self, poll_s: float) -> list[Message]:
-        """What is due (a full batch, or the oldest message waited --batch-ms), else [] after at most poll_s."""
+        """What is due (a full batch, or the oldest message waited --batch-ms; at most --batch messages, the rest
+        waits for the next call), else [] after at most poll_s."""
         with self.cond:
             end = time.monotonic() + poll_s
             while not self.stopping:
@@ -202,8 +203,8 @@ class Batcher:
                 if now >= end:
                     return []
                 self.cond.wait(max(0.0, min(due, end) - now))
-            batch, self.pending = [m for _, m in self.pending], []
-            return batch
+            batch, self.pending = self.pending[:self.batch], self.pending[self.batch:]
+            return [m for _, m in batch]
 
     def flush(self, batch: list[Message]) -> bool:
         """Store the batch (retrying while the database is away) and acknowledge it. False: a storage failure
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             if presence:
                 presence.poll()
             if batcher.stopping and not batch:
-                break
+                break                       # everything pending was stored (next_batch empties it when stopping)
     finally:
         if presence:
             presence.close(client)

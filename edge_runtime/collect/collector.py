@@ -351,9 +351,9 @@ def main(argv: list[str] | None = None) -> int:
               (f"{collector.prefix}/+/status", SubscribeOptions(qos=1))]
     presence = None
     if args.share:
-        presence = Presence(mqtt, args.share, client_id, collector.prefix, batcher, topics,
+        presence = Presence(args.share, client_id, collector.prefix, batcher, topics,
                             lambda cid: new_client(mqtt, cid, args, password),
-                            lambda cl: cl.connect_async(host, port, clean_start=False, properties=props), props)
+                            lambda cl: cl.connect_async(host, port, clean_start=False, properties=props))
         presence.announce_on(client)        # the last will, before connecting
         topics.append((presence.filter, SubscribeOptions(qos=1)))
 

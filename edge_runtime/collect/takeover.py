@@ -9,8 +9,9 @@ unacknowledged would leave that share waiting until it comes back. Instead:
              it is back by then) and publishes "offline" itself when it stops. Every member subscribes to
              PREFIX/_collect/GROUP/+ (no board is named _collect: board names start with a letter or digit).
   takeover   a member that sees another one offline (for GRACE_S) connects with that member's client id
-             (clean start off: it resumes that session), stores what the broker delivers from it through the same
-             batches (each acknowledged after its commit), unsubscribes the member's filters so that nothing new
+             (clean start off: it resumes that session), stores the results the broker delivers from it through
+             the same batches (each acknowledged after its commit; statuses are not stored again: every member
+             has them, and an old one must not replace a newer one), unsubscribes the member's filters so that nothing new
              is routed there, and once everything received is acknowledged and nothing came for IDLE_S, ends the
              session (DISCONNECT with Session Expiry Interval 0). Everything then goes to the living members.
              If the member comes back meanwhile, its connection takes the session over; the takeover sees
@@ -36,13 +37,12 @@ SESSION_TAKEN_OVER = 142    # MQTT 5 DISCONNECT reason code
 
 
 class Presence:
-    def __init__(self, mqtt, group: str, client_id: str, prefix: str, batcher, topics: list, make_client,
-                 connect, props):
-        self.mqtt, self.client_id, self.batcher = mqtt, client_id, batcher
+    def __init__(self, group: str, client_id: str, prefix: str, batcher, topics: list, make_client, connect):
+        self.client_id, self.batcher = client_id, batcher
         self.base = f"{prefix}/_collect/{group}"
         self.filter, self.topic = f"{self.base}/+", f"{self.base}/{client_id}"
         self.topics = [t for t, _ in topics] + [self.filter]    # what a member subscribes to (unsubscribed on takeover)
-        self.make_client, self.connect, self.props = make_client, connect, props
+        self.make_client, self.connect = make_client, connect
         self.lock = threading.Lock()
         self.states: dict[str, tuple[str, float]] = {}          # member -> (latest presence, since)
         self.takeovers: dict[str, Takeover] = {}
@@ -125,6 +125,11 @@ class Takeover:
         def on_message(cl, userdata, msg):
             topic = message_topic(msg)
             if presence.handles(cl, topic, msg):
+                return
+            if topic.rsplit("/", 1)[-1] == "status":
+                # every living member received this status itself, in order; stored now it could put an older
+                # status over a newer one
+                cl.ack(msg.mid, msg.qos)
                 return
             self.received += 1
             self.last = time.monotonic()

@@ -10,9 +10,9 @@ unacknowledged would leave that share waiting until it comes back. Instead:
              PREFIX/_collect/GROUP/+ (no board is named _collect: board names start with a letter or digit).
   takeover   a member that sees another one offline (for GRACE_S) connects with that member's client id
              (clean start off: it resumes that session), stores the results the broker delivers from it through
-             the same batches (each acknowledged after its commit; statuses are not stored again: every member
-             has them, and an old one must not replace a newer one), unsubscribes the member's filters so that nothing new
-             is routed there, and once everything received is acknowledged and nothing came for IDLE_S, ends the
+             the same batches (each acknowledged after its commit; statuses are not stored again: every
+             member has them, and an old one must not replace a newer one), unsubscribes the member's filters
+             so that nothing new is routed there, and once everything received is acknowledged and nothing came for IDLE_S, ends the
              session (DISCONNECT with Session Expiry Interval 0). Everything then goes to the living members.
              If the member comes back meanwhile, its connection takes the session over; the takeover sees
              "session taken over" and stops without reconnecting. Two members taking over the same session
@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 
-from edge_runtime.collect.collector import Link, Message, message_topic
+from edge_runtime.collect.batches import Link, Message, message_topic
 
 log = logging.getLogger("edge_inspect.collect")
 

@@ -13,8 +13,8 @@ unacknowledged would leave that share waiting until it comes back. Instead:
              the same batches (each acknowledged after its commit; statuses are not stored again: every
              member has them, and an old one must not replace a newer one), unsubscribes the member's filters
              so that nothing new is routed there, and once everything received is acknowledged and nothing came
-             for IDLE_S, ends the session (DISCONNECT with Session Expiry Interval 0). Everything then goes to the living members.
-             If the member comes back meanwhile, its connection takes the session over; the takeover sees
+             for IDLE_S, ends the session (DISCONNECT with Session Expiry Interval 0). Everything then goes to
+             the living members. If the member comes back meanwhile, its connection takes the session over; the takeover sees
              "session taken over" and stops without reconnecting. Two members taking over the same session
              resolve the same way (the later connection wins). A message acknowledged by nobody is delivered
              again and stored as a duplicate: nothing is lost, nothing stored twice.

@@ -8,16 +8,16 @@ unacknowledged would leave that share waiting until it comes back. Instead:
              leaves a last will "offline" (retained, sent WILL_DELAY_S after its connection is lost, not at all if
              it is back by then) and publishes "offline" itself when it stops. Every member subscribes to
              PREFIX/_collect/GROUP/+ (no board is named _collect: board names start with a letter or digit).
-  takeover   a member that sees another one offline (for GRACE_S) connects with that member's client id
-             (clean start off: it resumes that session), stores the results the broker delivers from it through
-             the same batches (each acknowledged after its commit; statuses are not stored again: every
-             member has them, and an old one must not replace a newer one), unsubscribes the member's filters
-             so that nothing new is routed there, and once everything received is acknowledged and nothing came
-             for IDLE_S, ends the session (DISCONNECT with Session Expiry Interval 0). Everything then goes to
-             the living members. If the member comes back meanwhile, its connection takes the session over; the takeover sees
-             "session taken over" and stops without reconnecting. Two members taking over the same session
-             resolve the same way (the later connection wins). A message acknowledged by nobody is delivered
-             again and stored as a duplicate: nothing is lost, nothing stored twice.
+  takeover   a member that sees another one offline (for GRACE_S) connects with that member's client id (clean start
+             off: it resumes that session), stores the results the broker delivers from it through the same batches
+             (each acknowledged after its commit; statuses are not stored again: every member has them, and an old
+             one must not replace a newer one), unsubscribes the member's filters so that nothing new is routed
+             there, and once everything received is acknowledged and nothing came for IDLE_S, ends the session
+             (DISCONNECT with Session Expiry Interval 0). Everything then goes to the living members. If the member
+             comes back meanwhile, its connection takes the session over; the takeover sees "session taken over" and
+             stops without reconnecting. Two members taking over the same session resolve the same way (the later
+             connection wins). A message acknowledged by nobody is delivered again and stored as a duplicate: nothing
+             is lost, nothing stored twice.
 """
 from __future__ import annotations
 

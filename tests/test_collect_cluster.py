@@ -95,11 +95,12 @@ def stopped_counts(c: Collector) -> tuple[int, int]:
     return int(found[-1][0]), int(found[-1][1])
 
 
-def test_two_collectors_one_killed_every_result_stored_once(broker, postgres_server, tmp_path):
-    """Two collectors share the results (--share); one is killed with SIGKILL while four boards publish. The
-    broker kept handing the dead one its share (Mosquitto does, to an offline persistent session); the survivor
-    takes that session over, so every result is stored exactly once, none missing, and the survivor did not
-    store everything itself (the share was shared)."""
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_two_collectors_one_killed_every_result_stored_once(broker, postgres_server, tmp_path, stop):
+    """Two collectors share the results (--share); one is killed with SIGKILL (or stopped, SIGTERM) while four
+    boards publish. The broker kept handing the dead one its share (Mosquitto does, to an offline persistent
+    session); the survivor takes that session over, so every result is stored exactly once, none missing, and
+    the survivor did not store everything itself (the share was shared)."""
     url = postgres_server.create_database()
     share = ["--share", "central", "--batch-ms", "50"]
     c1 = Collector(broker.port, url, tmp_path / "c1.log", *share, "--client-id", "collect-1")
@@ -108,8 +109,8 @@ def test_two_collectors_one_killed_every_result_stored_once(broker, postgres_ser
     try:
         boards.start()
         assert wait_for(lambda: boards.published >= 300, timeout=20)
-        c2.proc.send_signal(signal.SIGKILL)
-        c2.proc.wait(10)
+        c2.proc.send_signal(stop)
+        assert c2.proc.wait(10) == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
         boards.join()
         n = len(boards.expected)
         assert wait_for(lambda: pg_count(url) == n, timeout=30), (pg_count(url), n, c1.log.read_text()[-2000:])

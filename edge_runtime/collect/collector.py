@@ -99,13 +99,14 @@ def check_args(args) -> None:
         raise ValueError(f"--batch must be 1..10000, got {args.batch}")
     if not 0 <= args.batch_ms <= 60_000:
         raise ValueError(f"--batch-ms must be 0..60000, got {args.batch_ms:g}")
-    if args.share is not None:
+    if args.share is not None:         # both become topic levels (takeover.py: the group's presence)
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", args.share):
             raise ValueError(f"--share must be 1-64 letters, digits, '.', '_' or '-', got {args.share!r}")
         if not args.client_id:
             raise ValueError("--share needs a --client-id of its own for each collector of the group")
-    if args.client_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", args.client_id):
-        raise ValueError(f"--client-id must be 1-64 letters, digits, '.', '_' or '-', got {args.client_id!r}")
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", args.client_id):
+            raise ValueError(f"--client-id must be 1-64 letters, digits, '.', '_' or '-' with --share, got "
+                             f"{args.client_id!r}")
 
 
 def connect_properties(mqtt, batch: int):

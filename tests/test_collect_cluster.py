@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.attack import valid_result
+from edge_runtime.collect.takeover import RETRY_S
 from conftest import REPO
 from test_collect import PREFIX, Collector, publish, publisher
 from test_fleet_mqtt import MOSQUITTO, Broker, broker, mqtt  # noqa: F401 (fixture)
@@ -272,3 +273,36 @@ def test_the_central_broker_config(postgres_server, tmp_path):
         c1.stop()
         c2.stop()
         b.stop()
+
+
+def test_a_killed_collector_that_comes_back_takes_its_session_again(broker, postgres_server, tmp_path):
+    """The killed collector is restarted while the other one is taking its session over: its connection takes
+    the session back, the takeover stops without reconnecting (no tug of war), and every result is stored
+    once."""
+    url = postgres_server.create_database()
+    share = ["--share", "central", "--batch-ms", "50"]
+    c1 = Collector(broker.port, url, tmp_path / "c1.log", *share, "--client-id", "collect-1")
+    c2 = Collector(broker.port, url, tmp_path / "c2.log", *share, "--client-id", "collect-2")
+    boards = Boards(broker.port, ["tool-01", "tool-02"], per_board=300, interval_s=0.01, seed=4)
+    try:
+        boards.start()
+        assert wait_for(lambda: boards.published >= 100, timeout=20)
+        c2.proc.send_signal(signal.SIGKILL)
+        c2.proc.wait(10)
+        assert wait_for(lambda: "taking over its session" in c1.log.read_text(), timeout=10), c1.log.read_text()
+        c2 = Collector(broker.port, url, tmp_path / "c2.log", *share, "--client-id", "collect-2")
+        boards.join()
+        n = len(boards.expected)
+        assert wait_for(lambda: pg_count(url) == n, timeout=30), (pg_count(url), n, c1.log.read_text()[-2000:])
+        assert set(pg_rows(url, "SELECT board, id FROM fleet_results")) == boards.expected
+        assert wait_for(lambda: re.search(r"took over collect-2.s session|taken by another connection",
+                                          c1.log.read_text()), timeout=10), c1.log.read_text()[-2000:]
+        time.sleep(RETRY_S + 1.0)           # a takeover that lost its connection is not tried again
+        log1 = c1.log.read_text()
+        assert log1.count("taking over its session") == 1, log1[-2000:]
+        assert c2.proc.poll() is None and c2.log.read_text().count("collecting") == 2
+        assert c1.stop() == 0 and c2.stop() == 0
+    finally:
+        boards.join()
+        c1.stop()
+        c2.stop()

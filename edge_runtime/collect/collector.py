@@ -119,9 +119,9 @@ def connect_properties(mqtt, batch: int):
     return props
 
 
-def new_client(mqtt, client_id: str, args, password: str | None):
+def new_client(mqtt, client_id: str, args, password: str | None, reconnect: bool = True):
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
-                         manual_ack=True)
+                         manual_ack=True, reconnect_on_failure=reconnect)
     if args.username:
         client.username_pw_set(args.username, password)
     if args.tls:
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     presence = None
     if args.share:
         presence = Presence(args.share, client_id, collector.prefix, batcher, topics,
-                            lambda cid: new_client(mqtt, cid, args, password),
+                            lambda cid: new_client(mqtt, cid, args, password, reconnect=False),
                             lambda cl: cl.connect_async(host, port, clean_start=False, properties=props))
         presence.announce_on(client)        # the last will, before connecting
         topics.append((presence.filter, SubscribeOptions(qos=1)))

@@ -33,7 +33,7 @@ WILL_DELAY_S = 2            # a collector restarted within this time is not take
 GRACE_S = 0.5               # an "offline" still standing after this is acted upon
 IDLE_S = 1.0                # a taken-over session is ended after this long without a message
 CONNECT_LIMIT_S = 30        # a takeover that cannot connect gives up (and is tried again on the next "offline")
-SESSION_TAKEN_OVER = 142    # MQTT 5 DISCONNECT reason code
+RETRY_S = 5.0               # a takeover that lost its connection is tried again after this, if still offline
 
 
 class Presence:
@@ -83,6 +83,15 @@ class Presence:
         for member, t in list(self.takeovers.items()):
             if t.poll():
                 del self.takeovers[member]
+                if t.state != "ended":
+                    self.retry_later(member)
+
+    def retry_later(self, member: str) -> None:
+        """A takeover that did not finish: try again after RETRY_S unless the member says online meanwhile (a
+        member that came back took its session over: it says online at once, so it is not taken back)."""
+        with self.lock:
+            if self.states.get(member, ("",))[0] == "taken over":
+                self.states[member] = ("offline", time.monotonic() + RETRY_S - GRACE_S)
 
     def close(self, client) -> None:
         """Stop: abandon running takeovers (their sessions stay, another member resumes them) and say that this
@@ -102,7 +111,7 @@ class Takeover:
         self.presence, self.member = presence, member
         self.started = self.last = time.monotonic()
         self.unsubscribed_at: float | None = None
-        self.state = "connecting"       # connecting, draining, empty, taken over
+        self.state = "connecting"       # connecting, draining, empty, lost, ended
         self.received = 0
         client = presence.make_client(member)
         self.link = link = Link(client)
@@ -111,6 +120,7 @@ class Takeover:
         def on_connect(cl, userdata, flags, reason, properties):
             if reason.is_failure:
                 log.warning("taking over %s: the broker refused the connection: %s", member, reason)
+                self.state = "lost"
                 return
             link.new_connection()
             if not flags.session_present:
@@ -137,10 +147,12 @@ class Takeover:
                                 link.generation))
 
         def on_disconnect(cl, userdata, flags, reason, properties):
+            # never reconnected (make_client: no automatic reconnect): a lost connection is most often the
+            # member back, taking its session over (Mosquitto 2.0 closes the older connection without a reason
+            # code); reconnecting would take it back, and so on
             link.new_connection()
-            if getattr(reason, "value", reason) == SESSION_TAKEN_OVER:
-                self.state = "taken over"
-                cl.disconnect()         # do not reconnect: the member (or another taking over) holds it now
+            if self.state != "ended":
+                self.state = "lost"
 
         client.on_connect, client.on_unsubscribe = on_connect, on_unsubscribe
         client.on_message, client.on_disconnect = on_message, on_disconnect
@@ -149,16 +161,18 @@ class Takeover:
         self.client = client
 
     def poll(self) -> bool:
-        """True once finished (the session ended, or someone else holds it, or it could not connect)."""
+        """True once finished: the session ended (state "ended"), or the connection is lost (most often to the
+        member taking its session back) or could not be made."""
         now = time.monotonic()
-        if self.state == "taken over":
-            log.info("taking over %s: its session was taken by another connection after %d message(s)",
-                     self.member, self.received)
+        if self.state == "lost":
+            log.info("taking over %s: the connection ended after %d message(s) (taken by another connection, "
+                     "or lost)", self.member, self.received)
             self.client.loop_stop()
             return True
         drained = self.unsubscribed_at is not None and now - max(self.last, self.unsubscribed_at) >= IDLE_S \
             and self.link.acked == self.received
         if self.state == "empty" or drained:
+            self.state = "ended"
             self.end()
             log.info("took over %s's session: %d message(s) stored from it; session ended", self.member,
                      self.received)

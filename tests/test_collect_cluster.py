@@ -306,3 +306,36 @@ def test_a_killed_collector_that_comes_back_takes_its_session_again(broker, post
         boards.join()
         c1.stop()
         c2.stop()
+
+
+def test_a_collector_started_before_its_database_waits_for_it(broker, postgres_server, tmp_path):
+    """PostgreSQL is down when the collector starts: it says so once and waits (no exit), then collects."""
+    url = postgres_server.create_database()
+    postgres_server.stop(remove=False)
+    timer = threading.Timer(2.0, postgres_server.start)
+    timer.start()
+    c = None
+    pub = publisher(broker.port, "tool-01")
+    try:
+        c = Collector(broker.port, url, tmp_path / "c.log")
+        timer.join()
+        log = c.log.read_text()
+        assert c.proc.poll() is None and log.count("database unavailable") == 1 and "waiting for it" in log, log
+        publish(pub, f"{PREFIX}/tool-01/result", json.dumps(valid_result("tool-01", 1, random.Random(1))).encode())
+        assert wait_for(lambda: pg_rows(url, "SELECT board, id FROM fleet_results") == [("tool-01", 1)], timeout=10)
+    finally:
+        timer.join()
+        if not postgres_server.running:
+            postgres_server.start()
+        pub.loop_stop()
+        if c:
+            c.stop()
+
+
+def test_a_database_url_password_is_not_logged():
+    from edge_runtime.collect.collector import redact
+
+    assert redact("postgresql://collect:s3cr%40t@db.fab.local:5432/inspections") == \
+        "postgresql://collect:***@db.fab.local:5432/inspections"
+    assert redact("postgresql://collect@db.fab.local/inspections") == "postgresql://collect@db.fab.local/inspections"
+    assert redact("/srv/fab/inspections.sqlite3") == "/srv/fab/inspections.sqlite3"

@@ -24,6 +24,7 @@ log = logging.getLogger("edge_inspect.collect")
 
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 10.0
 
+
 @dataclass
 class Status:
     board: str

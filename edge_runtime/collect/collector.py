@@ -50,6 +50,7 @@ import signal
 import sqlite3
 import sys
 import threading
+from pathlib import Path
 
 from edge_runtime.collect.batches import RETRY_FIRST_S, RETRY_MAX_S, Batcher, Collector, Link, Message, message_topic
 from edge_runtime.collect.storage import Storage, StorageError, open_storage
@@ -109,7 +110,7 @@ def check_args(args) -> None:
                              f"{args.client_id!r}")
 
 
-def connect_properties(mqtt, batch: int):
+def connect_properties(batch: int):
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         host, port = parse_host_port(args.broker)
         mqtt = need("paho.mqtt.client", "collect", "paho-mqtt")
-        password = open(args.password_file).read().strip() if args.password_file else None
+        password = Path(args.password_file).read_text().strip() if args.password_file else None
     except (ValueError, FleetUnavailable, OSError) as exc:
         print(f"collect: error: {exc}", file=sys.stderr)
         return 2
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         batcher.stop()
     client = new_client(mqtt, client_id, args, password)
     link = Link(client)
-    props = connect_properties(mqtt, args.batch)
+    props = connect_properties(args.batch)
     results = f"{collector.prefix}/+/result"
     topics = [(f"$share/{args.share}/{results}" if args.share else results, SubscribeOptions(qos=1)),
               (f"{collector.prefix}/+/status", SubscribeOptions(qos=1))]

@@ -30,15 +30,15 @@ is back. Any other storage failure (SQLite locked by another writer, disk full) 
 without acknowledging. SIGTERM/SIGINT: what is pending is stored and acknowledged, then exit 0.
 
 Several collectors (--share GROUP, each with its own --client-id): results come through the MQTT 5 shared
-subscription $share/GROUP/PREFIX/+/result, so the broker hands each message to one collector of the group.
-Statuses do not: they are retained, and retained messages are never delivered through a shared subscription, so
-every collector subscribes to PREFIX/+/status itself (a status is the latest state of a board: storing it once
-per collector is an idempotent upsert; a malformed status is a dead letter once per collector). Mosquitto keeps handing a shared message to a member whose persistent
-session is offline (it waits in that session), and ends a session's in-flight messages with the session, so a
-collector that dies would strand its share. Hence takeover.py: each collector announces itself (retained
-"online", a last will "offline") and a collector that sees a member of its group offline resumes that member's
-session, stores and acknowledges what waits there, removes the member's subscriptions and ends the session: the
-broker then hands everything to the members that are alive.
+subscription $share/GROUP/PREFIX/+/result, so the broker hands each message to one collector of the group. Statuses
+do not: they are retained, and retained messages are never delivered through a shared subscription, so every
+collector subscribes to PREFIX/+/status itself (a status is the latest state of a board: storing it once per
+collector is an idempotent upsert; a malformed status is a dead letter once per collector). Mosquitto keeps handing
+a shared message to a member whose persistent session is offline (it waits in that session), and ends a session's
+in-flight messages with the session, so a collector that dies would strand its share. Hence takeover.py: each
+collector announces itself (retained "online", a last will "offline") and a collector that sees a member of its
+group offline resumes that member's session, stores and acknowledges what waits there, removes the member's
+subscriptions and ends the session: the broker then hands everything to the members that are alive.
 """
 from __future__ import annotations
 

@@ -14,8 +14,9 @@ unacknowledged would leave that share waiting until it comes back. Instead:
              one must not replace a newer one), unsubscribes the member's filters so that nothing new is routed
              there, and once everything received is acknowledged and nothing came for IDLE_S, ends the session
              (DISCONNECT with Session Expiry Interval 0). Everything then goes to the living members. If the member
-             comes back meanwhile, its connection takes the session over; the takeover sees "session taken over" and
-             stops without reconnecting. Two members taking over the same session resolve the same way (the later
+             comes back meanwhile, its connection takes the session over; the takeover's connection is closed
+             (Mosquitto 2.0.11 gives no "session taken over" reason) and it never reconnects. Two members
+             taking over the same session resolve the same way (the later
              connection wins). A message acknowledged by nobody is delivered again and stored as a duplicate: nothing
              is lost, nothing stored twice.
 """

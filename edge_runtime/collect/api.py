@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from http import HTTPStatus
 from pathlib import Path
@@ -39,7 +38,8 @@ from edge_runtime.collect import queries
 from edge_runtime.collect.queries import BadParameter, StorageError
 from edge_runtime.config.service_config import parse_host_names, parse_host_port
 from edge_runtime.fleet.http_api import authorized
-from edge_runtime.fleet.http_base import AllowedHosts, BoundedHTTPServer, HTTPError, ResponseHandler
+from edge_runtime.fleet.http_base import (AllowedHosts, BoundedHTTPServer, HTTPError, ResponseHandler,
+                                         serve_until_stopped)
 
 log = logging.getLogger("edge_inspect.central")
 
@@ -77,10 +77,7 @@ class Handler(ResponseHandler):
     def _error(self, exc: Exception) -> tuple[int, str] | None:
         if isinstance(exc, BadParameter):
             return HTTPStatus.BAD_REQUEST, str(exc)
-        if isinstance(exc, StorageError):
-            log.error("central API: result database: %s", exc)
-            return HTTPStatus.SERVICE_UNAVAILABLE, f"result database: {exc}"
-        return None
+        return None             # a StorageError (the database is down): 503 in http_base
 
     def _send(self, status: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
         # HEAD: the same status and headers as GET, without the body
@@ -174,9 +171,6 @@ def _error(msg: str) -> int:
     return EXIT_SETUP
 
 
-def _stop(signum, frame):
-    raise KeyboardInterrupt         # SIGTERM: leave serve_forever and close the database like Ctrl-C
-
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -205,16 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"--listen {args.listen}: cannot listen: {exc.strerror or exc}")
     if token is None and not (host.startswith("127.") or host in ("::1", "localhost")):
         log.warning("serving on %s without --token-file: anyone who can reach it can read the results", host)
-    signal.signal(signal.SIGTERM, _stop)
     print(f"{PROG}: serving {server.url} (read-only{', bearer token required' if token else ''}; "
           f"Host: {server.allowed_hosts.describe()})", file=sys.stderr, flush=True)
-    try:
-        server.serve_forever(poll_interval=0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        reader.close()
+    serve_until_stopped(server, reader.close)
     return EXIT_OK
 
 

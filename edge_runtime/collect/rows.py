@@ -13,6 +13,7 @@ import hashlib
 import json
 
 from edge_runtime.collect.schema import COLUMNS, Result
+from edge_runtime.db import store
 
 KEEP_BYTES = 64 * 1024          # of a dead letter's payload; its size and sha256 are of the whole
 STORED, DUPLICATE, CONFLICT = "stored", "duplicate", "conflict"
@@ -30,12 +31,13 @@ INDEXES = (
 )
 
 
-class StorageError(Exception):
+class StorageError(store.StorageError):
     """Storing failed for a reason that is not the message's (connection lost, server restarting, disk full,
-    database locked). retry: True when waiting and trying again may succeed (a PostgreSQL connection lost)."""
+    database locked): the board store's StorageError (an HTTP server answers it with 503), plus retry: True when
+    waiting and trying again may succeed (a PostgreSQL connection lost)."""
 
-    def __init__(self, message: str, retry: bool = False):
-        super().__init__(message)
+    def __init__(self, message: str, retry: bool = False, disk_full: bool = False):
+        super().__init__(message, disk_full)
         self.retry = retry
 
 

@@ -171,7 +171,6 @@ def _error(msg: str) -> int:
     return EXIT_SETUP
 
 
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,

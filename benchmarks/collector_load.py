@@ -504,7 +504,8 @@ def markdown(figures: dict) -> str:
              "CPU % of one core; everything shares the machine's cores.", ""]
     for c in figures["configs"]:
         eo = c["exactly_once"]
-        lines += [f"## {c['db']}, {c['collectors']} collector(s): sustained {c['sustained_rate'] or 'none'} "
+        rate = "none" if c["sustained_rate"] is None else f"{c['sustained_rate']:g}"
+        lines += [f"## {c['db']}, {c['collectors']} collector(s): sustained {rate} "
                   f"results/s", "",
                   "| rate/s | published/s | backlog slope/s | drained s | commit p50 / p99 s | insert p50 / p99 s "
                   "| collectors CPU % | collectors RSS MB | publishers CPU % | broker CPU % | postgres CPU % "

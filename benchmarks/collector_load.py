@@ -336,6 +336,32 @@ class Collectors:
         return out
 
 
+def backlog_slope(samples: list[tuple[float, int]], since: float) -> float:
+    """Least-squares slope (results/s) of the backlog samples (t, backlog) taken at t >= since; 0 if too few."""
+    tail = [(t, b) for t, b in samples if t >= since]
+    if len(tail) < 2:
+        return 0.0
+    mt, mb = sum(t for t, _ in tail) / len(tail), sum(b for _, b in tail) / len(tail)
+    den = sum((t - mt) ** 2 for t, _ in tail)
+    return sum((t - mt) * (b - mb) for t, b in tail) / den if den else 0.0
+
+
+def verdict(rate: float, achieved: float, slope: float, drained: float | None, drain_s: float,
+            exits: list[int]) -> list[str]:
+    """Why a step is not sustained (empty: it is). The publishers must keep 97% of the rate (else the step
+    measured them); a backlog growing by more than 3% of the rate is the collectors falling behind."""
+    reasons = []
+    if achieved < 0.97 * rate:
+        reasons.append(f"publishers reached only {achieved:.0f}/s")
+    if slope > 0.03 * rate:
+        reasons.append(f"backlog grows {slope:.0f}/s")
+    if drained is None:
+        reasons.append(f"not drained in {drain_s:g} s")
+    if exits:
+        reasons.append(f"collector exited {exits}")
+    return reasons
+
+
 def run_step(rate: float, seconds: float, drain_s: float, boards: list[str], next_ids: dict, nproc: int,
              port: int, reader: Reader, watch: CommitWatch, collectors: Collectors, broker_pid: int,
              pg_pid: int | None, published_before: int) -> dict:
@@ -393,13 +419,7 @@ def run_step(rate: float, seconds: float, drain_s: float, boards: list[str], nex
     busy1, t_busy1 = machine_busy()
     pub_cpu = sum(r["cpu_s"] for r in results)          # measured in the publishers (they have exited)
     pub_wall = max(r["wall_s"] for r in results)
-    # the slope of the backlog over the last two thirds of the step (least squares, results/s)
-    tail = [(t, b) for t, b in samples if t >= seconds / 3]
-    slope = 0.0
-    if len(tail) >= 2:
-        mt, mb = sum(t for t, _ in tail) / len(tail), sum(b for _, b in tail) / len(tail)
-        den = sum((t - mt) ** 2 for t, _ in tail)
-        slope = sum((t - mt) * (b - mb) for t, b in tail) / den if den else 0.0
+    slope = backlog_slope(samples, seconds / 3)
     last_iso = utc_iso(publish_end + 0.001)
     inserted = [parse_time(rec_) - parse_time(rec) for rec, rec_ in reader.rows(
         "SELECT recorded_at, received_at FROM fleet_results WHERE recorded_at >= ? AND recorded_at <= ?",
@@ -407,15 +427,7 @@ def run_step(rate: float, seconds: float, drain_s: float, boards: list[str], nex
     commit = watch.take()
     achieved = sent / pub_wall
     exits = collectors.exited()
-    reasons = []
-    if achieved < 0.97 * rate:
-        reasons.append(f"publishers reached only {achieved:.0f}/s")
-    if slope > 0.03 * rate:
-        reasons.append(f"backlog grows {slope:.0f}/s")
-    if drained is None:
-        reasons.append(f"not drained in {drain_s:g} s")
-    if exits:
-        reasons.append(f"collector exited {exits}")
+    reasons = verdict(rate, achieved, slope, drained, drain_s, exits)
     r3 = lambda x: None if x is None else round(x, 3)  # noqa: E731
     return {
         "rate": rate, "seconds": seconds, "sent": sent, "acked": acked, "published_per_s": round(achieved, 1),

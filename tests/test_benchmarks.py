@@ -548,6 +548,15 @@ def test_collector_load_exactly_once_check_finds_missing_and_extra_rows(tmp_path
         assert exactly_once(reader, {"tool-a": 3, "tool-c": 2}, 3)["boards_wrong"] == []
         assert not exactly_once(reader, {"tool-a": 3, "tool-c": 2}, 3)["ok"]      # tool-b's rows were not sent
         assert not exactly_once(reader, {"tool-a": 4, "tool-b": 4, "tool-c": 2}, 6)["ok"]   # tool-a's 3 missing
+        # tool-b: as many rows as it sent (2) but ids 1 and 3: 2 missing, 3 never sent
+        assert exactly_once(reader, {"tool-a": 3, "tool-b": 3, "tool-c": 2}, 5)["boards_wrong"] == ["tool-b"]
+    finally:
+        reader.close()
+    _central_store(tmp_path / "d.sqlite3", [("tool-a", 1), ("tool-a", 2)])
+    reader = Reader(str(tmp_path / "d.sqlite3"))
+    try:
+        assert exactly_once(reader, {"tool-a": 3}, 2)["ok"]
+        assert not exactly_once(reader, {"tool-a": 3}, 3)["ok"]      # the publishers counted one more than stored
     finally:
         reader.close()
 
@@ -569,6 +578,20 @@ def test_collector_load_commit_watch_sees_each_sampled_row_once(tmp_path):
         assert len(delays) == 2 and watch.mark == {"tool-a": 4} and all(d > 0 for d in delays)
     finally:
         watch.reader.close()
+
+
+def test_collector_load_verdict_and_backlog_slope():
+    """A step is sustained only when the publishers kept the rate, the backlog did not grow, all drained and no
+    collector exited; the slope ignores the first third (the collectors' first batches)."""
+    from benchmarks.collector_load import backlog_slope, verdict
+
+    assert backlog_slope([(0, 5000), (5, 100), (6, 300), (7, 500), (8, 700)], 5) == pytest.approx(200)
+    assert backlog_slope([(0, 0), (9, 50)], 5) == 0.0
+    assert verdict(1000, 990, 20, 0.1, 5, []) == []
+    assert verdict(1000, 960, 0, 0.1, 5, []) == ["publishers reached only 960/s"]
+    assert verdict(1000, 1000, 31, 0.1, 5, []) == ["backlog grows 31/s"]
+    assert verdict(1000, 1000, 0, None, 5, []) == ["not drained in 5 s"]
+    assert verdict(1000, 1000, 0, 0.1, 5, [3]) == ["collector exited [3]"]
 
 
 @pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),

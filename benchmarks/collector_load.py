@@ -529,7 +529,7 @@ def markdown(figures: dict) -> str:
                          f"| {s['drained_s']} | {dc['p50']} / {dc['p99']} | {di['p50']} / {di['p99']} "
                          f"| {' + '.join(map(str, s['collector_cpu_pct']))} "
                          f"| {' / '.join(map(str, s['collector_rss_peak_mb']))} | {s['publishers_cpu_pct']} "
-                         f"| {s['broker_cpu_pct']} | {s['postgres_cpu_pct'] if s['postgres_cpu_pct'] is not None else '-'} "
+                         f"| {s['broker_cpu_pct']} | {'-' if s['postgres_cpu_pct'] is None else s['postgres_cpu_pct']} "
                          f"| {s['machine_busy_pct']} | {'sustained' if s['sustained'] else s['why_not']} |")
         stops = "; ".join(f"exit {s['exit']}, {s['counts']}" for s in c["collector_stop"])
         lines += ["", f"Exactly once: {'yes' if eo['ok'] else 'NO'}: {eo['rows']} rows for {eo['published']} "

@@ -237,12 +237,8 @@ class Reader:
     def rows(self, sql: str, params=()) -> list[tuple]:
         if self.pg:
             sql = sql.replace("?", "%s")
-        try:
-            return [tuple(r) for r in self._connect().execute(sql, params).fetchall()]
-        except Exception as exc:        # not created yet: the tables come with the collector
-            if "fleet_" in str(exc) or "no such table" in str(exc) or "unable to open" in str(exc):
-                return []
-            raise
+        # read only after the collectors said "collecting": they created the tables first (an error is real)
+        return [tuple(r) for r in self._connect().execute(sql, params).fetchall()]
 
     def count(self, table: str = "fleet_results") -> int:
         rows = self.rows(f"SELECT count(*) FROM {table}")

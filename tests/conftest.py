@@ -209,3 +209,31 @@ def run_unprivileged(argv: list[str]) -> tuple[int, str]:
     proc = subprocess.run([sys.executable, "-c", UNPRIVILEGED, *argv], capture_output=True, text=True, cwd=REPO,
                           env=env, timeout=120)
     return proc.returncode, proc.stderr
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server for the whole session (benchmarks/pgserver.py), or skip with the reason it
+    cannot start here. Tests that need an empty database call postgres_server.create_database()."""
+    from benchmarks.pgserver import PostgresServer, PostgresUnavailable, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"no PostgreSQL server: {reason}")
+    server = PostgresServer()
+    try:
+        server.start()
+    except PostgresUnavailable as exc:
+        server.stop()
+        pytest.skip(f"PostgreSQL could not start here: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server) -> str:
+    """The URL of the session's PostgreSQL server's `postgres` database (shared by the tests: use
+    postgres_server.create_database() for a database of one's own)."""
+    return postgres_server.url

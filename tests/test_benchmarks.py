@@ -515,3 +515,101 @@ def test_keras_path_scores_stage1_as_the_bundle_says(tiny_bundle_v2, tmp_path, m
     parts = [inspect(p) for p in paths]
     assert init_ms > 0 and version.startswith("keras")
     assert all(x["stage2_ms"] is not None and x["stage1_ms"] > 0 for x in parts)     # every image went on
+
+
+# ---- benchmarks/collector_load.py: the central side's load test (its checks on a real store, and a tiny run)
+
+def _central_store(path: Path, keys: list[tuple[str, int]]) -> None:
+    """A collector's SQLite store holding results for these (board, id), stored the collector's way."""
+    import random as _random
+
+    from benchmarks.attack import valid_result
+    from edge_runtime.collect.schema import parse_result
+    from edge_runtime.collect.storage import open_storage
+
+    rng = _random.Random(0)
+    storage = open_storage(path)
+    try:
+        storage.add_results([parse_result(b, json.dumps(valid_result(b, i, rng)).encode()) for b, i in keys])
+    finally:
+        storage.close()
+
+
+def test_collector_load_exactly_once_check_finds_missing_and_extra_rows(tmp_path):
+    """exactly_once passes only when every board's ids are exactly 1..N and the total matches what was sent."""
+    from benchmarks.collector_load import Reader, exactly_once
+
+    db = tmp_path / "c.sqlite3"
+    _central_store(db, [("tool-a", 1), ("tool-a", 2), ("tool-b", 1), ("tool-b", 3), ("tool-c", 1)])
+    reader = Reader(str(db))
+    try:
+        check = exactly_once(reader, {"tool-a": 3, "tool-b": 4}, 5)
+        assert not check["ok"] and check["boards_wrong"] == ["tool-b"] and check["boards_unexpected"] == ["tool-c"]
+        assert exactly_once(reader, {"tool-a": 3, "tool-c": 2}, 3)["boards_wrong"] == []
+        assert not exactly_once(reader, {"tool-a": 3, "tool-c": 2}, 3)["ok"]      # tool-b's rows were not sent
+        assert not exactly_once(reader, {"tool-a": 4, "tool-b": 4, "tool-c": 2}, 6)["ok"]   # tool-a's 3 missing
+        # tool-b: as many rows as it sent (2) but ids 1 and 3: 2 missing, 3 never sent
+        assert exactly_once(reader, {"tool-a": 3, "tool-b": 3, "tool-c": 2}, 5)["boards_wrong"] == ["tool-b"]
+    finally:
+        reader.close()
+    _central_store(tmp_path / "d.sqlite3", [("tool-a", 1), ("tool-a", 2)])
+    reader = Reader(str(tmp_path / "d.sqlite3"))
+    try:
+        assert exactly_once(reader, {"tool-a": 3}, 2)["ok"]
+        assert not exactly_once(reader, {"tool-a": 3}, 3)["ok"]      # the publishers counted one more than stored
+    finally:
+        reader.close()
+
+
+def test_collector_load_commit_watch_sees_each_sampled_row_once(tmp_path):
+    """The commit-delay poll: each row of a sampled board counted once, however often it is seen, others not."""
+    from benchmarks.collector_load import CommitWatch, Reader
+
+    db = tmp_path / "c.sqlite3"
+    _central_store(db, [("tool-a", 1), ("tool-a", 3), ("tool-b", 1)])
+    watch = CommitWatch(Reader(str(db)), ["tool-a"])
+    try:
+        watch.poll()
+        assert len(watch.take()) == 2 and watch.mark == {"tool-a": 1}
+        _central_store(db, [("tool-a", 2), ("tool-a", 4)])
+        watch.last = 0.0
+        watch.poll()
+        delays = watch.take()
+        assert len(delays) == 2 and watch.mark == {"tool-a": 4} and all(d > 0 for d in delays)
+    finally:
+        watch.reader.close()
+
+
+def test_collector_load_verdict_and_backlog_slope():
+    """A step is sustained only when the publishers kept the rate, the backlog did not grow, all drained and no
+    collector exited; the slope ignores the first third (the collectors' first batches)."""
+    from benchmarks.collector_load import backlog_slope, verdict
+
+    assert backlog_slope([(0, 5000), (5, 100), (6, 300), (7, 500), (8, 700)], 5) == pytest.approx(200)
+    assert backlog_slope([(0, 0), (9, 50)], 5) == 0.0
+    assert verdict(1000, 990, 20, 0.1, 5, []) == []
+    assert verdict(1000, 960, 0, 0.1, 5, []) == ["publishers reached only 960/s"]
+    assert verdict(1000, 1000, 31, 0.1, 5, []) == ["backlog grows 31/s"]
+    assert verdict(1000, 1000, 0, None, 5, []) == ["not drained in 5 s"]
+    assert verdict(1000, 1000, 0, 0.1, 5, [3]) == ["collector exited [3]"]
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
+                    reason="mosquitto is not installed (apt-get install mosquitto)")
+def test_collector_load_tiny_run_on_sqlite(tmp_path):
+    """A real run with tiny numbers (3 boards, 40 results/s for 2 s, one collector on SQLite): every result
+    stored once, the step sustained, delays measured, both reports written."""
+    from benchmarks import collector_load
+
+    rc = collector_load.main(["--boards", "3", "--rates", "40", "--step-seconds", "2", "--db", "sqlite",
+                              "--collectors", "1", "--sample", "1", "--out", str(tmp_path)])
+    figures = json.loads((tmp_path / "results.json").read_text())
+    (config,) = figures["configs"]
+    (step,) = config["steps"]
+    assert rc == 0 and config["exactly_once"]["ok"], config["exactly_once"]
+    assert config["exactly_once"]["rows"] == step["sent"] == step["acked"] >= 70
+    assert step["sustained"] and config["sustained_rate"] == 40
+    assert step["delay_commit_s"]["n"] == step["sent"] and 0 < step["delay_commit_s"]["p50"] < 2
+    assert step["delay_insert_s"]["n"] == step["sent"] and step["collector_rss_peak_mb"][0] > 10
+    assert config["collector_stop"][0]["counts"]["stored"] == step["sent"]
+    assert "## sqlite, 1 collector(s): sustained 40 results/s" in (tmp_path / "results.md").read_text()

@@ -41,6 +41,7 @@ import queue
 import re
 import resource
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -631,3 +632,20 @@ class ResponseHandler(BaseHTTPRequestHandler):
             self._json(status, {"error": message, **extra_body}, extra)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
+
+
+def serve_until_stopped(server, *closing) -> None:
+    """A command's server: serve until SIGTERM or Ctrl-C, then close the server and each of `closing` (its
+    database) in that order."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt         # leave serve_forever and close like Ctrl-C
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        for close in closing:
+            close()

@@ -33,7 +33,6 @@ import io
 import logging
 import os
 import re
-import signal
 import sys
 from http import HTTPStatus
 from pathlib import Path, PurePosixPath
@@ -42,7 +41,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from edge_runtime.config.service_config import parse_host_names
 from edge_runtime.db.store import StorageError
 from edge_runtime.fleet import json_input
-from edge_runtime.fleet.http_base import AllowedHosts, BoundedHTTPServer, HTTPError, Limits, ResponseHandler
+from edge_runtime.fleet.http_base import (AllowedHosts, BoundedHTTPServer, HTTPError, Limits, ResponseHandler,
+                                         serve_until_stopped)
 from edge_runtime.heap import return_large_blocks
 from edge_runtime.review.reviews import (Conflict, ReviewError, Reviews, add_database_flags, check_reviewer,
                                          open_reviews)
@@ -265,10 +265,6 @@ def _error(msg: str) -> int:
     return EXIT_SETUP
 
 
-def _stop(signum, frame):
-    raise KeyboardInterrupt       # SIGTERM: leave serve_forever and close the database like Ctrl-C
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
@@ -294,14 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("serving on %s: reachable from the network, and the page has no login", host)
     return_large_blocks()       # decoded TIFFs' memory goes back to the system (edge_runtime/heap.py)
-    signal.signal(signal.SIGTERM, _stop)
     print(f"{PROG}: serving {server.url} (db {reviews.store.path}, images from {reviews.processed}; "
           f"Host: {server.allowed_hosts.describe()})", file=sys.stderr, flush=True)
-    try:
-        server.serve_forever(poll_interval=0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        reviews.store.close()
+    serve_until_stopped(server, reviews.store.close)
     return EXIT_OK

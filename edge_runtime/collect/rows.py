@@ -1,0 +1,93 @@
+"""What the collector's back-ends store, decided once for all of them (storage.py: SQLite, postgres.py: PostgreSQL):
+the row of a result, of a dead letter and of a conflict, the duplicate-or-conflict rule, the schema version and
+the indexes, and the error every back-end raises when storing fails for a reason that is not the message's.
+
+recorded_at is kept in its column as UTC, `YYYY-MM-DDTHH:MM:SS.fff+00:00` (a time without a zone is taken as
+UTC), so that `substr(recorded_at, 1, 10)` is the UTC day and text order is time order on every back-end; the
+payload keeps the time as the board sent it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+
+from edge_runtime.collect.schema import COLUMNS, Result
+from edge_runtime.db import store
+
+KEEP_BYTES = 64 * 1024          # of a dead letter's payload; its size and sha256 are of the whole
+STORED, DUPLICATE, CONFLICT = "stored", "duplicate", "conflict"
+QUERY_TIMEOUT_S = 30.0          # a read-only query() running longer is stopped (the read API answers meanwhile)
+RESULT_FIELDS = ("board", "id", *COLUMNS, "payload", "received_at")
+
+# Version 1 (issue 21): the indexes below and recorded_at in UTC. Version 0: the tables without fleet_schema.
+SCHEMA_VERSION = 1
+# The queries people run: one board's results over time, counts per label per day (a time range, grouped by
+# label: the label rides along in the index), one bundle's results.
+INDEXES = (
+    "CREATE INDEX IF NOT EXISTS fleet_results_board_time ON fleet_results (board, recorded_at)",
+    "CREATE INDEX IF NOT EXISTS fleet_results_time_label ON fleet_results (recorded_at, label)",
+    "CREATE INDEX IF NOT EXISTS fleet_results_bundle_time ON fleet_results (bundle_id, recorded_at)",
+)
+
+
+class StorageError(store.StorageError):
+    """Storing failed for a reason that is not the message's (connection lost, server restarting, disk full,
+    database locked): the board store's StorageError (an HTTP server answers it with 503), plus retry: True when
+    waiting and trying again may succeed (a PostgreSQL connection lost)."""
+
+    def __init__(self, message: str, retry: bool = False, disk_full: bool = False):
+        super().__init__(message, disk_full)
+        self.retry = retry
+
+
+def text(value: str) -> str:
+    """Text any database takes (lone surrogates and NUL cannot be stored as they are: escaped)."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\0", "\\x00")
+
+
+def utc_iso(value):
+    """An ISO-8601 time as UTC with milliseconds (no zone: taken as UTC); anything else unchanged."""
+    if not isinstance(value, str):
+        return value
+    try:
+        t = _dt.datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.timezone.utc)
+    try:
+        return t.astimezone(_dt.timezone.utc).isoformat(timespec="milliseconds")
+    except OverflowError:           # year 1 or 9999 shifted out of range: kept as sent
+        return value
+
+
+def result_row(result: Result, received_at: str) -> tuple:
+    """The values of RESULT_FIELDS for one result."""
+    columns = {**result.columns, "recorded_at": utc_iso(result.columns["recorded_at"])}
+    values = (result.board, result.id, *[columns[c] for c in COLUMNS], result.payload, received_at)
+    return tuple(text(v) if isinstance(v, str) else v for v in values)
+
+
+def outcome(stored_payload: str, result: Result) -> str:
+    """A result whose (board, id) is already stored: DUPLICATE when the stored message is the same JSON (key
+    order and spacing aside), else CONFLICT (the stored row stays; the newcomer goes to fleet_conflicts)."""
+    return DUPLICATE if json.loads(stored_payload) == result.message else CONFLICT
+
+
+def conflict_row(result: Result, received_at: str) -> tuple:
+    """(board, result_id, payload, sha256, received_at) of fleet_conflicts."""
+    return (result.board, result.id, text(result.payload),
+            hashlib.sha256(result.payload.encode("utf-8")).hexdigest(), received_at)
+
+
+def dead_letter_row(topic: str, payload: bytes, reason: str, received_at: str) -> tuple:
+    """(topic, reason, payload, size, sha256, received_at) of fleet_dead_letters: the first KEEP_BYTES of the
+    payload, its size and digest of the whole."""
+    return (text(topic), text(reason), bytes(payload[:KEEP_BYTES]), len(payload), hashlib.sha256(payload).hexdigest(),
+            received_at)
+
+
+def newer_schema(found: int) -> StorageError:
+    return StorageError(f"the database's schema version {found} is newer than this collector's ({SCHEMA_VERSION}): "
+                        "upgrade the collector")

@@ -57,6 +57,7 @@ import time
 from pathlib import Path
 
 from benchmarks.attack import valid_result
+from benchmarks.fleet_overhead import start_broker
 from benchmarks.machine import describe_machine
 from benchmarks.pgserver import PostgresServer, free_port, unavailable_reason
 
@@ -67,9 +68,7 @@ POLL_S = 0.1
 SAMPLE_EVERY_S = 1.0
 TICK = os.sysconf("SC_CLK_TCK")
 # deploy/mosquitto-central.conf, what matters for throughput and loss (its TLS, passwords and ACL left out)
-BROKER_CONF = """listener {port} 127.0.0.1
-allow_anonymous true
-persistence true
+BROKER_CONF = """persistence true
 persistence_location {folder}/
 autosave_interval 60
 persistent_client_expiration 30d
@@ -98,27 +97,6 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 # ---------------------------------------------------------------- processes: the broker, CPU and memory from /proc
-
-def start_broker(folder: Path) -> tuple[subprocess.Popen, int]:
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(exe).exists():
-        raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
-    port = free_port()
-    folder.mkdir(parents=True, exist_ok=True)
-    conf = folder / "mosquitto.conf"
-    conf.write_text(BROKER_CONF.format(port=port, folder=folder) +
-                    ("user root\n" if os.geteuid() == 0 else ""))   # root: keep root (owns the folder)
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=open(folder / "broker.log", "wb"),
-                            stderr=subprocess.STDOUT)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit(f"mosquitto did not start: {(folder / 'broker.log').read_text()[-500:]}")
-
 
 def cpu_seconds(pid: int) -> float:
     """user + system CPU seconds of a process (0 when it is gone)."""
@@ -458,7 +436,7 @@ def exactly_once(reader: Reader, next_ids: dict, published: int) -> dict:
 
 def run_config(kind: str, n: int, args, pg: PostgresServer | None, folder: Path) -> dict:
     folder.mkdir(parents=True)
-    broker, port = start_broker(folder / "broker")
+    broker, port = start_broker(folder / "broker", BROKER_CONF)
     db = pg.create_database() if kind == "postgresql" else str(folder / "central.sqlite3")
     collectors = Collectors(n, port, db, folder)
     reader = Reader(db)

@@ -53,15 +53,20 @@ def pick_images(folder: Path, n: int) -> list[Path]:
     return [found[i % len(found)] for i in range(n)]
 
 
-def start_broker(folder: Path) -> tuple[subprocess.Popen, int]:
+def start_broker(folder: Path, settings: str = "") -> tuple[subprocess.Popen, int]:
+    """A private Mosquitto on a free loopback port (anonymous), with `settings` ({folder} filled in) added to its
+    configuration; its log in folder/broker.log."""
     exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(exe).exists():
         raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
     port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
     conf = folder / "mosquitto.conf"
     import getpass
-    conf.write_text(f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous true\n")
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conf.write_text(f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
+                    + settings.format(folder=folder))
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=open(folder / "broker.log", "wb"),
+                            stderr=subprocess.STDOUT)
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -69,7 +74,7 @@ def start_broker(folder: Path) -> tuple[subprocess.Popen, int]:
         except OSError:
             time.sleep(0.05)
     proc.kill()
-    raise SystemExit("mosquitto did not start")
+    raise SystemExit(f"mosquitto did not start: {(folder / 'broker.log').read_text()[-500:]}")
 
 
 def scraper(port: int, stop: threading.Event, counts: dict) -> None:

@@ -38,7 +38,7 @@ from http import HTTPStatus
 from pathlib import Path, PurePosixPath
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from edge_runtime.config.service_config import parse_host_names
+from edge_runtime.config.service_config import parse_host_names, parse_host_port
 from edge_runtime.db.store import StorageError
 from edge_runtime.fleet import json_input
 from edge_runtime.fleet.http_base import (AllowedHosts, BoundedHTTPServer, HTTPError, Limits, ResponseHandler,
@@ -235,13 +235,10 @@ class Handler(ResponseHandler):
 # ---------------------------------------------------------------------------------------------------------
 def parse_http(value: str) -> tuple[str, int]:
     """HOST:PORT ([::1]:PORT for IPv6); port 0 picks a free one."""
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:([0-9]{1,5})|([^:\[\]]+):([0-9]{1,5})", value or "")
-    if not m:
-        raise ValueError(f"--http {value!r}: expected HOST:PORT, e.g. {DEFAULT_HTTP}")
-    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-    if not 0 <= int(port) <= 65535:
-        raise ValueError(f"--http {value!r}: port must be 0..65535")
-    return host, int(port)
+    try:
+        return parse_host_port(value)
+    except ValueError as exc:
+        raise ValueError(f"--http {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

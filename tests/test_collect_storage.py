@@ -68,6 +68,30 @@ def test_a_batch_stores_each_key_once_and_keeps_conflicts_apart(store):
     assert json.loads(row["payload"]) == result(1).message
 
 
+def totals_of(store) -> dict:
+    return {r["board"]: (r["results"], r["last_recorded_at"]) for r in store.query("SELECT * FROM fleet_board_totals")}
+
+
+def counted(store) -> dict:
+    return {r["board"]: (r["n"], r["last"]) for r in store.query(
+        "SELECT board, count(*) AS n, max(recorded_at) AS last FROM fleet_results GROUP BY board")}
+
+
+def test_board_totals_follow_what_is_stored(store):
+    """Each board's count and latest recorded_at (what the read API lists the fleet from) move with the stored
+    rows only: duplicates and conflicts add nothing, an older result does not move the latest time back."""
+    t = "2026-12-02T1{}:00:00.000+00:00"
+    assert store.add_results([result(1, recorded_at=t.format(2)), result(2, recorded_at=t.format(1)),
+                              result(1, board="board-b", recorded_at="2026-12-02T14:00:00+02:00"),
+                              result(1, recorded_at=t.format(2)), result(2, name="other.png")]) == \
+        [STORED, STORED, STORED, DUPLICATE, CONFLICT]
+    assert store.add_results([result(3, recorded_at=t.format(0)), result(1, board="board-b"),
+                              result(4, recorded_at=t.format(5))]) == [STORED, CONFLICT, STORED]
+    assert store.add_results([result(5, recorded_at=t.format(1))]) == [STORED]         # late: latest stays
+    assert totals_of(store) == counted(store) == {
+        "board-a": (5, "2026-12-02T15:00:00.000+00:00"), "board-b": (1, "2026-12-02T12:00:00.000+00:00")}
+
+
 def test_recorded_at_is_kept_in_utc_and_the_payload_as_sent(store):
     store.add_results([result(1, recorded_at="2026-12-02T00:30:00+01:00"),
                        result(2, recorded_at="2026-12-02T23:59:59.5"),          # no zone: UTC
@@ -194,7 +218,8 @@ def test_the_board_over_time_query_uses_its_index(db, store):
 
 
 def test_a_sqlite_file_of_the_first_collector_opens_and_keeps_its_rows(tmp_path):
-    """The first collector's tables (no fleet_schema, no indexes, recorded_at as sent) migrate to version 1."""
+    """The first collector's tables (no fleet_schema, no indexes, recorded_at as sent) migrate to the current
+    version: indexes, recorded_at in UTC, the board totals of what was stored."""
     path = tmp_path / "old.sqlite3"
     old = sqlite3.connect(path)
     old.executescript("""
@@ -229,7 +254,9 @@ CREATE TABLE IF NOT EXISTS fleet_bundle_state (
         assert s.query("SELECT version FROM fleet_schema") == [{"version": rows.SCHEMA_VERSION}]
         assert {"fleet_results_board_time", "fleet_results_time_label", "fleet_results_bundle_time"} <= {
             r["name"] for r in s.query("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert totals_of(s) == {"board-a": (1, "2026-12-01T23:00:00.000+00:00")}      # backfilled (v2)
         assert s.add_result(msg) == DUPLICATE and s.add_result(result(8)) == STORED
+        assert totals_of(s) == counted(s)
     finally:
         s.close()
 
@@ -306,6 +333,7 @@ def test_two_collectors_writing_the_same_keys_store_each_once(postgres_server):
     for k in range(100):
         assert sorted([outcomes[0][k], outcomes[1][99 - k]]) == [DUPLICATE, STORED], k
     assert stores[0].counts()["results"] == 100
+    assert totals_of(stores[0]) == counted(stores[0]) == {"board-a": (100, "2026-12-02T12:00:00.125+00:00")}
     for s in stores:
         s.close()
 

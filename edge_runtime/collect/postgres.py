@@ -19,8 +19,9 @@ import contextlib
 import threading
 from typing import Sequence
 
-from edge_runtime.collect.rows import (CONFLICT, INDEXES, QUERY_TIMEOUT_S, RESULT_FIELDS, SCHEMA_VERSION, STORED,
-                                       StorageError, conflict_row, dead_letter_row, newer_schema, outcome, result_row)
+from edge_runtime.collect.rows import (ADD_TOTALS, BACKFILL_TOTALS, CONFLICT, INDEXES, QUERY_TIMEOUT_S, RESULT_FIELDS,
+                                       SCHEMA_VERSION, STORED, StorageError, board_totals, conflict_row,
+                                       dead_letter_row, newer_schema, outcome, result_row)
 from edge_runtime.collect.schema import BUNDLE_STATE_COLUMNS, Result
 from edge_runtime.db.store import utc_now
 
@@ -48,9 +49,11 @@ CREATE TABLE IF NOT EXISTS fleet_bundle_state (
     agreement DOUBLE PRECISION, stage1_agreement DOUBLE PRECISION, error_rate DOUBLE PRECISION,
     last_change_at TEXT, last_change TEXT, payload TEXT NOT NULL, reported_at TEXT COLLATE "C" NOT NULL);
 CREATE TABLE IF NOT EXISTS fleet_schema (version INTEGER NOT NULL, migrated_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS fleet_board_totals (board TEXT PRIMARY KEY, results BIGINT NOT NULL,
+    last_recorded_at TEXT COLLATE "C");
 """
 # Migration to each version from the one before (PostgreSQL came with version 1: its tables start there).
-MIGRATIONS = {1: list(INDEXES)}
+MIGRATIONS = {1: list(INDEXES), 2: [BACKFILL_TOTALS]}
 
 _TYPES = {"board": "text", "id": "bigint", "stage1_score": "float8", "confidence": "float8", "review": "int"}
 _INSERT = (f"INSERT INTO fleet_results ({', '.join(RESULT_FIELDS)}) SELECT * FROM unnest("
@@ -85,6 +88,9 @@ def placeholders(sql: str) -> str:
         else:
             out.append({"?": "%s", "%": "%%"}.get(ch, ch))
     return "".join(out)
+
+
+_ADD_TOTALS = placeholders(ADD_TOTALS)
 
 
 class PostgresStorage:
@@ -185,6 +191,9 @@ class PostgresStorage:
                             "INSERT INTO fleet_conflicts (board, result_id, payload, sha256, received_at) "
                             "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (board, result_id, sha256) DO NOTHING",
                             conflicts)
+                totals = board_totals(results, outcomes)
+                if totals:
+                    conn.cursor().executemany(_ADD_TOTALS, totals)
         return outcomes
 
     def add_dead_letter(self, topic: str, payload: bytes, reason: str) -> None:

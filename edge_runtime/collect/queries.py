@@ -338,8 +338,7 @@ def _where(f: Filters, extra: tuple[str, ...] = (), extra_params: tuple = ()) ->
 
 
 _BOARDS_SQL = f"""
-WITH r AS (SELECT board, count(*) AS results, max(recorded_at) AS last_recorded_at
-           FROM fleet_results GROUP BY board),
+WITH r AS (SELECT board, results, last_recorded_at FROM fleet_board_totals),
      names AS (SELECT board FROM fleet_boards UNION SELECT board FROM fleet_bundle_state UNION SELECT board FROM r)
 SELECT n.board, b.status, b.changed_at, coalesce(r.results, 0) AS results, r.last_recorded_at,
        {', '.join(f's.{c}' for c in BUNDLE_STATE_COLUMNS)}, s.reported_at

@@ -21,7 +21,9 @@ QUERY_TIMEOUT_S = 30.0          # a read-only query() running longer is stopped 
 RESULT_FIELDS = ("board", "id", *COLUMNS, "payload", "received_at")
 
 # Version 1 (issue 21): the indexes below and recorded_at in UTC. Version 0: the tables without fleet_schema.
-SCHEMA_VERSION = 1
+# Version 2: fleet_board_totals, each board's result count and latest recorded_at, kept in the transaction that
+# stores the results (the fleet's board list must not count a table that grows by millions of rows a day).
+SCHEMA_VERSION = 2
 # The queries people run: one board's results over time, counts per label per day (a time range, grouped by
 # label: the label rides along in the index), one bundle's results.
 INDEXES = (
@@ -29,6 +31,17 @@ INDEXES = (
     "CREATE INDEX IF NOT EXISTS fleet_results_time_label ON fleet_results (recorded_at, label)",
     "CREATE INDEX IF NOT EXISTS fleet_results_bundle_time ON fleet_results (bundle_id, recorded_at)",
 )
+
+
+# Version 2's migration, the same on both back-ends: the totals of what is stored already.
+BACKFILL_TOTALS = ("INSERT INTO fleet_board_totals (board, results, last_recorded_at) "
+                   "SELECT board, count(*), max(recorded_at) FROM fleet_results GROUP BY board")
+# Adding a batch's new results to the totals (? placeholders; the PostgreSQL back-end translates them), one row
+# per board, in board order (two collectors lock the same rows in the same order: no deadlock).
+ADD_TOTALS = ("INSERT INTO fleet_board_totals AS t (board, results, last_recorded_at) VALUES (?, ?, ?) "
+              "ON CONFLICT (board) DO UPDATE SET results = t.results + excluded.results, last_recorded_at = "
+              "CASE WHEN t.last_recorded_at IS NULL OR excluded.last_recorded_at > t.last_recorded_at "
+              "THEN excluded.last_recorded_at ELSE t.last_recorded_at END")
 
 
 class StorageError(store.StorageError):
@@ -67,6 +80,18 @@ def result_row(result: Result, received_at: str) -> tuple:
     columns = {**result.columns, "recorded_at": utc_iso(result.columns["recorded_at"])}
     values = (result.board, result.id, *[columns[c] for c in COLUMNS], result.payload, received_at)
     return tuple(text(v) if isinstance(v, str) else v for v in values)
+
+
+def board_totals(results: list[Result], outcomes: list[str]) -> list[tuple]:
+    """(board, new results, latest recorded_at) for each board with a result STORED in this batch, by board."""
+    totals: dict[str, list] = {}
+    for r, o in zip(results, outcomes):
+        if o == STORED:
+            at = utc_iso(r.columns["recorded_at"])
+            t = totals.setdefault(r.board, [0, at])
+            t[0] += 1
+            t[1] = max(t[1], at)
+    return [(board, n, at) for board, (n, at) in sorted(totals.items())]
 
 
 def outcome(stored_payload: str, result: Result) -> str:

@@ -32,6 +32,9 @@ Tables (the same names and columns on both back-ends; PostgreSQL: BIGINT, DOUBLE
         payload TEXT,                 -- the whole status (JSON, as received)
         reported_at TEXT);
     fleet_schema (version INTEGER, migrated_at TEXT)   -- one row
+    fleet_board_totals (board TEXT PRIMARY KEY, results INTEGER, last_recorded_at TEXT)
+                                      -- per board: results stored and the latest recorded_at (schema v2), kept
+                                      -- in the transaction that stores them; the read API's board list
 """
 from __future__ import annotations
 
@@ -42,9 +45,10 @@ import time
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from edge_runtime.collect.rows import (CONFLICT, DUPLICATE, INDEXES, KEEP_BYTES, QUERY_TIMEOUT_S, RESULT_FIELDS,
-                                       SCHEMA_VERSION, STORED, StorageError, conflict_row, dead_letter_row,
-                                       newer_schema, outcome, result_row, utc_iso)
+from edge_runtime.collect.rows import (ADD_TOTALS, BACKFILL_TOTALS, CONFLICT, DUPLICATE, INDEXES, KEEP_BYTES,
+                                       QUERY_TIMEOUT_S, RESULT_FIELDS, SCHEMA_VERSION, STORED, StorageError,
+                                       board_totals, conflict_row, dead_letter_row, newer_schema, outcome,
+                                       result_row, utc_iso)
 from edge_runtime.collect.schema import BUNDLE_STATE_COLUMNS, Result
 from edge_runtime.db.store import utc_now
 
@@ -69,11 +73,13 @@ CREATE TABLE IF NOT EXISTS fleet_bundle_state (
     stage1_agreement REAL, error_rate REAL, last_change_at TEXT, last_change TEXT, payload TEXT NOT NULL,
     reported_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS fleet_schema (version INTEGER NOT NULL, migrated_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS fleet_board_totals (board TEXT PRIMARY KEY, results INTEGER NOT NULL, last_recorded_at TEXT);
 """
 # Migration to each version from the one before (a fresh file goes through them all: cheap on empty tables).
 MIGRATIONS = {
     1: [*INDEXES, "UPDATE fleet_results SET recorded_at = utc_iso(recorded_at) "
                   "WHERE recorded_at IS NOT utc_iso(recorded_at)"],
+    2: [BACKFILL_TOTALS],
 }
 
 
@@ -177,6 +183,7 @@ class SQLiteStorage:
                 if outcomes[-1] == CONFLICT:
                     self.db.execute("INSERT OR IGNORE INTO fleet_conflicts (board, result_id, payload, sha256, "
                                     "received_at) VALUES (?, ?, ?, ?, ?)", conflict_row(result, now))
+            self.db.executemany(ADD_TOTALS, board_totals(results, outcomes))
         return outcomes
 
     def add_dead_letter(self, topic: str, payload: bytes, reason: str) -> None:

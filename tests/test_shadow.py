@@ -137,6 +137,22 @@ def test_a_bundle_that_does_not_load_leaves_the_old_one_and_says_why(pair, folde
     assert rows(folders["db"])[0]["bundle_id"] == load_bundle(current).bundle_id
 
 
+def assert_shadow_answers(db, expected_of) -> None:
+    """Every recorded image has a shadow row holding the answer expected_of(recorded row) gives (an
+    InspectionResult): label and Stage-1 score."""
+    store = Store(db)
+    try:
+        shadows = {r["result_id"]: r for r in store.db.execute("SELECT * FROM shadow_results").fetchall()}
+        recorded = rows(db)
+        assert len(shadows) == len(recorded) > 0            # every image shadowed (fraction 1)
+        for row in recorded:
+            expected = expected_of(row)
+            assert shadows[row["id"]]["label"] == expected.label
+            assert shadows[row["id"]]["stage1_score"] == pytest.approx(expected.stage1_score, abs=1e-6)
+    finally:
+        store.close()
+
+
 def test_a_shadowed_image_is_decoded_once_for_both_bundles(pair, folders, monkeypatch):
     """The candidate reads the current bundle's decode (the shadow's extra cost is its models, not a second
     decode), and its answer equals its own Inspector's on the same bytes."""
@@ -152,15 +168,7 @@ def test_a_shadowed_image_is_decoded_once_for_both_bundles(pair, folders, monkey
     assert WatchService(cfg).run(once=True) == 0
     assert len(decodes) == 4            # one per image, not one per bundle
     own = Inspector(candidate, threads=1)
-    store = Store(folders["db"])
-    try:
-        shadows = {r["result_id"]: r for r in store.db.execute("SELECT * FROM shadow_results").fetchall()}
-        for row in rows(folders["db"]):
-            expected = own.inspect(png_bytes(100 + int(row["name"][1])))
-            assert shadows[row["id"]]["label"] == expected.label
-            assert shadows[row["id"]]["stage1_score"] == pytest.approx(expected.stage1_score, abs=1e-6)
-    finally:
-        store.close()
+    assert_shadow_answers(folders["db"], lambda row: own.inspect(png_bytes(100 + int(row["name"][1]))))
 
 
 def _count_backbone_runs(monkeypatch) -> list:
@@ -190,15 +198,7 @@ def test_a_backbone_both_bundles_have_runs_once_per_image(pair, folders, monkeyp
     assert runs.count(b.stage1.sha256) == len(seeds)
     assert runs.count(b.stage2.sha256) == sum(cur.defect_class is not None or cand.defect_class is not None
                                               for cur, cand in answers)
-    store = Store(folders["db"])
-    try:
-        shadows = {r["result_id"]: r for r in store.db.execute("SELECT * FROM shadow_results").fetchall()}
-        for row in rows(folders["db"]):
-            expected = answers[int(row["name"][1:].split(".")[0]) - seeds[0]][1]
-            assert shadows[row["id"]]["label"] == expected.label
-            assert shadows[row["id"]]["stage1_score"] == pytest.approx(expected.stage1_score, abs=1e-6)
-    finally:
-        store.close()
+    assert_shadow_answers(folders["db"], lambda row: answers[int(row["name"][1:].split(".")[0]) - seeds[0]][1])
 
 
 def test_a_candidate_with_other_backbones_runs_its_own(folders, tmp_path, monkeypatch, tiny_bundle_v2):
@@ -216,11 +216,4 @@ def test_a_candidate_with_other_backbones_runs_its_own(folders, tmp_path, monkey
     monkeypatch.undo()
     assert runs.count(load_bundle(candidate).stage1.sha256) == len(seeds)
     own = Inspector(candidate, threads=1)
-    store = Store(folders["db"])
-    try:
-        shadows = {r["result_id"]: r for r in store.db.execute("SELECT * FROM shadow_results").fetchall()}
-        for row in rows(folders["db"]):
-            expected = own.inspect(png_bytes(int(row["name"][1:].split(".")[0])))
-            assert shadows[row["id"]]["stage1_score"] == pytest.approx(expected.stage1_score, abs=1e-6)
-    finally:
-        store.close()
+    assert_shadow_answers(folders["db"], lambda row: own.inspect(png_bytes(int(row["name"][1:].split(".")[0]))))

@@ -11,7 +11,7 @@
                          closed, half send nothing) while /healthz is probed: probes answered, latency, threads
                  decode  K clients POST a 7000x7000 PNG at once (legal, under http_max_bytes): peak RSS and RSS
                          after, against the idle service
-    collector  Mosquitto + `python -m edge_runtime.collect`; F payloads published with QoS 1: valid results,
+    collector  Mosquitto + `python -m central`; F payloads published with QoS 1: valid results,
                redelivered duplicates, conflicting duplicates and malformed ones of every kind in issue 19 (UTF-16
                JSON, surrogates encoded as UTF-8, a \\ud800 escape, integers beyond 64 bits, missing fields,
                wrong types, out-of-range values, an 8 MB payload, deep nesting, random bytes, bad status):
@@ -598,7 +598,7 @@ def run_collector(args, work: Path) -> dict:
     wait_port(port)
     db = work / "central.sqlite3"
     log = work / "collect.log"
-    cmd = [sys.executable, "-m", "edge_runtime.collect", "--broker", f"127.0.0.1:{port}", "--prefix", PREFIX,
+    cmd = [sys.executable, "-m", "central", "--broker", f"127.0.0.1:{port}", "--prefix", PREFIX,
            "--db", str(db)]
 
     def start_collector():

@@ -1,5 +1,5 @@
 """The central side under load: simulated boards publish real result messages at a steady rate through a private
-Mosquitto into the collector (`python -m edge_runtime.collect`, 1 or 2 processes, --share with 2) on PostgreSQL
+Mosquitto into the collector (`python -m central`, 1 or 2 processes, --share with 2) on PostgreSQL
 (a throwaway server, fsync on: benchmarks/pgserver.py) and on SQLite; the rate is stepped up to find what each
 configuration sustains.
 
@@ -274,7 +274,7 @@ class Collectors:
             share = ["--share", GROUP, "--client-id", f"collect-{i + 1}"] if n > 1 else []
             self.logs.append(log)
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "edge_runtime.collect", "--broker", f"127.0.0.1:{port}", "--db", db, *share],
+                [sys.executable, "-m", "central", "--broker", f"127.0.0.1:{port}", "--db", db, *share],
                 cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT))
 
     def wait_ready(self, timeout: float = 60) -> None:

@@ -13,7 +13,7 @@ process's peak RSS (wait4). The ratio is the median time per image with the shad
 with `--shadow-fraction 1` gives the peak RSS with both bundles' interpreters busy on every image.
 
 Rollout to promotion: a private Mosquitto, an HTTP server on loopback holding the packed candidate (the reference
-bundle re-manifested, signed with a fresh key: `python -m convert keygen|sign`, `python -m edge_runtime.collect.rollout
+bundle re-manifested, signed with a fresh key: `python -m convert keygen|sign`, `python -m central.rollout
 pack`), one board (`--bundles-dir`, `--trusted-keys`) fed images at a steady rate; the clock runs from `rollout
 publish` to the board's status saying "promoted" (download, sha256, unpack, the bundle reader's checks and the
 signature, loading the candidate, shadowing --shadow-images images, the decision and the swap). Writes
@@ -121,7 +121,7 @@ def rollout_time(args, images, tmp: Path) -> dict:
     candidate = remanifest(args.models, tmp / "new-bundle", "rollout benchmark")
     run("-m", "convert", "sign", str(candidate), "--key", str(keys / "bench.key"))
     www = tmp / "www"
-    desc = json.loads(run("-m", "edge_runtime.collect.rollout", "pack", str(candidate), "--out", str(www)))
+    desc = json.loads(run("-m", "central.rollout", "pack", str(candidate), "--out", str(www)))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(www)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     broker, port = start_broker(tmp)
@@ -173,7 +173,7 @@ def rollout_time(args, images, tmp: Path) -> dict:
         feeder.start()
         time.sleep(2.0)
         t0 = time.perf_counter()
-        run("-m", "edge_runtime.collect.rollout", "publish", "--broker", f"127.0.0.1:{port}", "--boards", "bench",
+        run("-m", "central.rollout", "publish", "--broker", f"127.0.0.1:{port}", "--boards", "bench",
             "--archive", desc["archive"], "--url", f"http://127.0.0.1:{server.server_address[1]}/"
             f"{Path(desc['archive']).name}", "--id", "bench", "--shadow-images", str(args.shadow_images),
             "--shadow-minutes", "10", "--min-agreement", "0.9", "--min-stage1-agreement", "0.9")

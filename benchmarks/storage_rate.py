@@ -20,8 +20,8 @@ from pathlib import Path
 
 from benchmarks.attack import valid_result
 from benchmarks.pgserver import PostgresServer, unavailable_reason
-from edge_runtime.collect.schema import parse_result
-from edge_runtime.collect.storage import STORED, open_storage
+from edge_runtime.fleet.messages import parse_result
+from central.storage import STORED, open_storage
 from edge_runtime.db.store import utc_now
 
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Print what pyproject.toml packages (plus pyproject.toml and the readme), one per line.
+"""Print what a board gets of what pyproject.toml packages (plus pyproject.toml and the readme), one per line.
 
-Used by install.sh and bench-on-device.sh so a board only ever receives the packaged source: no data, no runs.
+Used by install.sh and bench-on-device.sh so a board only ever receives the packaged source: no data, no runs,
+and not the central side (the collector, its API and the rollout publisher run on a server, never on a board).
 """
 import sys
 
 FIXED_LAYOUT = ["README.md", "benchmarks", "convert", "edge_runtime", "pyproject.toml", "train"]
+NOT_ON_A_BOARD = {"central"}
 
 try:
     import tomllib
@@ -22,4 +24,5 @@ if isinstance(readme, str):
 # packages.find's include patterns ("edge_runtime*") name the top-level package folders
 found = project.get("tool", {}).get("setuptools", {}).get("packages", {}).get("find", {}).get("include", [])
 items.update(pattern.rstrip("*").rstrip(".") for pattern in found)
+items -= NOT_ON_A_BOARD
 print("\n".join(sorted(items)))

@@ -524,8 +524,8 @@ def _central_store(path: Path, keys: list[tuple[str, int]]) -> None:
     import random as _random
 
     from benchmarks.attack import valid_result
-    from edge_runtime.collect.schema import parse_result
-    from edge_runtime.collect.storage import open_storage
+    from edge_runtime.fleet.messages import parse_result
+    from central.storage import open_storage
 
     rng = _random.Random(0)
     storage = open_storage(path)

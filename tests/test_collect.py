@@ -1,4 +1,4 @@
-"""The central collector (`python -m edge_runtime.collect`) as a real process against a real Mosquitto: each
+"""The central collector (`python -m central`) as a real process against a real Mosquitto: each
 result stored once, no payload can stop it (issue 19: a fuzz of valid, duplicate, conflicting and malformed
 messages), rejected ones kept as dead letters, conflicting duplicates recorded, acknowledgements only after the
 commit, and the shipped broker ACL confining each board to its own topics."""
@@ -30,7 +30,7 @@ class Collector:
     def __init__(self, port: int, db: Path, log: Path, *extra: str):
         self.db, self.log = db, log
         with open(log, "ab") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.collect", "--broker",
+            self.proc = subprocess.Popen([sys.executable, "-m", "central", "--broker",
                                           f"127.0.0.1:{port}", "--prefix", PREFIX, "--db", str(db), *extra],
                                          stdout=fh, stderr=fh, cwd=REPO)
         self.started = log.read_text().count("collecting") + 1

@@ -1,4 +1,4 @@
-"""The central read API (python -m edge_runtime.collect.api) over a collector database filled through the real
+"""The central read API (python -m central.api) over a collector database filled through the real
 storage (add_results of parsed board messages), on SQLite and on a real PostgreSQL server (skipped with the reason
 where none can start): boards with their bundle state, counts per grouping against counts computed here, filters,
 paging without gaps or repeats, the hardening (token, Host, Origin, methods, hostile parameters) and that the API
@@ -24,10 +24,10 @@ import pytest
 
 from benchmarks.attack import valid_result
 from conftest import REPO
-from edge_runtime.collect import queries
-from edge_runtime.collect.api import CentralApi
-from edge_runtime.collect.schema import parse_bundle_state, parse_result
-from edge_runtime.collect.storage import StorageError, open_storage
+from central import queries
+from central.api import CentralApi
+from edge_runtime.fleet.messages import parse_bundle_state, parse_result
+from central.storage import StorageError, open_storage
 
 TOKEN = "central-s3cret"
 BOARDS = ("tool-01", "tool-02", "tool-03")
@@ -337,7 +337,7 @@ def test_postgres_without_psycopg_is_one_clear_line(monkeypatch):
 
 
 def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edge_runtime.collect.api", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "central.api", *args], capture_output=True,
                           text=True, cwd=REPO, timeout=timeout)
 
 
@@ -361,7 +361,7 @@ def test_cli_serves_with_the_token_from_a_file(tmp_path):
     path = tmp_path / "central.sqlite3"
     fill(str(path))
     (tmp_path / "token").write_text(TOKEN + "\n")
-    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.collect.api", "--db", str(path), "--listen",
+    proc = subprocess.Popen([sys.executable, "-m", "central.api", "--db", str(path), "--listen",
                              "127.0.0.1:0", "--token-file", str(tmp_path / "token"), "--allowed-hosts",
                              "central.fab.local"], stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:

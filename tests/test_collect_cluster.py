@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.attack import valid_result
-from edge_runtime.collect.takeover import RETRY_S
+from central.takeover import RETRY_S
 from conftest import REPO
 from test_collect import PREFIX, Collector, publish, publisher
 from test_fleet_mqtt import MOSQUITTO, Broker, broker, mqtt  # noqa: F401 (fixture)
@@ -222,7 +222,7 @@ def test_sigterm_stores_and_acknowledges_what_is_pending(broker, tmp_path):
 def test_share_needs_a_client_id_of_its_own(tmp_path):
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "edge_runtime.collect", "--broker", "127.0.0.1:1", "--db",
+    proc = subprocess.run([sys.executable, "-m", "central", "--broker", "127.0.0.1:1", "--db",
                            str(tmp_path / "x.sqlite3"), "--share", "central"], capture_output=True, text=True,
                           cwd=REPO, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == \
@@ -333,7 +333,7 @@ def test_a_collector_started_before_its_database_waits_for_it(broker, postgres_s
 
 
 def test_a_database_url_password_is_not_logged():
-    from edge_runtime.collect.collector import redact
+    from central.collector import redact
 
     assert redact("postgresql://collect:s3cr%40t@db.fab.local:5432/inspections") == \
         "postgresql://collect:***@db.fab.local:5432/inspections"

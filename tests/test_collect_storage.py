@@ -1,4 +1,4 @@
-"""The collector's storage on both back-ends (edge_runtime/collect/storage.py: SQLite, postgres.py: PostgreSQL on
+"""The collector's storage on both back-ends (central/storage.py: SQLite, postgres.py: PostgreSQL on
 a real server the tests start themselves, benchmarks/pgserver.py): batches with duplicates and conflicts, dead
 letters with hostile bytes, status and bundle state, the schema version and its migration from the first
 collector's SQLite file, the indexes, read-only queries, schema creation by two collectors at once, a server
@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from edge_runtime.collect import postgres, rows, storage
-from edge_runtime.collect.schema import parse_bundle_state, parse_result
-from edge_runtime.collect.storage import (CONFLICT, DUPLICATE, KEEP_BYTES, STORED, StorageError, open_storage)
+from central import postgres, rows, storage
+from edge_runtime.fleet.messages import parse_bundle_state, parse_result
+from central.storage import (CONFLICT, DUPLICATE, KEEP_BYTES, STORED, StorageError, open_storage)
 
 BUNDLE = "ab" * 32
 

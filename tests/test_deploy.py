@@ -418,6 +418,7 @@ def test_dockerfile_references_only_existing_files_and_packages_the_edge_runtime
     needed = set(listed) | {"pyproject.toml", project["project"]["readme"]}
     assert {"edge_runtime", "train", "convert", "benchmarks"} <= needed
     assert needed <= set(copied), f"pip install needs {sorted(needed - set(copied))}"
+    assert "central" not in needed and "central" not in copied        # the central side never goes on a board
     runs = " ".join(rest for word, rest in ins if word == "RUN")
     assert 'pip install ".[edge]"' in runs and "tensorflow" in runs      # installs edge only, checks no TF
     user = [rest for word, rest in ins if word == "USER"]

@@ -10,7 +10,8 @@ from http import HTTPStatus
 
 import pytest
 
-from edge_runtime.config.service_config import ConfigError, parse_host_names
+from edge_runtime.config.service_config import ConfigError
+from edge_runtime.netnames import parse_host_names
 from edge_runtime.fleet.http_base import AllowedHosts, BoundedHTTPServer, HTTPError, Limits, ResponseHandler
 
 

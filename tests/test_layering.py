@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO
 
 LINT = Path(sys.executable).with_name("lint-imports")
-PACKAGES = ("edge_runtime", "train", "convert", "benchmarks")
+PACKAGES = ("edge_runtime", "train", "convert", "benchmarks", "central")
 
 pytestmark = pytest.mark.skipif(not LINT.exists(), reason="import-linter is not installed (the dev extra)")
 
@@ -58,6 +58,9 @@ VIOLATIONS = [
     ("edge_runtime/db/store.py", "from edge_runtime.review import reviews", "edge-layers"),
     ("edge_runtime/service/watch.py", "from edge_runtime.review import server", "edge-layers"),
     ("train/tta.py", "import convert.cli", "projects"),
+    ("edge_runtime/fleet/publisher.py", "import central.collector", "projects"),   # a board never imports it
+    ("central/api.py", "import train.report", "projects"),
+    ("edge_runtime/netnames.py", "from edge_runtime.config import service_config", "runtime-minimal"),
     ("benchmarks/worker.py", "from edge_runtime.service import watch", "benchmarks-runtime-only"),
     ("convert/sensitivity.py", "from convert import cli", "no-cycles"),
 ]
@@ -97,3 +100,14 @@ def test_the_one_off_path_loads_only_the_runtime(tiny_bundle, tmp_path):
     outside = {m for m in loaded if m.rsplit(".", 1)[0] not in allowed_packages}
     assert not outside, f"the one-off path loaded {sorted(outside)}"
     assert "edge_runtime.inspector" in loaded and "edge_runtime.cli" in loaded
+
+
+@pytest.mark.parametrize("old, new", [("edge_runtime.collect", "central"),
+                                      ("edge_runtime.collect.api", "central.api"),
+                                      ("edge_runtime.collect.rollout", "central.rollout")])
+def test_the_old_central_commands_still_run_with_a_deprecation_line(old, new):
+    res = subprocess.run([sys.executable, "-m", old, "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert f"python -m {old} is deprecated" in res.stderr and f"use python -m {new}" in res.stderr
+    assert "usage:" in res.stdout

@@ -97,7 +97,7 @@ def fleet_bundles(tmp_path_factory, tiny_bundle_v2):
     from convert.sign import main as sign_main
     from edge_runtime.adapt.derive import derive_bundle
     from edge_runtime.bundle import load_bundle
-    from edge_runtime.collect.rollout import pack
+    from central.rollout import pack
     from edge_runtime.inspector import Inspector
 
     root = tmp_path_factory.mktemp("fleet")
@@ -218,7 +218,7 @@ class Statuses:
 
 
 def publish(broker_port: int, boards, *args) -> None:
-    from edge_runtime.collect.rollout import main as rollout_main
+    from central.rollout import main as rollout_main
     assert rollout_main([args[0], "--broker", f"127.0.0.1:{broker_port}", "--boards", ",".join(boards),
                          "--prefix", PREFIX, *args[1:]]) == 0
 
@@ -340,7 +340,7 @@ def test_three_boards_promote_refuse_reject_and_roll_back(tmp_path, broker, file
                   for r in collector.rows("SELECT board, current, last_change FROM fleet_bundle_state")]}
     assert sorted(state) == names
     assert all(s["current"] == a and s["last_change"].startswith("rolled back") for s in state.values())
-    from edge_runtime.collect.rollout import main as rollout_main
+    from central.rollout import main as rollout_main
     assert rollout_main(["status", "--db", str(tmp_path / "central.sqlite3")]) == 0
     out = capsys.readouterr().out
     assert all(f"{n}: current {a[:16]}" in out for n in names)

@@ -1,6 +1,4 @@
-"""python -m edge_runtime.collect: the central collector (edge_runtime/collect/collector.py)."""
-import sys
+"""Deprecated: python -m edge_runtime.collect runs python -m central (the collector)."""
+from edge_runtime.collect import run_moved
 
-from edge_runtime.collect.collector import main
-
-sys.exit(main())
+run_moved("edge_runtime.collect", "central")

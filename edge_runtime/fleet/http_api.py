@@ -30,7 +30,8 @@ import threading
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
-from edge_runtime.config.service_config import ServiceConfig, inspector_args, parse_host_names, parse_host_port
+from edge_runtime.config.service_config import ServiceConfig, inspector_args
+from edge_runtime.netnames import parse_host_names, parse_host_port
 from edge_runtime.db.journal import row_to_json
 from edge_runtime.db.store import Store
 from edge_runtime.fleet.http_base import AllowedHosts, BoundedHTTPServer, HTTPError, Limits, ResponseHandler

@@ -51,7 +51,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
-from edge_runtime.config.service_config import canonical_host
+from edge_runtime.netnames import canonical_host
 from edge_runtime.db.store import StorageError
 
 log = logging.getLogger("edge_inspect.http")

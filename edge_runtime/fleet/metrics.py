@@ -19,7 +19,7 @@
 """
 from __future__ import annotations
 
-from edge_runtime.fleet.publisher import need
+from edge_runtime.extras import need
 
 STAGES = ("preprocess", "stage1", "stage2")
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

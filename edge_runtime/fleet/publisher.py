@@ -26,27 +26,13 @@ import ssl
 import threading
 import time
 
-from edge_runtime.config.service_config import ServiceConfig, parse_host_port
+from edge_runtime.config.service_config import ServiceConfig
+from edge_runtime.netnames import parse_host_port
 from edge_runtime.db.journal import row_to_json
 from edge_runtime.db.store import Store, utc_now
+from edge_runtime.extras import need
 
 log = logging.getLogger("edge_inspect")
-
-FLEET_HINT = 'pip install "sem-inspect[fleet]"'
-
-
-class FleetUnavailable(RuntimeError):
-    """A fleet setting is used but its package is not installed."""
-
-
-def need(module: str, setting: str, package: str):
-    """Import an optional fleet dependency, or say how to install it."""
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise FleetUnavailable(f"{setting} needs the {package} package: {FLEET_HINT}") from None
-
 
 def topics(prefix: str, board: str) -> dict[str, str]:
     base = f"{prefix.strip('/')}/{board}"

@@ -1,4 +1,4 @@
-"""The rollout message: what the central side (`python -m edge_runtime.collect.rollout`) publishes to a board and
+"""The rollout message: what the central side (`python -m central.rollout`) publishes to a board and
 what the board (edge_runtime/service/rollout.py) accepts. One definition, both sides.
 
 Topic PREFIX/BOARD/rollout, QoS 1, retained (a board that was off receives the latest when it connects; a board

@@ -38,7 +38,7 @@ from http import HTTPStatus
 from pathlib import Path, PurePosixPath
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from edge_runtime.config.service_config import parse_host_names, parse_host_port
+from edge_runtime.netnames import parse_host_names, parse_host_port
 from edge_runtime.db.store import StorageError
 from edge_runtime.fleet import json_input
 from edge_runtime.fleet.http_base import (AllowedHosts, BoundedHTTPServer, HTTPError, Limits, ResponseHandler,

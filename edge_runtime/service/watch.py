@@ -185,7 +185,7 @@ class WatchService:
                 self.metrics = metrics
                 inspector = TimedInspector(inspector, metrics)
                 self.http = HttpApi(cfg, self, metrics)
-        except RuntimeError as exc:         # FleetUnavailable: the package to install is named
+        except RuntimeError as exc:         # MissingExtra: the package to install is named
             raise WatchError(str(exc)) from exc
         except OSError as exc:
             raise WatchError(f"http: cannot listen on {cfg.http}: {exc.strerror or exc}") from exc

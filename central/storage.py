@@ -45,11 +45,11 @@ import time
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from edge_runtime.collect.rows import (ADD_TOTALS, BACKFILL_TOTALS, CONFLICT, DUPLICATE, INDEXES, KEEP_BYTES,
+from central.rows import (ADD_TOTALS, BACKFILL_TOTALS, CONFLICT, DUPLICATE, INDEXES, KEEP_BYTES,
                                        QUERY_TIMEOUT_S, RESULT_FIELDS, SCHEMA_VERSION, STORED, StorageError,
                                        board_totals, conflict_row, dead_letter_row, newer_schema, outcome,
                                        result_row, utc_iso)
-from edge_runtime.collect.schema import BUNDLE_STATE_COLUMNS, Result
+from edge_runtime.fleet.messages import BUNDLE_STATE_COLUMNS, Result
 from edge_runtime.db.store import utc_now
 
 __all__ = ["Storage", "StorageError", "SQLiteStorage", "open_storage", "STORED", "DUPLICATE", "CONFLICT",
@@ -240,6 +240,6 @@ def open_storage(db: str | Path) -> Storage:
         # Path("postgresql://h/db") is "postgresql:/h/db": the URL was lost on the way
         raise ValueError(f"{db} looks like a PostgreSQL URL made into a path: pass --db as text")
     if is_postgres_url(db):
-        from edge_runtime.collect.postgres import PostgresStorage
+        from central.postgres import PostgresStorage
         return PostgresStorage(db)
     return SQLiteStorage(db)

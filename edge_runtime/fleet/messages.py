@@ -4,7 +4,7 @@
     payload          at most MAX_PAYLOAD bytes of strict UTF-8 JSON (edge_runtime/fleet/json_input.py: no UTF-16,
                      no surrogates, finite numbers, integers within 64 bits, bounded nesting), one object
     id               integer 1 .. 2**63-1 (SQLite's INTEGER)
-    board            the board of the topic (PREFIX/BOARD/result), a board name (service_config.is_board_name)
+    board            the board of the topic (PREFIX/BOARD/result), a board name (edge_runtime/netnames.py)
     outcome          "inspected" or "quarantined"
     name             text; path, moved_to, reason, variant: text or null
     recorded_at      an ISO-8601 time
@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 
 from edge_runtime.classnames import ClassNameError, check_class_name
-from edge_runtime.config.service_config import BOARD_RULE, is_board_name
+from edge_runtime.netnames import BOARD_RULE, is_board_name
 from edge_runtime.fleet import json_input
 
 MAX_PAYLOAD = 64 * 1024

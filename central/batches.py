@@ -17,8 +17,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from edge_runtime.collect.schema import Rejected, Result, parse_bundle_state, parse_result, parse_status
-from edge_runtime.collect.storage import Storage, StorageError
+from edge_runtime.fleet.messages import Rejected, Result, parse_bundle_state, parse_result, parse_status
+from central.storage import Storage, StorageError
 
 log = logging.getLogger("edge_inspect.collect")
 

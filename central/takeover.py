@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 
-from edge_runtime.collect.batches import Link, Message, message_topic
+from central.batches import Link, Message, message_topic
 
 log = logging.getLogger("edge_inspect.collect")
 

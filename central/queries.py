@@ -1,4 +1,4 @@
-"""What the central read API (edge_runtime/collect/api.py) asks of the collector's database, read-only.
+"""What the central read API (central/api.py) asks of the collector's database, read-only.
 
 open_reader(db) opens the database for reading only, on either back-end, and never creates, migrates or writes it:
     SQLite       the file opened with `mode=ro` and `PRAGMA query_only`; a missing file is an error
@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Protocol, Sequence
 from urllib.parse import quote
 
-from edge_runtime.collect.postgres import CONNECT_TIMEOUT_S, INSTALL_HINT, placeholders
-from edge_runtime.collect.rows import QUERY_TIMEOUT_S, utc_iso
-from edge_runtime.collect.schema import BUNDLE_STATE_COLUMNS
-from edge_runtime.collect.storage import StorageError, is_postgres_url
-from edge_runtime.config.service_config import BOARD_RULE, is_board_name
+from central.postgres import CONNECT_TIMEOUT_S, INSTALL_HINT, placeholders
+from central.rows import QUERY_TIMEOUT_S, utc_iso
+from edge_runtime.fleet.messages import BUNDLE_STATE_COLUMNS
+from central.storage import StorageError, is_postgres_url
+from edge_runtime.netnames import BOARD_RULE, is_board_name
 from edge_runtime.fleet import json_input
 
 MAX_LIMIT, DEFAULT_LIMIT = 1000, 100

@@ -1,6 +1,6 @@
 """The central side: gather the results of every board from the MQTT broker into one database.
 
-    python -m edge_runtime.collect --broker broker.fab.local:1883 --db /srv/fab/inspections.sqlite3 \
+    python -m central --broker broker.fab.local:1883 --db /srv/fab/inspections.sqlite3 \
         [--db postgresql://collect@db.fab.local/inspections] [--share GROUP --client-id ID] \
         [--batch 500 --batch-ms 100] [--prefix sem-inspect] [--username U --password-file F] [--tls [--ca CA.pem]]
 
@@ -51,11 +51,11 @@ import sys
 import threading
 from pathlib import Path
 
-from edge_runtime.collect.batches import RETRY_FIRST_S, RETRY_MAX_S, Batcher, Collector, Link, Message, message_topic
-from edge_runtime.collect.storage import Storage, StorageError, open_storage
-from edge_runtime.collect.takeover import Presence
-from edge_runtime.config.service_config import parse_host_port
-from edge_runtime.fleet.publisher import FleetUnavailable, need
+from central.batches import RETRY_FIRST_S, RETRY_MAX_S, Batcher, Collector, Link, Message, message_topic
+from central.storage import Storage, StorageError, open_storage
+from central.takeover import Presence
+from edge_runtime.netnames import parse_host_port
+from edge_runtime.extras import MissingExtra, need
 
 log = logging.getLogger("edge_inspect.collect")
 
@@ -74,7 +74,7 @@ def redact(db: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m edge_runtime.collect",
+    p = argparse.ArgumentParser(prog="python -m central",
                                 description="Gather every board's results from the MQTT broker into one database.")
     p.add_argument("--broker", required=True, metavar="HOST:PORT")
     p.add_argument("--db", required=True, metavar="PATH|URL",
@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         host, port = parse_host_port(args.broker)
-        mqtt = need("paho.mqtt.client", "collect", "paho-mqtt")
+        mqtt = need("paho.mqtt.client", "collect", "paho-mqtt", "central")
         password = Path(args.password_file).read_text().strip() if args.password_file else None
-    except (ValueError, FleetUnavailable, OSError) as exc:
+    except (ValueError, MissingExtra, OSError) as exc:
         print(f"collect: error: {exc}", file=sys.stderr)
         return 2
     from paho.mqtt.subscribeoptions import SubscribeOptions

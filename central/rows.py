@@ -12,7 +12,7 @@ import datetime as _dt
 import hashlib
 import json
 
-from edge_runtime.collect.schema import COLUMNS, Result
+from edge_runtime.fleet.messages import COLUMNS, Result
 from edge_runtime.db import store
 
 KEEP_BYTES = 64 * 1024          # of a dead letter's payload; its size and sha256 are of the whole

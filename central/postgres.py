@@ -19,10 +19,10 @@ import contextlib
 import threading
 from typing import Sequence
 
-from edge_runtime.collect.rows import (ADD_TOTALS, BACKFILL_TOTALS, CONFLICT, INDEXES, QUERY_TIMEOUT_S, RESULT_FIELDS,
+from central.rows import (ADD_TOTALS, BACKFILL_TOTALS, CONFLICT, INDEXES, QUERY_TIMEOUT_S, RESULT_FIELDS,
                                        SCHEMA_VERSION, STORED, StorageError, board_totals, conflict_row,
                                        dead_letter_row, newer_schema, outcome, result_row)
-from edge_runtime.collect.schema import BUNDLE_STATE_COLUMNS, Result
+from edge_runtime.fleet.messages import BUNDLE_STATE_COLUMNS, Result
 from edge_runtime.db.store import utc_now
 
 CONNECT_TIMEOUT_S = 10

@@ -40,7 +40,12 @@ class FileSig(NamedTuple):
 
 
 class FileChanged(Exception):
-    """The file at a path is no longer the version that was read (replaced, rewritten)."""
+    """The file at a path is no longer the version that was read (replaced, rewritten). returned: where a file
+    swapped in during the move was put back (a new input), if one was."""
+
+    def __init__(self, message: str, returned: Path | None = None):
+        super().__init__(message)
+        self.returned = returned
 
 
 def check_folder(path: Path, what: str, write: bool, create: bool) -> None:
@@ -82,16 +87,44 @@ def _check(path: Path, expect: FileSig | None) -> None:
         raise FileChanged(f"{path} changed since it was read")
 
 
-def move(src: Path, dest: Path, expect: FileSig | None = None) -> None:
+def _same_version(st: os.stat_result, expect: FileSig) -> bool:
+    """Whether a file seen after a rename is the version that was read: a rename changes the ctime of the
+    file it moves, never its inode, size or mtime."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (expect.dev, expect.ino, expect.size,
+                                                                    expect.mtime_ns)
+
+
+def _put_back(moved: Path, src: Path) -> Path:
+    """Return a file that was moved by mistake to the folder it came from, as a new input: under its own name
+    when that is free, else under a new one (link + unlink never replaces a file there)."""
+    for n in range(1000):
+        back = src if n == 0 else src.with_name(f"{src.stem}.returned-{n}{src.suffix}")
+        try:
+            os.link(moved, back, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        os.unlink(moved)
+        return back
+    raise FileChanged(f"{src}: cannot put back {moved} (no free name)")
+
+
+def move(src: Path, dest: Path, expect: FileSig | None = None) -> Path | None:
     """Rename; across file systems copy to a new hidden temporary, fsync, rename, then unlink the source.
-    expect: the source must still be this version of the file, else FileChanged and nothing is moved."""
+    expect: the source must still be this version of the file, else FileChanged and nothing is moved. A name
+    is checked before it is renamed, so a file swapped in between those two steps is caught after the rename,
+    by its inode, and put back as a new input. Returns where a file swapped in under the source's name after
+    a copy was put back (a new input), or None."""
     _check(src, expect)
     try:
         os.rename(src, dest)
-        return
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
+    else:
+        if expect is not None and not _same_version(os.lstat(dest), expect):
+            back = _put_back(dest, src)
+            raise FileChanged(f"{src} was replaced while it was moved; the new file is back as {back.name}", back)
+        return None
     fin, st = open_regular(src, follow_symlinks=False)
     with fin:
         if expect is not None and FileSig.of(st) != expect:
@@ -111,7 +144,18 @@ def move(src: Path, dest: Path, expect: FileSig | None = None) -> None:
             except OSError:
                 pass
             raise
-    src.unlink()
+    return _unlink_copied(src, st)
+
+
+def _unlink_copied(src: Path, copied: os.stat_result) -> Path | None:
+    """Remove the source of a copy, unless another file was swapped in under its name: taken aside under a
+    hidden name first, so only the copied inode is ever unlinked and the other one is put back as an input."""
+    aside = src.with_name(f"{TEMP_PREFIX}{os.urandom(6).hex()}.moved")
+    os.rename(src, aside)
+    if (os.lstat(aside).st_dev, os.lstat(aside).st_ino) == (copied.st_dev, copied.st_ino):
+        os.unlink(aside)
+        return None
+    return _put_back(aside, src)
 
 
 def write_new(path: Path, text: str) -> None:

@@ -418,15 +418,17 @@ class Recorder:
                 else:
                     raise FileExistsError(errno.EEXIST, f"{dest} exists with other content")
             elif os.path.lexists(path):
-                fileops.move(path, dest, expect=seen)
-        except FileChanged:
+                returned = fileops.move(path, dest, expect=seen)
+                if returned is not None:        # swapped in under the name after the copy: a new input
+                    self._requeue.append(returned.name)
+        except FileChanged as exc:
             log.warning("%s changed after it was read (replaced or rewritten): not moved; it will be inspected "
                         "again as it is now%s", shown(name),
                         f" (result id {row['id']}, for the version that was read, marked missing)"
                         if row["state"] == "recorded" else "")
             if row["state"] == "recorded":
                 self._missing_ids.append(row["id"])
-            self._requeue.append(name)
+            self._requeue.append(exc.returned.name if exc.returned is not None else name)
             return False
         except OSError as exc:
             if is_disk_full(exc):

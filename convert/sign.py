@@ -3,8 +3,10 @@
     python -m convert keygen --out keys/ [--name release]     -> keys/release.key (private, 0600), release.pub
     python -m convert sign models/NAME --key keys/release.key   -> models/NAME/manifest.sig
 
-`sign` checks the bundle first (every file against the manifest: a bundle is signed only whole), refuses a key
-that lies inside the bundle and a bundle that holds any private key, and writes manifest.sig atomically. It
+`sign` checks the bundle first (every file against the manifest: a bundle is signed only whole), refuses a
+folder that holds anything its manifest does not pin (reports, sub-folders, links: whatever is copied with the
+folder would reach the boards unsigned), a key that lies inside the bundle and a bundle that holds a private key
+in any file, and writes manifest.sig atomically. It
 prints the key id and the bundle id, never the key. Boards trust the .pub file (service.yaml `trusted_keys:`).
 No TensorFlow needed. Exit 0 ok, 2 bad input (the message says why).
 """
@@ -16,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edge_runtime.bundle import MANIFEST, BundleError, load_bundle
+from edge_runtime.bundle import MANIFEST, Bundle, BundleError, load_bundle
+from edge_runtime.digest import sha256_file
 from edge_runtime.signing import SIGNATURE, SignatureError, generate_key, holds_private_key, signature_for
 
 
@@ -28,9 +31,17 @@ def sign_bundle(bundle: str | os.PathLike, key: str | os.PathLike) -> tuple[Path
     if root == key_path.parent or root in key_path.parents:
         raise SignatureError(f"{key_path}: the private key lies inside the bundle; keep it outside (it would be "
                              "shipped to every board)")
-    for f in sorted(root.iterdir()):
-        if f.is_file() and holds_private_key(f):
+    entries = everything_in(root)
+    for f in entries:
+        if f.is_file() and not f.is_symlink() and holds_private_key(f):
             raise SignatureError(f"{f}: a private key inside the bundle; remove it before signing")
+    pinned = pinned_files(loaded)
+    unpinned = [p for p in entries if p.relative_to(root).as_posix() not in pinned]
+    if unpinned:
+        shown = ", ".join(p.relative_to(root).as_posix() for p in unpinned[:5])
+        more = f" and {len(unpinned) - 5} more" if len(unpinned) > 5 else ""
+        raise SignatureError(f"{root}: holds what its manifest does not pin: {shown}{more}; a signed bundle is only "
+                             "its pinned files (move reports elsewhere, e.g. convert compare --out DIR)")
     manifest = (root / MANIFEST).read_bytes()
     sig = signature_for(manifest, key_path)
     fd, tmp = tempfile.mkstemp(prefix=f".{SIGNATURE}.", dir=root)
@@ -46,6 +57,26 @@ def sign_bundle(bundle: str | os.PathLike, key: str | os.PathLike) -> tuple[Path
         raise
     import json
     return root / SIGNATURE, json.loads(sig)["key_id"], loaded.bundle_id
+
+
+def pinned_files(bundle: Bundle) -> set[str]:
+    """The names a signed bundle may hold: the manifest, its signature, and every file the manifest pins (the
+    models, heads and replay set, checked when the bundle was loaded, and the extra files under `files:`,
+    checked here)."""
+    extras = bundle.manifest.get("files") or {}
+    for name, entry in extras.items():
+        path = bundle.root / name
+        if not path.is_file() or path.is_symlink() or sha256_file(path) != entry.get("sha256"):
+            raise BundleError(f"{path}: missing or not the file the manifest pins (sha256 mismatch)")
+    return {MANIFEST, SIGNATURE, *bundle.files(), *extras}
+
+
+def everything_in(root: Path) -> list[Path]:
+    """Every entry under root (files, folders, links, anything), never following a link."""
+    found = []
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        found += [Path(folder) / n for n in sorted(dirs + names)]
+    return sorted(found)
 
 
 def main(argv: list[str]) -> int:

@@ -213,11 +213,18 @@ def signature_for(manifest: bytes, key_path: str | os.PathLike) -> bytes:
 
 
 def holds_private_key(path: Path) -> bool:
-    """Whether a file looks like a PEM private key (never allowed inside a bundle)."""
+    """Whether a file holds a PEM private key anywhere in it (never allowed inside a bundle): read whole, in
+    chunks that overlap by a marker's length so a marker across two chunks is still found."""
+    keep = max(len(m) for m in PRIVATE_MARKERS) - 1
     try:
         fh, _ = open_regular(path)
         with fh:
-            head = fh.read(1 << 20)
+            tail = b""
+            while chunk := fh.read(1 << 20):
+                window = tail + chunk
+                if any(m in window for m in PRIVATE_MARKERS):
+                    return True
+                tail = window[-keep:]
     except OSError:
         return False
-    return any(m in head for m in PRIVATE_MARKERS)
+    return False

@@ -126,3 +126,36 @@ def test_edge_venv_runs_without_cryptography_unless_keys_are_set(keys, bundle, t
                              cwd=REPO, timeout=120)
     assert refused.returncode == 2
     assert "cryptography" in refused.stderr and 'sem-inspect[signing]' in refused.stderr
+
+
+@pytest.mark.parametrize("plant", ["report", "folder", "link", "key_late_in_a_pinned_file"])
+def test_signing_refuses_a_folder_holding_what_its_manifest_does_not_pin(keys, bundle, capsys, plant):
+    if plant == "report":
+        (bundle / "compare.md").write_text("| model | macro-F1 |\n")
+    elif plant == "folder":
+        (bundle / "extra").mkdir()
+        (bundle / "extra" / "notes.txt").write_text("shipped with the folder\n")
+    elif plant == "link":
+        (bundle / "models.lnk").symlink_to(bundle / "manifest.yaml")
+    else:       # a private key past the first MiB of a file in a sub-folder
+        (bundle / "data").mkdir()
+        (bundle / "data" / "blob.bin").write_bytes(b"\0" * (2 << 20) + keys["key"].read_bytes())
+    assert sign_main(["sign", str(bundle), "--key", str(keys["key"])]) == 2
+    err = capsys.readouterr().err
+    assert not (bundle / SIGNATURE).exists()
+    if plant == "key_late_in_a_pinned_file":
+        assert "private key inside the bundle" in err and "blob.bin" in err
+    else:
+        assert "does not pin" in err and {"report": "compare.md", "folder": "extra", "link": "models.lnk"}[plant] in err
+
+
+def test_a_private_key_anywhere_in_a_file_is_found(tmp_path, keys):
+    from edge_runtime.signing import holds_private_key
+    big = tmp_path / "blob.bin"
+    key = keys["key"].read_bytes()
+    marker = key.index(b"PRIVATE KEY-----")
+    # the marker straddles the 1 MiB chunk boundary
+    big.write_bytes(b"\0" * ((1 << 20) - marker - 5) + key)
+    assert holds_private_key(big)
+    big.write_bytes(b"\0" * (3 << 20))
+    assert not holds_private_key(big)

@@ -21,7 +21,7 @@ from typing import Sequence
 
 from central.rows import (ADD_TOTALS, BACKFILL_TOTALS, CONFLICT, INDEXES, QUERY_TIMEOUT_S, RESULT_FIELDS,
                                        SCHEMA_VERSION, STORED, StorageError, board_totals, conflict_row,
-                                       dead_letter_row, newer_schema, outcome, result_row)
+                                       dead_letter_row, newer_schema, outcome, result_row, storable)
 from edge_runtime.fleet.messages import BUNDLE_STATE_COLUMNS, Result
 from edge_runtime.db.store import utc_now
 
@@ -64,6 +64,9 @@ _STORED = ("SELECT board, id, payload FROM fleet_results WHERE (board, id) IN "
 # SQLSTATE classes worth waiting for: connection exceptions, transaction rollback (deadlock, serialization),
 # operator intervention (admin shutdown, cannot connect now), too many connections.
 _RETRY_STATES = ("08", "40", "57P", "53300")
+# A value the server refuses (SQLSTATE class 22, data exception: e.g. a NUL in text, a number out of range): the
+# message it came from is to blame, not the storage.
+_DATA_STATES = ("22",)
 
 
 def _psycopg():
@@ -136,7 +139,8 @@ class PostgresStorage:
                 retry = isinstance(exc, (self.psycopg.OperationalError, self.psycopg.InterfaceError)) and not state \
                     or state.startswith(_RETRY_STATES)
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise StorageError(f"PostgreSQL: {first}", retry=retry) from exc
+                raise StorageError(f"PostgreSQL: {first}", retry=retry, refused=state.startswith(_DATA_STATES)) \
+                    from exc
 
     @staticmethod
     def _migrate(conn) -> None:
@@ -206,7 +210,7 @@ class PostgresStorage:
         with self._guard():
             self._connection().execute(
                 "INSERT INTO fleet_boards VALUES (%s, %s, %s) ON CONFLICT (board) DO UPDATE SET "
-                "status = excluded.status, changed_at = excluded.changed_at", (board, status, utc_now()))
+                "status = excluded.status, changed_at = excluded.changed_at", storable((board, status, utc_now())))
 
     def set_bundle_state(self, board: str, state: dict) -> None:
         cols = ("board", *BUNDLE_STATE_COLUMNS, "payload", "reported_at")
@@ -215,7 +219,7 @@ class PostgresStorage:
             self._connection().execute(
                 f"INSERT INTO fleet_bundle_state ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))}) "
                 f"ON CONFLICT (board) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in cols[1:])}",
-                [values[c] for c in cols])
+                storable(values[c] for c in cols))
 
     def bundle_states(self) -> list[dict]:
         return self.query("SELECT * FROM fleet_bundle_state ORDER BY board")

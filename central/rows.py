@@ -45,18 +45,25 @@ ADD_TOTALS = ("INSERT INTO fleet_board_totals AS t (board, results, last_recorde
 
 
 class StorageError(store.StorageError):
-    """Storing failed for a reason that is not the message's (connection lost, server restarting, disk full,
-    database locked): the board store's StorageError (an HTTP server answers it with 503), plus retry: True when
-    waiting and trying again may succeed (a PostgreSQL connection lost)."""
+    """Storing failed: the board store's StorageError (an HTTP server answers it with 503), plus retry: True when
+    waiting and trying again may succeed (a PostgreSQL connection lost), and refused: True when the database
+    refused a value of this write (a data error), so the message it came from is to blame, not the storage."""
 
-    def __init__(self, message: str, retry: bool = False, disk_full: bool = False):
+    def __init__(self, message: str, retry: bool = False, disk_full: bool = False, refused: bool = False):
         super().__init__(message, disk_full)
         self.retry = retry
+        self.refused = refused
 
 
 def text(value: str) -> str:
     """Text any database takes (lone surrogates and NUL cannot be stored as they are: escaped)."""
     return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\0", "\\x00")
+
+
+def storable(values) -> tuple:
+    """The one rule for what is written to a database: every text value of a statement through text(), the
+    others as they are. Both back-ends pass every write's parameters through it."""
+    return tuple(text(v) if isinstance(v, str) else v for v in values)
 
 
 def utc_iso(value):
@@ -78,8 +85,7 @@ def utc_iso(value):
 def result_row(result: Result, received_at: str) -> tuple:
     """The values of RESULT_FIELDS for one result."""
     columns = {**result.columns, "recorded_at": utc_iso(result.columns["recorded_at"])}
-    values = (result.board, result.id, *[columns[c] for c in COLUMNS], result.payload, received_at)
-    return tuple(text(v) if isinstance(v, str) else v for v in values)
+    return storable((result.board, result.id, *[columns[c] for c in COLUMNS], result.payload, received_at))
 
 
 def board_totals(results: list[Result], outcomes: list[str]) -> list[tuple]:
@@ -102,15 +108,15 @@ def outcome(stored_payload: str, result: Result) -> str:
 
 def conflict_row(result: Result, received_at: str) -> tuple:
     """(board, result_id, payload, sha256, received_at) of fleet_conflicts."""
-    return (result.board, result.id, text(result.payload),
-            hashlib.sha256(result.payload.encode("utf-8")).hexdigest(), received_at)
+    return storable((result.board, result.id, result.payload,
+                     hashlib.sha256(result.payload.encode("utf-8")).hexdigest(), received_at))
 
 
 def dead_letter_row(topic: str, payload: bytes, reason: str, received_at: str) -> tuple:
     """(topic, reason, payload, size, sha256, received_at) of fleet_dead_letters: the first KEEP_BYTES of the
     payload, its size and digest of the whole."""
-    return (text(topic), text(reason), bytes(payload[:KEEP_BYTES]), len(payload), hashlib.sha256(payload).hexdigest(),
-            received_at)
+    return storable((topic, reason, bytes(payload[:KEEP_BYTES]), len(payload), hashlib.sha256(payload).hexdigest(),
+                     received_at))
 
 
 def newer_schema(found: int) -> StorageError:

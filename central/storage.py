@@ -48,7 +48,7 @@ from typing import Protocol, Sequence
 from central.rows import (ADD_TOTALS, BACKFILL_TOTALS, CONFLICT, DUPLICATE, INDEXES, KEEP_BYTES,
                                        QUERY_TIMEOUT_S, RESULT_FIELDS, SCHEMA_VERSION, STORED, StorageError,
                                        board_totals, conflict_row, dead_letter_row, newer_schema, outcome,
-                                       result_row, utc_iso)
+                                       result_row, storable, utc_iso)
 from edge_runtime.fleet.messages import BUNDLE_STATE_COLUMNS, Result
 from edge_runtime.db.store import utc_now
 
@@ -135,8 +135,9 @@ class SQLiteStorage:
         with self._lock:
             try:
                 yield
-            except (sqlite3.Error, OSError) as exc:
-                raise StorageError(f"SQLite: {exc}", retry=False) from exc
+            except (sqlite3.Error, OSError, OverflowError) as exc:
+                raise StorageError(f"SQLite: {exc}", retry=False,
+                                   refused=isinstance(exc, (sqlite3.DataError, OverflowError))) from exc
 
     @contextlib.contextmanager
     def _transaction(self):
@@ -194,14 +195,14 @@ class SQLiteStorage:
     def set_status(self, board: str, status: str) -> None:
         with self._guard():
             self.db.execute("INSERT INTO fleet_boards VALUES (?, ?, ?) ON CONFLICT(board) DO UPDATE SET "
-                            "status = excluded.status, changed_at = excluded.changed_at", (board, status, utc_now()))
+                            "status = excluded.status, changed_at = excluded.changed_at", storable((board, status, utc_now())))
 
     def set_bundle_state(self, board: str, state: dict) -> None:
         cols = ("board", *BUNDLE_STATE_COLUMNS, "payload", "reported_at")
         values = {**state, "board": board, "reported_at": utc_now()}
         with self._guard():
             self.db.execute(f"INSERT OR REPLACE INTO fleet_bundle_state ({', '.join(cols)}) VALUES "
-                            f"({', '.join('?' * len(cols))})", [values[c] for c in cols])
+                            f"({', '.join('?' * len(cols))})", storable(values[c] for c in cols))
 
     def bundle_states(self) -> list[dict]:
         return self.query("SELECT * FROM fleet_bundle_state ORDER BY board")

@@ -125,6 +125,31 @@ def test_result_text_with_nul_is_stored_escaped(store):
     assert row["name"] == "a\\x00b" and json.loads(row["payload"])["name"] == "a\0b"
 
 
+def test_status_text_with_nul_is_stored_escaped_on_both_back_ends(store):
+    """Every text written goes through one rule: a retained status whose text fields hold a NUL (valid JSON)
+    is stored, escaped, on PostgreSQL too, instead of failing the write (and stopping every collector)."""
+    state = parse_bundle_state(json.dumps({"status": "online", "bundle": {
+        "current": BUNDLE, "phase": "sha\0dow",
+        "last_change": {"at": "2026-12-02T10:00:00\0", "what": "shadow\0", "why": "rollout \0r1"}}}).encode())
+    store.set_bundle_state("board-a", state)
+    (row,) = store.bundle_states()
+    assert row["phase"] == "sha\\x00dow" and row["last_change"] == "shadow\\x00: rollout \\x00r1"
+    assert row["last_change_at"] == "2026-12-02T10:00:00\\x00"
+    assert json.loads(row["payload"])["bundle"]["phase"] == "sha\0dow"
+
+
+def test_a_value_the_database_refuses_is_marked_refused_not_a_storage_failure(db, store):
+    """What the server refuses as data (SQLSTATE 22 on PostgreSQL) is the message's fault: refused=True, so the
+    collector dead-letters that message instead of stopping."""
+    if not db.startswith("postgresql"):
+        with pytest.raises(StorageError) as exc:
+            store.set_status("board-a", 2 ** 70)         # SQLite refuses an integer beyond 64 bits
+    else:
+        with pytest.raises(StorageError) as exc:
+            store.query("SELECT 1 / 0")                  # division_by_zero, SQLSTATE 22012
+    assert exc.value.refused and not exc.value.retry
+
+
 def test_status_and_bundle_state_keep_the_latest(store):
     store.set_status("board-a", "online")
     store.set_status("board-b", "online")

@@ -87,7 +87,8 @@ def describe(archive: str | Path) -> dict:
     except SignatureError as exc:
         raise RolloutError(str(exc)) from None
     return {"bundle_id": hashlib.sha256(manifest).hexdigest(), "sha256": digest.hexdigest(), "bytes": size,
-            "signature": {k: fields[k] for k in ("format", "algorithm", "key_id", "signature")}}
+            "signature": {k: fields[k] for k in ("format", "algorithm", "key_id", "signature", "statement")
+                          if k in fields}}
 
 
 # ---- messages ------------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """Bundle signing on the machine that makes bundles (edge_runtime/signing.py holds the format and the check):
 
     python -m convert keygen --out keys/ [--name release]     -> keys/release.key (private, 0600), release.pub
-    python -m convert sign models/NAME --key keys/release.key   -> models/NAME/manifest.sig
+    python -m convert sign models/NAME --key keys/release.key [--release N]   -> models/NAME/manifest.sig
 
 `sign` checks the bundle first (every file against the manifest: a bundle is signed only whole), refuses a
 folder that holds anything its manifest does not pin (reports, sub-folders, links: whatever is copied with the
 folder would reach the boards unsigned), a key that lies inside the bundle and a bundle that holds a private key
-in any file, and writes manifest.sig atomically. It
+in any file, and writes manifest.sig atomically. The signature states a release counter (--release N, default the
+signing time in seconds): a board refuses a bundle whose release is lower than the highest it accepted (an older
+signed bundle replayed), unless an operator rolls back. It
 prints the key id and the bundle id, never the key. Boards trust the .pub file (service.yaml `trusted_keys:`).
 No TensorFlow needed. Exit 0 ok, 2 bad input (the message says why).
 """
@@ -20,10 +22,12 @@ from pathlib import Path
 
 from edge_runtime.bundle import MANIFEST, Bundle, BundleError, load_bundle
 from edge_runtime.digest import sha256_file
-from edge_runtime.signing import SIGNATURE, SignatureError, generate_key, holds_private_key, signature_for
+from edge_runtime.signing import (SIGNATURE, SignatureError, generate_key, holds_private_key, release_of,
+                                  signature_for)
 
 
-def sign_bundle(bundle: str | os.PathLike, key: str | os.PathLike) -> tuple[Path, str, str]:
+def sign_bundle(bundle: str | os.PathLike, key: str | os.PathLike, release: int | None = None
+                ) -> tuple[Path, str, str]:
     """Write BUNDLE/manifest.sig; returns (its path, key id, bundle id). BundleError / SignatureError."""
     root = Path(bundle).resolve()
     loaded = load_bundle(root)                 # whole and unaltered, or refused here
@@ -43,7 +47,7 @@ def sign_bundle(bundle: str | os.PathLike, key: str | os.PathLike) -> tuple[Path
         raise SignatureError(f"{root}: holds what its manifest does not pin: {shown}{more}; a signed bundle is only "
                              "its pinned files (move reports elsewhere, e.g. convert compare --out DIR)")
     manifest = (root / MANIFEST).read_bytes()
-    sig = signature_for(manifest, key_path)
+    sig = signature_for(manifest, key_path, release)
     fd, tmp = tempfile.mkstemp(prefix=f".{SIGNATURE}.", dir=root)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -88,6 +92,9 @@ def main(argv: list[str]) -> int:
     s = sub.add_parser("sign", help="sign a bundle's manifest: BUNDLE/manifest.sig")
     s.add_argument("bundle", metavar="BUNDLE")
     s.add_argument("--key", required=True, metavar="KEY", help="the private key (from keygen)")
+    s.add_argument("--release", type=int, metavar="N",
+                   help="the release counter the signature states (default: the signing time in seconds); boards "
+                        "refuse a release lower than the highest they accepted")
     args = p.parse_args(argv)
     try:
         if args.command == "keygen":
@@ -95,8 +102,8 @@ def main(argv: list[str]) -> int:
             print(f"key id {key_id}: private key {key} (mode 0600: keep it off the boards and out of bundles), "
                   f"public key {pub} (give it to the boards: trusted_keys)")
         else:
-            path, key_id, bundle_id = sign_bundle(args.bundle, args.key)
-            print(f"signed bundle {bundle_id} with key {key_id}: {path}")
+            path, key_id, bundle_id = sign_bundle(args.bundle, args.key, args.release)
+            print(f"signed bundle {bundle_id} with key {key_id}, release {release_of(path.read_bytes())}: {path}")
     except (BundleError, SignatureError, OSError) as exc:
         print(f"convert {args.command}: error: {exc}", file=sys.stderr)
         return 2

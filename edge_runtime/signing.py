@@ -6,9 +6,14 @@ Files
                      `python -m convert sign`; never goes in a bundle, a log or a result
     KEY.pub          the public key (SubjectPublicKeyInfo PEM): what a board trusts (`trusted_keys:` a .pub file,
                      or a folder whose *.pub files are all trusted)
-    manifest.sig     beside manifest.yaml in the bundle: JSON {"format": "sem-inspect-signature/1",
-                     "algorithm": "ed25519", "key_id", "bundle_id", "signature": base64}. key_id is the first 16
-                     hex digits of sha256(raw public key); bundle_id is sha256(manifest.yaml), as the runtime has it
+    manifest.sig     beside manifest.yaml in the bundle: JSON {"format": "sem-inspect-signature/2",
+                     "algorithm": "ed25519", "key_id", "statement": {"bundle_id", "release", "signed_at"},
+                     "signature": base64}. The signature is over the statement's canonical JSON (sorted keys, no
+                     spaces), which names the manifest by its sha256 (the bundle id, as the runtime has it), so the
+                     release counter is signed with the bundle: a board refuses a release lower than the highest
+                     it accepted (a downgrade to an older signed bundle) unless an operator rolls back. key_id is
+                     the first 16 hex digits of sha256(raw public key). Format 1 (the signature over
+                     manifest.yaml's bytes, no statement) is still read, as release 0.
 
 The `cryptography` package (the optional `signing` extra; aarch64 wheels exist) is imported only here and only
 when a key is read: a board configured without trusted keys runs without it, exactly as before. The bundle
@@ -28,7 +33,8 @@ from edge_runtime.digest import sha256_bytes
 from edge_runtime.safeopen import open_regular
 
 SIGNATURE = "manifest.sig"
-SIG_FORMAT = "sem-inspect-signature/1"
+SIG_FORMAT = "sem-inspect-signature/2"
+SIG_FORMAT_V1 = "sem-inspect-signature/1"       # signature over the manifest's bytes; release 0
 ALGORITHM = "ed25519"
 HINT = 'pip install "sem-inspect[signing]"'
 MAX_KEY_BYTES = 16 * 1024
@@ -132,11 +138,19 @@ def parse_signature(data: bytes, where: str) -> dict:
         sig = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise SignatureError(f"{where}: not a signature file (JSON expected)") from None
-    if not isinstance(sig, dict) or sig.get("format") != SIG_FORMAT or sig.get("algorithm") != ALGORITHM:
+    if not isinstance(sig, dict) or sig.get("format") not in (SIG_FORMAT, SIG_FORMAT_V1) \
+            or sig.get("algorithm") != ALGORITHM:
         raise SignatureError(f"{where}: not a {SIG_FORMAT} {ALGORITHM} signature")
     for key in ("key_id", "signature"):
         if not isinstance(sig.get(key), str):
             raise SignatureError(f"{where}: {key} missing")
+    if sig["format"] == SIG_FORMAT:
+        st = sig.get("statement")
+        if not isinstance(st, dict) or set(st) != {"bundle_id", "release", "signed_at"} \
+                or not isinstance(st["bundle_id"], str) or not isinstance(st["signed_at"], str) \
+                or isinstance(st["release"], bool) or not isinstance(st["release"], int) \
+                or not 0 <= st["release"] < 2 ** 63:
+            raise SignatureError(f"{where}: statement must hold bundle_id, release (an integer >= 0), signed_at")
     try:
         sig["raw"] = base64.b64decode(sig["signature"], validate=True)
     except (binascii.Error, ValueError):
@@ -156,7 +170,12 @@ def verify_manifest(manifest: bytes, signature: bytes | None, keys: TrustedKeys,
         raise SignatureError(f"{where}: signed by key {sig['key_id']!r}, which is not among the {keys.describe()}")
     _, _, invalid = _crypto()
     try:
-        key.key.verify(sig["raw"], manifest)
+        if sig["format"] == SIG_FORMAT:
+            key.key.verify(sig["raw"], canonical(sig["statement"]))
+            if sig["statement"]["bundle_id"] != sha256_bytes(manifest):
+                raise invalid()
+        else:
+            key.key.verify(sig["raw"], manifest)
     except invalid:
         raise SignatureError(f"{where}: the signature of key {sig['key_id']} does not match manifest.yaml: the "
                              "bundle was altered after it was signed, or the signature belongs to another bundle") \
@@ -202,13 +221,41 @@ def _private_key(path: Path):
     return key
 
 
-def signature_for(manifest: bytes, key_path: str | os.PathLike) -> bytes:
-    """manifest.sig's bytes for these manifest bytes, signed with the private key at key_path."""
+def canonical(statement: dict) -> bytes:
+    """The bytes a statement is signed as: JSON with sorted keys and no spaces."""
+    return json.dumps(statement, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def release_of(signature: bytes | None) -> int:
+    """The release counter a signature file states (0 for none, or a format-1 signature). Read it only from a
+    signature that verify_manifest() accepted."""
+    if signature is None:
+        return 0
+    sig = parse_signature(signature, SIGNATURE)
+    return sig["statement"]["release"] if sig["format"] == SIG_FORMAT else 0
+
+
+def default_release() -> int:
+    """A release counter that grows without any state kept: the signing time in whole seconds (UTC)."""
+    import time
+    return int(time.time())
+
+
+def signature_for(manifest: bytes, key_path: str | os.PathLike, release: int | None = None) -> bytes:
+    """manifest.sig's bytes for these manifest bytes, signed with the private key at key_path, stating
+    `release` (default: default_release())."""
+    import datetime as _dt
     serialization, _, _ = _crypto()
     private = _private_key(Path(key_path))
+    if release is None:
+        release = default_release()
+    if isinstance(release, bool) or not isinstance(release, int) or not 0 <= release < 2 ** 63:
+        raise SignatureError(f"release {release!r} must be an integer >= 0")
     raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    doc = {"format": SIG_FORMAT, "algorithm": ALGORITHM, "key_id": key_id_of(raw), "bundle_id": sha256_bytes(manifest),
-           "signature": base64.b64encode(private.sign(manifest)).decode("ascii")}
+    statement = {"bundle_id": sha256_bytes(manifest), "release": release,
+                 "signed_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    doc = {"format": SIG_FORMAT, "algorithm": ALGORITHM, "key_id": key_id_of(raw), "statement": statement,
+           "signature": base64.b64encode(private.sign(canonical(statement))).decode("ascii")}
     return (json.dumps(doc, indent=1) + "\n").encode("utf-8")
 
 

@@ -159,3 +159,46 @@ def test_a_private_key_anywhere_in_a_file_is_found(tmp_path, keys):
     assert holds_private_key(big)
     big.write_bytes(b"\0" * (3 << 20))
     assert not holds_private_key(big)
+
+
+def test_the_release_counter_is_signed_with_the_bundle(keys, bundle, capsys):
+    import json as _json
+
+    from edge_runtime.signing import release_of
+    assert sign_main(["sign", str(bundle), "--key", str(keys["key"]), "--release", "41"]) == 0
+    assert "release 41" in capsys.readouterr().out
+    sig_path = bundle / SIGNATURE
+    assert release_of(sig_path.read_bytes()) == 41
+    assert load_bundle(bundle, trusted_keys=keys["pub"]).signed_by
+    # the counter cannot be raised (or lowered) without the key: the statement is what is signed
+    doc = _json.loads(sig_path.read_text())
+    doc["statement"]["release"] = 10 ** 12
+    sig_path.write_text(_json.dumps(doc))
+    with pytest.raises(BundleError, match="does not match"):
+        load_bundle(bundle, trusted_keys=keys["pub"])
+    # nor moved to another bundle: the statement names this manifest
+    assert sign_main(["sign", str(bundle), "--key", str(keys["key"]), "--release", "42"]) == 0
+    manifest = bundle / "manifest.yaml"
+    manifest.write_text(manifest.read_text() + "\n# edited\n")
+    with pytest.raises(BundleError, match="does not match"):
+        load_bundle(bundle, trusted_keys=keys["pub"])
+
+
+def test_a_format_1_signature_still_verifies_as_release_0(keys, bundle):
+    import base64
+    import hashlib
+    import json as _json
+
+    from cryptography.hazmat.primitives import serialization
+
+    from edge_runtime.signing import release_of
+    private = serialization.load_pem_private_key(keys["key"].read_bytes(), password=None)
+    manifest = (bundle / "manifest.yaml").read_bytes()
+    assert sign_main(["sign", str(bundle), "--key", str(keys["key"])]) == 0
+    key_id = _json.loads((bundle / SIGNATURE).read_text())["key_id"]
+    old = {"format": "sem-inspect-signature/1", "algorithm": "ed25519", "key_id": key_id,
+           "bundle_id": hashlib.sha256(manifest).hexdigest(),
+           "signature": base64.b64encode(private.sign(manifest)).decode()}
+    (bundle / SIGNATURE).write_text(_json.dumps(old))
+    assert load_bundle(bundle, trusted_keys=keys["pub"]).signed_by == key_id
+    assert release_of((bundle / SIGNATURE).read_bytes()) == 0

@@ -6,7 +6,7 @@ handles each message id once, so the retained copy delivered again at every reco
 
     {"action": "rollout", "id": "r-20261202-1", "bundle_id": 64 hex (sha256 of manifest.yaml),
      "sha256": 64 hex (of the archive), "bytes": N, "url": "https://host/bundles/X.tar",
-     "signature": {manifest.sig's fields: format, algorithm, key_id, signature},
+     "signature": {manifest.sig's fields: format, algorithm, key_id, signature, and statement (format 2)},
      "shadow": {"images": N, "minutes": T, "fraction": F},
      "bounds": {"min_agreement": A, "min_stage1_agreement": S, "max_error_rate": E},
      "at": ISO time}
@@ -109,9 +109,14 @@ def parse(payload: bytes) -> Rollout:
     if not isinstance(sig, dict) or not all(isinstance(sig.get(k), str) and len(sig[k]) <= 512
                                             for k in ("format", "algorithm", "key_id", "signature")):
         raise MessageError("signature must hold the bundle's manifest.sig (format, algorithm, key_id, signature)")
+    statement = sig.get("statement")
+    if statement is not None and not (isinstance(statement, dict) and len(json.dumps(statement)) <= 1024):
+        raise MessageError("signature.statement must be the signed statement of the bundle's manifest.sig")
     size = _number(d, "bytes", 1, 2**40, None, integer=True)
-    return Rollout("rollout", mid, _hex(d, "bundle_id"), _hex(d, "sha256"), size, url,
-                   {k: sig[k] for k in ("format", "algorithm", "key_id", "signature")},
+    kept = {k: sig[k] for k in ("format", "algorithm", "key_id", "signature")}
+    if statement is not None:           # checked with the signature by the one bundle reader
+        kept["statement"] = statement
+    return Rollout("rollout", mid, _hex(d, "bundle_id"), _hex(d, "sha256"), size, url, kept,
                    _section(d, "shadow", SHADOW_RULES), _section(d, "bounds", BOUND_RULES), raw=d)
 
 

@@ -82,7 +82,7 @@ def test_every_endpoint_against_the_running_service(running):
     status, _, body = request(url, "POST", "/inspect", png_bytes(7), headers={"Content-Type": "image/png"})
     result = json.loads(body)
     assert status == 200 and result["label"] and 0 <= result["stage1_score"] <= 1 and result["bundle_id"]
-    same = service.inspector.inspect(png_bytes(7))
+    same = service.bundles.inspector.inspect(png_bytes(7))
     assert result["label"] == same.label and result["stage1_score"] == pytest.approx(same.stage1_score, abs=1e-5)
 
 

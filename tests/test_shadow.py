@@ -56,10 +56,10 @@ def test_shadow_is_stored_apart_and_reported(pair, folders):
                             "VALUES (?, ?, ?, 'ann', '2026-12-02T00:00:00+00:00')", (r["id"], r["label"], label))
         finally:
             review_store.close()
-        assert wait_for(lambda: service.shadow.snapshot["reviewed"]["images"] == 2, timeout=10)
+        assert wait_for(lambda: service.bundles.shadow.snapshot["reviewed"]["images"] == 2, timeout=10)
         health = json.loads(get(service.http.url + "/healthz"))
         metrics = get(service.http.url + "/metrics")
-        stats = service._stats_message()
+        stats = service.status.stats_message()
     finally:
         service.stop()
         thread.join(30)
@@ -125,7 +125,7 @@ def test_a_bundle_that_does_not_load_leaves_the_old_one_and_says_why(pair, folde
     try:
         os.symlink(models / "broken", models / "next")
         os.replace(models / "next", models / "current")     # re-pointed: seen on the next tick
-        assert wait_for(lambda: service.bundle_error is not None, timeout=15)
+        assert wait_for(lambda: service.bundles.error is not None, timeout=15)
         health = json.loads(get(service.http.url + "/healthz"))
         (folders["watch"] / "after.png").write_bytes(png_bytes(7))
         assert wait_for(lambda: len(files_in(folders["processed"])) == 1, timeout=30)

@@ -28,6 +28,7 @@ import logging
 import re
 import threading
 from http import HTTPStatus
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from edge_runtime.config.service_config import ServiceConfig, inspector_args
@@ -35,6 +36,9 @@ from edge_runtime.netnames import parse_host_names, parse_host_port
 from edge_runtime.db.journal import row_to_json
 from edge_runtime.db.store import Store
 from edge_runtime.fleet.http_base import AllowedHosts, BoundedHTTPServer, HTTPError, Limits, ResponseHandler
+
+if TYPE_CHECKING:
+    from edge_runtime.bundle import Bundle
 
 log = logging.getLogger("edge_inspect")
 
@@ -52,11 +56,12 @@ def authorized(cfg: ServiceConfig, headers) -> bool:
 
 
 class HttpApi(BoundedHTTPServer):
-    """service: the WatchService (health is read from it); metrics: an edge_runtime.fleet.metrics.Metrics."""
+    """metrics: an edge_runtime.fleet.metrics.Metrics; health: what GET /healthz answers (any thread);
+    current_bundle: the bundle the service inspects with now (POST /inspect loads its own interpreter of it)."""
 
-    def __init__(self, cfg: ServiceConfig, service, metrics):
+    def __init__(self, cfg: ServiceConfig, metrics, health: Callable[[], dict], current_bundle: Callable[[], Bundle]):
         host, port = parse_host_port(cfg.http)
-        self.cfg, self.service, self.metrics = cfg, service, metrics
+        self.cfg, self.metrics, self.health, self.current_bundle = cfg, metrics, health, current_bundle
         self._inspector = None
         self._inspect_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -101,7 +106,7 @@ class HttpApi(BoundedHTTPServer):
         with self._inspect_lock:
             if self._inspector is None:
                 from edge_runtime.inspector import Inspector
-                self._inspector = Inspector(self.service.inspector.bundle.root, **inspector_args(self.cfg))
+                self._inspector = Inspector(self.current_bundle().root, **inspector_args(self.cfg))
             result = self._inspector.inspect(data)
         self.metrics.timed(result)
         return {**result.to_dict(), "bundle_id": self._inspector.bundle.bundle_id}
@@ -132,7 +137,7 @@ class Handler(ResponseHandler):
     def _get(self) -> None:
         path, query = self._route()
         if path == "/healthz":
-            health = self.server.service.health()
+            health = self.server.health()
             self._json(HTTPStatus.OK if health["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, health)
         elif path == "/metrics":
             body, ctype = self.server.metrics.exposition()

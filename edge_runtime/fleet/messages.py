@@ -179,7 +179,7 @@ BUNDLE_STATE_COLUMNS = ("current", "candidate", "phase", "shadow_images", "agree
 
 
 def parse_bundle_state(payload: bytes) -> dict | None:
-    """The bundles' state a board reports with its status (edge_runtime/service/watch.py bundle_state), as the
+    """The bundles' state a board reports with its status (edge_runtime/service/active.py snapshot), as the
     columns of fleet_bundle_state plus "payload" (the state as JSON); None when the status carries none."""
     doc = _status_doc(payload)
     if doc is None or doc.get("bundle") is None:

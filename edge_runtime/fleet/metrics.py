@@ -93,7 +93,7 @@ class TimedInspector:
 
 
 class _BundleCollector:
-    """The bundles' state (WatchService.bundle_state) as gauges, read at each scrape."""
+    """The bundles' state (ActiveBundles.snapshot, edge_runtime/service/active.py) as gauges, read at each scrape."""
 
     def __init__(self, pc, state):
         self._pc, self._state = pc, state

@@ -51,10 +51,12 @@ def _age_minutes(since: str) -> float:
 
 
 class RolloutAgent:
-    """Driven from the watch service's thread (tick); receive() is called from paho's thread."""
+    """Driven from the watch service's thread (tick); receive() is called from paho's thread. bundles: the
+    service's ActiveBundles (edge_runtime/service/active.py), which it shadows, promotes and rolls back; wake:
+    wakes the service's thread (a message arrived, a download ended)."""
 
-    def __init__(self, service, cfg):
-        self.service, self.cfg = service, cfg
+    def __init__(self, bundles, cfg, wake):
+        self.bundles, self.cfg, self.wake = bundles, cfg, wake
         self.dir = Path(cfg.bundles_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.staging = self.dir / STAGING
@@ -105,7 +107,7 @@ class RolloutAgent:
         except queue.Full:
             log.warning("rollout: %d messages waiting; dropped one (the retained message comes again at the next "
                         "connection)", self.inbox.qsize())
-        self.service.wake()
+        self.wake()
 
     # -- the service's thread --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -136,7 +138,7 @@ class RolloutAgent:
         if self.fetcher is not None and self.fetcher.done.is_set():
             changed |= self._fetched()
         cand = self.state.get("candidate")
-        if cand and cand["phase"] == "shadow" and self.service.shadow is not None:
+        if cand and cand["phase"] == "shadow" and self.bundles.shadow is not None:
             changed |= self._judge(cand)
         return changed
 
@@ -160,7 +162,7 @@ class RolloutAgent:
             return True
         if cand:
             self._cancel_candidate(f"replaced by rollout {msg.id}")
-        current = self.service.inspector.bundle.bundle_id
+        current = self.bundles.bundle.bundle_id
         if msg.bundle_id == current:
             self.state["handled"].append(msg.id)
             self._change("already current", msg.bundle_id, "the board already runs this bundle", msg.id)
@@ -179,7 +181,7 @@ class RolloutAgent:
             return
         self.staging.mkdir(exist_ok=True)
         self.fetcher = Fetcher(msg.url, msg.sha256, msg.bytes, self.staging, self.cfg.rollout_max_bytes,
-                               on_done=self.service.wake)
+                               on_done=self.wake)
         self.fetcher.msg = msg
         log.info("rollout %s: fetching %s from %s", msg.id, msg.bundle_id[:16], msg.url)
         self.fetcher.start()
@@ -223,7 +225,7 @@ class RolloutAgent:
     def _start_shadow(self, cand: dict, resumed: bool = False) -> bool:
         msg = rollout_message.parse(_dump(cand["rollout"]))
         try:
-            self.service.start_shadow(cand["path"], msg.shadow["fraction"], since=cand["since"], source=msg.id)
+            self.bundles.start_shadow(cand["path"], msg.shadow["fraction"], since=cand["since"], source=msg.id)
         except Exception as exc:            # BundleError, NoInterpreter: the candidate cannot run here
             return self._refuse(msg, f"candidate does not load: {exc}")
         self._change("shadowing", msg.bundle_id, f"{'resumed: ' if resumed else ''}candidate beside the current "
@@ -235,9 +237,10 @@ class RolloutAgent:
     def _judge(self, cand: dict) -> bool:
         msg = rollout_message.parse(_dump(cand["rollout"]))
         timed_out = _age_minutes(cand["since"]) >= msg.shadow["minutes"]
-        if self.service.shadow.images < msg.shadow["images"] and not timed_out:
+        shadow = self.bundles.shadow
+        if shadow.images < msg.shadow["images"] and not timed_out:
             return False
-        summary = self.service.shadow.refresh(force=True)
+        summary = shadow.refresh(force=True)
         n, b = summary["images"], msg.bounds
         failed = []
         if n == 0:
@@ -253,7 +256,7 @@ class RolloutAgent:
         figures = (f"over {n} images: agreement {summary['agreement'] if n else 0:.3f}, Stage-1 "
                    f"{summary['stage1_agreement'] if n else 0:.3f}, error rate {summary['error_rate'] if n else 0:.3f}")
         if failed:
-            self.service.stop_shadow()
+            self.bundles.stop_shadow()
             self.state["candidate"] = None
             self.state["handled"].append(msg.id)
             self._change("rejected", msg.bundle_id, f"kept the current bundle: {'; '.join(failed)} ({figures})",
@@ -261,7 +264,7 @@ class RolloutAgent:
             self._prune()           # the rejected candidate's folder goes (the kept ones stay)
             self._save()
             return True
-        old = self.service.inspector.bundle
+        old = self.bundles.bundle
         cand.update(phase="promoting", why=figures, previous={"bundle_id": old.bundle_id, "path": str(old.root)})
         self._save()
         self._finish_promotion(cand)
@@ -273,8 +276,8 @@ class RolloutAgent:
         target = Path(cand["path"])
         if os.path.realpath(self.models) != str(target.resolve()):
             repoint(self.models, target)
-        if self.service.inspector.bundle.bundle_id != cand["bundle_id"]:
-            error = self.service.promote_shadow_or_load(target, f"rollout {msg_id}")
+        if self.bundles.bundle.bundle_id != cand["bundle_id"]:
+            error = self.bundles.promote(target, f"rollout {msg_id}")
             if error:           # it loaded in shadow a moment ago: only a damaged disk gets here
                 repoint(self.models, Path(cand["previous"]["path"]))
                 self._refuse(rollout_message.parse(_dump(cand["rollout"])), f"promotion failed: {error}")
@@ -291,7 +294,7 @@ class RolloutAgent:
         self.state["previous"] = [{"bundle_id": bundle_id, "path": path}] + prev
 
     def _prune(self) -> None:
-        current = Path(self.service.inspector.bundle.root)
+        current = Path(self.bundles.bundle.root)
         keep = [current] + [Path(p["path"]) for p in self.state["previous"]]
         removed = prune(self.dir, keep, self.cfg.bundle_keep)
         gone = {p.resolve() for p in removed}
@@ -300,8 +303,9 @@ class RolloutAgent:
             log.info("rollout: removed %d old bundle(s) (bundle_keep %d)", len(removed), self.cfg.bundle_keep)
 
     def _refuse(self, msg, why: str) -> bool:
-        if self.service.shadow is not None and self.service.shadow.bundle_id == msg.bundle_id:
-            self.service.stop_shadow()
+        shadow = self.bundles.shadow
+        if shadow is not None and shadow.bundle_id == msg.bundle_id:
+            self.bundles.stop_shadow()
         self.state["candidate"] = None
         self.state["handled"].append(msg.id)
         self._change("refused", msg.bundle_id, f"kept the current bundle: {why}", msg.id)
@@ -315,8 +319,8 @@ class RolloutAgent:
         if self.fetcher is not None:
             self.fetcher.cancel()
             self.fetcher = None
-        if self.service.shadow is not None:
-            self.service.stop_shadow()
+        if self.bundles.shadow is not None:
+            self.bundles.stop_shadow()
         self.state["handled"].append(cand["rollout"]["id"])
         self.state["candidate"] = None
         self._change("cancelled", cand["bundle_id"], why, cand["rollout"]["id"])
@@ -328,9 +332,8 @@ class RolloutAgent:
             self._change("refused", msg.bundle_id, "rollback: no such previous bundle on this board "
                          f"(kept: {', '.join(p['bundle_id'][:16] for p in prev) or 'none'})", msg.id)
             return
-        old = self.service.inspector.bundle
-        target = Path(choice["path"])
-        error = self.service.load_and_swap(target, f"rollback {msg.id}", repoint_to=self.models)
+        old = self.bundles.bundle
+        error = self.bundles.roll_back(Path(choice["path"]), f"rollback {msg.id}")
         if error:
             self._change("refused", choice["bundle_id"], f"rollback: kept the current bundle: {error}", msg.id)
             return

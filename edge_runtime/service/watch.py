@@ -18,12 +18,13 @@ Files still being written
     tried again when it changes or once one of those holds. A writer that pauses longer than settle_seconds
     therefore loses nothing.
 
-Bundles (edge_runtime/service/shadow.py, rollout.py)
+Bundles (edge_runtime/service/active.py, shadow.py, rollout.py)
     SIGHUP, or the `models` symlink pointed elsewhere (seen on the loop's next tick, within a second or five),
     loads that bundle (signature and sha256 checked) and swaps it in between two images: the image in hand
     finishes on the old bundle, every later result records the new bundle id. A bundle that does not load leaves
     the old one running and says why (log, /healthz, the MQTT status). `shadow:` (or a rollout) runs a candidate
-    beside the current bundle on a fraction of the images; `bundles_dir:` takes rollouts over MQTT.
+    beside the current bundle on a fraction of the images; `bundles_dir:` takes rollouts over MQTT. The loop
+    makes these changes between images; what /healthz and the MQTT messages say is edge_runtime/service/status.py.
 
 Stopping
     SIGTERM/SIGINT: the current image is finished and flushed, then exit 0. `--once`: drain the folder
@@ -34,22 +35,23 @@ Stopping
 """
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
 import select
 import signal
 import stat
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_runtime.config.service_config import ServiceConfig, inspector_args, own_files
+from edge_runtime.config.service_config import ServiceConfig, own_files
 from edge_runtime.db.journal import Journal
 from edge_runtime.db.store import StorageError, Store, is_disk_full
 from edge_runtime.exits import EXIT_OK, EXIT_SETUP, EXIT_STORAGE, WatchError
 from edge_runtime.inputs import is_ignored_name
 from edge_runtime.names import shown
+from edge_runtime.service.active import ActiveBundles, load_inspector
 from edge_runtime.service.fileops import FileSig, check_folder
 from edge_runtime.service.inotify import (
     IN_CLOSE_WRITE,
@@ -64,34 +66,21 @@ from edge_runtime.service.inotify import (
 from edge_runtime.service.lock import ServiceLock
 from edge_runtime.service.recorder import Handled, Recorder
 from edge_runtime.service.sd_notify import SdNotify
-from edge_runtime.service.shadow import Shadow
 from edge_runtime.service.stats import ServiceStats, rss_mb
+from edge_runtime.service.status import ServiceStatus
 
 log = logging.getLogger("edge_inspect")
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _load_inspector(path, cfg: ServiceConfig):
-    from edge_runtime.inspector import Inspector
-    return Inspector(path, **inspector_args(cfg))
-
-
-def _timed(inspector, metrics):
-    """The inspector the recorder uses: timed for the metrics when the HTTP API is on."""
-    if metrics is None:
-        return inspector
-    from edge_runtime.fleet.metrics import TimedInspector
-    return TimedInspector(inspector, metrics)
-
-
-def _summary_line(s: dict) -> str:
-    if not s["images"]:
-        return "no image shadowed"
-    return (f"{s['images']} images, agreement {s['agreement']:.3f}, Stage-1 {s['stage1_agreement']:.3f}, "
-            f"errors {s['errors']}")
+@contextmanager
+def _fleet_errors(cfg: ServiceConfig):
+    """A fleet part that cannot start is a setup error that says why."""
+    try:
+        yield
+    except RuntimeError as exc:         # MissingExtra: the package to install is named
+        raise WatchError(str(exc)) from exc
+    except OSError as exc:
+        raise WatchError(f"http: cannot listen on {cfg.http}: {exc.strerror or exc}") from exc
 
 
 @dataclass
@@ -121,18 +110,12 @@ class WatchService:
 
     def _open(self, config: ServiceConfig, inspector) -> None:
         if inspector is None:
-            inspector = _load_inspector(config.models, config)
-        self.inspector = inspector
-        self._models_target = os.path.realpath(config.models) if config.models else None
+            inspector = load_inspector(config.models, config)
         self._reload_requested = False
-        self.shadow: Shadow | None = None
         self.rollout = None
-        self.metrics = None
-        self.bundle_error: dict | None = None       # the last bundle that failed to load, and why
-        self.last_swap: dict | None = None
+        self.publisher = self.http = None
         durable = config.durability == "full"
         self.store = Store(config.db, durable=durable)
-        self.store.register_bundle(inspector.bundle)      # model provenance: results carry its id
         try:
             self.journal = Journal(Path(config.jsonl), durable) if config.jsonl else None
         except OSError as exc:
@@ -140,15 +123,20 @@ class WatchService:
                                is_disk_full(exc)) from exc
         self.stats = ServiceStats()
         self.sd = SdNotify()
-        self.publisher = self.http = None
+        self.pending: dict[str, _Candidate] = {}
+        with _fleet_errors(config):
+            metrics = self._metrics() if config.http else None
+        self.recorder = Recorder(config, inspector, self.store, self.journal, self.stats)
+        self.bundles = ActiveBundles(config, self.store, self.recorder, inspector, metrics)
         if config.bundles_dir:
             from edge_runtime.service.rollout import RolloutAgent
-            self.rollout = RolloutAgent(self, config)
-        inspector = self._fleet_setup(inspector)
-        self.recorder = Recorder(config, inspector, self.store, self.journal, self.stats)
+            self.rollout = RolloutAgent(self.bundles, config, wake=self.wake)
+        self.status = ServiceStatus(config, self.bundles, self.stats, backlog=lambda: len(self.pending),
+                                    rollout=self.rollout)
+        with _fleet_errors(config):
+            self._fleet_setup(metrics)
         if config.shadow:
-            self.start_shadow(config.shadow, config.shadow_fraction, source="config")
-        self.pending: dict[str, _Candidate] = {}
+            self.bundles.start_shadow(config.shadow, config.shadow_fraction, source="config")
         self._capped = False        # a file was left out because max_pending were tracked: scan again
         # The service's own files, where they sit in the watch folder, are never inputs.
         self._own = {p.name for p in own_files(config) if p.parent.resolve() == self.watch.resolve()}
@@ -166,163 +154,48 @@ class WatchService:
                     raise WatchError(f"inotify requested but unavailable: {exc}") from exc
                 log.info("inotify unavailable (%s); polling every %gs", exc, config.poll_seconds)
 
-    def _fleet_setup(self, inspector):
-        """MQTT publisher and HTTP API when configured (edge_runtime/fleet/publisher.py, http_api.py); returns the
-        inspector the recorder uses (timed for the metrics when the HTTP API is on)."""
-        cfg = self.cfg
-        try:
-            if cfg.mqtt:
-                from edge_runtime.fleet.publisher import Publisher
-                self.publisher = Publisher(cfg, self.store, self._stats_message, self.wake, status_fn=self._status,
-                                           on_rollout=self.rollout.receive if self.rollout else None)
-            if cfg.http:
-                from edge_runtime.fleet.http_api import HttpApi
-                from edge_runtime.fleet.metrics import Metrics, TimedInspector
-                metrics = Metrics(backlog=lambda: len(self.pending),
-                                  unpublished=lambda: self.publisher.unpublished if self.publisher else 0,
-                                  rss_mb=rss_mb, bundles=self.bundle_state)
-                self.stats.listeners.append(metrics.count)
-                self.metrics = metrics
-                inspector = TimedInspector(inspector, metrics)
-                self.http = HttpApi(cfg, self, metrics)
-        except RuntimeError as exc:         # MissingExtra: the package to install is named
-            raise WatchError(str(exc)) from exc
-        except OSError as exc:
-            raise WatchError(f"http: cannot listen on {cfg.http}: {exc.strerror or exc}") from exc
-        return inspector
+    def _metrics(self):
+        """The HTTP API's Prometheus metrics (edge_runtime/fleet/metrics.py)."""
+        from edge_runtime.fleet.metrics import Metrics
+        metrics = Metrics(backlog=lambda: len(self.pending),
+                          unpublished=lambda: self.publisher.unpublished if self.publisher else 0,
+                          rss_mb=rss_mb, bundles=lambda: self.status.bundle_state())
+        self.stats.listeners.append(metrics.count)
+        return metrics
 
-    def health(self) -> dict:
-        """GET /healthz (any thread)."""
-        writable = os.access(self.watch, os.W_OK | os.X_OK) or self.cfg.leave_in_place
-        last = self.stats.last_at
-        out = {"ok": writable, "model_loaded": True, "bundle_id": self.inspector.bundle.bundle_id,
-               "folder_writable": writable, "backlog": len(self.pending),
-               "last_image_at": None if last is None else
-               _dt.datetime.fromtimestamp(last, _dt.timezone.utc).isoformat(timespec="milliseconds"),
-               "bundle": self.bundle_state()}
-        if self.publisher:
-            out.update(mqtt_connected=self.publisher.connected, unpublished=self.publisher.unpublished)
-        return out
-
-    def bundle_state(self) -> dict:
-        """The bundles as the status topic, /healthz and /metrics report them (any thread: it reads references
-        the service's thread replaces whole): current, candidate and its shadow comparison, previous, last change,
-        the last bundle that failed to load."""
-        b, shadow = self.inspector.bundle, self.shadow
-        out = {"current": b.bundle_id, "path": str(b.root), "signed_by": b.signed_by,
-               "candidate": None if shadow is None else shadow.bundle_id,
-               "shadow": None if shadow is None else shadow.snapshot, "previous": [], "phase": None,
-               "last_change": self.last_swap, "error": self.bundle_error}
-        if self.rollout is not None:
-            report = self.rollout.report()
-            change = report["last_change"]
-            if change and (not self.last_swap or change["at"] >= self.last_swap["at"]):
-                out["last_change"] = change
-            out.update(previous=report["previous"], phase=report["candidate"] and report["candidate"]["phase"],
-                       rollout=report["candidate"])
-            if report["candidate"] and out["candidate"] is None:
-                out["candidate"] = report["candidate"]["bundle_id"]
-        return out
-
-    def _status(self) -> dict:
-        return {"status": "online", "bundle": self.bundle_state()}
-
-    def _stats_message(self) -> dict:
-        rss = rss_mb()
-        return {**self.stats.as_dict(), "backlog": len(self.pending), "rss_mb": None if rss is None else round(rss, 1),
-                "bundle_id": self.inspector.bundle.bundle_id,
-                "shadow": None if self.shadow is None else self.shadow.snapshot}
-
-    # -- bundles: swap, shadow ------------------------------------------------------------------------------
-    def _installed(self, inspector, why: str) -> None:
-        """Make `inspector` the current bundle (between two images, no group open)."""
-        self.recorder.flush()
-        old = self.inspector.bundle
-        self.store.register_bundle(inspector.bundle)
-        self.inspector = inspector
-        self.recorder.set_inspector(_timed(inspector, self.metrics))
-        if self.http:
-            self.http.bundle_changed()
-        self._models_target = os.path.realpath(self.cfg.models)
-        self.bundle_error = None
-        self.last_swap = {"at": _now(), "what": "swapped", "bundle_id": inspector.bundle.bundle_id,
-                          "why": f"{why}: from {old.bundle_id[:16]}", "rollout": None}
-        log.info("bundle %s (%s) now inspects every new image (was %s; %s)", inspector.bundle.bundle_id[:16],
-                 inspector.bundle.root, old.bundle_id[:16], why)
-
-    def load_and_swap(self, path, why: str, repoint_to=None) -> str | None:
-        """Load the bundle at `path` (signature, sha256, interpreters) and swap it in; on failure the current one
-        stays and the reason is returned (and logged, and shown in /healthz and the status). With repoint_to, that
-        symlink is re-pointed to the bundle once it loaded."""
-        target = os.path.realpath(path)
-        try:
-            new = _load_inspector(path, self.cfg)
-        except Exception as exc:            # BundleError, NoInterpreter, an unreadable folder...
-            self._models_target = os.path.realpath(self.cfg.models)     # not retried until it changes again
-            self.bundle_error = {"at": _now(), "path": target, "error": str(exc)}
-            log.error("bundle %s not loaded (%s); still inspecting with %s", target, exc,
-                      self.inspector.bundle.bundle_id[:16])
-            return str(exc)
-        if repoint_to is not None:
-            from edge_runtime.service.bundles import repoint
-            repoint(Path(repoint_to), Path(target))
-        self._installed(new, why)
-        return None
-
-    def promote_shadow_or_load(self, path, why: str) -> str | None:
-        """The candidate becomes current: the shadow's own inspector when it runs that bundle (no second load),
-        else the bundle at `path` loaded now."""
-        shadow = self.shadow
-        if shadow is not None and str(shadow.inspector.bundle.root) == str(Path(path).resolve()):
-            self.stop_shadow()
-            self._installed(shadow.inspector, why)
-            return None
-        return self.load_and_swap(path, why)
-
-    def start_shadow(self, path, fraction: float, since: str | None = None, source: str = "config") -> None:
-        """Run the bundle at `path` beside the current one (BundleError etc. when it does not load)."""
-        from edge_runtime.service.shadow import Shadow
-        self.recorder.flush()
-        shadow = Shadow(_load_inspector(path, self.cfg), self.store, fraction, since=since, source=source)
-        if self.metrics:
-            shadow.listeners.append(self.metrics.shadow_timed)
-        self.shadow = self.recorder.shadow = shadow
-        log.info("shadow: candidate %s (%s) beside %s on %s of the images (%s)", shadow.bundle_id[:16],
-                 shadow.inspector.bundle.root, self.inspector.bundle.bundle_id[:16],
-                 "all" if fraction >= 1 else f"{fraction:.0%}", source)
-
-    def stop_shadow(self) -> None:
-        self.recorder.flush()
-        if self.shadow is not None:
-            log.info("shadow: candidate %s stopped (%s)", self.shadow.bundle_id[:16],
-                     _summary_line(self.shadow.refresh(force=True)))
-        self.shadow = self.recorder.shadow = None
+    def _fleet_setup(self, metrics) -> None:
+        """MQTT publisher and HTTP API when configured (edge_runtime/fleet/publisher.py, http_api.py), each handed
+        what it reports: the service's status (status.py) and the bundles (active.py)."""
+        cfg, status = self.cfg, self.status
+        if cfg.mqtt:
+            from edge_runtime.fleet.publisher import Publisher
+            self.publisher = Publisher(cfg, self.store, status.stats_message, self.wake, status_fn=status.status,
+                                       on_rollout=self.rollout.receive if self.rollout else None)
+            status.publisher = self.publisher
+        if cfg.http:
+            from edge_runtime.fleet.http_api import HttpApi
+            bundles = self.bundles
+            self.http = HttpApi(cfg, metrics, health=status.health, current_bundle=lambda: bundles.bundle)
+            bundles.swap_listeners.append(self.http.bundle_changed)
 
     def _bundle_tick(self) -> None:
         """Between images, with no group open: a requested reload (SIGHUP, the symlink re-pointed), the rollout
         agent, the shadow's comparison; the status is published when anything changed."""
         changed = False
-        if not self._reload_requested and self._models_target is not None:
-            try:
-                self._reload_requested = os.path.realpath(self.cfg.models) != self._models_target
-            except OSError:
-                pass
-        if self._reload_requested:
+        if self._reload_requested or self.bundles.link_repointed():
             self._reload_requested = False
-            self.load_and_swap(self.cfg.models, "reloaded (SIGHUP or the models link re-pointed)")
+            self.bundles.reload()
             changed = True
         if self.rollout is not None:
             try:
                 changed |= self.rollout.tick()
             except OSError as exc:          # its state file or a bundle folder cannot be written (disk full)
                 error = f"rollout: {exc}"
-                if (self.bundle_error or {}).get("error") != error:     # said once, not at every tick
-                    self.bundle_error = {"at": _now(), "path": str(self.rollout.dir), "error": error}
+                if self.bundles.report_error(str(self.rollout.dir), error):     # said once, not at every tick
                     log.error("%s; the current bundle goes on inspecting, the rollout resumes at the next start",
                               error)
                     changed = True
-        if self.shadow is not None:
-            self.shadow.refresh()
+        self.bundles.refresh_shadow()
         if changed and self.publisher:
             self.publisher.publish_status()
 
@@ -418,7 +291,7 @@ class WatchService:
                  "inotify" if self.notifier else f"polling {cfg.poll_seconds:g}s",
                  cfg.processed or "left in place", cfg.quarantine, cfg.db,
                  f"; jsonl {cfg.jsonl}" if self.journal else "")
-        log.info("%s", self.inspector.describe())
+        log.info("%s", self.bundles.inspector.describe())
         recorder.reconcile()
         if self.rollout is not None:
             self.rollout.start()            # what a restart interrupted: a download, a shadow, a promotion

@@ -476,3 +476,103 @@ def test_kill_9_during_swaps_loses_and_duplicates_nothing(tmp_path, fleet_bundle
     assert all(r[2] == final_id for r in rows[before:]), f"seed {seed}"     # made by the final run
     text = log.read_text(errors="replace")
     print(f"seed {seed}: {swaps} swaps, {text.count('now inspects every new image')} seen before a kill")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# downgrades, fail-open, hostile file servers
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def released_bundles(tmp_path_factory, tiny_bundle_v2, fleet_bundles):
+    """I (installed, release 500), N (release 2000), O (release 1000: older than N, signed by the same key)."""
+    from convert.sign import main as sign_main
+    from edge_runtime.adapt.derive import derive_bundle
+    from edge_runtime.bundle import load_bundle
+    from central.rollout import pack
+
+    root = tmp_path_factory.mktemp("released")
+    key = fleet_bundles["pub"].with_suffix(".key")
+    a = load_bundle(tiny_bundle_v2)
+    out = {}
+    for name, release in (("I", 500), ("N", 2000), ("O", 1000)):
+        path = derive_bundle(a, root / name, extra={"source_run": f"tests-release-{name}"})
+        assert sign_main(["sign", str(path), "--key", str(key), "--release", str(release)]) == 0
+        archive, desc = pack(path, root / "archives")
+        out[name] = {"path": path, "archive": archive, **desc}
+    return out
+
+
+def test_an_older_signed_bundle_is_refused_and_only_a_rollback_goes_back(tmp_path, broker, files, released_bundles,
+                                                                         fleet_bundles):
+    rb = released_bundles
+    for k in "NO":
+        shutil.copy(rb[k]["archive"], files["dir"])
+    statuses = Statuses(broker.port)
+    board = Board(tmp_path / "b", "board-r", broker.port, rb["I"]["path"], fleet_bundles["pub"])
+    i, n = rb["I"]["bundle_id"], rb["N"]["bundle_id"]
+
+    def roll(key: str, rid: str) -> None:
+        publish(broker.port, [board.name], "publish", "--archive", str(rb[key]["archive"]), "--url",
+                f"{files['url']}/{rb[key]['archive'].name}", "--id", rid, "--shadow-images", "2",
+                "--min-agreement", "0.5")
+
+    try:
+        board.start()
+        board.drop(2, 0)
+        assert wait_for(board.recorded_all, timeout=60), board.text()[-3000:]
+        roll("N", "roll-n")
+        assert wait_for(lambda: statuses.bundle(board.name).get("candidate") == n, timeout=60), board.text()[-3000:]
+        board.drop(3, 10)
+        assert wait_for(change_is(statuses, [board.name], "promoted", "roll-n", n), timeout=90), board.text()[-3000:]
+        roll("O", "roll-o")          # signed by the trusted key, but older than what the board runs: a replay
+        assert wait_for(change_is(statuses, [board.name], "refused", "roll-o", n), timeout=60), board.text()[-3000:]
+        why = statuses.bundle(board.name)["last_change"]["why"]
+        assert "release 1000 is older than release 2000" in why and "downgrade" in why
+        publish(broker.port, [board.name], "rollback", "--id", "back-r")      # the operator's way back
+        assert wait_for(change_is(statuses, [board.name], "rolled back", "back-r", i), timeout=60)
+        roll("O", "roll-o-2")        # still older than the highest release accepted
+        assert wait_for(change_is(statuses, [board.name], "refused", "roll-o-2", i), timeout=60)
+        assert not any((board.bundles / ".staging").iterdir())
+        assert board.stop() == 0
+    finally:
+        if board.proc and board.proc.poll() is None:
+            board.proc.kill()
+        statuses.close()
+    board.check_exactly_once()
+
+
+@pytest.mark.parametrize("case", ["drip", "oversize"])
+def test_a_hostile_file_server_cannot_keep_a_rollout_fetching_or_fill_the_disk(tmp_path, broker, files,
+                                                                               fleet_bundles, case):
+    fb = fleet_bundles
+    shutil.copy(fb["B"]["archive"], files["dir"])
+    extra = ["--rollout-fetch-seconds", "2"] if case == "drip" else ["--rollout-max-bytes", "4096"]
+    if case == "drip":
+        files["server"].rate = 2000            # a 4 KiB block every 2 s: never done in time
+    statuses = Statuses(broker.port)
+    board = Board(tmp_path / "b", "board-h", broker.port, fb["A"]["path"], fb["pub"], *extra)
+    try:
+        board.start()
+        for rid in ("h-1", "h-2", "h-3"):      # endless rollouts: each one refused, nothing left behind
+            publish(broker.port, [board.name], "publish", "--archive", str(fb["B"]["archive"]), "--url",
+                    f"{files['url']}/{fb['B']['archive'].name}", "--id", rid)
+            assert wait_for(change_is(statuses, [board.name], "refused", rid, fb["A"]["bundle_id"]), timeout=60), \
+                board.text()[-3000:]
+            why = statuses.bundle(board.name)["last_change"]["why"]
+            assert ("not finished within 2 s" if case == "drip" else "more than 4096 bytes") in why, why
+            staging = board.bundles / ".staging"
+            assert wait_for(lambda: not staging.exists() or not any(staging.iterdir()), timeout=30), \
+                list(staging.iterdir())
+        assert board.stop() == 0
+    finally:
+        if board.proc and board.proc.poll() is None:
+            board.proc.kill()
+        statuses.close()
+
+
+def test_taking_rollouts_without_trusted_keys_is_a_configuration_error(tmp_path, broker, fleet_bundles):
+    board = Board(tmp_path / "b", "board-u", broker.port, fleet_bundles["A"]["path"], fleet_bundles["pub"])
+    args = [a for k, a in enumerate(board.args) if a != "--trusted-keys" and board.args[k - 1] != "--trusted-keys"]
+    proc = subprocess.run([sys.executable, "-m", "edge_runtime.cli", *args, "--once"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "bundles_dir" in proc.stderr and "set trusted_keys" in proc.stderr

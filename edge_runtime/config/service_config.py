@@ -124,6 +124,13 @@ class ServiceConfig:
                                positive=True, metavar="N")
     rollout_max_bytes: int = setting(1 << 30, "largest bundle archive a rollout may fetch", positive=True,
                                      metavar="N")
+    rollout_fetch_seconds: float = setting(1800.0, "a rollout's download is dropped when not finished in this "
+                                           "many seconds", positive=True, metavar="S")
+    rollout_min_rate: float = setting(4096.0, "a rollout's download is dropped when it brings fewer bytes per "
+                                      "second than this over any 30 s (a server that drips)", minimum=0.0,
+                                      metavar="BYTES_PER_S")
+    rollout_reserve_bytes: int = setting(64 << 20, "free disk space a rollout's download must leave in bundles_dir",
+                                         minimum=0, metavar="N")
     # -- fleet (edge_runtime/fleet/publisher.py, http_api.py; needs `pip install "sem-inspect[fleet]"`) --
     board: str | None = setting(None, "this board's name in MQTT topics and the HTTP API (default: the host name)",
                                 example="sem-tool-07", commented=True, metavar="NAME")
@@ -180,6 +187,9 @@ class ServiceConfig:
                     raise ConfigError(f"{name}: {exc}") from None
         if self.bundles_dir and not self.mqtt:
             raise ConfigError("bundles_dir: rollouts arrive over MQTT: set mqtt too")
+        if self.bundles_dir and not self.trusted_keys:
+            raise ConfigError("bundles_dir: a board that takes rollouts must check their signatures: set "
+                              "trusted_keys (the release key's .pub)")
         if (self.mqtt_username is None) != (self.mqtt_password is None):
             raise ConfigError("mqtt_username and mqtt_password go together")
         if self.mqtt_ca and not self.mqtt_tls:

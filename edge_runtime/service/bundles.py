@@ -12,30 +12,19 @@ The service reads only folders that were renamed into BUNDLES_DIR after the one 
 """
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import shutil
 import tarfile
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from edge_runtime.digest import CHUNK
+from edge_runtime.digest import CHUNK, sha256_file
+from edge_runtime.service.download import Cancelled, DownloadPolicy, FetchError, download, is_disk_full
 
 STAGING = ".staging"
 STATE = "rollout-state.json"
 ARCHIVE_MEMBER_LIMIT = 64
-
-
-class FetchError(RuntimeError):
-    """A download or an archive that cannot be used; the message says why. `disk_full` for ENOSPC."""
-
-    def __init__(self, message: str, disk_full: bool = False):
-        super().__init__(message)
-        self.disk_full = disk_full
 
 
 def version_dir(bundles_dir: Path, bundle_id: str) -> Path:
@@ -80,19 +69,6 @@ def prune(bundles_dir: Path, keep: list[Path], at_most: int) -> list[Path]:
     return removed
 
 
-class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """Redirects are followed to http(s) URLs only (urllib would also follow one to ftp://)."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if not newurl.lower().startswith(("http://", "https://")):
-            raise urllib.error.HTTPError(newurl, code, f"redirect to a non-HTTP URL refused: {newurl[:200]!r}",
-                                         headers, fp)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
-
-
 def clean_staging(staging: Path, keep: set[str]) -> None:
     """Remove what interrupted rollouts left in the staging folder, but the downloads named in `keep`."""
     if not staging.is_dir():
@@ -106,29 +82,27 @@ def clean_staging(staging: Path, keep: set[str]) -> None:
             child.unlink(missing_ok=True)
 
 
-def _disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
 class Fetcher(threading.Thread):
-    """Download URL into PART (appending to what an interrupted download left, with a Range request; a server
-    that answers 200 instead of 206 sends it whole again), at most `max_bytes`, then check its sha256 and rename
-    it to the archive path. `error` holds why it failed; `done` is set either way. cancel() stops it."""
+    """Download URL into PART under the one download policy (edge_runtime/service/download.py: resumed with a
+    Range request after a restart, bounded by size, free space, time and rate), then check its sha256 and rename
+    it to the archive path. `error` holds why it failed; `done` is set either way. cancel() stops it: its partial
+    file is kept to be resumed unless `discard` (a rollout replaced or refused)."""
 
-    TIMEOUT = 30.0
-
-    def __init__(self, url: str, sha256: str, size: int | None, staging: Path, max_bytes: int, on_done=None):
+    def __init__(self, url: str, sha256: str, size: int | None, staging: Path, policy: DownloadPolicy,
+                 on_done=None):
         super().__init__(name="rollout-fetch", daemon=True)
-        self.url, self.sha256, self.size, self.max_bytes = url, sha256, size, max_bytes
+        self.url, self.sha256, self.size, self.policy = url, sha256, size, policy
         self.part = staging / f"{sha256}.tar.part"
         self.archive = staging / f"{sha256}.tar"
         self.error: FetchError | None = None
         self.resumed_from = 0
         self.done = threading.Event()
         self._cancel = threading.Event()
+        self._discard = False
         self._on_done = on_done or (lambda: None)
 
-    def cancel(self) -> None:
+    def cancel(self, discard: bool = False) -> None:
+        self._discard = self._discard or discard
         self._cancel.set()
 
     def run(self) -> None:
@@ -137,60 +111,27 @@ class Fetcher(threading.Thread):
         except FetchError as exc:
             self.error = exc
         except OSError as exc:
-            self.error = FetchError(f"{self.url}: {exc.strerror or exc}", _disk_full(exc))
+            self.error = FetchError(f"{self.url}: {exc.strerror or exc}", is_disk_full(exc))
         except Exception as exc:            # a bug must not kill the service's thread: report it
             self.error = FetchError(f"{self.url}: {type(exc).__name__}: {exc}")
         finally:
+            if self._discard or (self.error is not None and not isinstance(self.error, Cancelled)):
+                self.part.unlink(missing_ok=True)
             self.done.set()
             self._on_done()
 
     def _fetch(self) -> None:
         self.part.parent.mkdir(parents=True, exist_ok=True)
-        if not self.archive.exists():
-            have = self.part.stat().st_size if self.part.exists() else 0
-            if self.size is not None and have > self.size:
-                self.part.unlink()
-                have = 0
-            request = urllib.request.Request(self.url, headers={"Range": f"bytes={have}-"} if have else {})
-            try:
-                response = _OPENER.open(request, timeout=self.TIMEOUT)
-            except urllib.error.HTTPError as exc:
-                if exc.code == 416 and have and have == self.size:
-                    response = None         # already whole
-                else:
-                    raise FetchError(f"{self.url}: HTTP {exc.code} {exc.reason}") from None
-            except urllib.error.URLError as exc:
-                raise FetchError(f"{self.url}: {exc.reason}") from None
-            if response is not None:
-                with response:
-                    if have and response.status != 206:
-                        have = 0            # no range support: from the start
-                    self.resumed_from = have
-                    with open(self.part, "ab" if have else "wb") as out:
-                        total = have
-                        while True:
-                            if self._cancel.is_set():
-                                raise FetchError("cancelled")
-                            chunk = response.read1(CHUNK)    # what has arrived: progress on disk
-                            if not chunk:
-                                break
-                            total += len(chunk)
-                            if total > self.max_bytes or (self.size is not None and total > self.size):
-                                raise FetchError(f"{self.url}: more than {min(self.max_bytes, self.size or 2**62)} "
-                                                 "bytes; refusing the rest")
-                            out.write(chunk)
-                        out.flush()
-                        os.fsync(out.fileno())
-            digest = hashlib.sha256()
-            with open(self.part, "rb") as fh:
-                while chunk := fh.read(CHUNK):
-                    digest.update(chunk)
-            if digest.hexdigest() != self.sha256:
-                got = self.part.stat().st_size
-                self.part.unlink()          # a damaged download is not resumed: the next try starts over
-                raise FetchError(f"{self.url}: sha256 mismatch ({got} bytes, sha256 {digest.hexdigest()[:16]}..., "
-                                 f"rollout says {self.sha256[:16]}...): damaged or not the published archive")
-            os.replace(self.part, self.archive)
+        if self.archive.exists():
+            return
+        self.resumed_from = download(self.url, self.part, self.size, self.policy, self._cancel)
+        got = sha256_file(self.part)
+        if got != self.sha256:
+            size = self.part.stat().st_size
+            self.part.unlink()          # a damaged download is not resumed: the next try starts over
+            raise FetchError(f"{self.url}: sha256 mismatch ({size} bytes, sha256 {got[:16]}..., "
+                             f"rollout says {self.sha256[:16]}...): damaged or not the published archive")
+        os.replace(self.part, self.archive)
 
 
 def unpack(archive: Path, dest: Path, max_bytes: int) -> None:
@@ -222,4 +163,4 @@ def unpack(archive: Path, dest: Path, max_bytes: int) -> None:
     except FileExistsError:
         raise FetchError(f"{archive}: a file name appears twice") from None
     except OSError as exc:
-        raise FetchError(f"{archive}: cannot unpack: {exc.strerror or exc}", _disk_full(exc)) from None
+        raise FetchError(f"{archive}: cannot unpack: {exc.strerror or exc}", is_disk_full(exc)) from None

@@ -10,6 +10,12 @@ promote or keep the old bundle; roll back on request. Messages: edge_runtime/fle
                      or rejected: agreement or error rate outside the rollout's bounds; the old bundle stays
     rollback message ──> `models` re-pointed to the previous bundle (or the one named), loaded and checked first
 
+Downgrades: the signature states a release counter (edge_runtime/signing.py); a candidate whose release is lower
+than the highest this board accepted (`release_floor` in the state, raised by each promotion and by the running
+bundle) is refused, so an older signed bundle cannot be replayed; only a rollback message goes back.
+Downloads follow the one download policy (edge_runtime/service/download.py); a refused, rejected or replaced
+rollout leaves nothing in the staging folder.
+
 Every step is written to BUNDLES_DIR/rollout-state.json (atomically) before it is taken, so a kill -9 anywhere
 resumes where it was: a download resumes (HTTP Range) or starts over, a shadow goes on from the images already
 stored, a promotion whose symlink was already re-pointed is finished. Each message id is handled once (the
@@ -25,14 +31,13 @@ import queue
 import shutil
 from pathlib import Path
 
-from edge_runtime.bundle import BundleError, load_bundle
+from edge_runtime.bundle import BundleError, load_bundle, read_signature
 from edge_runtime.db.store import utc_now
 from edge_runtime.fleet import rollout_message
 from edge_runtime.service.bundles import (
     STAGING,
     STATE,
     Fetcher,
-    FetchError,
     clean_staging,
     prune,
     repoint,
@@ -40,6 +45,8 @@ from edge_runtime.service.bundles import (
     version_dir,
     write_json_atomic,
 )
+from edge_runtime.service.download import DownloadPolicy, FetchError
+from edge_runtime.signing import SignatureError, release_of
 
 log = logging.getLogger("edge_inspect")
 HANDLED_KEPT = 50
@@ -68,6 +75,9 @@ class RolloutAgent:
         if not self.models.is_symlink():
             raise BundleError(f"models: {self.models} must be a symlink for rollouts (bundles_dir is set): the board "
                               "re-points it to each new bundle")
+        self.policy = DownloadPolicy(max_bytes=cfg.rollout_max_bytes, total_seconds=cfg.rollout_fetch_seconds,
+                                     min_rate=cfg.rollout_min_rate, reserve_bytes=cfg.rollout_reserve_bytes)
+        self._raise_floor(_release(Path(bundles.bundle.root)))
 
     # -- state ----------------------------------------------------------------------------------------------
     def _read_state(self) -> dict:
@@ -81,6 +91,9 @@ class RolloutAgent:
         except (OSError, ValueError) as exc:
             log.warning("rollout: %s unreadable (%s); starting from the running bundle", self.state_path, exc)
         return {"previous": [], "candidate": None, "handled": [], "last_change": None}
+
+    def _raise_floor(self, release: int) -> None:
+        self.state["release_floor"] = max(int(self.state.get("release_floor", 0)), release)
 
     def _save(self) -> None:
         self.state["handled"] = self.state["handled"][-HANDLED_KEPT:]
@@ -180,8 +193,7 @@ class RolloutAgent:
             self._verified(msg, target)
             return
         self.staging.mkdir(exist_ok=True)
-        self.fetcher = Fetcher(msg.url, msg.sha256, msg.bytes, self.staging, self.cfg.rollout_max_bytes,
-                               on_done=self.wake)
+        self.fetcher = Fetcher(msg.url, msg.sha256, msg.bytes, self.staging, self.policy, on_done=self.wake)
         self.fetcher.msg = msg
         log.info("rollout %s: fetching %s from %s", msg.id, msg.bundle_id[:16], msg.url)
         self.fetcher.start()
@@ -218,7 +230,11 @@ class RolloutAgent:
 
     def _verified(self, msg, target: Path) -> bool:
         cand = self.state["candidate"]
-        cand.update(phase="shadow", path=str(target), since=utc_now())
+        release, floor = _release(target), int(self.state.get("release_floor", 0))
+        if release < floor:
+            return self._refuse(msg, f"release {release} is older than release {floor}, the highest this board "
+                                     "accepted (a downgrade); only a rollback message goes back")
+        cand.update(phase="shadow", path=str(target), since=utc_now(), release=release)
         self._save()
         return self._start_shadow(cand)
 
@@ -283,6 +299,7 @@ class RolloutAgent:
                 self._refuse(rollout_message.parse(_dump(cand["rollout"])), f"promotion failed: {error}")
                 return
         self._remember_previous(cand["previous"]["bundle_id"], cand["previous"]["path"])
+        self._raise_floor(int(cand.get("release", 0)))
         self.state["candidate"] = None
         self.state["handled"].append(msg_id)
         self._change("promoted", cand["bundle_id"], cand.get("why", "promotion finished after a restart"), msg_id)
@@ -306,6 +323,7 @@ class RolloutAgent:
         shadow = self.bundles.shadow
         if shadow is not None and shadow.bundle_id == msg.bundle_id:
             self.bundles.stop_shadow()
+        self._drop_downloads()
         self.state["candidate"] = None
         self.state["handled"].append(msg.id)
         self._change("refused", msg.bundle_id, f"kept the current bundle: {why}", msg.id)
@@ -316,14 +334,20 @@ class RolloutAgent:
         cand = self.state.get("candidate")
         if not cand:
             return
-        if self.fetcher is not None:
-            self.fetcher.cancel()
-            self.fetcher = None
+        self._drop_downloads()
         if self.bundles.shadow is not None:
             self.bundles.stop_shadow()
         self.state["handled"].append(cand["rollout"]["id"])
         self.state["candidate"] = None
         self._change("cancelled", cand["bundle_id"], why, cand["rollout"]["id"])
+
+    def _drop_downloads(self) -> None:
+        """Stop any download and empty the staging folder: at most one download is ever kept, and only the one
+        under way (to be resumed after a restart)."""
+        if self.fetcher is not None:
+            self.fetcher.cancel(discard=True)
+            self.fetcher = None
+        clean_staging(self.staging, keep=set())
 
     def _rollback(self, msg) -> None:
         prev = self.state["previous"]
@@ -340,6 +364,14 @@ class RolloutAgent:
         self.state["previous"] = [p for p in prev if p is not choice]
         self._remember_previous(old.bundle_id, str(old.root))
         self._change("rolled back", choice["bundle_id"], f"from {old.bundle_id[:16]}", msg.id)
+
+
+def _release(bundle_dir: Path) -> int:
+    """The release counter of a bundle folder's signature (0 when unsigned or unreadable)."""
+    try:
+        return release_of(read_signature(bundle_dir))
+    except (SignatureError, OSError, BundleError):
+        return 0
 
 
 def _dump(raw: dict) -> bytes:

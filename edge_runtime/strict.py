@@ -52,6 +52,8 @@ def shown(value) -> str:
 
 
 def _num(x) -> str:
+    if isinstance(x, int):
+        return str(x)
     return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 

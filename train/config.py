@@ -163,7 +163,7 @@ def _validate_values(cfg: Config) -> None:
     try:        # the taxonomy rule (edge_runtime/classnames.py): Stage 2 tells every defect class apart
         check_taxonomy(classes, cfg.taxonomy.defects)
     except ClassNameError as exc:
-        raise ConfigError(f"taxonomy: {exc}") from None
+        raise ConfigError(str(exc)) from None
     for pattern, target in cfg.aliases.items():
         if target not in classes:
             raise ConfigError(f"aliases.{pattern}: maps to {target!r}, which is not a taxonomy class {classes}")

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import re
+import types
 import typing
 from collections.abc import Callable
 
@@ -257,7 +258,7 @@ def spec_of(hint) -> Spec:
         hints = typing.get_type_hints(hint, include_extras=True)
         return Keys({k: spec_of(_strip_required(t)) if k in hint.__required_keys__ else
                      Field(spec_of(_strip_required(t)), None) for k, t in hints.items()})
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
         inner = spec_of(rest[0]) if len(rest) == 1 else Anything()
         return Optional(inner) if len(rest) < len(args) else inner

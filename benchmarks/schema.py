@@ -2,11 +2,14 @@
 results), the report (report.py: results.md) and the plots.
 
 TypedDicts, so results.json stays plain JSON; `problems(results)` checks a loaded or freshly built document
-against them (every required key present, no undeclared key, nested rows included): report.py refuses a
-results.json that does not match, and the tests check what the writer produces.
+against them with the one strict-document reader (every required key present, no undeclared key, types,
+nested rows included): report.py refuses a results.json that does not match, and the tests check what the
+writer produces.
 """
-import typing      # no `from __future__ import annotations` here: TypedDict needs NotRequired evaluated
+# no `from __future__ import annotations` here: TypedDict needs NotRequired evaluated
 from typing import Any, NotRequired, TypedDict
+
+from edge_runtime import strict
 
 FORMAT = "sem-inspect-benchmark/1"
 
@@ -393,39 +396,11 @@ class PairedResult(TypedDict):       # mode "paired"
     load_average: NotRequired[list[float] | None]
 
 
-# ---- checking a document against the schema ------------------------------------------------------------
-def _is_typeddict(tp) -> bool:
-    return isinstance(tp, type) and issubclass(tp, dict) and hasattr(tp, "__required_keys__")
-
-
-def _check(value, tp, where: str, out: list[str]) -> None:
-    if _is_typeddict(tp):
-        if not isinstance(value, dict):
-            out.append(f"{where}: expected an object, got {type(value).__name__}")
-            return
-        missing = sorted(tp.__required_keys__ - set(value))
-        unknown = sorted(set(value) - tp.__required_keys__ - tp.__optional_keys__)
-        out += [f"{where}: missing key {k!r}" for k in missing] + [f"{where}: undeclared key {k!r}" for k in unknown]
-        hints = typing.get_type_hints(tp)
-        for key in set(value) & set(hints):
-            _check(value[key], hints[key], f"{where}.{key}", out)
-        return
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is list and args and isinstance(value, list):
-        for i, item in enumerate(value):
-            _check(item, args[0], f"{where}[{i}]", out)
-    elif origin is dict and len(args) == 2 and isinstance(value, dict):
-        for key, item in value.items():
-            _check(item, args[1], f"{where}.{key}", out)
-    elif origin in (list, dict) and not isinstance(value, origin):
-        out.append(f"{where}: expected {origin.__name__}, got {type(value).__name__}")
-
-
+# ---- checking a document against the schema (edge_runtime/strict.py) -------------------------------------
 def problems(document: dict, schema=Results) -> list[str]:
-    """Where `document` departs from `schema` (empty when it matches): keys at every level and the list/object
-    shape of nested rows; scalar types are left to the writer."""
+    """Where `document` departs from `schema` (empty when it matches): keys at every level (no undeclared key),
+    types and the list/object shape of nested rows."""
     out: list[str] = []
     if schema is Results and document.get("format") != FORMAT:
         out.append(f"format: {document.get('format')!r}, expected {FORMAT!r}")
-    _check(document, schema, schema.__name__, out)
-    return out
+    return out + strict.problems(document, schema, root=schema.__name__)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.export import BY_FIDELITY
 from edge_runtime.bundle import MANIFEST, Bundle, BundleError, StageSpec, load_bundle
 from edge_runtime.gate import is_defective, stage1_score
 from edge_runtime.inspector import Stage, StageRunner
@@ -41,7 +42,7 @@ log = logging.getLogger("convert.compare")
 
 KERAS = "keras-float32"
 STAGE1_CLASSES = ["clean", "defective"]
-VARIANT_ORDER = ("float32", "float16", "dynamic", "int8")
+VARIANT_ORDER = BY_FIDELITY       # from float32 down to the deployed int8 (convert/export.py)
 
 
 class CompareError(ValueError):

@@ -1,19 +1,33 @@
-"""Keras stage model -> TFLite bytes, one function per variant (the table below), plus the graph check.
-
-| variant  | weights | activations | input          | file               |
-|----------|---------|-------------|----------------|--------------------|
-| int8     | int8    | int8        | uint8 pixels   | stageN.tflite      |
-| float16  | float16 | float32     | float32 pixels | stageN_float16.tflite |
-| dynamic  | int8    | float32     | float32 pixels | stageN_dynamic.tflite |
-| float32  | float32 | float32     | float32 pixels | stageN_float32.tflite |
+"""Keras stage model -> TFLite bytes, one function per variant (EXPORT_FORMATS: name, file suffix, weights,
+activations, input; the one table of variants), plus the graph check.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import numpy as np
 
-VARIANTS = ("int8", "float16", "dynamic", "float32")
+
+class Variant(NamedTuple):
+    name: str
+    suffix: str          # of the model file: stageN{suffix}.tflite
+    weights: str
+    activations: str
+    input: str
+    fidelity: int        # 0: closest to the float Keras model (compare.py reports the variants in this order)
+
+
+# Every variant, in the order they are exported and listed in a bundle (the deployed int8 first).
+EXPORT_FORMATS = (
+    Variant("int8", "", "int8", "int8", "uint8 pixels", 3),
+    Variant("float16", "_float16", "float16", "float32", "float32 pixels", 1),
+    Variant("dynamic", "_dynamic", "int8", "float32", "float32 pixels", 2),
+    Variant("float32", "_float32", "float32", "float32", "float32 pixels", 0),
+)
+VARIANTS = tuple(v.name for v in EXPORT_FORMATS)
+BY_FIDELITY = tuple(v.name for v in sorted(EXPORT_FORMATS, key=lambda v: v.fidelity))
+_BY_NAME = {v.name: v for v in EXPORT_FORMATS}
 # How the int8 variant quantizes the weights of dense (FULLY_CONNECTED) layers; convolutions are always
 # per-channel. TensorFlow's converter made dense layers per-channel by default in 2024 without raising the
 # op's version (FULLY_CONNECTED stays at version 4), so an interpreter older than that cannot tell it is
@@ -27,7 +41,8 @@ BOUNDARY_OPS = {"QUANTIZE", "DEQUANTIZE"}
 
 
 def model_filename(stage: int, variant: str) -> str:
-    return f"stage{stage}.tflite" if variant == "int8" else f"stage{stage}_{variant}.tflite"
+    suffix = _BY_NAME[variant].suffix if variant in _BY_NAME else f"_{variant}"
+    return f"stage{stage}{suffix}.tflite"
 
 
 def export_tflite(model, variant: str, representative: np.ndarray | Callable[[], Iterable] | None = None,

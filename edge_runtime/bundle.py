@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from edge_runtime.classnames import ClassNameError, check_class_name
+from edge_runtime import strict
+from edge_runtime.classnames import CLASS, DEFECTIVE, ClassNameError, check_taxonomy
 from edge_runtime.digest import sha256_bytes, sha256_file
 from edge_runtime.head import Head, HeadError
 from edge_runtime.interpreter import version_key
@@ -131,52 +132,73 @@ class Bundle:
         return _check_file(self.stage(n, variant), keep=True)
 
 
-def _require(mapping, key, kind, where):
-    if not isinstance(mapping, dict) or key not in mapping:
-        raise BundleError(f"{where}: missing key {key!r}")
-    value = mapping[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise BundleError(f"{where}: {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
-    return value
+# ---- the manifest's schema (edge_runtime/strict.py) --------------------------------------------------------
+
+def _plain_name(name: str, path: str) -> None:
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise ValueError(f"{path} must be a plain file name inside the bundle, got {strict.shown(name)}")
 
 
-def _tensor(d, where) -> TensorSpec:
-    shape = _require(d, "shape", list, where)
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
-        raise BundleError(f"{where}: 'shape' must be a list of integers, got {shape!r}")
-    return TensorSpec(name=str(d.get("name", "")), shape=tuple(int(s) for s in shape),
-                      dtype=_require(d, "dtype", str, where), scale=_require(d, "scale", float, where),
-                      zero_point=_require(d, "zero_point", int, where))
+def _version(version: str, path: str) -> None:
+    try:
+        version_key(version)
+    except ValueError:
+        raise ValueError(f"{path} must be a version such as '2.14.0', got {strict.shown(version)}") from None
 
 
-def _min_runtime(d, where) -> tuple[dict[str, str], str]:
-    """The optional min_runtime ({backend: version}) and min_runtime_reason of a stage."""
-    raw = d.get("min_runtime") or {}
-    reason = d.get("min_runtime_reason") or ""
-    if not isinstance(raw, dict) or not isinstance(reason, str):
-        raise BundleError(f"{where}: min_runtime must map runtime names to versions, min_runtime_reason be text")
-    for name, version in raw.items():
-        try:
-            version_key(version if isinstance(version, str) else "")
-        except ValueError:
-            raise BundleError(f"{where}: min_runtime.{name} must be a version such as '2.14.0', got "
-                              f"{version!r}") from None
-    return {str(k): v for k, v in raw.items()}, reason
+_FILE = strict.Text(rule=_plain_name)
+_SHA256 = strict.Text(pattern="[0-9a-fA-F]{64}", describe="64 hex digits (a sha256)")
+_COUNT = strict.Number(low=0, integer=True)
+_PINNED = {"file": _FILE, "sha256": _SHA256, "bytes": _COUNT}     # how the manifest pins a file
+_TENSOR = strict.Keys({"name": strict.Field(strict.Text(), ""), "shape": strict.ListOf(strict.Number(integer=True)),
+                       "dtype": strict.Text(), "scale": strict.Number(), "zero_point": strict.Number(integer=True)})
+_MODEL = strict.Keys({**_PINNED, "input": _TENSOR, "output": _TENSOR,
+                      "ops": strict.Field(strict.MapOf(value=strict.Anything()), None),
+                      # oldest interpreters that run the model ({backend: version}; absent in older bundles)
+                      "min_runtime": strict.Field(strict.Optional(strict.MapOf(value=strict.Text(rule=_version, describe="a version such as '2.14.0'"))), None),
+                      "min_runtime_reason": strict.Field(strict.Optional(strict.Text()), None)})
+_IMAGE_SIZE = strict.ListOf(strict.Number(low=1, integer=True), min_len=2, max_len=2)
+_STAGE_V2 = strict.Keys({
+    "backbone": strict.Field(strict.Text(), ""),
+    "image_size": strict.Field(strict.Optional(_IMAGE_SIZE), None),    # (height, width): checked against the model
+    "classes": strict.ListOf(CLASS, min_len=1, distinct=True),
+    "head": strict.Keys({**_PINNED, "activations": strict.ListOf(strict.Text())})})
+_INPUT = strict.Keys({"channels": strict.Field(strict.Number(low=1, integer=True), 3),
+                      "preprocessing": strict.Field(strict.Text(), "")})
+_INPUT_V1 = strict.Keys({**_INPUT.fields, "height": strict.Number(low=1, integer=True),
+                         "width": strict.Number(low=1, integer=True)})
+# The top level is open: informative keys (created, tools, calibration, files, source, parent, adapted, ...) and
+# the writer's `extra` are kept as they are; every section the reader acts on is closed.
+_MANIFEST = strict.Keys({
+    "format": strict.Text(choices=FORMATS),
+    "taxonomy": strict.ListOf(CLASS),
+    "stage2_classes": strict.ListOf(CLASS),
+    "gating": strict.Keys({"stage1_threshold": strict.Number(0, 1), "stage2_review_floor": strict.Number(0, 1)}),
+    "variants": strict.MapOf(value=strict.Keys({"stage1": _MODEL, "stage2": _MODEL}), min_len=1),
+    "default_variant": strict.Field(strict.Optional(strict.Text()), None),
+    "backbones": strict.Field(strict.Optional(strict.MapOf(value=strict.Anything())), None),
+    "source_run": strict.Field(strict.Optional(strict.Text()), None),
+}, extra="keep")
+_MANIFEST_V1 = strict.Keys({**_MANIFEST.fields, "input": _INPUT_V1}, extra="keep")
+_MANIFEST_V2 = strict.Keys({**_MANIFEST.fields, "input": _INPUT,
+                            "stages": strict.Keys({"stage1": _STAGE_V2, "stage2": _STAGE_V2}),
+                            "replay": strict.Field(strict.Optional(strict.Keys(_PINNED, extra="keep")), None)},
+                           extra="keep")
 
 
-def _stage(root: Path, variant: str, n: int, d, manifest_path: Path) -> StageSpec:
-    where = f"{manifest_path}: variants.{variant}.stage{n}"
-    name = _require(d, "file", str, where)
-    if Path(name).name != name:
-        raise BundleError(f"{where}: file {name!r} must be a plain file name inside the bundle")
-    min_runtime, reason = _min_runtime(d, where)
-    return StageSpec(stage=n, file=name, path=root / name, sha256=_require(d, "sha256", str, where).lower(),
-                     bytes=_require(d, "bytes", int, where),
-                     input=_tensor(_require(d, "input", dict, where), where + ".input"),
-                     output=_tensor(_require(d, "output", dict, where), where + ".output"),
-                     min_runtime=min_runtime, min_runtime_reason=reason)
+def _tensor(d: dict) -> TensorSpec:
+    return TensorSpec(name=d["name"], shape=tuple(d["shape"]), dtype=d["dtype"], scale=d["scale"],
+                      zero_point=d["zero_point"])
+
+
+def _stage(root: Path, n: int, d: dict) -> StageSpec:
+    return StageSpec(stage=n, file=d["file"], path=root / d["file"], sha256=d["sha256"].lower(), bytes=d["bytes"],
+                     input=_tensor(d["input"]), output=_tensor(d["output"]), min_runtime=dict(d["min_runtime"] or {}),
+                     min_runtime_reason=d["min_runtime_reason"] or "")
+
+
+def _file_spec(root: Path, d: dict) -> FileSpec:
+    return FileSpec(path=root / d["file"], sha256=d["sha256"].lower(), bytes=d["bytes"])
 
 
 def _check_file(spec: StageSpec | FileSpec, keep: bool, what: str = "model file") -> bytes | None:
@@ -204,35 +226,6 @@ def read_verified(spec: StageSpec | FileSpec, what: str) -> bytes:
     return _check_file(spec, keep=True, what=what)
 
 
-def _file_spec(root: Path, d, where: str) -> FileSpec:
-    name = _require(d, "file", str, where)
-    if Path(name).name != name or name in ("", ".", ".."):
-        raise BundleError(f"{where}: file {name!r} must be a plain file name inside the bundle")
-    return FileSpec(path=root / name, sha256=_require(d, "sha256", str, where).lower(),
-                    bytes=_require(d, "bytes", int, where))
-
-
-def _stage_v2(root: Path, n: int, d, taxonomy, stage2_classes, where: str) -> tuple[tuple[str, ...], Head]:
-    """Format /2: a stage's classes and its verified, loaded head."""
-    where = f"{where}: stages.stage{n}"
-    classes = tuple(_require(d, "classes", list, where))
-    if not classes or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
-        raise BundleError(f"{where}: classes must be a list of distinct class names")
-    if n == 2 and classes != tuple(stage2_classes):
-        raise BundleError(f"{where}: classes {list(classes)} differ from stage2_classes {list(stage2_classes)}")
-    if n == 1 and classes != ("defective",) and (taxonomy[0] not in classes or not set(classes) <= set(taxonomy)):
-        raise BundleError(f"{where}: Stage-1 classes must be [defective] or taxonomy classes including "
-                          f"{taxonomy[0]!r}, got {list(classes)}")
-    head_d = _require(d, "head", dict, where)
-    activations = _require(head_d, "activations", list, where + ".head")
-    spec = _file_spec(root, head_d, where + ".head")
-    try:
-        head = Head.from_bytes(_check_file(spec, keep=True, what="head file"), activations, list(classes))
-    except HeadError as exc:
-        raise BundleError(f"{spec.path}: {exc}") from None
-    return classes, head
-
-
 def read_signature(root: Path) -> bytes | None:
     """manifest.sig's bytes (None when the bundle has none)."""
     from edge_runtime.signing import MAX_SIG_BYTES, SIGNATURE
@@ -255,16 +248,10 @@ def _check_signature(root: Path, manifest: bytes, trusted_keys) -> str:
         raise BundleError(str(exc)) from None
 
 
-def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all: bool = True,
-                trusted_keys=None) -> Bundle:
-    """Read manifest.yaml, check it, verify the model files' sha256 and pick a variant.
+# ---- read / parse / verify ------------------------------------------------------------------------------------
 
-    verify_all: check every variant's files (default), not just the selected one's.
-    trusted_keys: an edge_runtime.signing.TrustedKeys (or the path of a .pub file or folder of them): the
-    manifest must carry a valid signature (manifest.sig) by one of them, checked before anything else is read.
-    None (default): no signature needed.
-    """
-    root = Path(path).expanduser()
+def read_manifest(root: Path) -> bytes:
+    """manifest.yaml's bytes (BundleError when the folder or the file is missing or unreadable)."""
     if not root.exists():
         raise BundleError(f"{root}: bundle folder does not exist")
     if not root.is_dir():
@@ -273,113 +260,124 @@ def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all:
     try:
         fh, _ = open_regular(manifest_path)
         with fh:
-            raw = fh.read()
-        text = raw.decode("utf-8")
+            return fh.read()
     except FileNotFoundError:
         raise BundleError(f"{manifest_path}: not a model bundle (no {MANIFEST}); "
                           "build one with `python -m convert`") from None
     except OSError as exc:
         raise BundleError(f"{manifest_path}: cannot read: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise BundleError(f"{manifest_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    signed_by = _check_signature(root, raw, trusted_keys) if trusted_keys is not None else None
+
+
+def parse_manifest(root: Path, raw: bytes, variant: str | None = None) -> Bundle:
+    """The manifest checked (strict schema, taxonomy, stage sizes) into a Bundle whose files are not read yet."""
+    where = str(root / MANIFEST)
     try:
-        manifest = yaml.safe_load(text)
+        manifest = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise BundleError(f"{manifest_path}: not valid YAML: {exc}") from exc
-    where = str(manifest_path)
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{where}: expected a mapping at the top level")
-    fmt = manifest.get("format")
-    if fmt not in FORMATS:
+        raise BundleError(f"{where}: not valid YAML: {exc}") from exc
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if isinstance(manifest, dict) and fmt not in FORMATS:
         raise BundleError(f"{where}: unsupported bundle format {fmt!r} (this runtime reads "
                           f"{' and '.join(map(repr, FORMATS))})")
+    m = strict.read(manifest, _MANIFEST_V1 if fmt == FORMAT_V1 else _MANIFEST_V2, where, error=BundleError)
+    stages = m.get("stages") or {}
+    taxonomy, stage2_classes = tuple(m["taxonomy"]), tuple(m["stage2_classes"])
+    stage1_classes = tuple(stages["stage1"]["classes"]) if stages else DEFECTIVE
+    try:
+        check_taxonomy(taxonomy, stage2_classes, stage1_classes, where)
+    except ClassNameError as exc:
+        raise BundleError(str(exc)) from None
+    if stages and tuple(stages["stage2"]["classes"]) != stage2_classes:
+        raise BundleError(f"{where}: stages.stage2: classes {stages['stage2']['classes']} differ from "
+                          f"stage2_classes {list(stage2_classes)}")
 
-    taxonomy = tuple(_require(manifest, "taxonomy", list, where))
-    stage2_classes = tuple(_require(manifest, "stage2_classes", list, where))
-    for key, names in (("taxonomy", taxonomy), ("stage2_classes", stage2_classes)):
-        if not all(isinstance(n, str) for n in names):
-            raise BundleError(f"{where}: {key} must be a list of class names (text), got {list(names)!r}")
-        try:        # class names become folder names and CSV cells downstream (edge_runtime/classnames.py)
-            for i, n in enumerate(names):
-                check_class_name(n, f"{key}[{i}]")
-        except ClassNameError as exc:
-            raise BundleError(f"{where}: {exc}") from None
-    if not taxonomy or len(set(taxonomy)) != len(taxonomy):
-        raise BundleError(f"{where}: taxonomy must be a non-empty list of distinct names")
-    unknown = [c for c in stage2_classes if c not in taxonomy[1:]]
-    if not stage2_classes or unknown:
-        raise BundleError(f"{where}: stage2_classes must be defect classes from the taxonomy (bad: {unknown})")
-    inp = _require(manifest, "input", dict, where)
-    if fmt == FORMAT_V1:
-        height, width = _require(inp, "height", int, where + ": input"), _require(inp, "width", int, where + ": input")
-    gating = _require(manifest, "gating", dict, where)
-    threshold = _require(gating, "stage1_threshold", float, where + ": gating")
-    floor = _require(gating, "stage2_review_floor", float, where + ": gating")
-    if not 0.0 <= threshold <= 1.0 or not 0.0 <= floor <= 1.0:
-        raise BundleError(f"{where}: gating values must lie in [0, 1] (got {threshold}, {floor})")
+    variants = m["variants"]
+    chosen = variant or m["default_variant"] or next(iter(variants))
+    if chosen not in variants:
+        raise BundleError(f"{where}: no variant {chosen!r} in this bundle (available: {', '.join(variants)})")
+    specs = {name: {n: _stage(root, n, entry[f"stage{n}"]) for n in (1, 2)} for name, entry in variants.items()}
+    sizes = {n: _input_size(spec, m, n, where) for n, spec in specs[chosen].items()}
+    return Bundle(root=root.resolve(), manifest=manifest, variant=chosen, variants=tuple(variants),
+                  taxonomy=taxonomy, stage2_classes=stage2_classes, image_sizes=sizes,
+                  stage1_threshold=m["gating"]["stage1_threshold"], stage2_review_floor=m["gating"]["stage2_review_floor"],
+                  stage1=specs[chosen][1], stage2=specs[chosen][2], specs=specs,
+                  backbones={str(k): str(v) for k, v in (m["backbones"] or {}).items()}, source_run=m["source_run"],
+                  bundle_id=sha256_bytes(raw), stage_classes={1: stage1_classes, 2: stage2_classes},
+                  replay=_file_spec(root, m["replay"]) if m.get("replay") is not None else None, format=fmt)
 
-    backbones = manifest.get("backbones") or {}
-    source_run = manifest.get("source_run")
-    if not isinstance(backbones, dict) or not (source_run is None or isinstance(source_run, str)):
-        raise BundleError(f"{where}: backbones must be a mapping and source_run a path")
 
-    variants_raw = _require(manifest, "variants", dict, where)
-    if not variants_raw:
-        raise BundleError(f"{where}: no model variants listed")
-    chosen = variant or manifest.get("default_variant") or next(iter(variants_raw))
-    if not isinstance(chosen, str) or chosen not in variants_raw:
-        raise BundleError(f"{where}: no variant {chosen!r} in this bundle (available: {', '.join(variants_raw)})")
+def _input_size(spec: StageSpec, m: dict, n: int, where: str) -> tuple[int, int]:
+    """A stage's input (height, width): the model's input shape, which must agree with what the manifest says
+    (format /1: `input`; format /2: the stage's image_size, when present)."""
+    shape = spec.input.shape
+    if m["format"] == FORMAT_V1:
+        expected = (1, m["input"]["height"], m["input"]["width"], 3)
+        if shape != expected:
+            raise BundleError(f"{spec.path}: input shape {shape} does not match the manifest input {expected}")
+        return expected[1], expected[2]
+    if len(shape) != 4 or shape[0] != 1 or shape[3] != 3 or min(shape[1:3]) < 8:
+        raise BundleError(f"{spec.path}: input shape {shape} is not one image (1, H, W, 3)")
+    written = m["stages"][f"stage{n}"]["image_size"]
+    if written is not None and tuple(written) != shape[1:3]:
+        raise BundleError(f"{where}: stages.stage{n}.image_size {list(written)} does not match the Stage-{n} model's "
+                          f"input shape {shape} ({spec.path.name})")
+    return shape[1], shape[2]
 
-    specs: dict[str, dict[int, StageSpec]] = {}
-    for name, stages in variants_raw.items():
-        specs[name] = {n: _stage(root, name, n, _require(stages, f"stage{n}", dict, f"{where}: variants.{name}"),
-                                 manifest_path) for n in (1, 2)}
-    chosen_specs = specs[chosen]
-    heads: dict[int, Head | None] = {1: None, 2: None}
-    stage_classes = {1: ("defective",), 2: tuple(stage2_classes)}
-    replay = None
-    if fmt == FORMAT_V1:
-        sizes = {1: (height, width), 2: (height, width)}
-        for n, spec in chosen_specs.items():
-            if spec.input.shape != (1, height, width, 3):
-                raise BundleError(f"{spec.path}: input shape {spec.input.shape} does not match the manifest input "
-                                  f"{(1, height, width, 3)}")
-    else:
-        stages = _require(manifest, "stages", dict, where)
-        sizes = {}
-        for n, spec in chosen_specs.items():
-            stage_classes[n], heads[n] = _stage_v2(root, n, _require(stages, f"stage{n}", dict, where + ": stages"),
-                                                   taxonomy, stage2_classes, where)
-            shape = spec.input.shape
-            if len(shape) != 4 or shape[0] != 1 or shape[3] != 3 or min(shape[1:3]) < 8:
-                raise BundleError(f"{spec.path}: input shape {shape} is not one image (1, H, W, 3)")
-            sizes[n] = (shape[1], shape[2])
-            if spec.output.shape[-1:] != (heads[n].features,):
+
+def _load_head(bundle: Bundle, n: int) -> Head:
+    d = bundle.manifest["stages"][f"stage{n}"]["head"]
+    spec = _file_spec(bundle.root, d)
+    try:
+        return Head.from_bytes(_check_file(spec, keep=True, what="head file"), d["activations"],
+                               list(bundle.stage_classes[n]))
+    except HeadError as exc:
+        raise BundleError(f"{spec.path}: {exc}") from None
+
+
+def verify_files(bundle: Bundle, verify_all: bool = True) -> Bundle:
+    """Every file the manifest pins, against its sha256: the selected variant's models (kept: what was hashed is
+    what runs), the heads (loaded, and checked to fit their backbones), and with verify_all the replay set and
+    every other variant's models."""
+    if bundle.format != FORMAT_V1:
+        for n, spec in ((1, bundle.stage1), (2, bundle.stage2)):
+            head = bundle.heads[n] = _load_head(bundle, n)
+            if spec.output.shape[-1:] != (head.features,):
                 raise BundleError(f"{spec.path}: the backbone emits {spec.output.shape[-1:]} features but the "
-                                  f"Stage-{n} head takes {heads[n].features}")
-        if manifest.get("replay") is not None:
-            replay = _file_spec(root, manifest["replay"], where + ": replay")
-            if verify_all:
-                _check_file(replay, keep=False, what="replay set")
-    if heads[2] is None and chosen_specs[2].output.shape[-1:] != (len(stage2_classes),):
-        raise BundleError(f"{chosen_specs[2].path}: {(chosen_specs[2].output.shape or ('no',))[-1]} outputs but "
-                          f"{len(stage2_classes)} stage2_classes")
-
-    model_bytes = {n: _check_file(spec, keep=True) for n, spec in chosen_specs.items()}
+                                  f"Stage-{n} head takes {head.features}")
+        if bundle.replay is not None and verify_all:
+            _check_file(bundle.replay, keep=False, what="replay set")
+    else:
+        bundle.heads = {1: None, 2: None}
+    stage2 = bundle.stage2
+    if bundle.heads[2] is None and stage2.output.shape[-1:] != (len(bundle.stage2_classes),):
+        raise BundleError(f"{stage2.path}: {(stage2.output.shape or ('no',))[-1]} outputs but "
+                          f"{len(bundle.stage2_classes)} stage2_classes")
+    bundle._model_bytes = {n: _check_file(spec, keep=True) for n, spec in ((1, bundle.stage1), (2, stage2))}
     if verify_all:
-        for name, stages_of in specs.items():
-            if name != chosen:
+        for name, stages_of in bundle.specs.items():
+            if name != bundle.variant:
                 for spec in stages_of.values():
                     _check_file(spec, keep=False)
+    return bundle
 
-    return Bundle(root=root.resolve(), manifest=manifest, variant=chosen, variants=tuple(variants_raw),
-                  taxonomy=taxonomy, stage2_classes=stage2_classes, image_sizes=sizes,
-                  stage1_threshold=threshold, stage2_review_floor=floor,
-                  stage1=chosen_specs[1], stage2=chosen_specs[2], specs=specs,
-                  backbones={str(k): str(v) for k, v in backbones.items()}, source_run=source_run,
-                  bundle_id=sha256_bytes(raw), signed_by=signed_by, heads=heads, stage_classes=stage_classes, replay=replay, format=fmt,
-                  _model_bytes=model_bytes)
+
+def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all: bool = True,
+                trusted_keys=None) -> Bundle:
+    """Read manifest.yaml, check its signature (when keys are given), parse it, and verify the files' sha256.
+
+    verify_all: check every variant's files (default), not just the selected one's.
+    trusted_keys: an edge_runtime.signing.TrustedKeys (or the path of a .pub file or folder of them): the
+    manifest must carry a valid signature (manifest.sig) by one of them, checked before anything else is read.
+    None (default): no signature needed.
+    """
+    root = Path(path).expanduser()
+    raw = read_manifest(root)
+    signed_by = _check_signature(root, raw, trusted_keys) if trusted_keys is not None else None
+    bundle = parse_manifest(root, raw, variant)
+    bundle.signed_by = signed_by
+    return verify_files(bundle, verify_all)
 
 
 def file_entry(data: bytes) -> dict:

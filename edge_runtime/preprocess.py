@@ -30,9 +30,12 @@ from PIL import Image, UnidentifiedImageError
 from edge_runtime.safeopen import open_regular
 
 SUPPORTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# The decode limits, defined here only: the inspector's defaults, the service's max_image_pixels /
+# max_file_bytes / max_decode_mb, and the most the training audit (configs/default.yaml audit:) accepts.
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 DEFAULT_MAX_DECODE_MB = 128
+DEFAULT_LIMITS = {"max_pixels": DEFAULT_MAX_PIXELS, "max_bytes": DEFAULT_MAX_BYTES, "max_decode_mb": DEFAULT_MAX_DECODE_MB}
 RESAMPLE = Image.Resampling.BILINEAR
 BAND_PIXELS = 1 << 18       # convert to gray about this many pixels at a time (a few MB of temporaries)
 DRAFT_GAP = 2               # a JPEG is decoded at no less than this multiple of the model size
@@ -226,13 +229,10 @@ def decode_for(source: str | os.PathLike | bytes, size: int | tuple[int, int], *
     """Decode a file once, for model inputs up to `size` (the largest stage's): 8-bit gray, oriented. Each stage
     then takes to_model_input(gray, its size): two stages of different sizes never decode twice."""
     target = (size, size) if isinstance(size, int) else tuple(size)
-    return _decode(source, target=target, **{**_DEFAULT_LIMITS, **limits})
+    return _decode(source, target=target, **{**DEFAULT_LIMITS, **limits})
 
 
 def to_model_input(gray: Image.Image, size: int | tuple[int, int]) -> np.ndarray:
     """Decoded 8-bit gray -> the model input: bilinear resize, uint8 HxWx3."""
     return _resized(gray, size)
 
-
-_DEFAULT_LIMITS = {"max_pixels": DEFAULT_MAX_PIXELS, "max_bytes": DEFAULT_MAX_BYTES,
-                   "max_decode_mb": DEFAULT_MAX_DECODE_MB}

@@ -129,7 +129,7 @@ def test_variant_threads_and_runtime_reach_the_inspector(tiny_bundle, tmp_path, 
     assert type(insp.stage1.interpreter).__module__.startswith("ai_edge_litert")
     assert insp.bundle.stage1.input.dtype == "float32"       # the float32 model, not the default int8 one
     assert main(["--models", str(tiny_bundle), "--threads", "0", str(img)]) == 2
-    assert "threads: must be > 0" in capsys.readouterr().err
+    assert "threads must be an integer > 0, got 0" in capsys.readouterr().err
 
 
 def test_variant_threads_and_runtime_reach_the_service_inspector(tiny_bundle, tmp_path, built_inspectors):

@@ -110,11 +110,13 @@ def _random_model_bytes(bundle: Path) -> None:
 
 BAD_BUNDLES = {
     "taxonomy entry is a list": (lambda b: _edit_manifest(b, lambda m: m["taxonomy"].append(["x", "y"])),
-                                 "taxonomy must be a list of class names"),
+                                 "taxonomy[8] must be a class name"),
     "input shape holds a string": (lambda b: _edit_manifest(
-        b, lambda m: m["variants"]["int8"]["stage1"]["input"].update(shape=[1, "32", 32, 3])), "'shape' must be"),
+        b, lambda m: m["variants"]["int8"]["stage1"]["input"].update(shape=[1, "32", 32, 3])),
+        'variants.int8.stage1.input.shape[1] must be an integer, got "32"'),
     "input shape holds null": (lambda b: _edit_manifest(
-        b, lambda m: m["variants"]["int8"]["stage2"]["input"].update(shape=[1, None, 32, 3])), "'shape' must be"),
+        b, lambda m: m["variants"]["int8"]["stage2"]["input"].update(shape=[1, None, 32, 3])),
+        "variants.int8.stage2.input.shape[1] must be an integer, got null"),
     "manifest is not UTF-8": (lambda b: (b / "manifest.yaml").write_bytes(
         (b / "manifest.yaml").read_bytes().replace(b"clean", b"cl\xe9an")), "not UTF-8"),
     "random bytes with a matching sha256": (_random_model_bytes, "not a usable TFLite model"),

@@ -38,7 +38,8 @@ def test_a_valid_rollout_and_rollback_are_accepted_with_defaults():
     ({"bytes": True}, "bytes must be"),
     ({"shadow": {"fraction": 2}}, "fraction must be"),
     ({"shadow": {"images": 1.5}}, "images must be an integer"),
-    ({"shadow": {"bogus": 1}}, "shadow must be an object"),
+    ({"shadow": {"bogus": 1}}, "shadow: unknown key 'bogus'"),
+    ({"shadow": [1]}, "shadow must be a mapping"),
     ({"bounds": {"min_agreement": float("nan")}}, "not acceptable JSON"),
     ({"signature": "x"}, "signature must hold"),
 ])

@@ -7,12 +7,14 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
-import typing
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 
-from edge_runtime.classnames import ClassNameError, check_class_name
+from edge_runtime import strict
+from edge_runtime.classnames import CLASS, ClassNameError, check_taxonomy
+from edge_runtime.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 BACKBONES = ("densenet121", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v3_small",
@@ -20,13 +22,13 @@ BACKBONES = ("densenet121", "efficientnet_lite0", "efficientnet_lite1", "efficie
 
 
 class ConfigError(ValueError):
-    """A configuration file is missing, malformed, or holds an unknown key or wrong type."""
+    """A configuration file is missing, malformed, or holds an unknown key or wrong type (edge_runtime/strict.py)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Taxonomy:
-    clean: str
-    defects: list[str]
+    clean: Annotated[str, CLASS]
+    defects: list[Annotated[str, CLASS]]
 
     @property
     def classes(self) -> list[str]:
@@ -43,14 +45,16 @@ class Split:
 
 @dataclasses.dataclass(frozen=True)
 class Audit:
-    near_duplicate_correlation: float
-    max_image_pixels: int
-    max_file_bytes: int
+    near_duplicate_correlation: Annotated[float, strict.Number(above=0, high=1)]
+    # The runtime's decode limits (edge_runtime/preprocess.py) are the default and the most: an image the board
+    # would refuse is no image to train or calibrate on.
+    max_image_pixels: Annotated[int, strict.Number(integer=True, above=0, high=DEFAULT_MAX_PIXELS)] = DEFAULT_MAX_PIXELS
+    max_file_bytes: Annotated[int, strict.Number(integer=True, above=0, high=DEFAULT_MAX_BYTES)] = DEFAULT_MAX_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
 class Gating:
-    target_defect_recall: float
+    target_defect_recall: Annotated[float, strict.Number(above=0, high=1)]
     stage2_review_floor: float
 
 
@@ -154,65 +158,18 @@ def normalise_name(name: str) -> str:
     return re.sub(r"[\s\-_]+", "_", name.strip().lower())
 
 
-def _check(value, hint, where: str):
-    """Return `value` converted to the type `hint`, or raise ConfigError naming `where`."""
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(hint)}
-        hints = typing.get_type_hints(hint)
-        unknown = sorted(set(value) - set(fields))
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
-        optional = {n for n, f in fields.items()
-                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-        missing = sorted(set(fields) - set(value) - optional)
-        if missing:
-            raise ConfigError(f"{where}: missing key(s) {missing}")
-        return hint(**{k: _check(value[k], hints[k], f"{where}.{k}") for k in fields if k in value})
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        key_t, val_t = typing.get_args(hint)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return {_check(k, key_t, f"{where} key"): _check(v, val_t, f"{where}.{k}") for k, v in value.items()}
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint} at {where}")
-
-
 def _validate_values(cfg: Config) -> None:
     classes = cfg.taxonomy.classes
-    for i, name in enumerate(classes):
-        try:
-            check_class_name(name, "taxonomy.clean" if i == 0 else f"taxonomy.defects[{i - 1}]")
-        except ClassNameError as exc:
-            raise ConfigError(str(exc)) from None
-    if len(set(classes)) != len(classes):
-        raise ConfigError("taxonomy: class names must be unique")
+    try:        # the taxonomy rule (edge_runtime/classnames.py): Stage 2 tells every defect class apart
+        check_taxonomy(classes, cfg.taxonomy.defects)
+    except ClassNameError as exc:
+        raise ConfigError(str(exc)) from None
     for pattern, target in cfg.aliases.items():
         if target not in classes:
             raise ConfigError(f"aliases.{pattern}: maps to {target!r}, which is not a taxonomy class {classes}")
     total = cfg.split.train + cfg.split.val + cfg.split.test
     if abs(total - 1.0) > 1e-6 or min(cfg.split.train, cfg.split.val, cfg.split.test) <= 0:
         raise ConfigError(f"split: fractions must be positive and sum to 1 (got {total:.3f})")
-    if not 0.0 < cfg.gating.target_defect_recall <= 1.0:
-        raise ConfigError("gating.target_defect_recall: must be in (0, 1]")
     if not 0.0 <= cfg.gating.stage2_review_floor < 1.0:
         raise ConfigError("gating.stage2_review_floor: must be in [0, 1)")
     for name, p in cfg.profiles.items():
@@ -239,7 +196,7 @@ def _validate_values(cfg: Config) -> None:
 
 
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:
-    cfg = _check(data, Config, source)
+    cfg = strict.read(data, Config, source, error=ConfigError)
     _validate_values(cfg)
     return cfg
 

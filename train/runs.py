@@ -8,9 +8,22 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_runtime import strict
+from edge_runtime.classnames import CLASS, DEFECTIVE, ClassNameError, check_taxonomy
+
 STAGE_FILES = {1: "stage1.keras", 2: "stage2.keras"}
-RUN_FIELDS = {"image_size": int, "taxonomy": list, "stage2_classes": list, "stage1_threshold": (int, float),
-              "stage2_review_floor": (int, float)}
+_SIZE = strict.Number(low=8, integer=True)
+# What run.json must hold (edge_runtime/strict.py); the rest (metrics, paths, settings) is informative and kept.
+RUN_FIELDS = strict.Keys({
+    "image_size": _SIZE,
+    "image_sizes": strict.Field(strict.Keys({"stage1": strict.Field(_SIZE, None), "stage2": strict.Field(_SIZE, None)}),
+                                None),
+    "taxonomy": strict.ListOf(CLASS),
+    "stage2_classes": strict.ListOf(CLASS),
+    "stage1_classes": strict.Field(strict.ListOf(CLASS), None),
+    "stage1_threshold": strict.Number(0, 1),
+    "stage2_review_floor": strict.Number(0, 1),
+}, extra="keep")
 
 
 class RunError(ValueError):
@@ -98,31 +111,12 @@ def read_run(run_dir: str | os.PathLike) -> Run:
         raise RunError(f"{info_path}: not valid JSON: {exc}") from exc
     if not isinstance(info, dict):
         raise RunError(f"{info_path}: expected a JSON object")
-    for key, kind in RUN_FIELDS.items():
-        if key not in info:
-            raise RunError(f"{info_path}: missing field {key!r}")
-        if isinstance(info[key], bool) or not isinstance(info[key], kind):
-            raise RunError(f"{info_path}: field {key!r} has the wrong type ({type(info[key]).__name__})")
+    strict.read(info, RUN_FIELDS, str(info_path), error=RunError)
     taxonomy = info["taxonomy"]
-    if len(taxonomy) < 2 or len(set(taxonomy)) != len(taxonomy) or not all(isinstance(c, str) for c in taxonomy):
-        raise RunError(f"{info_path}: taxonomy must be a list of unique class names, clean first")
-    stage2 = info["stage2_classes"]
-    if not stage2 or any(c not in taxonomy[1:] for c in stage2) or len(set(stage2)) != len(stage2):
-        raise RunError(f"{info_path}: stage2_classes {stage2} must be distinct defect classes of {taxonomy[1:]}")
-    sizes = info.get("image_sizes", {})
-    if not isinstance(sizes, dict) or not all(isinstance(sizes.get(k, 8), int) and not isinstance(sizes.get(k, 8), bool)
-                                              for k in ("stage1", "stage2")):
-        raise RunError(f"{info_path}: image_sizes must map stage1/stage2 to integers")
-    if min([info["image_size"], *sizes.values()]) < 8:
-        raise RunError(f"{info_path}: image sizes {info['image_size']} {sizes} are too small")
-    s1 = info.get("stage1_classes", ["defective"])
-    if not isinstance(s1, list) or not (s1 == ["defective"] or (taxonomy[0] in s1 and set(s1) <= set(taxonomy)
-                                                                 and len(set(s1)) == len(s1))):
-        raise RunError(f"{info_path}: stage1_classes must be [defective] or taxonomy classes including "
-                       f"{taxonomy[0]!r}, got {s1!r}")
-    for key in ("stage1_threshold", "stage2_review_floor"):
-        if not 0.0 <= float(info[key]) <= 1.0:
-            raise RunError(f"{info_path}: {key} must be in [0, 1], got {info[key]}")
+    try:
+        check_taxonomy(taxonomy, info["stage2_classes"], info.get("stage1_classes") or DEFECTIVE, str(info_path))
+    except ClassNameError as exc:
+        raise RunError(str(exc)) from None
     for stage, name in STAGE_FILES.items():
         if not (path / name).is_file():
             raise RunError(f"{path / name}: missing (the run has no Stage-{stage} model)")

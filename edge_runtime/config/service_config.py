@@ -12,7 +12,6 @@ A new setting is one field below plus its test.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import socket
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from edge_runtime import strict
 from edge_runtime.interpreter import BACKENDS
 from edge_runtime.netnames import BOARD_RULE, is_board_name, parse_host_names, parse_host_port
 from edge_runtime.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODE_MB, DEFAULT_MAX_PIXELS
@@ -253,28 +253,27 @@ def kind_of(name: str) -> type:
     return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
 
 
+def _spec(name: str) -> strict.Spec:
+    """A setting's value as edge_runtime/strict.py checks it (an int is accepted for a float, never a bool)."""
+    meta, kind = SETTINGS[name].metadata, kind_of(name)
+    if kind is bool:
+        return strict.Boolean()
+    if kind is str:
+        return strict.Text(choices=meta["choices"], describe="a path (text)" if meta["path"] else "")
+    return strict.Number(low=meta["minimum"], high=meta["maximum"], above=0 if meta["positive"] else None,
+                         integer=kind is int)
+
+
+SPECS = {name: _spec(name) for name in SETTINGS}
+# A config file: these settings and nothing else; null leaves a setting unset.
+FILE_SPEC = strict.Keys({name: strict.Field(strict.Optional(spec), None) for name, spec in SPECS.items()})
+
+
 def check_setting(name: str, value):
     """The value, checked against its setting (an int is accepted for a float); ConfigError naming it if not."""
     if name not in SETTINGS:
         raise ConfigError(f"unknown setting {name!r}")
-    meta, kind = SETTINGS[name].metadata, kind_of(name)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if meta["path"] and not isinstance(value, str):
-        raise ConfigError(f"{name} must be a path (text), got {value!r}")
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise ConfigError(f"{name} must be {kind.__name__}, got {value!r}")
-    if kind is float and not math.isfinite(value):
-        raise ConfigError(f"{name}: must be a finite number, got {value!r}")
-    if meta["choices"] and value not in meta["choices"]:
-        raise ConfigError(f"{name}: {value!r} is not one of {list(meta['choices'])}")
-    if meta["minimum"] is not None and value < meta["minimum"]:
-        raise ConfigError(f"{name}: must be >= {meta['minimum']:g}")
-    if meta["maximum"] is not None and value > meta["maximum"]:
-        raise ConfigError(f"{name}: must be <= {meta['maximum']:g}")
-    if meta["positive"] and value <= 0:
-        raise ConfigError(f"{name}: must be > 0")
-    return value
+    return strict.read(value, SPECS[name], root=name, error=ConfigError)
 
 
 def _read_file(cfg_path: Path) -> dict:
@@ -288,19 +287,12 @@ def _read_file(cfg_path: Path) -> dict:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{cfg_path}: expected a mapping of settings")
+    checked = strict.read(raw, FILE_SPEC, str(cfg_path), error=ConfigError)
     values = {}
-    for key, value in raw.items():
-        if key not in SETTINGS:
-            raise ConfigError(f"{cfg_path}: unknown key {key!r} (known: {', '.join(SETTINGS)})")
-        if value is None:
-            continue
-        try:
-            value = check_setting(key, value)
-        except ConfigError as exc:
-            raise ConfigError(f"{cfg_path}: {exc}") from None
-        if SETTINGS[key].metadata["path"]:
-            value = str(cfg_path.parent / Path(value).expanduser())
-        values[key] = value
+    for key in raw:
+        if checked[key] is not None:
+            path = SETTINGS[key].metadata["path"]
+            values[key] = str(cfg_path.parent / Path(checked[key]).expanduser()) if path else checked[key]
     return values
 
 

@@ -19,17 +19,16 @@ Keys besides these are allowed (a newer board may send more) and kept in the sto
 from __future__ import annotations
 
 import datetime as _dt
-import re
 from dataclasses import dataclass
 
-from edge_runtime.classnames import ClassNameError, check_class_name
+from edge_runtime import strict
+from edge_runtime.classnames import CLASS
 from edge_runtime.netnames import BOARD_RULE, is_board_name
 from edge_runtime.fleet import json_input
 
 MAX_PAYLOAD = 64 * 1024
 MAX_TEXT = 4096
 STATUSES = ("online", "offline")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 # The columns of the collector's result table besides board and id (storage.py).
 COLUMNS = ("name", "label", "outcome", "stage1_score", "defect_class", "confidence", "review", "sha256", "bundle_id",
            "recorded_at")
@@ -48,40 +47,46 @@ class Result:
     payload: str            # the message as received (valid UTF-8 text)
 
 
-def _number(msg: dict, key: str, low: float, high: float | None, required: bool):
-    value = msg.get(key)
-    if value is None and not required:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or \
-            (high is not None and value > high):
-        rng = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
-        raise Rejected(f"{key} must be a number {rng}, got {_short(value)}")
-    return float(value)
+_TEXT = strict.Optional(strict.Text(max_len=MAX_TEXT))
+_HEX = strict.Optional(strict.Text(pattern="[0-9a-f]{64}", describe="64 lowercase hex digits or null"))
+_SCORE = strict.Optional(strict.Number(0, 1))
+# The result message's keys (edge_runtime/strict.py); others are allowed (a newer board may send more) and kept.
+RESULT = strict.Keys({
+    "id": strict.Number(1, json_input.INT64[1], integer=True),
+    "board": strict.Anything(),                   # the topic's board, checked below
+    "outcome": strict.Text(choices=("inspected", "quarantined")),
+    "name": strict.Text(min_len=1, max_len=MAX_TEXT),
+    "recorded_at": strict.Text(min_len=1, max_len=64),
+    **{key: strict.Field(_TEXT, None) for key in ("path", "moved_to", "reason", "variant")},
+    "label": strict.Field(strict.Optional(CLASS), None),
+    "defect_class": strict.Field(strict.Optional(CLASS), None),
+    "stage2_probs": strict.Field(strict.Optional(strict.MapOf(CLASS, strict.Number(0, 1), max_len=64)), None),
+    "stage1_score": strict.Field(_SCORE, None),
+    "confidence": strict.Field(_SCORE, None),
+    "review": strict.Field(strict.Optional(strict.Boolean()), None),
+    "latency_ms": strict.Field(strict.Optional(strict.Number(low=0)), None),
+    "sha256": strict.Field(_HEX, None),
+    "bundle_id": strict.Field(_HEX, None),
+}, extra="keep")
+# The bundles' state a board reports with its status: open too.
+BUNDLE_STATE = strict.Keys({
+    "current": strict.Text(pattern="[0-9a-f]{64}", describe="a bundle id (64 lowercase hex digits)"),
+    "candidate": strict.Field(_HEX, None),
+    "phase": strict.Field(strict.Optional(strict.Text(max_len=32)), None),
+    "shadow": strict.Field(strict.Optional(strict.Keys({
+        "images": strict.Field(strict.Optional(strict.Number(low=0, integer=True)), None),
+        **{key: strict.Field(_SCORE, None) for key in ("agreement", "stage1_agreement", "error_rate")}},
+        extra="keep")), None),
+    "last_change": strict.Field(strict.Optional(strict.Keys(
+        {key: strict.Field(_TEXT, None) for key in ("what", "why", "at")}, extra="keep")), None),
+}, extra="keep")
 
 
-def _text(msg: dict, key: str, required: bool, limit: int = MAX_TEXT):
-    value = msg.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or (required and not value) or len(value) > limit:
-        raise Rejected(f"{key} must be text of 1..{limit} characters, got {_short(value)}")
-    return value
-
-
-def _class(value, key: str, required: bool):
-    if value is None and not required:
-        return None
+def _checked(doc, spec, root: str = "") -> dict:
     try:
-        return check_class_name(value, key)
-    except ClassNameError as exc:
+        return strict.read(doc, spec, root=root)
+    except strict.StrictError as exc:
         raise Rejected(ascii(str(exc))[1:-1]) from None
-
-
-def _hex(msg: dict, key: str):
-    value = msg.get(key)
-    if value is not None and not (isinstance(value, str) and _HEX64.fullmatch(value)):
-        raise Rejected(f"{key} must be 64 lowercase hex digits or null, got {_short(value)}")
-    return value
 
 
 def _short(value) -> str:
@@ -106,50 +111,25 @@ def parse_result(board: str, payload: bytes) -> Result:
     msg = _json(payload)
     if not isinstance(msg, dict):
         raise Rejected(f"a result is a JSON object, got {type(msg).__name__}")
-    rid = msg.get("id")
-    if isinstance(rid, bool) or not isinstance(rid, int) or not 1 <= rid <= json_input.INT64[1]:
-        raise Rejected(f"id must be an integer 1..2**63-1, got {_short(rid)}")
+    m = _checked(msg, RESULT)
     if msg.get("board") != board:
         raise Rejected(f"board {_short(msg.get('board'))} is not the topic's board {board!r}")
-    outcome = msg.get("outcome")
-    if outcome not in ("inspected", "quarantined"):
-        raise Rejected(f"outcome must be 'inspected' or 'quarantined', got {_short(outcome)}")
-    inspected = outcome == "inspected"
-    recorded_at = _text(msg, "recorded_at", True, 64)
+    inspected = m["outcome"] == "inspected"
     try:
-        _dt.datetime.fromisoformat(recorded_at)
+        _dt.datetime.fromisoformat(m["recorded_at"])
     except ValueError:
-        raise Rejected(f"recorded_at must be an ISO-8601 time, got {_short(recorded_at)}") from None
-    for key in ("path", "moved_to", "reason", "variant"):
-        _text(msg, key, False)
-    review = msg.get("review")
-    if (inspected and not isinstance(review, bool)) or (not inspected and review is not None):
-        raise Rejected(f"review must be {'true or false' if inspected else 'null'} for an {outcome} result, "
-                       f"got {_short(review)}")
-    if not inspected:
-        for key in ("label", "stage1_score", "confidence"):
-            if msg.get(key) is not None:
-                raise Rejected(f"{key} must be null for a quarantined result, got {_short(msg.get(key))}")
-    probs = msg.get("stage2_probs")
-    if probs is not None:
-        if not isinstance(probs, dict) or len(probs) > 64:
-            raise Rejected(f"stage2_probs must be null or an object of at most 64 classes, got {_short(probs)}")
-        for cls, p in probs.items():
-            _class(cls, "stage2_probs class", True)
-            _number(probs, cls, 0.0, 1.0, True)
-    _number(msg, "latency_ms", 0.0, None, False)
-    columns = {
-        "name": _text(msg, "name", True),
-        "label": _class(msg.get("label"), "label", inspected),
-        "outcome": outcome,
-        "stage1_score": _number(msg, "stage1_score", 0.0, 1.0, inspected),
-        "defect_class": _class(msg.get("defect_class"), "defect_class", False),
-        "confidence": _number(msg, "confidence", 0.0, 1.0, inspected),
-        "review": None if review is None else int(review),
-        "sha256": _hex(msg, "sha256"),
-        "bundle_id": _hex(msg, "bundle_id"),
-        "recorded_at": recorded_at,
-    }
+        raise Rejected(f"recorded_at must be an ISO-8601 time, got {_short(m['recorded_at'])}") from None
+    if inspected:
+        for key in ("label", "stage1_score", "confidence", "review"):
+            if m[key] is None:
+                raise Rejected(f"{key} must be given for an inspected result")
+    else:
+        for key in ("label", "stage1_score", "confidence", "review"):
+            if m[key] is not None:
+                raise Rejected(f"{key} must be null for a quarantined result, got {_short(m[key])}")
+    columns = {key: m[key] for key in COLUMNS}
+    columns["review"] = None if m["review"] is None else int(m["review"])
+    rid = m["id"]
     return Result(board=board, id=rid, columns=columns, message=msg, payload=payload.decode("utf-8"))
 
 
@@ -184,27 +164,11 @@ def parse_bundle_state(payload: bytes) -> dict | None:
     doc = _status_doc(payload)
     if doc is None or doc.get("bundle") is None:
         return None
-    b = doc["bundle"]
-    if not isinstance(b, dict):
-        raise Rejected("bundle must be an object")
-    current = _hex(b, "current")
-    if current is None:
-        raise Rejected("bundle.current must be a bundle id")
-    shadow = b.get("shadow") or {}
-    change = b.get("last_change") or {}
-    phase = b.get("phase")
-    if not isinstance(shadow, dict) or not isinstance(change, dict) or \
-            not (phase is None or (isinstance(phase, str) and len(phase) <= 32)):
-        raise Rejected("bundle.shadow and bundle.last_change must be objects, bundle.phase short text")
+    b = _checked(doc["bundle"], BUNDLE_STATE, "bundle")
+    shadow, change = b["shadow"] or {}, b["last_change"] or {}
     what, why = change.get("what"), change.get("why")
-    if not all(v is None or (isinstance(v, str) and len(v) <= MAX_TEXT) for v in (what, why, change.get("at"))):
-        raise Rejected("bundle.last_change fields must be text")
-    images = shadow.get("images")
-    if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 0):
-        raise Rejected("bundle.shadow.images must be a count")
-    return {"current": current, "candidate": _hex(b, "candidate"), "phase": phase, "shadow_images": images,
-            "agreement": _number(shadow, "agreement", 0.0, 1.0, False),
-            "stage1_agreement": _number(shadow, "stage1_agreement", 0.0, 1.0, False),
-            "error_rate": _number(shadow, "error_rate", 0.0, 1.0, False),
+    return {"current": b["current"], "candidate": b["candidate"], "phase": b["phase"],
+            "shadow_images": shadow.get("images"), "agreement": shadow.get("agreement"),
+            "stage1_agreement": shadow.get("stage1_agreement"), "error_rate": shadow.get("error_rate"),
             "last_change_at": change.get("at"), "last_change": None if what is None else f"{what}: {why or ''}",
             "payload": payload.decode("utf-8")}

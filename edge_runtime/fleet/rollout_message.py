@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from edge_runtime import strict
 from edge_runtime.fleet import json_input
 
 MAX_BYTES = 16 * 1024
@@ -62,26 +63,18 @@ def _hex(d: dict, key: str, required: bool = True) -> str | None:
     return value
 
 
-def _number(d: dict, key: str, low: float, high: float, default, integer: bool = False):
-    value = d.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high or \
-            (integer and not isinstance(value, int)):
-        raise MessageError(f"{key} must be {'an integer' if integer else 'a number'} in [{low:g}, {high:g}]")
-    return value
-
-
-def _section(d: dict, key: str, spec: dict) -> dict:
-    sub = d.get(key, {})
-    if not isinstance(sub, dict) or set(sub) - set(spec):
-        raise MessageError(f"{key} must be an object with keys among {', '.join(spec)}")
-    return {name: _number(sub, name, *rule) for name, rule in spec.items()}
-
-
-SHADOW_RULES = {"images": (1, 10**7, DEFAULT_SHADOW["images"], True), "minutes": (0.01, 7 * 24 * 60.0,
-                DEFAULT_SHADOW["minutes"]), "fraction": (0.001, 1.0, DEFAULT_SHADOW["fraction"])}
-BOUND_RULES = {"min_agreement": (0.0, 1.0, DEFAULT_BOUNDS["min_agreement"]),
-               "min_stage1_agreement": (0.0, 1.0, DEFAULT_BOUNDS["min_stage1_agreement"]),
-               "max_error_rate": (0.0, 1.0, DEFAULT_BOUNDS["max_error_rate"])}
+SHADOW_RULES = {"images": strict.Number(1, 10**7, integer=True), "minutes": strict.Number(0.01, 7 * 24 * 60.0),
+                "fraction": strict.Number(0.001, 1.0)}
+BOUND_RULES = {key: strict.Number(0.0, 1.0) for key in DEFAULT_BOUNDS}
+# The parts of a rollout that are numbers (edge_runtime/strict.py): shadow and bounds hold these keys only, each
+# defaulted; other top-level keys are left to the checks below.
+NUMBERS = strict.Keys({
+    "bytes": strict.Field(strict.Number(1, 2**40, integer=True), None),
+    "shadow": strict.Field(strict.Keys({k: strict.Field(rule, DEFAULT_SHADOW[k]) for k, rule in SHADOW_RULES.items()}),
+                           lambda: dict(DEFAULT_SHADOW)),
+    "bounds": strict.Field(strict.Keys({k: strict.Field(rule, DEFAULT_BOUNDS[k]) for k, rule in BOUND_RULES.items()}),
+                           lambda: dict(DEFAULT_BOUNDS)),
+}, extra="keep")
 
 
 def parse(payload: bytes) -> Rollout:
@@ -112,12 +105,17 @@ def parse(payload: bytes) -> Rollout:
     statement = sig.get("statement")
     if statement is not None and not (isinstance(statement, dict) and len(json.dumps(statement)) <= 1024):
         raise MessageError("signature.statement must be the signed statement of the bundle's manifest.sig")
-    size = _number(d, "bytes", 1, 2**40, None, integer=True)
+    try:
+        n = strict.read(d, NUMBERS)
+    except strict.StrictError as exc:
+        raise MessageError(ascii(str(exc))[1:-1]) from None
+    if n["bytes"] is None:
+        raise MessageError("bytes must be given: the archive's size")
     kept = {k: sig[k] for k in ("format", "algorithm", "key_id", "signature")}
     if statement is not None:           # checked with the signature by the one bundle reader
         kept["statement"] = statement
-    return Rollout("rollout", mid, _hex(d, "bundle_id"), _hex(d, "sha256"), size, url, kept,
-                   _section(d, "shadow", SHADOW_RULES), _section(d, "bounds", BOUND_RULES), raw=d)
+    return Rollout("rollout", mid, _hex(d, "bundle_id"), _hex(d, "sha256"), n["bytes"], url, kept, n["shadow"],
+                   n["bounds"], raw=d)
 
 
 def signature_bytes(msg: Rollout) -> bytes:

@@ -242,8 +242,9 @@ def parse_filters(query: dict[str, str]) -> Filters:
             raise BadParameter(f"board must be a board name ({BOARD_RULE}), got {_short(query['board'])}")
         f["board"] = query["board"]
     if "label" in query:
-        if not 0 < len(query["label"]) <= MAX_LABEL:
-            raise BadParameter(f"label must be text of 1..{MAX_LABEL} characters")
+        if not 0 < len(query["label"]) <= MAX_LABEL or any(ord(c) < 32 or ord(c) == 127 for c in query["label"]):
+            raise BadParameter(f"label must be text of 1..{MAX_LABEL} characters without control characters "
+                               "(a NUL cannot be stored, so no stored label holds one)")
         f["label"] = query["label"]     # any text: a label no board sent simply matches nothing
     if "outcome" in query:
         if query["outcome"] not in ("inspected", "quarantined"):

@@ -223,6 +223,7 @@ def test_results_filters(api):
     ("review=maybe", "review"), ("before=xyz", "before"), ("before=" + "A" * 500, "before"),
     ("before=WyIyMDI2IiwidG9vbC0wMSIsMV0", "before"), ("label=", "label"), ("label=" + "x" * 101, "label"),
     ("sort=id", "sort"), ("limit=1&limit=2", "limit"), ("board=%ff", "UTF-8"),
+    ("label=a%00b", "label"), ("label=clean%0d%0a", "label"),     # a NUL reaches no database: 400, not 503
 ])
 def test_bad_parameters_get_400_naming_them(api, query, names):
     status, _, doc = api.get("/results?" + query)

@@ -10,8 +10,8 @@ The gate pays (is cheaper) below the break-even prevalence
     p* = (S - G - fpr * S2) / ((recall - fpr) * S2).
 When the two sides preprocess differently (format-/2 stages of different input sizes: the single model resizes
 to Stage 2's input, the gate to Stage 1's), break_even takes each side's preprocessing folded in: G = pre1 + G,
-S = pre2 + S (benchmarks.cli.gate_cost). recall and fpr are the gate's as measured on labelled images
-(benchmarks.cli.gate_cost); recall 1 and fpr 0 is a perfect gate.
+S = pre2 + S (benchmarks.rows.gate_cost). recall and fpr are the gate's as measured on labelled images
+(benchmarks.rows.gate_cost); recall 1 and fpr 0 is a perfect gate.
 """
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ Modes:
                positive rate, and the medians the two-stage vs one-model table is computed from
     build-gate a random-weight MobileNetV3Small Stage 1, exported int8 like the real stages (needs TF)
 
-The result goes to a file, not stdout: TensorFlow's converter writes to stdout from C++.
+The result goes to a file, not stdout: TensorFlow's converter writes to stdout from C++. `Workers` is the
+parent's side of the same exchange: it writes the spec file, starts this module and reads the result file.
 """
 from __future__ import annotations
 
@@ -420,6 +421,47 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(result), encoding="utf-8")
     os.replace(tmp, args.result)
     return 0 if result.get("status") in ("ok", "not installed") else 1
+
+
+# ---- the parent's side ------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Workers:
+    """Runs benchmarks.worker in fresh processes; specs and results go through files in a temp folder.
+    (subprocess, tempfile and shutil are imported here, not at the top: a worker's memory is measured.)"""
+
+    def __init__(self, timeout: float):
+        import tempfile
+
+        self.timeout = timeout
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+        self.count = 0
+        self.env = dict(os.environ)
+        self.env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), self.env.get("PYTHONPATH")) if p)
+
+    def run(self, spec: dict) -> dict:
+        import subprocess
+
+        self.count += 1
+        spec_file = self.tmp / f"spec{self.count}.json"
+        result_file = self.tmp / f"result{self.count}.json"
+        spec_file.write_text(json.dumps(spec), encoding="utf-8")
+        cmd = [sys.executable, "-m", "benchmarks.worker", "--spec", f"@{spec_file}", "--result", str(result_file)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, env=self.env)
+        except subprocess.TimeoutExpired:
+            return {"status": "error", "reason": f"worker timed out after {self.timeout:.0f} s"}
+        if result_file.is_file():
+            return json.loads(result_file.read_text(encoding="utf-8"))
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
+        return {"status": "error", "reason": f"worker exited {proc.returncode} without a result: " + " | ".join(tail)}
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 
 Convert: read a training run (run.json, stage1.keras, stage2.keras, split.csv), check that the Keras files
 are our two stages, calibrate int8 on N train-split images, export the requested variants, refuse float
-fallbacks in the int8 graph, write the bundle (atomically: temp folder + rename), then cross-compare.
+fallbacks in the int8 graph, write the bundle (format /2: each stage a TFLite backbone and a numpy head,
+convert.bundle.write_bundle_v2; atomically: temp folder + rename), then cross-compare.
 
 Exit codes: 0 ok; 2 bad input (missing/corrupt run, not our stage model, empty calibration set, float ops in
 the int8 graph, bad arguments); 1 a conversion or comparison that failed for another reason.
@@ -67,7 +68,7 @@ def convert_run(args) -> tuple[Path, Run]:
     if out == run.path or run.path in out.parents:
         raise RunError(f"--out {out} is inside the run folder; choose another folder (default models/{run.name})")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.yaml").is_file())):
-        # write_bundle replaces the folder whole: never let that swallow something that is not a bundle
+        # write_bundle_v2 replaces the folder whole: never let that swallow something that is not a bundle
         raise RunError(f"--out {out} exists and is not a model bundle; refusing to replace it")
     load_models(run)
     sizes = {n: run.image_size_of(n) for n in (1, 2)}

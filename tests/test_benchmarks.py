@@ -450,7 +450,7 @@ def test_two_stage_table_uses_the_gate_as_measured_not_a_perfect_one(bench_v2):
 
 def test_gate_cost_formula_on_known_records():
     """Hand-made records: the medians, the flagged fraction and the cost of each side, worked out by hand."""
-    from benchmarks.cli import gate_cost
+    from benchmarks.rows import gate_cost
 
     def rec(defective, flagged, resize2=0.5):
         return {"score": 0.5, "decode_ms": 2.0, "resize1_ms": 0.25, "stage1_ms": 1.0, "resize2_ms": resize2,
@@ -477,7 +477,7 @@ def test_gate_cost_formula_on_known_records():
 
 
 def test_same_work_note_needs_the_same_macs():
-    from benchmarks.cli import same_work
+    from benchmarks.rows import same_work
 
     def rows(g1, g2):
         return [{"stage": n, "gmac": g, "variant": "int8", "runtime": "litert", "status": "ok"}

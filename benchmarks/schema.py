@@ -1,5 +1,5 @@
-"""The results.json schema (format sem-inspect-benchmark/1), shared by the writer (runners.py and rows.py, from the workers'
-results), the report (report.py: results.md) and the plots.
+"""The results.json schema (format sem-inspect-benchmark/1), shared by the writer (runners.py and rows.py, from
+the workers' results), the report (report.py: results.md) and the plots.
 
 TypedDicts, so results.json stays plain JSON; `problems(results)` checks a loaded or freshly built document
 against them with the one strict-document reader (every required key present, no undeclared key, types,
@@ -309,7 +309,7 @@ class Results(TypedDict):
     elapsed_s: NotRequired[float]
 
 
-# ---- what a worker (benchmarks.worker) returns to its runner, through its result file -------------------------
+# ---- what a worker (benchmarks.worker) returns to its runner, through its result file ---------------------
 class StageResult(TypedDict):        # mode "stage"
     status: str                      # ok | not installed | error
     reason: NotRequired[str]

@@ -36,7 +36,8 @@ def reported(*errors: type[BaseException], prefix: str = "", code: int = EXIT_SE
 
 
 def add_log_level(parser: argparse.ArgumentParser, default: str = "INFO") -> None:
-    parser.add_argument("--log-level", default=default, choices=LOG_LEVELS, help=f"(default {default})")
+    parser.add_argument("--log-level", default=default, choices=LOG_LEVELS,
+                        help=f"the least severe log messages shown (default {default})")
 
 
 def setup_logging(level: str = "INFO", fmt: str = LOG_FORMAT) -> None:

@@ -35,7 +35,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from central import queries
+from central.options import add_db_flag
 from central.queries import BadParameter, StorageError
+from edge_runtime.command import CommandError, add_log_level, reported, run_command
+from edge_runtime.exits import EXIT_OK
 from edge_runtime.netnames import parse_host_names, parse_host_port
 from edge_runtime.fleet.http_api import authorized
 from edge_runtime.fleet.http_base import (AllowedHosts, BoundedHTTPServer, HTTPError, ResponseHandler,
@@ -44,7 +47,6 @@ from edge_runtime.fleet.http_base import (AllowedHosts, BoundedHTTPServer, HTTPE
 log = logging.getLogger("edge_inspect.central")
 
 PROG = "python -m central.api"
-EXIT_OK, EXIT_SETUP = 0, 2
 ROUTES = {  # path -> the parameters it takes
     "/healthz": frozenset(),
     "/boards": frozenset(),
@@ -152,8 +154,7 @@ def read_token(path: Path) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="The central read API over the collector's database "
                                                        "(read-only).")
-    p.add_argument("--db", required=True, metavar="DB",
-                   help="the collector's database: a SQLite file or postgresql://USER@HOST:PORT/NAME")
+    add_db_flag(p)
     p.add_argument("--listen", required=True, metavar="HOST:PORT",
                    help="address to serve on (127.0.0.1: this machine only; port 0: any free one)")
     p.add_argument("--token-file", type=Path, metavar="FILE",
@@ -162,40 +163,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-hosts", metavar="NAMES",
                    help="host names (or addresses) besides the --listen address that clients use, comma-separated; "
                         "other names in Host are refused (DNS rebinding)")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    add_log_level(p)
     return p
 
 
-def _error(msg: str) -> int:
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
-    return EXIT_SETUP
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
-    try:
+    return run_command(PROG, build_parser(), serve, argv)
+
+
+def serve(args: argparse.Namespace) -> int:
+    with reported(ValueError, prefix="--listen: "):
         host, port = parse_host_port(args.listen)
-    except ValueError as exc:
-        return _error(f"--listen: {exc}")
-    try:
+    with reported(ValueError, prefix="--allowed-hosts: "):
         allowed = parse_host_names(args.allowed_hosts)
-    except ValueError as exc:
-        return _error(f"--allowed-hosts: {exc}")
-    try:
+    with reported(OSError, ValueError, prefix="--token-file: "):
         token = read_token(args.token_file) if args.token_file else None
-    except (OSError, ValueError) as exc:
-        return _error(f"--token-file: {exc}")
-    try:
+    with reported(StorageError, prefix="--db: "):
         reader = queries.open_reader(args.db)
-    except StorageError as exc:
-        return _error(f"--db: {exc}")
     try:
         server = CentralApi((host, port), reader, token, allowed)
     except OSError as exc:
         reader.close()
-        return _error(f"--listen {args.listen}: cannot listen: {exc.strerror or exc}")
+        raise CommandError(f"--listen {args.listen}: cannot listen: {exc.strerror or exc}") from exc
     if token is None and not (host.startswith("127.") or host in ("::1", "localhost")):
         log.warning("serving on %s without --token-file: anyone who can reach it can read the results", host)
     print(f"{PROG}: serving {server.url} (read-only{', bearer token required' if token else ''}; "

@@ -1,12 +1,12 @@
 """Messages stored in batches, each acknowledged to the broker only after its batch is committed
-(collector.py wires it to MQTT; takeover.py feeds it from a taken-over session too).
+(collector.py's Collector wires it to MQTT; takeover.py feeds it from a taken-over session too).
 
-A message is checked as it arrives (in paho's network thread: Collector.check) and waits in the Batcher; the
-main thread takes a batch when --batch messages wait or the oldest has waited --batch-ms, stores its results in
-one transaction (Storage.add_results), then its statuses and dead letters one by one, and only then
-acknowledges every message of the batch, in arrival order, on the connection it came through (Link). A storage
-failure worth retrying (StorageError.retry: a PostgreSQL server restarting) keeps the batch unacknowledged and
-retries it with a capped backoff; any other stops the collector without acknowledging.
+A message is checked as it arrives (in paho's network thread: BatchStore.check) and waits in the Batcher; the
+main thread takes a batch when --batch messages wait or the oldest has waited --batch-ms, stores it
+(BatchStore.store: its results in one transaction, Storage.add_results, then its statuses and dead letters one by
+one), and only then acknowledges every message of the batch, in arrival order, on the connection it came through
+(Link). A storage failure worth retrying (StorageError.retry: a PostgreSQL server restarting) keeps the batch
+unacknowledged and retries it with a capped backoff; any other stops the collector without acknowledging.
 """
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ class Link:
             return True
 
 
-class Collector:
-    """What each message becomes, and storing a batch of them."""
+class BatchStore:
+    """What each message becomes (check), and storing a batch of them in the storage (store)."""
 
     def __init__(self, storage: Storage, prefix: str):
         self.prefix = prefix.strip("/")
@@ -129,8 +129,8 @@ class Collector:
 class Batcher:
     """Messages from paho's threads, stored and acknowledged by the main thread in batches."""
 
-    def __init__(self, collector: Collector, batch: int, batch_ms: float):
-        self.collector, self.batch, self.wait_s = collector, batch, batch_ms / 1000
+    def __init__(self, store: BatchStore, batch: int, batch_ms: float):
+        self.store, self.batch, self.wait_s = store, batch, batch_ms / 1000
         self.cond = threading.Condition()
         self.pending: list[tuple[float, Message]] = []
         self.stopping = False
@@ -169,7 +169,7 @@ class Batcher:
         delay, down_since = RETRY_FIRST_S, None
         while True:
             try:
-                self.collector.store(batch)
+                self.store.store(batch)
                 break
             except (StorageError, sqlite3.Error, OSError) as exc:
                 if not getattr(exc, "retry", False):

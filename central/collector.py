@@ -45,43 +45,39 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import signal
 import sqlite3
+import signal
 import sys
 import threading
-from pathlib import Path
 
-from central.batches import RETRY_FIRST_S, RETRY_MAX_S, Batcher, Collector, Link, Message, message_topic
+from central.batches import RETRY_FIRST_S, RETRY_MAX_S, Batcher, BatchStore, Link, Message, message_topic
+from central.options import add_broker_flags, add_db_flag, broker_settings, redact
 from central.storage import Storage, StorageError, open_storage
 from central.takeover import Presence
-from edge_runtime.netnames import parse_host_port
-from edge_runtime.extras import MissingExtra, need
+from edge_runtime.command import CommandError, add_log_level, reported, run_command
+from edge_runtime.exits import EXIT_OK, EXIT_STORAGE
+from edge_runtime.extras import MissingExtra
+from edge_runtime.fleet.mqtt import BrokerSettings, connect, new_client, paho
 
 log = logging.getLogger("edge_inspect.collect")
 
-EXIT_STORAGE = 3
+PROG = "collect"
+DEFAULT_CLIENT_ID = "sem-inspect-collect"
 # Measured (20,000 queued results, one collector, 2 shared cores): into PostgreSQL 1,100 results/s one per
 # transaction, 6,100 / 6,900 / 7,800 with batches of 100 / 500 / 2,000: past a few hundred the parsing, not the
 # commit, is the limit, and a larger batch only adds delay when the stream is slow.
 BATCH, BATCH_MS = 500, 100
 RECEIVE_FACTOR = 4                  # batches in flight: the next ones arrive while one commits
 NEVER_EXPIRES = 0xFFFFFFFF          # MQTT 5 Session Expiry Interval: the session outlives any outage
-
-
-def redact(db: str) -> str:
-    """--db for the log: a URL's password hidden."""
-    return re.sub(r"^([a-z]+://[^:/@]+):[^@/]*@", r"\1:***@", db)
+_TOPIC_LEVEL = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m central",
                                 description="Gather every board's results from the MQTT broker into one database.")
-    p.add_argument("--broker", required=True, metavar="HOST:PORT")
-    p.add_argument("--db", required=True, metavar="PATH|URL",
-                   help="central SQLite file (created), or postgresql://USER@HOST/DB (psycopg 3: "
-                        "pip install \"sem-inspect[central]\")")
-    p.add_argument("--prefix", default="sem-inspect", help="the boards' mqtt_prefix (default: sem-inspect)")
-    p.add_argument("--client-id", help="persistent-session id, one per collector (default: sem-inspect-collect; "
+    add_broker_flags(p)
+    add_db_flag(p, "the central database (created)")
+    p.add_argument("--client-id", help=f"persistent-session id, one per collector (default: {DEFAULT_CLIENT_ID}; "
                                        "required with --share)")
     p.add_argument("--share", metavar="GROUP",
                    help="share the results with the other collectors of GROUP (MQTT 5 shared subscription)")
@@ -89,10 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                             f"(default {BATCH})")
     p.add_argument("--batch-ms", type=float, default=BATCH_MS,
                    help=f"store what waits after this many milliseconds (default {BATCH_MS})")
-    p.add_argument("--username")
-    p.add_argument("--password-file", help="file holding the password (not on the command line)")
-    p.add_argument("--tls", action="store_true")
-    p.add_argument("--ca", help="CA certificate file for --tls")
+    add_log_level(p)
     return p
 
 
@@ -103,11 +96,11 @@ def check_args(args) -> None:
     if not 0 <= args.batch_ms <= 60_000:
         raise ValueError(f"--batch-ms must be 0..60000, got {args.batch_ms:g}")
     if args.share is not None:         # both become topic levels (takeover.py: the group's presence)
-        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", args.share):
+        if not _TOPIC_LEVEL.fullmatch(args.share):
             raise ValueError(f"--share must be 1-64 letters, digits, '.', '_' or '-', got {args.share!r}")
         if not args.client_id:
             raise ValueError("--share needs a --client-id of its own for each collector of the group")
-        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", args.client_id):
+        if not _TOPIC_LEVEL.fullmatch(args.client_id):
             raise ValueError(f"--client-id must be 1-64 letters, digits, '.', '_' or '-' with --share, got "
                              f"{args.client_id!r}")
 
@@ -122,125 +115,140 @@ def connect_properties(batch: int):
     return props
 
 
-def new_client(mqtt, client_id: str, args, password: str | None, reconnect: bool = True):
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
-                         manual_ack=True, reconnect_on_failure=reconnect)
-    if args.username:
-        client.username_pw_set(args.username, password)
-    if args.tls:
-        client.tls_set(ca_certs=args.ca)
-    client.reconnect_delay_set(1, 30)
-    return client
+class Collector:
+    """The collector: the MQTT 5 client (and, with a share group, the group's presence and takeovers) feeding
+    the batches (batches.py), until stop() or a storage failure."""
 
+    def __init__(self, broker: BrokerSettings, db: str, prefix: str, *, client_id: str = DEFAULT_CLIENT_ID,
+                 share: str | None = None, batch: int = BATCH, batch_ms: float = BATCH_MS):
+        paho("collect", "central")          # a missing paho-mqtt is said before the database is opened
+        self.broker, self.db, self.prefix = broker, db, prefix.strip("/")
+        self.client_id, self.share, self.batch, self.batch_ms = client_id, share, batch, batch_ms
+        self.stopping = threading.Event()
+        self.batcher: Batcher | None = None
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        check_args(args)
-        host, port = parse_host_port(args.broker)
-        mqtt = need("paho.mqtt.client", "collect", "paho-mqtt", "central")
-        password = Path(args.password_file).read_text().strip() if args.password_file else None
-    except (ValueError, MissingExtra, OSError) as exc:
-        print(f"collect: error: {exc}", file=sys.stderr)
-        return 2
-    from paho.mqtt.subscribeoptions import SubscribeOptions
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Collector":
+        with reported(ValueError, MissingExtra, OSError):
+            check_args(args)
+            return cls(broker_settings(args), args.db, args.prefix, client_id=args.client_id or DEFAULT_CLIENT_ID,
+                       share=args.share, batch=args.batch, batch_ms=args.batch_ms)
 
-    client_id = args.client_id or "sem-inspect-collect"
-    stop, running = threading.Event(), []
+    def stop(self, *_signal) -> None:
+        """What is pending is stored and acknowledged, then run() returns (a signal handler)."""
+        self.stopping.set()
+        if self.batcher is not None:
+            self.batcher.stop()
 
-    def on_signal(*_):
-        stop.set()
-        for b in running:
-            b.stop()
+    def _client(self, client_id: str, reconnect: bool = True):
+        return new_client(self.broker, client_id, mqtt5=True, needed_by="collect", extra="central",
+                          manual_ack=True, reconnect_on_failure=reconnect)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    storage = open_with_retry(args.db, stop)
-    if storage is None:
-        return 0 if stop.is_set() else 2
-    collector = Collector(storage, args.prefix)
-    batcher = Batcher(collector, args.batch, args.batch_ms)
-    running.append(batcher)
-    if stop.is_set():
-        batcher.stop()
-    client = new_client(mqtt, client_id, args, password)
-    link = Link(client)
-    props = connect_properties(args.batch)
-    results = f"{collector.prefix}/+/result"
-    topics = [(f"$share/{args.share}/{results}" if args.share else results, SubscribeOptions(qos=1)),
-              (f"{collector.prefix}/+/status", SubscribeOptions(qos=1))]
-    presence = None
-    if args.share:
-        presence = Presence(args.share, client_id, collector.prefix, batcher, topics,
-                            lambda cid: new_client(mqtt, cid, args, password, reconnect=False),
-                            lambda cl: cl.connect_async(host, port, clean_start=False, properties=props))
-        presence.announce_on(client)        # the last will, before connecting
-        topics.append((presence.filter, SubscribeOptions(qos=1)))
+    def run(self) -> int:
+        """Collect until stopped (exit 0) or storing fails (exit 3); CommandError: the database cannot be opened."""
+        storage = open_with_retry(self.db, self.stopping)
+        if storage is None:
+            return EXIT_OK
+        store = BatchStore(storage, self.prefix)
+        self.batcher = batcher = Batcher(store, self.batch, self.batch_ms)
+        if self.stopping.is_set():
+            batcher.stop()
+        try:
+            self._collect(store, batcher)
+        finally:
+            c = store.counts
+            log.info("stopped: %d result(s) stored, %d duplicate(s), %d conflict(s), %d rejected", c["stored"],
+                     c["duplicate"], c["conflict"], c["rejected"])
+            store.close()
+        return EXIT_STORAGE if batcher.failed else EXIT_OK
 
-    def on_connect(cl, userdata, flags, reason, properties):
-        if reason.is_failure:
-            log.warning("broker refused the connection: %s", reason)
-            return
-        link.new_connection()
-        cl.subscribe(topics)
-        if presence:
-            presence.online(cl)
-        log.info("collecting %s from %s:%d into %s (batches of %d or %g ms%s)", topics[0][0], host, port,
-                 redact(args.db), args.batch, args.batch_ms, f", group {args.share} as {client_id}"
-                 if args.share else "")
+    def _collect(self, store: BatchStore, batcher: Batcher) -> None:
+        from paho.mqtt.subscribeoptions import SubscribeOptions
 
-    def on_disconnect(cl, userdata, flags, reason, properties):
-        link.new_connection()               # acknowledgements of this connection are void from now on
+        client = self._client(self.client_id)
+        link = Link(client)
+        props = connect_properties(self.batch)
+        results = f"{self.prefix}/+/result"
+        topics = [(f"$share/{self.share}/{results}" if self.share else results, SubscribeOptions(qos=1)),
+                  (f"{self.prefix}/+/status", SubscribeOptions(qos=1))]
+        presence = None
+        if self.share:
+            presence = Presence(self.share, self.client_id, self.prefix, batcher, topics,
+                                lambda cid: self._client(cid, reconnect=False),
+                                lambda cl: connect(cl, self.broker, clean_start=False, properties=props))
+            presence.announce_on(client)        # the last will, before connecting
+            topics.append((presence.filter, SubscribeOptions(qos=1)))
 
-    def on_message(cl, userdata, msg):
-        topic = message_topic(msg)
-        if presence and presence.handles(cl, topic, msg):
-            return
-        batcher.add(Message(topic, msg.payload, collector.check(topic, msg.payload), link, msg.mid, msg.qos,
-                            link.generation))
-
-    client.on_connect, client.on_disconnect, client.on_message = on_connect, on_disconnect, on_message
-    client.connect_async(host, port, clean_start=False, properties=props)
-    client.loop_start()
-    try:
-        while True:
-            batch = batcher.next_batch(poll_s=0.2)
-            if batch and not batcher.flush(batch):
-                break
+        def on_connect(cl, userdata, flags, reason, properties):
+            if reason.is_failure:
+                log.warning("broker refused the connection: %s", reason)
+                return
+            link.new_connection()
+            cl.subscribe(topics)
             if presence:
-                presence.poll()
-            if batcher.stopping and not batch:
-                break                       # everything pending was stored (next_batch empties it when stopping)
-    finally:
-        if presence:
-            presence.close(client)
-        client.disconnect()
-        client.loop_stop()
-        c = collector.counts
-        log.info("stopped: %d result(s) stored, %d duplicate(s), %d conflict(s), %d rejected", c["stored"],
-                 c["duplicate"], c["conflict"], c["rejected"])
-        collector.close()
-    return EXIT_STORAGE if batcher.failed else 0
+                presence.online(cl)
+            log.info("collecting %s from %s:%d into %s (batches of %d or %g ms%s)", topics[0][0], self.broker.host,
+                     self.broker.port, redact(self.db), self.batch, self.batch_ms,
+                     f", group {self.share} as {self.client_id}" if self.share else "")
+
+        def on_disconnect(cl, userdata, flags, reason, properties):
+            link.new_connection()               # acknowledgements of this connection are void from now on
+
+        def on_message(cl, userdata, msg):
+            topic = message_topic(msg)
+            if presence and presence.handles(cl, topic, msg):
+                return
+            batcher.add(Message(topic, msg.payload, store.check(topic, msg.payload), link, msg.mid, msg.qos,
+                                link.generation))
+
+        client.on_connect, client.on_disconnect, client.on_message = on_connect, on_disconnect, on_message
+        connect(client, self.broker, clean_start=False, properties=props)
+        client.loop_start()
+        try:
+            while True:
+                batch = batcher.next_batch(poll_s=0.2)
+                if batch and not batcher.flush(batch):
+                    break
+                if presence:
+                    presence.poll()
+                if batcher.stopping and not batch:
+                    break                       # everything pending was stored (next_batch empties it when stopping)
+        finally:
+            if presence:
+                presence.close(client)
+            client.disconnect()
+            client.loop_stop()
 
 
 def open_with_retry(db: str, stop: threading.Event) -> Storage | None:
-    """open_storage, waiting for a database that is not up yet (StorageError retry=True); None: gave up (a stop
-    request, or an error that waiting does not mend: said in one line)."""
+    """open_storage, waiting for a database that is not up yet (StorageError retry=True); None: a stop request
+    came first. CommandError: an error that waiting does not mend."""
     delay, said = RETRY_FIRST_S, False
     while True:
         try:
             return open_storage(db)
         except StorageError as exc:
             if not exc.retry:
-                print(f"collect: error: {exc}", file=sys.stderr)
-                return None
+                raise CommandError(str(exc)) from exc
             if not said:
                 log.warning("database unavailable (%s); waiting for it", exc)
                 said = True
         except (ValueError, RuntimeError, sqlite3.Error, OSError) as exc:
-            print(f"collect: error: {exc}", file=sys.stderr)
-            return None
+            raise CommandError(str(exc)) from exc
         if stop.wait(delay):
             return None
         delay = min(delay * 2, RETRY_MAX_S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    def collect(args: argparse.Namespace) -> int:
+        collector = Collector.from_args(args)
+        signal.signal(signal.SIGTERM, collector.stop)
+        signal.signal(signal.SIGINT, collector.stop)
+        return collector.run()
+
+    return run_command(PROG, build_parser(), collect, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,12 +27,17 @@ import tarfile
 import time
 from pathlib import Path
 
+from central.options import add_broker_flags, add_db_flag, broker_settings
+from central.storage import StorageError, open_storage
 from edge_runtime.bundle import MANIFEST, BundleError, load_bundle, read_signature
-from edge_runtime.netnames import is_board_name, parse_host_port
+from edge_runtime.command import add_log_level, reported, run_command
+from edge_runtime.netnames import is_board_name
 from edge_runtime.db.store import utc_now
 from edge_runtime.digest import CHUNK
+from edge_runtime.exits import EXIT_FAILED, EXIT_OK
 from edge_runtime.fleet import rollout_message
-from edge_runtime.extras import MissingExtra, need
+from edge_runtime.fleet.mqtt import connect, new_client
+from edge_runtime.extras import MissingExtra
 from edge_runtime.signing import SIGNATURE, SignatureError, parse_signature
 
 
@@ -107,14 +112,9 @@ def rollback_doc(rollout_id: str, bundle_id: str | None) -> dict:
 
 def send(args, docs: dict[str, dict]) -> int:
     """Publish {board: message} retained with QoS 1; returns 0 once the broker acknowledged every one."""
-    mqtt = need("paho.mqtt.client", "rollout", "paho-mqtt", "central")
-    host, port = parse_host_port(args.broker)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sem-inspect-rollout-{int(time.time())}")
-    if args.username:
-        client.username_pw_set(args.username, args.password_file.read_text().strip() if args.password_file else None)
-    if args.tls:
-        client.tls_set(ca_certs=args.ca)
-    client.connect(host, port)
+    broker = broker_settings(args)
+    client = new_client(broker, f"sem-inspect-rollout-{int(time.time())}", needed_by="rollout", extra="central")
+    connect(client, broker, wait=True)
     client.loop_start()
     try:
         infos = {board: client.publish(rollout_message.topic(args.prefix, board), json.dumps(doc).encode(), qos=1,
@@ -129,15 +129,14 @@ def send(args, docs: dict[str, dict]) -> int:
                                                               f"{docs[board]['id']} published")
         for board in failed:
             print(f"{board}: not acknowledged by the broker", file=sys.stderr)
-        return 1 if failed else 0
+        return EXIT_FAILED if failed else EXIT_OK
     finally:
         client.disconnect()
         client.loop_stop()
 
 
-def fleet_state(db: str | Path) -> list[dict]:
+def fleet_state(db: str) -> list[dict]:
     """The collector's fleet_bundle_state rows (what each board last reported)."""
-    from central.storage import open_storage
     storage = open_storage(db)
     try:
         return storage.bundle_states()
@@ -160,15 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     pk = sub.add_parser("pack", help="a signed bundle -> OUT/<id16>.tar")
     pk.add_argument("bundle")
     pk.add_argument("--out", required=True, type=Path)
+    add_log_level(pk)
     broker = argparse.ArgumentParser(add_help=False)
-    broker.add_argument("--broker", required=True, metavar="HOST:PORT")
+    add_broker_flags(broker)
     broker.add_argument("--boards", required=True, type=_boards, help="comma-separated board names")
-    broker.add_argument("--prefix", default="sem-inspect")
     broker.add_argument("--id", help="the rollout's id (default: r-<time>)")
-    broker.add_argument("--username")
-    broker.add_argument("--password-file", type=Path)
-    broker.add_argument("--tls", action="store_true")
-    broker.add_argument("--ca")
+    add_log_level(broker)
     pub = sub.add_parser("publish", parents=[broker], help="roll a packed bundle out to boards")
     pub.add_argument("--archive", required=True, type=Path)
     pub.add_argument("--url", required=True, help="where the boards fetch the archive (http:// or https://)")
@@ -181,27 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", parents=[broker], help="return boards to their previous bundle")
     rb.add_argument("--bundle-id", help="a specific earlier bundle the boards still keep (default: the previous)")
     st = sub.add_parser("status", help="the fleet's bundles, from the collector's database")
-    st.add_argument("--db", required=True, type=Path)
+    add_db_flag(st)
     st.add_argument("--json", action="store_true")
+    add_log_level(st)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    return run_command(lambda args: f"rollout {args.command}", build_parser(), run_subcommand, argv)
+
+
+def run_subcommand(args: argparse.Namespace) -> int:
+    with reported(RolloutError, rollout_message.MessageError, MissingExtra, OSError, ValueError, StorageError):
         if args.command == "pack":
             path, desc = pack(args.bundle, args.out)
             print(json.dumps({"archive": str(path), **desc}, indent=1))
-            return 0
+            return EXIT_OK
         if args.command == "status":
-            rows = fleet_state(args.db)
-            if args.json:
-                print(json.dumps(rows, indent=1))
-            for r in rows if not args.json else []:
-                agreement = "" if r["agreement"] is None else f" agreement {r['agreement']:.3f} ({r['shadow_images']})"
-                print(f"{r['board']}: current {r['current'][:16]} candidate {(r['candidate'] or '-')[:16]} "
-                      f"{r['phase'] or ''}{agreement}; last change {r['last_change_at'] or '-'} {r['last_change'] or ''}")
-            return 0
+            show_status(fleet_state(args.db), as_json=args.json)
+            return EXIT_OK
         rid = args.id or f"r-{time.strftime('%Y%m%dT%H%M%S')}-{int(time.time() * 1000) % 1000:03d}"
         if args.command == "publish":
             doc = rollout_doc(describe(args.archive), args.url, rid,
@@ -211,9 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             doc = rollback_doc(rid, args.bundle_id)
         return send(args, {board: doc for board in args.boards})
-    except (RolloutError, rollout_message.MessageError, MissingExtra, OSError, ValueError) as exc:
-        print(f"rollout {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+
+
+def show_status(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        agreement = "" if r["agreement"] is None else f" agreement {r['agreement']:.3f} ({r['shadow_images']})"
+        print(f"{r['board']}: current {r['current'][:16]} candidate {(r['candidate'] or '-')[:16]} "
+              f"{r['phase'] or ''}{agreement}; last change {r['last_change_at'] or '-'} {r['last_change'] or ''}")
 
 
 if __name__ == "__main__":

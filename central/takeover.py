@@ -116,7 +116,7 @@ class Takeover:
         self.received = 0
         client = presence.make_client(member)
         self.link = link = Link(client)
-        batcher, collector = presence.batcher, presence.batcher.collector
+        batcher, store = presence.batcher, presence.batcher.store
 
         def on_connect(cl, userdata, flags, reason, properties):
             if reason.is_failure:
@@ -144,7 +144,7 @@ class Takeover:
                 return
             self.received += 1
             self.last = time.monotonic()
-            batcher.add(Message(topic, msg.payload, collector.check(topic, msg.payload), link, msg.mid, msg.qos,
+            batcher.add(Message(topic, msg.payload, store.check(topic, msg.payload), link, msg.mid, msg.qos,
                                 link.generation))
 
         def on_disconnect(cl, userdata, flags, reason, properties):

@@ -3,9 +3,14 @@
     edge-inspect --models BUNDLE PATH...            files or folders (recursive): a table, or --json lines
     edge-inspect --models BUNDLE --watch DIR        the drop-folder service (see edge_runtime/service/watch.py)
     edge-inspect --config service.yaml              the service, configured by one validated file
-    edge-inspect review --db results.sqlite3        the operator review page (edge_runtime/review/server.py)
-    edge-inspect export-labels --db ... --out DIR   reviewed images as training data (edge_runtime/review/)
-    edge-inspect adapt --db ... --out NEW_BUNDLE    refit the heads on the reviews, on the board (edge_runtime/adapt/)
+    edge-inspect review --config service.yaml       the operator review page (edge_runtime/review/server.py)
+    edge-inspect export-labels --config ... --out DIR
+                                                    reviewed images as training data (edge_runtime/review/)
+    edge-inspect adapt --config ... --out NEW_BUNDLE
+                                                    refit the heads on the reviews, on the board (edge_runtime/adapt/)
+
+The review commands take the service's database and processed folder from its config (--config), or from
+--db DB [--processed DIR] (explicit flags win over the config).
 
 Exit status: 0 all good; 1 some input failed (the others were still processed); 2 a setup problem a person
 must fix (bundle, folder, permission, config); 3 the service stopped because results could not be stored
@@ -15,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from edge_runtime.bundle import BundleError
+from edge_runtime.command import CommandError, reported, run_command, setup_logging
 from edge_runtime.config.service_config import (ConfigError, add_flags, check_inspect_flags, flag_values,
                                                 load_service_config, service_flags_given)
-from edge_runtime.exits import EXIT_FAILED, EXIT_OK, EXIT_SETUP, EXIT_STORAGE, WatchError
+from edge_runtime.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, EXIT_STORAGE, WatchError
 from edge_runtime.heap import return_large_blocks
 from edge_runtime.inputs import collect_inputs
 from edge_runtime.interpreter import NoInterpreter
@@ -46,11 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _error(msg: str, code: int) -> int:
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
-    return code
-
-
 def _table_row(r) -> str:
     review = "REVIEW" if r.review else ""
     return (f"{r.label:<10} {r.stage1_score:>8.3f} {r.confidence:>6.3f} {review:<6} {r.latency_ms:>8.1f}  "
@@ -61,12 +61,10 @@ def run_batch(args) -> int:
     from edge_runtime.inspector import Inspector
 
     if not args.paths:
-        return _error("give image files or folders to inspect, or --watch DIR", EXIT_SETUP)
-    try:
+        raise CommandError("give image files or folders to inspect, or --watch DIR")
+    with reported(BundleError, NoInterpreter):
         inspector = Inspector(args.models, variant=args.variant, threads=args.threads, runtime=args.runtime,
                               trusted_keys=args.trusted_keys)
-    except (BundleError, NoInterpreter) as exc:
-        return _error(str(exc), EXIT_SETUP)
     files, problems = collect_inputs(args.paths)
     out = sys.stdout
     failed = 0
@@ -92,7 +90,7 @@ def run_batch(args) -> int:
             continue
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
-            return 130
+            return EXIT_INTERRUPTED
         except Exception as exc:        # one bad input never stops the others
             fail(path, f"could not be inspected: {type(exc).__name__}: {exc}")
             continue
@@ -113,44 +111,41 @@ def run_watch(args) -> int:
     from edge_runtime.db.store import StorageError
     from edge_runtime.service.watch import WatchService
 
-    try:
+    with reported(ConfigError):
         cfg = load_service_config(args.config, flag_values(args))
-    except ConfigError as exc:
-        return _error(str(exc), EXIT_SETUP)
-    logging.basicConfig(level=getattr(logging, cfg.log_level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging(cfg.log_level)
     return_large_blocks()       # decoded images' memory goes back to the system (edge_runtime/heap.py)
     try:
-        service = WatchService(cfg)
-    except (BundleError, NoInterpreter, WatchError) as exc:
-        return _error(str(exc), EXIT_SETUP)
+        with reported(BundleError, NoInterpreter, WatchError):
+            service = WatchService(cfg)
     except StorageError as exc:      # full disk: 3; anything else (permissions, bad path): a setup error
-        return _error(str(exc), EXIT_STORAGE if exc.disk_full else EXIT_SETUP)
+        raise CommandError(str(exc), EXIT_STORAGE if exc.disk_full else EXIT_SETUP) from exc
     return service.run(once=args.once)
+
+
+def inspect_or_watch(args) -> int:
+    if args.watch is not None or args.config is not None:
+        if args.paths:
+            raise CommandError("give either PATHs to inspect or --watch DIR, not both")
+        if args.json:
+            raise CommandError("--json is for PATHs; the service writes JSON lines with --jsonl")
+        return run_watch(args)
+    service_only = (["--once"] if args.once else []) + service_flags_given(args)
+    if service_only:
+        raise CommandError(f"{service_only[0]} needs --watch DIR")
+    if not args.models:
+        raise CommandError("--models BUNDLE is required")
+    with reported(ConfigError):
+        check_inspect_flags(args)
+    return run_batch(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in SUBCOMMANDS:
         return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
-    args = build_parser().parse_args(argv)
-    watching = args.watch is not None or args.config is not None
-    if watching:
-        if args.paths:
-            return _error("give either PATHs to inspect or --watch DIR, not both", EXIT_SETUP)
-        if args.json:
-            return _error("--json is for PATHs; the service writes JSON lines with --jsonl", EXIT_SETUP)
-        return run_watch(args)
-    service_only = (["--once"] if args.once else []) + service_flags_given(args)
-    if service_only:
-        return _error(f"{service_only[0]} needs --watch DIR", EXIT_SETUP)
-    if not args.models:
-        return _error("--models BUNDLE is required", EXIT_SETUP)
-    try:
-        check_inspect_flags(args)
-    except ConfigError as exc:
-        return _error(str(exc), EXIT_SETUP)
-    return run_batch(args)
+    # --log-level is one of the service's settings (add_flags): run_watch sets logging up from the config
+    return run_command(PROG, build_parser(), inspect_or_watch, argv, log_format=None)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,3 +263,29 @@ def test_edge_inspect_adapt_learns_from_the_reviews_in_the_database(tiny_bundle_
     res = _run(["-m", "edge_runtime.cli", "adapt", "--db", str(empty), "--processed", str(tmp_path / "processed2"),
                 "--out", str(tmp_path / "none"), "--models", str(tiny_bundle_v2)])
     assert res.returncode == 2 and "nothing to adapt on" in res.stderr and not (tmp_path / "none").exists()
+
+
+def test_edge_inspect_adapt_takes_the_database_and_processed_folder_from_the_service_config(tiny_bundle_v2, tmp_path):
+    """On an installed board's layout (deploy/service.yaml: db in db/, processed elsewhere) the service records
+    the images and `edge-inspect adapt --config` finds them with no other path."""
+    from edge_runtime.config.service_config import load_service_config
+    from edge_runtime.db.store import Store
+    from edge_runtime.review.reviews import Reviews
+    from edge_runtime.service.watch import WatchService
+    from test_review import installed_board_config
+
+    config = installed_board_config(tmp_path, tiny_bundle_v2)
+    cfg = load_service_config(config, {"settle_seconds": 0.0, "threads": 1})
+    truth = {}
+    for p in _class_folders(tmp_path / "fab", per_class=3).rglob("*.png"):
+        (Path(cfg.watch) / p.name).write_bytes(p.read_bytes())
+        truth[p.name] = p.parent.name
+    assert WatchService(cfg).run(once=True) == 0
+    reviews = Reviews(Store(cfg.db), cfg.processed)
+    for row in reviews.store.db.execute("SELECT id, name FROM results").fetchall():
+        reviews.add(row[0], truth[row[1]], "tester", 0)
+    reviews.store.close()
+    out = tmp_path / "adapted"
+    res = _run(["-m", "edge_runtime.cli", "adapt", "--config", str(config), "--out", str(out), "--threads", "1"])
+    assert res.returncode == 0, res.stderr
+    assert load_bundle(out).manifest["adapted"]["images"] == len(truth)

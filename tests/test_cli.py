@@ -189,3 +189,59 @@ def test_unreadable_file_fails_cleanly(tiny_bundle, tmp_path, capsys):
         assert "1 inspected" in err and "1 failed" in err
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.parametrize("module, argv, line", [
+    ("edge_runtime.cli", ["--models", "B"], "edge-inspect: error: give image files or folders to inspect"),
+    ("edge_runtime.cli", ["review", "--db", "x.sqlite3", "--http", "localhost"], "edge-inspect review: error: --http"),
+    ("edge_runtime.cli", ["export-labels", "--out", "o"], "edge-inspect export-labels: error: give the service's "
+                                                          "config with --config FILE or its database with --db PATH"),
+    ("edge_runtime.cli", ["adapt", "--db", "x", "--out", "o", "--folds", "1"],
+     "edge-inspect adapt: error: --fab-weight must be > 0 and --folds >= 2"),
+    ("central.collector", ["--broker", "h:1", "--db", "x", "--batch", "0"], "collect: error: --batch must be 1..10000"),
+    ("central.collector", ["--broker", "h", "--db", "x"], "collect: error: "),
+    ("central.api", ["--db", "x", "--listen", "nowhere"], "python -m central.api: error: --listen: "),
+    ("central.rollout", ["pack", "missing-bundle", "--out", "o"], "rollout pack: error: "),
+])
+def test_every_command_says_an_expected_error_in_one_line_and_exits_2(module, argv, line, tmp_path, monkeypatch,
+                                                                       capsys):
+    """The one command skeleton (edge_runtime/command.py): `PROG: error: MESSAGE`, one line, exit 2."""
+    import importlib
+
+    from edge_runtime.exits import EXIT_SETUP
+
+    monkeypatch.chdir(tmp_path)
+    assert importlib.import_module(module).main(argv) == EXIT_SETUP
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(line), err
+    assert not list(tmp_path.iterdir()), "nothing is created"
+
+
+def test_the_command_skeleton_turns_expected_errors_into_their_exit_code(capsys):
+    import argparse
+
+    from edge_runtime.command import CommandError, add_log_level, reported, run_command
+    from edge_runtime.exits import EXIT_STORAGE
+
+    parser = argparse.ArgumentParser()
+    add_log_level(parser)
+
+    def body(args):
+        assert args.log_level == "WARNING"
+        with reported(OSError, prefix="--out: ", code=EXIT_STORAGE):
+            raise OSError("disk full")
+
+    assert run_command("tool", parser, body, ["--log-level", "WARNING"]) == EXIT_STORAGE
+    assert capsys.readouterr().err == "tool: error: --out: disk full\n"
+
+    def unexpected(args):
+        raise KeyError("a bug is not an expected error")
+
+    with pytest.raises(KeyError):
+        run_command("tool", parser, unexpected, [])
+
+    def fails(args):
+        raise CommandError("x", 1)
+
+    assert run_command(lambda args: f"tool {args.log_level}", parser, fails, []) == 1   # PROG from the flags
+    assert capsys.readouterr().err == "tool INFO: error: x\n"

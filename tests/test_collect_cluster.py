@@ -333,7 +333,7 @@ def test_a_collector_started_before_its_database_waits_for_it(broker, postgres_s
 
 
 def test_a_database_url_password_is_not_logged():
-    from central.collector import redact
+    from central.options import redact
 
     assert redact("postgresql://collect:s3cr%40t@db.fab.local:5432/inspections") == \
         "postgresql://collect:***@db.fab.local:5432/inspections"

@@ -24,7 +24,7 @@ from edge_runtime.review.export_labels import MANIFEST
 from edge_runtime.review.reviews import Reviews
 from edge_runtime.db.store import Store
 from test_prepare import make_master, read_rows, run_prepare, save, smooth_image
-from test_review import add_result
+from test_review import add_result, installed_board_config
 
 PUBLIC = {"clean": 4, "bridges": 4, "cracks": 4, "opens": 4}     # make_master: seeds 0..15 in this order
 
@@ -273,3 +273,28 @@ def test_a_database_whose_taxonomy_is_not_class_names_is_refused(fab, capsys):
     out = fab["root"] / "reviewed"
     assert export(fab, out) == 2 and not out.exists()
     assert "taxonomy: '../../x' is not a class name" in capsys.readouterr().err
+
+
+def test_the_service_config_gives_the_database_and_the_processed_folder(tmp_path, tiny_bundle, capsys):
+    """`export-labels --config` on an installed board's layout (db and processed in separate folders, as in
+    deploy/service.yaml) finds the reviewed images without --db or --processed; an explicit --db wins."""
+    from edge_runtime.config.service_config import load_service_config
+
+    config = installed_board_config(tmp_path, tiny_bundle)
+    cfg = load_service_config(config)
+    processed = Path(cfg.processed)
+    store = Store(cfg.db)
+    bundle = load_bundle(tiny_bundle)
+    store.register_bundle(bundle)
+    rid = add_result(store, processed, "a.png", label="bridges", score=0.9, confidence=0.5, bundle_id=bundle.bundle_id)
+    Reviews(store, processed).add(rid, "cracks", "ann", 0)
+    store.close()
+    out = tmp_path / "reviewed"
+    assert main(["export-labels", "--config", str(config), "--out", str(out)]) == 0, capsys.readouterr().err
+    (row,) = manifest(out)
+    assert row["label"] == "cracks" and (out / row["file"]).read_bytes() == (processed / "a.png").read_bytes()
+    other = tmp_path / "other.sqlite3"
+    Store(other).close()
+    assert main(["export-labels", "--config", str(config), "--db", str(other), "--models", str(tiny_bundle),
+                 "--out", str(out)]) == 1
+    assert "nothing to export" in capsys.readouterr().err

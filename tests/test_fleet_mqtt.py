@@ -357,3 +357,21 @@ def test_tls_and_password(tiny_bundle, folders, tmp_path):
             proc.kill()
         sub.close()
         b.stop()
+
+
+def test_the_one_client_builder_sets_id_protocol_login_tls_and_keepalive():
+    """edge_runtime/fleet/mqtt.py builds every MQTT client (board publisher, collector, takeovers, rollouts)."""
+    import ssl
+
+    from edge_runtime.fleet.mqtt import BrokerSettings, connect, new_client
+
+    broker = BrokerSettings("127.0.0.1", 8883, "board07", "s3cret", tls=True, keepalive=30)
+    assert "s3cret" not in repr(broker)
+    client = new_client(broker, "sem-inspect-board07", mqtt5=True, manual_ack=True)
+    assert client.protocol == mqtt.MQTTv5 and (client.username, client.password) == ("board07", "s3cret")
+    assert client._client_id == b"sem-inspect-board07"
+    assert client._ssl_context.verify_mode == ssl.CERT_REQUIRED       # the broker's certificate is checked
+    connect(client, broker)             # asynchronous: nothing is contacted until loop_start
+    assert (client.host, client.port, client.keepalive) == ("127.0.0.1", 8883, 30)
+    plain = new_client(BrokerSettings("127.0.0.1", 1883), "sem-inspect-rollout-1")
+    assert plain.protocol == mqtt.MQTTv311 and plain.username is None and not plain._ssl

@@ -497,11 +497,27 @@ def test_a_database_without_bundles_needs_the_class_list(tmp_path, tiny_bundle):
 # ---------------------------------------------------------------------------------------------------------
 # the command line, as a real process
 # ---------------------------------------------------------------------------------------------------------
-def start_review_cli(db: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+def installed_board_config(root: Path, models: Path) -> Path:
+    """deploy/service.yaml with its folders moved under `root`: as on an installed board, the database (db/) and
+    the processed folder are separate folders, so no `processed` sits beside the database. The folders are made."""
+    var = root / "var" / "lib" / "sem-inspect"
+    text = (REPO / "deploy" / "service.yaml").read_text(encoding="utf-8")
+    text = text.replace("/var/lib/sem-inspect", str(var)).replace("/opt/sem-inspect/models/current", str(models))
+    for sub in ("incoming", "processed", "quarantine", "db"):
+        (var / sub).mkdir(parents=True, exist_ok=True)
+    path = root / "etc" / "sem-inspect" / "service.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    assert not (var / "db" / "processed").exists()
+    return path
+
+
+def start_review_cli(db: Path | None, *extra: str) -> tuple[subprocess.Popen, str]:
     """`edge-inspect review` as the console script (this checkout's code first on the path); returns the
-    process and the URL it printed."""
+    process and the URL it printed. db None: no --db (give --config in `extra`)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([str(EDGE_INSPECT), "review", "--db", str(db), "--http", "127.0.0.1:0", *extra],
+    proc = subprocess.Popen([str(EDGE_INSPECT), "review", *(["--db", str(db)] if db else []),
+                             "--http", "127.0.0.1:0", *extra],
                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     line = proc.stderr.readline()
     if "serving http://" not in line:
@@ -538,3 +554,35 @@ def test_cli_setup_errors(tmp_path, site, capsys):
     assert "HOST:PORT" in capsys.readouterr().err
     assert main(["review", "--db", str(site["db"]), "--operator", "\x07"]) == 2
     assert "control characters" in capsys.readouterr().err
+
+
+def test_cli_takes_the_database_and_processed_folder_from_the_service_config(tmp_path, tiny_bundle, capsys):
+    """On an installed board (deploy/service.yaml: db in db/, processed elsewhere) `--config` is all it takes;
+    without it the default beside the database does not exist; an explicit --processed wins over the config."""
+    from edge_runtime.cli import main
+    from edge_runtime.config.service_config import load_service_config
+
+    config = installed_board_config(tmp_path, tiny_bundle)
+    cfg = load_service_config(config)
+    processed = Path(cfg.processed)
+    store = Store(cfg.db)
+    bundle = load_bundle(tiny_bundle)
+    store.register_bundle(bundle)
+    rid = add_result(store, processed, "a.png", label="bridges", score=0.9, bundle_id=bundle.bundle_id, seed=1)
+    store.close()
+    proc, url = start_review_cli(None, "--config", str(config))
+    try:
+        status, _, body = Client(int(url.rstrip("/").rsplit(":", 1)[1])).raw("GET", f"/api/results/{rid}/image")
+        assert status == 200 and body == (processed / "a.png").read_bytes()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert main(["review", "--db", cfg.db]) == 2
+    assert "--processed" in capsys.readouterr().err
+    assert main(["review", "--config", str(config), "--processed", str(tmp_path / "none")]) == 2
+    assert f"{tmp_path / 'none'} does not exist" in capsys.readouterr().err
+    assert main(["review", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: service config file not found" in capsys.readouterr().err
+    assert main(["review"]) == 2
+    err = capsys.readouterr().err
+    assert "--config FILE" in err and "--db PATH" in err

@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -576,3 +577,36 @@ def test_taking_rollouts_without_trusted_keys_is_a_configuration_error(tmp_path,
                           cwd=REPO, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "bundles_dir" in proc.stderr and "set trusted_keys" in proc.stderr
+
+
+# the command line: --db is text (a SQLite path or a postgresql:// URL)
+# ---------------------------------------------------------------------------------------------------------
+def test_status_reads_a_postgresql_url(postgres_server, capsys):
+    """`status --db postgresql://...` reads the fleet from PostgreSQL (--db was once made a Path, which turned
+    the URL into 'postgresql:/...' and refused it)."""
+    from central.rollout import main as rollout_main
+    from central.storage import open_storage
+    from edge_runtime.fleet.messages import parse_bundle_state
+
+    url = postgres_server.create_database()
+    storage = open_storage(url)
+    try:
+        storage.set_bundle_state("sem-tool-07", parse_bundle_state(json.dumps(
+            {"status": "online", "board": "sem-tool-07", "bundle": {"current": "ab" * 32}}).encode()))
+    finally:
+        storage.close()
+    assert rollout_main(["status", "--db", url]) == 0
+    assert f"sem-tool-07: current {'ab' * 8}" in capsys.readouterr().out
+
+
+def test_status_on_a_closed_port_is_a_connection_error(capsys):
+    pytest.importorskip("psycopg", reason='PostgreSQL needs psycopg (pip install "sem-inspect[central]")')
+    from central.rollout import main as rollout_main
+
+    with socket.socket() as s:          # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert rollout_main(["status", "--db", f"postgresql://nobody@127.0.0.1:{port}/fleet"]) == 2
+    err = capsys.readouterr().err
+    assert "made into a path" not in err and err.startswith("rollout status: error: PostgreSQL: connection") and \
+        len(err.strip().splitlines()) == 1, err

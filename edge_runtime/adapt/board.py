@@ -1,7 +1,8 @@
 """`edge-inspect adapt`: refit the bundle's heads on the images the operators reviewed, on the board.
 
-    edge-inspect adapt --db results.sqlite3 --out /opt/sem-inspect/models/fab-1 [--models BUNDLE]
-                       [--processed DIR] [--fab-weight W] [--folds 5] [--threads N]
+    edge-inspect adapt --config /etc/sem-inspect/service.yaml --out /opt/sem-inspect/models/fab-1
+                       [--models BUNDLE] [--fab-weight W] [--folds 5] [--threads N]
+    edge-inspect adapt --db results.sqlite3 [--processed DIR] --out ... (instead of --config)
 
 The reviewed images are those `edge-inspect export-labels` would export (latest review gives a class;
 `unusable` left out), read from inside the processed folder and only while their content is the one that was
@@ -12,20 +13,21 @@ a bundle without a replay set, unknown labels, one class only, ...), nothing wri
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from edge_runtime.adapt.refit import FOLDS, AdaptError
 from edge_runtime.adapt.run import adapt, summary
 from edge_runtime.bundle import BundleError
+from edge_runtime.command import CommandError, add_log_level, reported, run_command
 from edge_runtime.db.store import StorageError
 from edge_runtime.digest import sha256_bytes
+from edge_runtime.exits import EXIT_OK
 from edge_runtime.interpreter import NoInterpreter
-from edge_runtime.review.reviews import ReviewError, add_database_flags, open_reviews, reviewed_images
+from edge_runtime.review.reviews import (ReviewError, add_database_flags, database_paths, open_reviews,
+                                         reviewed_images)
 
 PROG = "edge-inspect adapt"
-EXIT_OK, EXIT_SETUP = 0, 2
 
 
 def labelled_images(reviews) -> tuple[list[tuple[bytes, str, str]], list[tuple[int, str, str]], str | None]:
@@ -53,24 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "the best of 4, 10, 30 out of fold)")
     p.add_argument("--folds", type=int, default=FOLDS, help=f"cross-validation folds (default {FOLDS})")
     p.add_argument("--threads", type=int, help="interpreter threads (default: all cores)")
+    add_log_level(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    return run_command(PROG, build_parser(), adapt_on_reviews, argv, log_format="%(message)s")
 
-    def echo(msg):
-        print(f"{PROG}: {msg}" if not msg.startswith("adapt") else msg, file=sys.stderr)
 
+def echo(msg: str) -> None:
+    print(f"{PROG}: {msg}" if not msg.startswith("adapt") else msg, file=sys.stderr)
+
+
+def adapt_on_reviews(args: argparse.Namespace) -> int:
     if (args.fab_weight is not None and args.fab_weight <= 0) or args.folds < 2:
-        echo("error: --fab-weight must be > 0 and --folds >= 2")
-        return EXIT_SETUP
-    try:
-        reviews = open_reviews(args.db, args.processed, args.models)
-    except (ReviewError, StorageError) as exc:
-        echo(f"error: {exc}")
-        return EXIT_SETUP
+        raise CommandError("--fab-weight must be > 0 and --folds >= 2")
+    with reported(ReviewError, StorageError):
+        db, processed = database_paths(args)
+        reviews = open_reviews(db, processed, args.models)
     try:
         items, skipped, recorded_by = labelled_images(reviews)
     finally:
@@ -78,20 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     for result_id, path, reason in skipped:
         echo(f"result {result_id}: {path}: left out: {reason}")
     if not items:
-        echo("error: nothing to adapt on: no result has a usable confirmed or corrected review yet")
-        return EXIT_SETUP
+        raise CommandError("nothing to adapt on: no result has a usable confirmed or corrected review yet")
     models = args.models or recorded_by
     if not models:
-        echo("error: the database records no bundle: give the bundle to adapt with --models BUNDLE")
-        return EXIT_SETUP
+        raise CommandError("the database records no bundle: give the bundle to adapt with --models BUNDLE")
     try:
-        report = adapt(models, items, args.out, fab_weight=args.fab_weight, folds=args.folds, threads=args.threads,
-                       source=f"reviews in {Path(args.db).resolve()}", echo=echo)
-    except (AdaptError, BundleError, NoInterpreter) as exc:
-        echo(f"error: {exc}")
-        return EXIT_SETUP
+        with reported(AdaptError, BundleError, NoInterpreter):
+            report = adapt(models, items, args.out, fab_weight=args.fab_weight, folds=args.folds,
+                           threads=args.threads, source=f"reviews in {Path(db).resolve()}", echo=echo)
     except OSError as exc:
-        echo(f"error: cannot write the new bundle: {exc.strerror or exc}")
-        return EXIT_SETUP
+        raise CommandError(f"cannot write the new bundle: {exc.strerror or exc}") from exc
     print(summary(report), file=sys.stderr)
     return EXIT_OK

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import ssl
 import threading
 import time
 
@@ -30,7 +29,7 @@ from edge_runtime.config.service_config import ServiceConfig
 from edge_runtime.netnames import parse_host_port
 from edge_runtime.db.journal import row_to_json
 from edge_runtime.db.store import Store, utc_now
-from edge_runtime.extras import need
+from edge_runtime.fleet.mqtt import BrokerSettings, connect, new_client
 
 log = logging.getLogger("edge_inspect")
 
@@ -53,13 +52,14 @@ class Publisher:
     KEEPALIVE = 30
 
     def __init__(self, cfg: ServiceConfig, store: Store, stats_fn=None, wake=None, status_fn=None, on_rollout=None):
-        mqtt = need("paho.mqtt.client", "mqtt", "paho-mqtt")
         self.store, self.board, self.stats_fn, self.wake = store, cfg.board, stats_fn, wake or (lambda: None)
         self.topics = topics(cfg.mqtt_prefix, cfg.board)
         self.status_fn = status_fn or (lambda: {"status": "online"})
         self.on_rollout = on_rollout
         self.stats_every = cfg.mqtt_stats_seconds
         self.host, self.port = parse_host_port(cfg.mqtt)
+        self.broker = BrokerSettings(self.host, self.port, cfg.mqtt_username, cfg.mqtt_password, cfg.mqtt_tls,
+                                     cfg.mqtt_ca, keepalive=self.KEEPALIVE)
         self._lock = threading.Lock()
         self._acked: list[int] = []             # mids acknowledged, not yet marked (paho thread -> service)
         self._inflight: dict[int, int] = {}     # mid -> result id (service thread only)
@@ -70,19 +70,13 @@ class Publisher:
         self.published = 0
         self.unpublished = 0                    # committed rows not yet acknowledged (after the last pump)
         self._next_stats = time.monotonic() + self.stats_every
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sem-inspect-{cfg.board}",
-                             clean_session=True)
+        client = new_client(self.broker, f"sem-inspect-{cfg.board}", clean_session=True)
         client.max_inflight_messages_set(self.WINDOW)
         client.will_set(self.topics["status"], offline(cfg.board), qos=1, retain=True)
-        if cfg.mqtt_username is not None:
-            client.username_pw_set(cfg.mqtt_username, cfg.mqtt_password)
-            if cfg.mqtt_username != cfg.board:
-                log.warning("mqtt: user name %r is not the board name %r: under the shipped broker ACL "
-                            "(deploy/mosquitto-acl.conf) a board may publish only under its user name",
-                            cfg.mqtt_username, cfg.board)
-        if cfg.mqtt_tls:
-            client.tls_set(ca_certs=cfg.mqtt_ca, cert_reqs=ssl.CERT_REQUIRED)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if cfg.mqtt_username is not None and cfg.mqtt_username != cfg.board:
+            log.warning("mqtt: user name %r is not the board name %r: under the shipped broker ACL "
+                        "(deploy/mosquitto-acl.conf) a board may publish only under its user name",
+                        cfg.mqtt_username, cfg.board)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -128,7 +122,7 @@ class Publisher:
     def start(self) -> None:
         # connect_async + loop_start: a broker that is down at start-up does not stop the service; paho
         # keeps reconnecting in its thread.
-        self.client.connect_async(self.host, self.port, keepalive=self.KEEPALIVE)
+        connect(self.client, self.broker)
         self.client.loop_start()
 
     def pump(self) -> None:

@@ -1,5 +1,6 @@
 """`edge-inspect export-labels`: the operators' reviewed images, as training data.
 
+    edge-inspect export-labels --config /etc/sem-inspect/service.yaml --out DIR [--models BUNDLE]
     edge-inspect export-labels --db results.sqlite3 --out DIR [--processed DIR] [--models BUNDLE]
 
 Writes DIR/CLASS/<result id>-<file name> for every result whose latest review gives it a class (confirmed or
@@ -32,11 +33,13 @@ import tempfile
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
+from edge_runtime.command import add_log_level, reported, run_command
 from edge_runtime.db.store import StorageError
-from edge_runtime.review.reviews import ReviewError, add_database_flags, open_reviews, reviewed_images
+from edge_runtime.exits import EXIT_FAILED, EXIT_OK
+from edge_runtime.review.reviews import (ReviewError, add_database_flags, database_paths, open_reviews,
+                                         reviewed_images)
 
 PROG = "edge-inspect export-labels"
-EXIT_OK, EXIT_FAILED, EXIT_SETUP = 0, 1, 2
 MANIFEST = "export_manifest.csv"
 FIELDS = ("file", "label", "model_label", "result_id", "review_id", "source_path", "sha256", "reviewer",
           "reviewed_at", "bundle_id")
@@ -180,27 +183,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_database_flags(p)
     p.add_argument("--out", required=True, metavar="DIR", help="new, empty, or earlier-export folder")
     p.add_argument("--models", metavar="BUNDLE", help="class list, for a database that records no bundle")
+    add_log_level(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_command(PROG, build_parser(), export_reviewed, argv)
+
+
+def export_reviewed(args: argparse.Namespace) -> int:
+    with reported(ReviewError, StorageError):
+        reviews = open_reviews(*database_paths(args), args.models)
     try:
-        reviews = open_reviews(args.db, args.processed, args.models)
-    except (ReviewError, StorageError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_SETUP
-    try:
-        if not reviews.for_export():
-            print(f"{PROG}: nothing to export: no result has a confirmed or corrected review yet", file=sys.stderr)
-            return EXIT_FAILED
-        report = export(reviews, args.out)
-    except (ExportError, StorageError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_SETUP
-    except OSError as exc:
-        print(f"{PROG}: error: cannot write the export: {exc}", file=sys.stderr)
-        return EXIT_SETUP
+        with reported(ExportError, StorageError), reported(OSError, prefix="cannot write the export: "):
+            if not reviews.for_export():
+                print(f"{PROG}: nothing to export: no result has a confirmed or corrected review yet",
+                      file=sys.stderr)
+                return EXIT_FAILED
+            report = export(reviews, args.out)
     finally:
         reviews.store.close()
     for result_id, path, reason in report["skipped"]:

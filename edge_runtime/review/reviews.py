@@ -59,11 +59,32 @@ class Conflict(ReviewError):
 
 
 def add_database_flags(parser) -> None:
-    """--db and --processed, as every command that reads the review database takes them."""
-    parser.add_argument("--db", required=True, metavar="PATH", help="the service's SQLite result database")
+    """--config, --db and --processed, as every command that reads the review database takes them."""
+    parser.add_argument("--config", metavar="FILE", help="the service's config (YAML, e.g. "
+                                                         "/etc/sem-inspect/service.yaml): its db and processed")
+    parser.add_argument("--db", metavar="PATH", help="the service's SQLite result database (default: the "
+                                                     "config's db)")
     parser.add_argument("--processed", metavar="DIR", help="the service's processed folder; images are read only "
-                                                           "from inside it (default: 'processed' beside the "
-                                                           "database, as the service defaults)")
+                                                           "from inside it (default: the config's processed, "
+                                                           "else 'processed' beside the database)")
+
+
+def database_paths(args) -> tuple[str, str | None]:
+    """(db, processed) of add_database_flags' flags: --db and --processed win, then the service config's db and
+    processed (--config). ReviewError when neither names a database or the config is not valid."""
+    db, processed = args.db, args.processed
+    if args.config is not None:
+        from edge_runtime.config.service_config import ConfigError, load_service_config
+        try:
+            cfg = load_service_config(args.config)
+        except ConfigError as exc:
+            msg, path = str(exc), str(Path(args.config))
+            raise ReviewError(f"--config {msg}" if msg.startswith(path) else f"--config {path}: {msg}") from None
+        # leave_in_place: the images stay in the watch folder
+        db, processed = db or cfg.db, processed or cfg.processed or cfg.watch
+    if not db:
+        raise ReviewError("give the service's config with --config FILE or its database with --db PATH")
+    return db, processed
 
 
 def reviewed_images(reviews: "Reviews"):

@@ -1,7 +1,7 @@
 """`edge-inspect review`: the operator review page, served by the board itself (standard library only).
 
-    edge-inspect review --db results.sqlite3 [--http 127.0.0.1:8081] [--processed DIR] [--operator NAME]
-                        [--models BUNDLE]
+    edge-inspect review --config /etc/sem-inspect/service.yaml [--http 127.0.0.1:8081] [--operator NAME]
+    edge-inspect review --db results.sqlite3 [--processed DIR] [--models BUNDLE] [...]
 
 The page (edge_runtime/review/page.html, .css and .js: plain HTML, CSS and JavaScript, no build step, no
 framework) shows the review queue (edge_runtime/review/reviews.py), one image at a time with its label, Stage-1 score
@@ -38,19 +38,20 @@ from http import HTTPStatus
 from pathlib import Path, PurePosixPath
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from edge_runtime.command import CommandError, add_log_level, reported, run_command
 from edge_runtime.netnames import parse_host_names, parse_host_port
 from edge_runtime.db.store import StorageError
+from edge_runtime.exits import EXIT_OK
 from edge_runtime.fleet import json_input
 from edge_runtime.fleet.http_base import (AllowedHosts, BoundedHTTPServer, HTTPError, Limits, ResponseHandler,
                                          serve_until_stopped)
 from edge_runtime.heap import return_large_blocks
 from edge_runtime.review.reviews import (Conflict, ReviewError, Reviews, add_database_flags, check_reviewer,
-                                         open_reviews)
+                                         database_paths, open_reviews)
 
 log = logging.getLogger("edge_inspect.review")
 
 PROG = "edge-inspect review"
-EXIT_OK, EXIT_SETUP = 0, 2
 DEFAULT_HTTP = "127.0.0.1:8081"
 STATIC_DIR = Path(__file__).resolve().parent
 STATIC = {"/": ("page.html", "text/html; charset=utf-8"),
@@ -253,37 +254,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "rebinding)")
     p.add_argument("--models", metavar="BUNDLE",
                    help="take the class list from this bundle (needed only for a database that records no bundle)")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    add_log_level(p)
     return p
 
 
-def _error(msg: str) -> int:
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
-    return EXIT_SETUP
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
-    try:
+    return run_command(PROG, build_parser(), serve, argv)
+
+
+def serve(args: argparse.Namespace) -> int:
+    with reported(ValueError):
         host, port = parse_http(args.http)
+    with reported(ReviewError, prefix="--operator: "):
         operator = None if args.operator is None else check_reviewer(args.operator)
-    except ValueError as exc:                       # ReviewError is a ValueError
-        return _error(f"--operator: {exc}" if isinstance(exc, ReviewError) else str(exc))
-    try:
+    with reported(ValueError, prefix="--allowed-hosts: "):
         allowed = parse_host_names(args.allowed_hosts)
-    except ValueError as exc:
-        return _error(f"--allowed-hosts: {exc}")
-    try:
-        reviews = open_reviews(args.db, args.processed, args.models)
-    except (ReviewError, StorageError) as exc:
-        return _error(str(exc))
+    with reported(ReviewError, StorageError):
+        reviews = open_reviews(*database_paths(args), args.models)
     try:
         server = ReviewServer((host, port), reviews, operator, allowed)
     except OSError as exc:
         reviews.store.close()
-        return _error(f"--http {args.http}: cannot listen: {exc.strerror or exc}")
+        raise CommandError(f"--http {args.http}: cannot listen: {exc.strerror or exc}") from exc
     if host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("serving on %s: reachable from the network, and the page has no login", host)
     return_large_blocks()       # decoded TIFFs' memory goes back to the system (edge_runtime/heap.py)

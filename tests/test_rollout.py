@@ -579,6 +579,7 @@ def test_taking_rollouts_without_trusted_keys_is_a_configuration_error(tmp_path,
     assert "bundles_dir" in proc.stderr and "set trusted_keys" in proc.stderr
 
 
+# ---------------------------------------------------------------------------------------------------------
 # the command line: --db is text (a SQLite path or a postgresql:// URL)
 # ---------------------------------------------------------------------------------------------------------
 def test_status_reads_a_postgresql_url(postgres_server, capsys):

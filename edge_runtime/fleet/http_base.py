@@ -11,10 +11,10 @@ BoundedHTTPServer, the serving model (one rule each, here):
     Many     At most `max_connections` are open; over it, the connection that has waited longest without
              completing a request is closed: slow senders go first, a client that sends its request at once
              (a health probe) always gets in.
-    Bodies   A body is read only if the server allows one of that size to that request (`body_limit`, e.g.
-             POST /inspect with a valid token); otherwise the handler answers (401, 413, ...) without reading
-             it. At most `body_budget` bytes of bodies are held at once across all connections; a body that
-             does not fit is refused (503, Retry-After) before it is read.
+    Bodies   A body is read only if the server allows one of that size to that request (`body_limit`, from
+             the route table: e.g. POST /inspect with a valid token); otherwise the handler answers (401, 413,
+             ...) without reading it. At most `body_budget` bytes of bodies are held at once across all
+             connections; a body that does not fit is refused (503, Retry-After) before it is read.
     Threads  Complete requests are answered by `workers` threads through a bounded queue (full: 503 at once);
              requests the server calls heavy (`is_heavy`: POST /inspect) by `heavy_workers` threads of their own,
              so an inspection never holds up /healthz. The thread count is fixed: 1 + workers + heavy_workers.
@@ -668,7 +668,8 @@ class ResponseHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     fixed_headers: dict[str, str] = {}      # sent with every response (security, caching)
     server: BoundedHTTPServer
-    routes = RouteTable([])
+    routes = RouteTable([])                 # each subclass's own, from its @route methods
+    request_path: str                       # the percent-decoded path the route was matched on
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -17,9 +17,10 @@ never created, migrated or written: start the collector on it first. Routes (JSO
                                   (default 100); pass `next` as before= for the next page (null: no more)
     FILTERS                       board, label, outcome, bundle_id, review=true|false, since, until (ISO-8601;
                                   no offset: UTC; since inclusive, until exclusive)
-A bad or unknown parameter gets 400 {"error"} naming it; unknown path 404; methods other than GET and HEAD 405;
-a missing or wrong bearer token 401 (with --token-file: every route but /healthz); a database that does not
-answer 503. The token is read from a file (never from the command line) and never logged.
+A bad or unknown parameter gets 400 {"error"} naming it; unknown path 404; methods other than GET and HEAD 405
+(with Allow); a missing or wrong bearer token 401 (with --token-file: every route but /healthz, and unknown
+paths); a database that does not answer 503. The token is read from a file (never from the command line) and
+never logged. Routing, the token check and HEAD are http_base's route table.
 
 The network side is the board's own hardened server (edge_runtime/fleet/http_base.py: slow clients hold no
 thread, bounded connections and workers, Host allow-list against DNS rebinding, cross-origin requests refused,
@@ -32,7 +33,6 @@ import logging
 import sys
 from http import HTTPStatus
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 from central import queries
 from central.options import add_db_flag
@@ -40,19 +40,12 @@ from central.queries import BadParameter, StorageError
 from edge_runtime.command import CommandError, add_log_level, reported, run_command
 from edge_runtime.exits import EXIT_OK
 from edge_runtime.netnames import parse_host_names, parse_host_port
-from edge_runtime.fleet.http_api import authorized
-from edge_runtime.fleet.http_base import (AllowedHosts, BoundedHTTPServer, HTTPError, ResponseHandler,
-                                         serve_until_stopped)
+from edge_runtime.fleet.http_base import AllowedHosts, BoundedHTTPServer, ResponseHandler, route, serve_until_stopped
 
 log = logging.getLogger("edge_inspect.central")
 
 PROG = "python -m central.api"
-ROUTES = {  # path -> the parameters it takes
-    "/healthz": frozenset(),
-    "/boards": frozenset(),
-    "/counts": frozenset({"by", *queries.FILTERS}),
-    "/results": frozenset({"limit", "before", *queries.FILTERS}),
-}
+READ = ("GET", "HEAD")
 MAX_TOKEN_FILE = 4096
 
 
@@ -62,13 +55,8 @@ class CentralApi(BoundedHTTPServer):
     def __init__(self, address: tuple[str, int], reader, http_token: str | None = None,
                  allowed_hosts: tuple[str, ...] = ()):
         self.reader = reader
-        self.http_token = http_token        # the attribute http_api.authorized reads: the board's token rule
+        self.token = http_token
         super().__init__(address, Handler, AllowedHosts(address[0], allowed_hosts))
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
 class Handler(ResponseHandler):
@@ -81,62 +69,43 @@ class Handler(ResponseHandler):
             return HTTPStatus.BAD_REQUEST, str(exc)
         return None             # a StorageError (the database is down): 503 in http_base
 
-    def _send(self, status: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
-        # HEAD: the same status and headers as GET, without the body
-        self._headers(status, ctype, len(body), extra, b"" if self.command == "HEAD" else body)
-
-    def do_GET(self):
-        self._dispatch(self._get)
-
-    do_HEAD = do_GET
-
-    def _not_allowed(self):
-        def refuse():
-            raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command} is not allowed (read-only API: "
-                                                           f"GET or HEAD)")
-        self._dispatch(refuse)
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
-
-    def _params(self, path: str, raw: str) -> dict[str, str]:
-        """The query string -> one value per parameter, each one this route takes."""
-        try:
-            parsed = parse_qs(raw, keep_blank_values=True, errors="strict")
-        except UnicodeDecodeError:
-            raise BadParameter("the query is not valid UTF-8") from None
-        known = ROUTES[path]
+    def _params(self, known: frozenset[str] = frozenset()) -> dict[str, str]:
+        """The query string -> one value per parameter, each one of `known` (those this route takes)."""
+        parsed = self.query
         unknown = sorted(set(parsed) - known)
         if unknown:
-            raise BadParameter(f"unknown parameter(s) {', '.join(map(repr, unknown))} for {path} (known: "
-                               f"{', '.join(sorted(known)) or 'none'})")
+            raise BadParameter(f"unknown parameter(s) {', '.join(map(repr, unknown))} for {self.request_path} "
+                               f"(known: {', '.join(sorted(known)) or 'none'})")
         repeated = sorted(name for name, values in parsed.items() if len(values) > 1)
         if repeated:
             raise BadParameter(f"parameter(s) {', '.join(repeated)} given more than once")
         return {name: values[0] for name, values in parsed.items()}
 
-    def _get(self) -> None:
-        parts = urlsplit(self.path)
-        path = parts.path
-        if path != "/healthz" and not authorized(self.server, self.headers):
-            raise HTTPError(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token")
-        if path not in ROUTES:
-            raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint {path[:100]!a} (GET {' '.join(ROUTES)})")
-        params = self._params(path, parts.query)
-        reader = self.server.reader
-        if path == "/healthz":
-            try:
-                self._json(HTTPStatus.OK, {"ok": True, **queries.health(reader)})
-            except StorageError as exc:
-                self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "database": False, "error": str(exc)})
-        elif path == "/boards":
-            self._json(HTTPStatus.OK, {"boards": queries.boards(reader)})
-        elif path == "/counts":
-            by = queries.parse_by(params.pop("by", None))
-            self._json(HTTPStatus.OK, queries.counts(reader, by, queries.parse_filters(params)))
-        else:
-            limit = queries.parse_limit(params.pop("limit", None))
-            before = queries.parse_cursor(params.pop("before", None))
-            self._json(HTTPStatus.OK, queries.results(reader, queries.parse_filters(params), before, limit))
+    @route(READ, "/healthz", token=False)
+    def _healthz(self) -> None:
+        self._params()
+        try:
+            self._json(HTTPStatus.OK, {"ok": True, **queries.health(self.server.reader)})
+        except StorageError as exc:
+            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "database": False, "error": str(exc)})
+
+    @route(READ, "/boards")
+    def _boards(self) -> None:
+        self._params()
+        self._json(HTTPStatus.OK, {"boards": queries.boards(self.server.reader)})
+
+    @route(READ, "/counts")
+    def _counts(self) -> None:
+        params = self._params(frozenset({"by", *queries.FILTERS}))
+        by = queries.parse_by(params.pop("by", None))
+        self._json(HTTPStatus.OK, queries.counts(self.server.reader, by, queries.parse_filters(params)))
+
+    @route(READ, "/results")
+    def _results(self) -> None:
+        params = self._params(frozenset({"limit", "before", *queries.FILTERS}))
+        limit = queries.parse_limit(params.pop("limit", None))
+        before = queries.parse_cursor(params.pop("before", None))
+        self._json(HTTPStatus.OK, queries.results(self.server.reader, queries.parse_filters(params), before, limit))
 
 
 def read_token(path: Path) -> str:

@@ -1,8 +1,11 @@
-"""edge_runtime/fleet/http_base.py, the serving model both HTTP servers share, over real sockets with short
-limits: deadlines for slow heads and bodies, the connection cap, the worker queue, the body budget, and the
-Host/Origin rule. (The attacks against the real services: test_http_hostile.py, test_review_hostile.py.)"""
+"""edge_runtime/fleet/http_base.py, the serving model every HTTP server shares, over real sockets with short
+limits: deadlines for slow heads and bodies, the connection cap, the worker queue, the body budget, the
+Host/Origin rule, and the route table (404, 405 with Allow, the token, the body rule, HEAD). (The attacks
+against the real services: test_http_hostile.py, test_review_hostile.py.)"""
 from __future__ import annotations
 
+import http.client
+import json
 import socket
 import threading
 import time
@@ -12,7 +15,8 @@ import pytest
 
 from edge_runtime.config.service_config import ConfigError
 from edge_runtime.netnames import parse_host_names
-from edge_runtime.fleet.http_base import AllowedHosts, BoundedHTTPServer, HTTPError, Limits, ResponseHandler
+from edge_runtime.fleet.http_base import (AllowedHosts, BoundedHTTPServer, HTTPError, Limits, ResponseHandler,
+                                         authorized, route)
 
 
 class Echo(ResponseHandler):
@@ -204,3 +208,135 @@ def test_allowed_host_names_are_checked(value, tiny_bundle, tmp_path):
 def test_http_error_carries_extra_fields():
     exc = HTTPError(409, "stale", current={"id": 3})
     assert exc.status == 409 and exc.extra == {"current": {"id": 3}} and str(exc) == "stale"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the route table
+# ---------------------------------------------------------------------------------------------------------
+TOKEN = "t0ken-value"
+
+
+class Routed(ResponseHandler):
+    """Two paths: /open for anyone, /items/{item_id} (GET, HEAD; POST with a body) with the token."""
+    server_version = "routed"
+
+    @route("GET", "/open", token=False)
+    def _open(self):
+        self.server.handled.append(("open", None))
+        self._json(HTTPStatus.OK, {"open": True})
+
+    @route(("GET", "HEAD"), "/items/{item_id}")
+    def _item(self, item_id: str):
+        self.server.handled.append(("item", item_id))
+        self._json(HTTPStatus.OK, {"item": item_id, "query": self.query})
+
+    @route("POST", "/items/{item_id}", body=True, heavy=True)
+    def _post(self, item_id: str, body: bytes):
+        self.server.handled.append(("post", body))
+        self._json(HTTPStatus.OK, {"item": item_id, "length": len(body)})
+
+
+class RoutedServer(BoundedHTTPServer):
+    token, max_body, max_body_setting = TOKEN, 100, "the test's max_body"
+
+    def __init__(self):
+        self.handled = []
+        super().__init__(("127.0.0.1", 0), Routed, AllowedHosts("127.0.0.1"),
+                         Limits(head_seconds=5.0, idle_seconds=5.0))
+
+
+@pytest.fixture
+def routed():
+    server = RoutedServer()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def call(server, method: str, path: str, body: bytes | None = None, token: str | None = TOKEN):
+    con = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    try:
+        con.request(method, path, body=body, headers={"Authorization": f"Bearer {token}"} if token else {})
+        resp = con.getresponse()
+        raw = resp.read()
+        return resp.status, dict(resp.getheaders()), json.loads(raw) if raw else None
+    finally:
+        con.close()
+
+
+def test_routes_answer_with_their_path_parameters_and_query(routed):
+    assert routed.url == f"http://127.0.0.1:{routed.server_address[1]}"
+    status, _, doc = call(routed, "GET", "/items/42?x=1&x=2&y=")
+    assert status == 200 and doc == {"item": "42", "query": {"x": ["1", "2"], "y": [""]}}
+    status, headers, doc = call(routed, "HEAD", "/items/42")         # GET's headers, no body
+    assert status == 200 and doc is None and int(headers["Content-Length"]) > 10
+    assert call(routed, "GET", "/items/a%20b")[2]["item"] == "a b"   # the path is percent-decoded ...
+    status, _, doc = call(routed, "GET", "/items/a%2Fb")             # ... before it is matched
+    assert status == 404 and "/items/a/b" in doc["error"]
+    status, _, doc = call(routed, "GET", "/items/%ff")
+    assert status == 400 and "UTF-8" in doc["error"]
+    status, _, doc = call(routed, "GET", "/items/1?q=%ff")
+    assert status == 400 and "query" in doc["error"]
+
+
+def test_unknown_path_is_404_and_another_method_405_with_allow(routed):
+    status, headers, doc = call(routed, "GET", "/nowhere")
+    assert status == 404 and "/nowhere" in doc["error"] and "/items/{item_id}" in doc["error"]
+    assert "Allow" not in headers
+    for method in ("DELETE", "PUT", "PATCH", "OPTIONS"):
+        status, headers, doc = call(routed, method, "/items/1")
+        assert status == 405 and headers["Allow"] == "GET, HEAD, POST" and method in doc["error"], doc
+    status, headers, _ = call(routed, "POST", "/open", b"", token=None)   # a public path: no token needed
+    assert status == 405 and headers["Allow"] == "GET"
+    assert routed.handled == []
+
+
+def test_the_token_is_needed_everywhere_but_on_public_routes(routed):
+    assert call(routed, "GET", "/open", token=None)[0] == 200
+    for method, path in (("GET", "/items/1"), ("HEAD", "/items/1"), ("POST", "/items/1"), ("GET", "/nowhere"),
+                         ("DELETE", "/items/1")):
+        for token in (None, "wrong", TOKEN + "x"):
+            status, headers, _ = call(routed, method, path, b"abc" if method == "POST" else None, token=token)
+            assert status == 401 and headers["WWW-Authenticate"] == "Bearer", (method, path, token)
+    assert routed.handled == [("open", None)]
+    assert call(routed, "POST", "/items/1", b"abc")[2] == {"item": "1", "length": 3}
+
+
+def test_a_body_is_read_only_for_its_route_within_the_limit(routed):
+    port = routed.server_address[1]
+    head = f"POST /items/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+    # over the limit: refused before the handler, without waiting for the body (else: 408 body too slow)
+    reply = exchange(port, (head + "Content-Length: 101\r\n\r\n").encode())
+    assert reply.startswith(b"HTTP/1.1 413") and b"over 100 bytes (the test's max_body)" in reply, reply
+    reply = exchange(port, (head + "\r\n").encode())
+    assert reply.startswith(b"HTTP/1.1 411"), reply
+    # no token: not read either (401, not 408)
+    reply = exchange(port, b"POST /items/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 401"), reply
+    assert routed.handled == []
+    assert call(routed, "POST", "/items/1", b"x" * 100)[2] == {"item": "1", "length": 100}
+    assert routed.handled == [("post", b"x" * 100)]
+
+
+def test_the_routes_decide_body_limit_and_heavy(routed):
+    ok, wrong = {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": "Bearer nope"}
+    assert routed.body_limit("POST", "/items/7", ok) == 100
+    assert routed.body_limit("POST", "/items/7", wrong) == 0
+    assert routed.body_limit("GET", "/items/7", ok) == 0 and routed.body_limit("POST", "/open", ok) == 0
+    assert routed.is_heavy("POST", "/items/7") and not routed.is_heavy("GET", "/items/7")
+
+
+def test_authorized_and_a_route_declared_twice():
+    assert authorized(None, {}) and authorized("abc", {"Authorization": "bearer  abc "})
+    assert not authorized("abc", {}) and not authorized("abc", {"Authorization": "Basic abc"})
+    assert not authorized("abc", {"Authorization": "Bearer abcd"})
+    with pytest.raises(TypeError, match="GET /x declared twice"):
+        class Twice(ResponseHandler):
+            @route("GET", "/x")
+            def a(self):
+                pass
+
+            @route("GET", "/x")
+            def b(self):
+                pass

@@ -11,8 +11,9 @@
                                    Not recorded: the drop folder stays the way results enter the store.
 
 Bad input gets a 4xx with {"error": ...} and the server goes on: bad query values 400, a body that is not an
-image 400, over http_max_bytes 413, no Content-Length 411, a missing or wrong bearer token (http_token set) 401,
-unknown path 404, other methods 405. The token is compared in constant time and never logged.
+image 400, over http_max_bytes 413, no Content-Length 411, a missing or wrong bearer token (http_token set) 401
+(every route but /healthz, and unknown paths), unknown path 404, another method on a known path 405 (with Allow).
+The routing, the token check (constant time; the token is never logged) and the body rule are http_base's.
 
 What the network can do to the board is bounded by http_base (slow senders, many connections, Host/Origin):
 a POST /inspect body is read only once its token is checked and its Content-Length is within http_max_bytes,
@@ -23,19 +24,18 @@ refused (403), so a web page cannot make the board inspect (or read) anything ev
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 import threading
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Callable
-from urllib.parse import parse_qs, urlsplit
 
 from edge_runtime.config.service_config import ServiceConfig, inspector_args
 from edge_runtime.netnames import parse_host_names, parse_host_port
 from edge_runtime.db.journal import row_to_json
 from edge_runtime.db.store import Store
-from edge_runtime.fleet.http_base import AllowedHosts, BoundedHTTPServer, HTTPError, Limits, ResponseHandler
+from edge_runtime.fleet.http_base import (AllowedHosts, BoundedHTTPServer, HTTPError, Limits, ResponseHandler,
+                                         route)
 
 if TYPE_CHECKING:
     from edge_runtime.bundle import Bundle
@@ -46,15 +46,6 @@ MAX_LIMIT = 1000
 _UINT = re.compile(r"[0-9]{1,18}")
 
 
-def authorized(cfg: ServiceConfig, headers) -> bool:
-    """The bearer-token rule (http_token unset: no token needed)."""
-    token = cfg.http_token
-    if token is None:
-        return True
-    scheme, _, value = (headers.get("Authorization") or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
-
-
 class HttpApi(BoundedHTTPServer):
     """metrics: an edge_runtime.fleet.metrics.Metrics; health: what GET /healthz answers (any thread);
     current_bundle: the bundle the service inspects with now (POST /inspect loads its own interpreter of it)."""
@@ -62,23 +53,12 @@ class HttpApi(BoundedHTTPServer):
     def __init__(self, cfg: ServiceConfig, metrics, health: Callable[[], dict], current_bundle: Callable[[], Bundle]):
         host, port = parse_host_port(cfg.http)
         self.cfg, self.metrics, self.health, self.current_bundle = cfg, metrics, health, current_bundle
+        self.token, self.max_body, self.max_body_setting = cfg.http_token, cfg.http_max_bytes, "http_max_bytes"
         self._inspector = None
         self._inspect_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         super().__init__((host, port), Handler, AllowedHosts(host, parse_host_names(cfg.http_allowed_hosts)),
                          Limits(body_budget=2 * cfg.http_max_bytes))
-
-    def body_limit(self, method: str, path: str, headers) -> int:
-        ok = method == "POST" and path == "/inspect" and authorized(self.cfg, headers)
-        return self.cfg.http_max_bytes if ok else 0
-
-    def is_heavy(self, method: str, path: str) -> bool:
-        return method == "POST" and path == "/inspect"
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
     def start(self) -> None:
         host = self.server_address[0]
@@ -117,35 +97,15 @@ class Handler(ResponseHandler):
     server_version = "edge-inspect"
     fixed_headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
-    def _authorize(self, path: str) -> None:
-        if path != "/healthz" and not authorized(self.server.cfg, self.headers):
-            raise HTTPError(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token")
+    @route("GET", "/healthz", token=False)
+    def _healthz(self) -> None:
+        health = self.server.health()
+        self._json(HTTPStatus.OK if health["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, health)
 
-    def _route(self) -> tuple[str, dict]:
-        parts = urlsplit(self.path)
-        try:
-            query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False, errors="strict")
-        except UnicodeDecodeError:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "query is not valid UTF-8") from None
-        self._authorize(parts.path)
-        return parts.path, query
-
-    # -- GET ---------------------------------------------------------------------------------------------
-    def do_GET(self):
-        self._dispatch(self._get)
-
-    def _get(self) -> None:
-        path, query = self._route()
-        if path == "/healthz":
-            health = self.server.health()
-            self._json(HTTPStatus.OK if health["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, health)
-        elif path == "/metrics":
-            body, ctype = self.server.metrics.exposition()
-            self._send(HTTPStatus.OK, body, ctype)
-        elif path == "/results":
-            self._results(query)
-        else:
-            raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint {path!r} (GET /healthz /metrics /results)")
+    @route("GET", "/metrics")
+    def _metrics(self) -> None:
+        body, ctype = self.server.metrics.exposition()
+        self._send(HTTPStatus.OK, body, ctype)
 
     @staticmethod
     def _uint(query: dict, name: str, default: int, low: int, high: int) -> int:
@@ -157,7 +117,9 @@ class Handler(ResponseHandler):
                                                     f"{', '.join(values)!r}")
         return int(values[0])
 
-    def _results(self, query: dict) -> None:
+    @route("GET", "/results")
+    def _results(self) -> None:
+        query = self.query
         unknown = sorted(set(query) - {"since", "limit"})
         if unknown:
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"unknown parameter(s) {', '.join(unknown)} (known: since, limit)")
@@ -172,34 +134,15 @@ class Handler(ResponseHandler):
         self._json(HTTPStatus.OK, {"results": [{**row_to_json(r), "board": board} for r in rows],
                                    "next": rows[-1]["id"] if rows else since})
 
-    # -- POST --------------------------------------------------------------------------------------------
-    def do_POST(self):
-        self._dispatch(self._post)
-
-    def _post(self) -> None:
-        path, query = self._route()
-        if path != "/inspect":
-            raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint {path!r} (POST /inspect)")
-        if query:
+    @route("POST", "/inspect", body=True, heavy=True)
+    def _inspect(self, body: bytes) -> None:
+        if self.query:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "POST /inspect takes no parameters")
-        if self.headers.get("Content-Length") is None:
-            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required (send the image as the body)")
-        limit = self.server.cfg.http_max_bytes
-        if int(self.headers["Content-Length"]) > limit:
-            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"image over {limit} bytes (http_max_bytes)")
-        data = self.request_body(limit)
-        if not data:
+        if not body:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "empty body: send one image")
         from edge_runtime.preprocess import ImageError
         try:
-            result = self.server.inspect(data)
+            result = self.server.inspect(body)
         except ImageError as exc:
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"not a usable image: {exc}") from None
         self._json(HTTPStatus.OK, result)
-
-    def _not_allowed(self):
-        def refuse():
-            raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command} is not allowed")
-        self._dispatch(refuse)
-
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _not_allowed

@@ -11,10 +11,10 @@ BoundedHTTPServer, the serving model (one rule each, here):
     Many     At most `max_connections` are open; over it, the connection that has waited longest without
              completing a request is closed: slow senders go first, a client that sends its request at once
              (a health probe) always gets in.
-    Bodies   A body is read only if the server allows one of that size to that request (`body_limit`, e.g.
-             POST /inspect with a valid token); otherwise the handler answers (401, 413, ...) without reading
-             it. At most `body_budget` bytes of bodies are held at once across all connections; a body that
-             does not fit is refused (503, Retry-After) before it is read.
+    Bodies   A body is read only if the server allows one of that size to that request (`body_limit`, from
+             the route table: e.g. POST /inspect with a valid token); otherwise the handler answers (401, 413,
+             ...) without reading it. At most `body_budget` bytes of bodies are held at once across all
+             connections; a body that does not fit is refused (503, Retry-After) before it is read.
     Threads  Complete requests are answered by `workers` threads through a bounded queue (full: 503 at once);
              requests the server calls heavy (`is_heavy`: POST /inspect) by `heavy_workers` threads of their own,
              so an inspection never holds up /healthz. The thread count is fixed: 1 + workers + heavy_workers.
@@ -25,13 +25,32 @@ BoundedHTTPServer, the serving model (one rule each, here):
 
 ResponseHandler: a BaseHTTPRequestHandler run once per request on a worker thread, over the request bytes the
 I/O thread read: `_dispatch` runs a route and turns HTTPError, StorageError and any bug into a JSON error;
-`_send`/`_json` write responses with the server's fixed headers; `request_body(limit)` is the body.
+`_send`/`_json` write responses with the server's fixed headers (a HEAD response without its body);
+`request_body(limit)` is the body.
+
+Routes, the one request-to-handler rule of every server: a handler method declares what it answers with
+`@route(METHOD or (METHODS...), "/path/{name}", token=, body=, heavy=)` ({name}: one path segment, passed to
+the method as a keyword); the skeleton then, in this order:
+    path     the target's path, percent-decoded (not UTF-8: 400), matched against the table
+    token    `authorized(server.token, headers)` (server.token None: no token needed); a route declared
+             token=False needs none, nor does another method on its path; everything else (the other routes,
+             an unknown path) needs it: 401 (WWW-Authenticate: Bearer), so a client without it learns nothing
+             of what exists
+    404      no route has that path; 405 with `Allow` when routes have it but not for this method
+    body     body=True: the request body, read by the I/O thread only for that route (and only once its token
+             is checked), Content-Length required (411), at most server.max_body bytes (413), passed to the
+             method as `body`; any other request's body is never read
+    heavy    heavy=True: answered by the heavy workers (is_heavy)
+A server's `url` is its address (plus `home_path`, the page a person opens).
 """
 from __future__ import annotations
 
 import collections
 import errno
+import functools
+import hmac
 import http.client
+import inspect
 import io
 import ipaddress
 import json
@@ -49,7 +68,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from edge_runtime.netnames import canonical_host
 from edge_runtime.db.store import StorageError
@@ -62,10 +81,81 @@ DRAIN_SECONDS, DRAIN_BYTES = 2.0, 1 << 20
 
 
 class HTTPError(Exception):
-    """A request the server refuses: status, message, and any extra fields for the JSON error body."""
-    def __init__(self, status: int, message: str, **extra):
+    """A request the server refuses: status, message, any response headers it needs (Allow,
+    WWW-Authenticate), and any extra fields for the JSON error body."""
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None, **extra):
         super().__init__(message)
-        self.status, self.extra = status, extra
+        self.status, self.extra, self.headers = status, extra, headers or {}
+
+
+def authorized(token: str | None, headers) -> bool:
+    """The bearer-token rule: `Authorization: Bearer TOKEN`, compared in constant time (token None: none
+    needed)."""
+    if token is None:
+        return True
+    scheme, _, value = (headers.get("Authorization") or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+def url_path(target: str) -> str:
+    """The path of a request target, percent-decoded (UnicodeDecodeError when that is not UTF-8)."""
+    return unquote(urlsplit(target).path, errors="strict")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# routes
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str                   # as declared: /api/results/{result_id}
+    handler: str                # the name of the handler method
+    token: bool                 # needs the server's token (when it has one)
+    body: bool                  # reads a request body (at most server.max_body bytes)
+    heavy: bool                 # answered by the heavy workers
+    pattern: re.Pattern
+
+
+def route(methods: str | tuple[str, ...], path: str, *, token: bool = True, body: bool = False,
+          heavy: bool = False):
+    """Declare a ResponseHandler method as the answer to METHOD(S) PATH (see the module docstring); stack
+    several to answer more than one path."""
+    pattern = re.compile("".join(f"(?P<{part[1:-1]}>[^/]+)" if part.startswith("{") else re.escape(part)
+                                 for part in re.split(r"(\{[A-Za-z_][A-Za-z0-9_]*\})", path)))
+
+    def declare(fn):
+        fn.http_routes = [*getattr(fn, "http_routes", ()),
+                     *(Route(m, path, fn.__name__, token, body, heavy, pattern)
+                       for m in ((methods,) if isinstance(methods, str) else methods))]
+        return fn
+    return declare
+
+
+class RouteTable:
+    """A handler class's routes (collected from its @route methods)."""
+
+    def __init__(self, routes: list[Route]):
+        seen = set()
+        for r in routes:
+            if (r.method, r.path) in seen:
+                raise TypeError(f"route {r.method} {r.path} declared twice")
+            seen.add((r.method, r.path))
+        self.routes = routes
+
+    def at(self, path: str) -> dict[str, tuple[Route, dict[str, str]]]:
+        """method -> (route, path parameters) for every route that matches `path`."""
+        found = {}
+        for r in self.routes:
+            if m := r.pattern.fullmatch(path):
+                found[r.method] = r, m.groupdict()
+        return found
+
+    def find(self, method: str, path: str) -> Route | None:
+        hit = self.at(path).get(method)
+        return hit[0] if hit else None
+
+    def paths(self) -> list[str]:
+        return sorted({r.path for r in self.routes})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,8 +255,12 @@ class _Conn:
 
 
 class BoundedHTTPServer:
-    """The serving model in the module docstring. Subclasses say which requests may carry a body of what size
-    (body_limit) and which are heavy (is_heavy); handlers are ResponseHandler subclasses."""
+    """The serving model in the module docstring; handlers are ResponseHandler subclasses whose routes say
+    which requests need the token, carry a body (at most max_body bytes) and are heavy."""
+    token: str | None = None        # the bearer token routes need (None: none)
+    max_body: int = 0               # the largest body a body=True route takes
+    max_body_setting: str = ""      # the setting max_body comes from, named in a 413
+    home_path: str = ""             # what `url` points to
 
     def __init__(self, address: tuple[str, int], handler_class, allowed_hosts: AllowedHosts,
                  limits: Limits | None = None):
@@ -205,14 +299,26 @@ class BoundedHTTPServer:
         self._reported = collections.Counter()
         self._next_report = time.monotonic() + 60
 
-    # -- what subclasses decide ------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}{self.home_path}"
+
+    # -- what the routes decide -----------------------------------------------------------------------------
+    def _route(self, method: str, path: str) -> Route | None:
+        routes = getattr(self.RequestHandlerClass, "routes", None)
+        return routes.find(method, path) if routes else None
+
     def body_limit(self, method: str, path: str, headers) -> int:
         """The largest body this request may carry (read before the handler runs); 0: none is read."""
-        return 0
+        r = self._route(method, path)
+        ok = r is not None and r.body and (not r.token or authorized(self.token, headers))
+        return self.max_body if ok else 0
 
     def is_heavy(self, method: str, path: str) -> bool:
         """Requests answered by the heavy workers (long-running, one at a time)."""
-        return False
+        r = self._route(method, path)
+        return r is not None and r.heavy
 
     # -- running --------------------------------------------------------------------------------------------
     def serve_forever(self, poll_interval: float = 0.5) -> None:
@@ -369,7 +475,10 @@ class BoundedHTTPServer:
             length = self._admit(method, target, version, headers)
         except HTTPError as exc:
             return self._refuse(conn, exc.status, str(exc), **exc.extra)
-        path = urlsplit(target).path
+        try:
+            path = url_path(target)
+        except UnicodeDecodeError:
+            path = ""                           # no route: the handler answers 400
         conn.heavy = self.is_heavy(method, path)
         if length == 0:
             conn.body, conn.buf = b"", bytearray(rest)
@@ -554,10 +663,18 @@ class _DeadlineWriter(io.RawIOBase):
 
 
 class ResponseHandler(BaseHTTPRequestHandler):
-    """One request (read by the server's I/O thread) answered on a worker thread."""
+    """One request (read by the server's I/O thread) answered on a worker thread, by the @route method that
+    its method and path name."""
     protocol_version = "HTTP/1.1"
     fixed_headers: dict[str, str] = {}      # sent with every response (security, caching)
     server: BoundedHTTPServer
+    routes = RouteTable([])                 # each subclass's own, from its @route methods
+    request_path: str                       # the percent-decoded path the route was matched on
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.routes = RouteTable([r for _, fn in inspect.getmembers(cls, inspect.isfunction)
+                                 for r in getattr(fn, "http_routes", ())])
 
     def setup(self) -> None:
         conn: _Conn = self.request
@@ -579,14 +696,54 @@ class ResponseHandler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         log.debug("%s %s %s", self.server_version, self.address_string(), fmt % args)
 
-    def request_body(self, limit: int) -> bytes:
-        """The request's body: Content-Length required (411), at most `limit` bytes (413)."""
+    def request_body(self, limit: int, setting: str = "") -> bytes:
+        """The request's body: Content-Length required (411), at most `limit` bytes (413; `setting`: where the
+        limit comes from)."""
         length = self.headers.get("Content-Length")
         if length is None:
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
         if int(length) > limit or self._request_body is None:
-            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {limit} bytes")
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                            f"request body over {limit} bytes" + (f" ({setting})" if setting else ""))
         return self._request_body
+
+    @functools.cached_property
+    def query(self) -> dict[str, list[str]]:
+        """The query string: name -> its values (blank ones kept)."""
+        try:
+            return parse_qs(urlsplit(self.path).query, keep_blank_values=True, errors="strict")
+        except UnicodeDecodeError:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "the query is not valid UTF-8") from None
+
+    # -- routing --------------------------------------------------------------------------------------------
+    def _serve(self) -> None:
+        self._dispatch(self._run_route)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _serve
+
+    def _run_route(self) -> None:
+        """The route table's rules, in the order of the module docstring."""
+        try:
+            self.request_path = url_path(self.path)
+        except UnicodeDecodeError:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "the URL is not valid UTF-8") from None
+        here = self.routes.at(self.request_path)
+        chosen = here.get(self.command)
+        needs_token = chosen[0].token if chosen else all(r.token for r, _ in here.values())
+        if needs_token and not authorized(self.server.token, self.headers):
+            raise HTTPError(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
+        if not here:
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint {self.request_path[:100]!a} (known: "
+                                                  f"{' '.join(self.routes.paths())})")
+        if chosen is None:
+            allow = ", ".join(sorted(here))
+            raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command} is not allowed on "
+                            f"{self.request_path[:100]!a} (allowed: {allow})", headers={"Allow": allow})
+        r, params = chosen
+        if r.body:
+            params["body"] = self.request_body(self.server.max_body, self.server.max_body_setting)
+        getattr(self, r.handler)(**params)
 
     def _headers(self, status: int, ctype: str, length: int, extra: dict | None = None, body: bytes = b"") -> None:
         """The status line and headers (with `body`, when it is given, in the same write)."""
@@ -595,7 +752,8 @@ class ResponseHandler(BaseHTTPRequestHandler):
                                        self.server_version, self.close_connection) + body)
 
     def _send(self, status: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
-        self._headers(status, ctype, len(body), extra, body)
+        # HEAD: the same status and headers as GET, without the body
+        self._headers(status, ctype, len(body), extra, b"" if self.command == "HEAD" else body)
 
     def _json(self, status: int, obj, extra: dict | None = None) -> None:
         self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8",
@@ -609,11 +767,12 @@ class ResponseHandler(BaseHTTPRequestHandler):
         """Run one request handler; any error becomes a JSON error response and the server goes on."""
         try:
             extra_body: dict = {}
+            headers: dict = {}
             try:
                 fn()
                 return
             except HTTPError as exc:
-                status, message, extra_body = exc.status, str(exc), exc.extra
+                status, message, extra_body, headers = exc.status, str(exc), exc.extra, exc.headers
             except StorageError as exc:
                 log.error("%s: result database: %s", self.server_version, exc)
                 status, message = HTTPStatus.SERVICE_UNAVAILABLE, f"result database: {exc}"
@@ -628,8 +787,7 @@ class ResponseHandler(BaseHTTPRequestHandler):
                 status, message = known
             if self._request_body is None:
                 self.close_connection = True    # a body that was not read must not be taken for the next request
-            extra = {"WWW-Authenticate": "Bearer"} if status == HTTPStatus.UNAUTHORIZED else None
-            self._json(status, {"error": message, **extra_body}, extra)
+            self._json(status, {"error": message, **extra_body}, headers)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
 

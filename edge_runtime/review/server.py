@@ -8,7 +8,8 @@ framework) shows the review queue (edge_runtime/review/reviews.py), one image at
 and Stage-2 top-3; a click or a key confirms or corrects the label or marks the image unusable. Reviews go into the store's
 `reviews` table; results are never edited.
 
-Routes; every input is checked, a bad request gets a 4xx status with {"error": "..."}:
+Routes (http_base's route table: an unknown path 404, another method 405 with Allow); every input is checked,
+a bad request gets a 4xx status with {"error": "..."}:
     GET  /  /review.css  /review.js     the page (a fixed list of files: no path from the URL touches the disk)
     GET  /api/meta                      labels (the taxonomy + unusable), default operator, bundles
     GET  /api/queue?label=&state=&from=YYYY-MM-DD&to=YYYY-MM-DD&limit=&offset=
@@ -36,7 +37,6 @@ import re
 import sys
 from http import HTTPStatus
 from pathlib import Path, PurePosixPath
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from edge_runtime.command import CommandError, add_log_level, reported, run_command
 from edge_runtime.netnames import parse_host_names, parse_host_port
@@ -44,7 +44,7 @@ from edge_runtime.db.store import StorageError
 from edge_runtime.exits import EXIT_OK
 from edge_runtime.fleet import json_input
 from edge_runtime.fleet.http_base import (AllowedHosts, BoundedHTTPServer, HTTPError, Limits, ResponseHandler,
-                                         serve_until_stopped)
+                                         route, serve_until_stopped)
 from edge_runtime.heap import return_large_blocks
 from edge_runtime.review.reviews import (Conflict, ReviewError, Reviews, add_database_flags, check_reviewer,
                                          database_paths, open_reviews)
@@ -68,25 +68,19 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-_RESULT = re.compile(r"^/api/results/([^/]+)(/image|/reviews)?$")
 
 
 class ReviewServer(BoundedHTTPServer):
+    max_body = MAX_BODY
+    home_path = "/"                     # the page
+
     def __init__(self, address: tuple[str, int], reviews: Reviews, operator: str | None = None,
                  allowed_hosts: tuple[str, ...] = ()):
         self.reviews = reviews
         self.operator = operator
-        self.static = {route: ((STATIC_DIR / name).read_bytes(), ctype) for route, (name, ctype) in STATIC.items()}
+        self.static = {path: ((STATIC_DIR / name).read_bytes(), ctype) for path, (name, ctype) in STATIC.items()}
         super().__init__(address, Handler, AllowedHosts(address[0], allowed_hosts),
                          Limits(body_budget=64 * MAX_BODY))
-
-    def body_limit(self, method: str, path: str, headers) -> int:
-        return MAX_BODY if method == "POST" else 0
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
 
 
 class Handler(ResponseHandler):
@@ -97,10 +91,6 @@ class Handler(ResponseHandler):
     def _error(self, exc: Exception) -> tuple[int, str] | None:
         return (exc.status, str(exc)) if isinstance(exc, ReviewError) else None
 
-    def _route(self) -> tuple[str, dict[str, list[str]]]:
-        parts = urlsplit(self.path)
-        return unquote(parts.path, errors="strict"), parse_qs(parts.query, keep_blank_values=True)
-
     @staticmethod
     def _result_id(raw: str) -> int:
         if not re.fullmatch(r"[1-9][0-9]{0,17}", raw):
@@ -108,34 +98,38 @@ class Handler(ResponseHandler):
         return int(raw)
 
     # -- GET ---------------------------------------------------------------------------------------------
-    def do_GET(self):
-        self._dispatch(self._get)
+    @route("GET", "/favicon.ico")
+    def _favicon(self) -> None:
+        self._send(HTTPStatus.NO_CONTENT, b"", "image/x-icon")
 
-    def _get(self) -> None:
-        try:
-            path, query = self._route()
-        except UnicodeDecodeError:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "the URL is not valid UTF-8") from None
-        reviews = self.server.reviews
-        if path == "/favicon.ico":
-            return self._send(HTTPStatus.NO_CONTENT, b"", "image/x-icon")
-        if path in self.server.static:
-            body, ctype = self.server.static[path]
-            return self._send(HTTPStatus.OK, body, ctype)
-        if path == "/api/meta":
-            return self._json(HTTPStatus.OK, {**reviews.meta(), "operator": self.server.operator})
-        if path == "/api/summary":
-            return self._json(HTTPStatus.OK, reviews.summary())
-        if path == "/api/queue":
-            return self._json(HTTPStatus.OK, reviews.queue(**self._queue_args(query)))
-        m = _RESULT.match(path)
-        if m and m.group(2) is None:
-            return self._json(HTTPStatus.OK, reviews.item(self._result_id(m.group(1))))
-        if m and m.group(2) == "/image":
-            fh, st, path = reviews.open_image(self._result_id(m.group(1)))
-            with fh:
-                return self._image(fh, st, path)
-        raise HTTPError(HTTPStatus.NOT_FOUND, f"no such page: {path}")
+    @route("GET", "/")
+    @route("GET", "/review.css")
+    @route("GET", "/review.js")
+    def _static(self) -> None:
+        body, ctype = self.server.static[self.request_path]
+        self._send(HTTPStatus.OK, body, ctype)
+
+    @route("GET", "/api/meta")
+    def _meta(self) -> None:
+        self._json(HTTPStatus.OK, {**self.server.reviews.meta(), "operator": self.server.operator})
+
+    @route("GET", "/api/summary")
+    def _summary(self) -> None:
+        self._json(HTTPStatus.OK, self.server.reviews.summary())
+
+    @route("GET", "/api/queue")
+    def _queue(self) -> None:
+        self._json(HTTPStatus.OK, self.server.reviews.queue(**self._queue_args(self.query)))
+
+    @route("GET", "/api/results/{result_id}")
+    def _item(self, result_id: str) -> None:
+        self._json(HTTPStatus.OK, self.server.reviews.item(self._result_id(result_id)))
+
+    @route("GET", "/api/results/{result_id}/image")
+    def _result_image(self, result_id: str) -> None:
+        fh, st, path = self.server.reviews.open_image(self._result_id(result_id))
+        with fh:
+            self._image(fh, st, path)
 
     @staticmethod
     def _queue_args(query: dict[str, list[str]]) -> dict:
@@ -180,38 +174,29 @@ class Handler(ResponseHandler):
             self.close_connection = True    # it shrank: the response is short, the connection cannot be reused
 
     # -- POST --------------------------------------------------------------------------------------------
-    def do_POST(self):
-        self._dispatch(self._post)
-
-    def _post(self) -> None:
-        try:
-            path, query = self._route()
-        except UnicodeDecodeError:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "the URL is not valid UTF-8") from None
-        m = _RESULT.match(path)
-        if not m or m.group(2) != "/reviews":
-            raise HTTPError(HTTPStatus.NOT_FOUND, f"no such page: {path}")
-        result_id = self._result_id(m.group(1))
-        body = self._body()
-        reviewer = body.get("reviewer") or self.server.operator
+    @route("POST", "/api/results/{result_id}/reviews", body=True)
+    def _add_review(self, result_id: str, body: bytes) -> None:
+        result_id = self._result_id(result_id)
+        review_doc = self._review_doc(body)
+        reviewer = review_doc.get("reviewer") or self.server.operator
         if reviewer is None:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "reviewer is required: enter the operator name")
-        if "expected_review_id" not in body:
+        if "expected_review_id" not in review_doc:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "expected_review_id is required (0 if the result had no review)")
         reviews = self.server.reviews
         try:
-            review = reviews.add(result_id, body.get("label"), reviewer, body["expected_review_id"])
+            review = reviews.add(result_id, review_doc.get("label"), reviewer, review_doc["expected_review_id"])
         except Conflict as exc:
             raise HTTPError(HTTPStatus.CONFLICT, str(exc), current=exc.current, item=reviews.item(result_id)) from None
         self._json(HTTPStatus.CREATED, {"review": review, "item": reviews.item(result_id)})
 
-    def _body(self) -> dict:
+    def _review_doc(self, raw: bytes) -> dict:
         # Cross-site requests never get here: http_base refuses an Origin that is not this server's, and a
         # browser cannot send application/json to another origin without a CORS preflight (never granted).
         if (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
             raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the review as application/json")
         try:
-            body = json_input.loads(self.request_body(MAX_BODY))
+            body = json_input.loads(raw)
         except json_input.UntrustedJSON as exc:
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"request body is not acceptable JSON: {exc}") from None
         if not isinstance(body, dict):
@@ -221,14 +206,6 @@ class Handler(ResponseHandler):
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"unknown field(s) {', '.join(unknown)} "
                                                     f"(known: {', '.join(sorted(REVIEW_FIELDS))})")
         return body
-
-    # -- anything else -----------------------------------------------------------------------------------
-    def _not_allowed(self):
-        def refuse():
-            raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command} is not allowed")
-        self._dispatch(refuse)
-
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
 
 # ---------------------------------------------------------------------------------------------------------

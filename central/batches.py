@@ -5,7 +5,9 @@ A message is checked as it arrives (in paho's network thread: BatchStore.check) 
 main thread takes a batch when --batch messages wait or the oldest has waited --batch-ms, stores it
 (BatchStore.store: its results in one transaction, Storage.add_results, then its statuses and dead letters one by
 one), and only then acknowledges every message of the batch, in arrival order, on the connection it came through
-(Link). A storage failure worth retrying (StorageError.retry: a PostgreSQL server restarting) keeps the batch
+(Link). A value the database refuses as data (StorageError.refused) is that message's fault: the batch is stored
+again message by message and the refused one becomes a dead letter with the reason, so no message can stop the
+collector. A storage failure worth retrying (StorageError.retry: a PostgreSQL server restarting) keeps the batch
 unacknowledged and retries it with a capped backoff; any other stops the collector without acknowledging.
 """
 from __future__ import annotations
@@ -99,7 +101,27 @@ class BatchStore:
 
     def store(self, batch: list[Message]) -> None:
         """Store what is not yet stored: the results in one transaction, then statuses and dead letters one by
-        one. Raises StorageError (or sqlite3.Error/OSError) with the batch's remaining messages not done."""
+        one; a message holding a value the database refuses goes to the dead letters instead. Raises
+        StorageError (or sqlite3.Error/OSError) with the batch's remaining messages not done."""
+        try:
+            self._store(batch)
+        except StorageError as exc:
+            if not exc.refused:
+                raise
+            log.warning("the database refused a value in a batch of %d message(s) (%s); storing them one by one",
+                        len(batch), exc)
+            for m in batch:
+                if m.done:
+                    continue
+                try:
+                    self._store([m])
+                except StorageError as one:
+                    if not one.refused:
+                        raise
+                    m.checked = f"refused by the database: {one}"
+                    self._store([m])
+
+    def _store(self, batch: list[Message]) -> None:
         results = [m for m in batch if not m.done and isinstance(m.checked, Result)]
         if results:
             for m, outcome in zip(results, self.storage.add_results([m.checked for m in results])):

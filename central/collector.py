@@ -162,6 +162,19 @@ class Collector:
             store.close()
         return EXIT_STORAGE if batcher.failed else EXIT_OK
 
+    def _no_session(self, connection: int, store: BatchStore) -> None:
+        """Said loudly: a reconnect that finds no session lost what was queued in it; a first connection that
+        finds none is normal for a new collector, and worth a warning when the database already holds results."""
+        if connection > 1:
+            _say_no_session(self.client_id, reconnect=True)
+            return
+        try:
+            held = store.storage.counts()["results"]
+        except (StorageError, sqlite3.Error, OSError):
+            held = 0
+        if held:
+            _say_no_session(self.client_id, reconnect=False)
+
     def _collect(self, store: BatchStore, batcher: Batcher) -> None:
         from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -179,10 +192,15 @@ class Collector:
             presence.announce_on(client)        # the last will, before connecting
             topics.append((presence.filter, SubscribeOptions(qos=1)))
 
+        connections = [0]
+
         def on_connect(cl, userdata, flags, reason, properties):
             if reason.is_failure:
                 log.warning("broker refused the connection: %s", reason)
                 return
+            connections[0] += 1
+            if not flags.session_present:
+                self._no_session(connections[0], store)
             link.new_connection()
             cl.subscribe(topics)
             if presence:
@@ -218,6 +236,15 @@ class Collector:
                 presence.close(client)
             client.disconnect()
             client.loop_stop()
+
+
+def _say_no_session(client_id: str, reconnect: bool) -> None:
+    what = ("the broker had no session for it on reconnecting" if reconnect else
+            "the broker has no session for it, and the database already holds results")
+    (log.error if reconnect else log.warning)(
+        "client id %s: %s: results queued for this collector while it was away are LOST (another client took its "
+        "client id with a clean start, the broker lost its state, or the session expired); see docs/security.md",
+        client_id, what)
 
 
 def open_with_retry(db: str, stop: threading.Event) -> Storage | None:

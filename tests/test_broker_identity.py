@@ -79,12 +79,21 @@ class ShippedBroker:
         assert set(self.ports) == {8883, 8884}, "the shipped config has a board listener and a central listener"
         self.conf = folder / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
+        self.start()
+
+    def start(self) -> None:
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         for port in self.ports.values():
             _wait(lambda: self.proc.poll() is not None or _listening(port), 15, f"mosquitto on port {port}")
         if self.proc.poll() is not None:
-            pytest.fail(f"mosquitto exited {self.proc.returncode}: {(folder / 'broker.log').read_text()[-2000:]}")
+            pytest.fail(f"mosquitto exited {self.proc.returncode}: {(self.folder / 'broker.log').read_text()[-2000:]}")
+
+    def restart_without_state(self) -> None:
+        """Stopped, its persistence file removed (the broker lost its sessions), started on the same ports."""
+        self.stop()
+        (self.folder / "mosquitto.db").unlink(missing_ok=True)
+        self.start()
 
     @property
     def boards_port(self) -> int:
@@ -239,3 +248,19 @@ def test_only_collectors_write_presence_and_board_credentials_stay_off_the_centr
     assert outsider.refused and not outsider.connects and re.search(r"[Nn]ot authori[sz]ed|[Bb]ad user", outsider.refused[0])
     for c in (watcher, board, outsider):
         c.close()
+
+
+def test_a_collector_that_finds_its_session_gone_says_so_loudly(broker, tmp_path):
+    db, log, pw = tmp_path / "central.sqlite3", tmp_path / "collect.log", tmp_path / "collector.pw"
+    pw.write_text(CENTRAL["collector"])
+    proc = collector(broker, db, log, pw)
+    try:
+        _wait(lambda: log.exists() and log.read_text().count("collecting") >= 1, 60, "the collector to start")
+        broker.restart_without_state()
+        _wait(lambda: log.read_text().count("collecting") >= 2, 60, "the collector to reconnect")
+        text = log.read_text()
+        assert "ERROR" in text and "client id collect-1: the broker had no session for it on reconnecting" in text \
+            and "LOST" in text, text[-2000:]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -188,7 +188,8 @@ class Collector:
         if self.share:
             presence = Presence(self.share, self.client_id, self.prefix, batcher, topics,
                                 lambda cid: self._client(cid, reconnect=False),
-                                lambda cl: connect(cl, self.broker, clean_start=False, properties=props))
+                                lambda cl: connect(cl, self.broker, clean_start=False, properties=props),
+                                own_connected=client.is_connected)
             presence.announce_on(client)        # the last will, before connecting
             topics.append((presence.filter, SubscribeOptions(qos=1)))
 

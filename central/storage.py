@@ -195,7 +195,8 @@ class SQLiteStorage:
     def set_status(self, board: str, status: str) -> None:
         with self._guard():
             self.db.execute("INSERT INTO fleet_boards VALUES (?, ?, ?) ON CONFLICT(board) DO UPDATE SET "
-                            "status = excluded.status, changed_at = excluded.changed_at", storable((board, status, utc_now())))
+                            "status = excluded.status, changed_at = excluded.changed_at",
+                            storable((board, status, utc_now())))
 
     def set_bundle_state(self, board: str, state: dict) -> None:
         cols = ("board", *BUNDLE_STATE_COLUMNS, "payload", "reported_at")

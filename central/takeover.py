@@ -12,8 +12,10 @@ unacknowledged would leave that share waiting until it comes back. Instead:
              off: it resumes that session), stores the results the broker delivers from it through the same batches
              (each acknowledged after its commit; statuses are not stored again: every member has them, and an old
              one must not replace a newer one), unsubscribes the member's filters so that nothing new is routed
-             there, and once everything received is acknowledged and nothing came for IDLE_S, ends the session
-             (DISCONNECT with Session Expiry Interval 0). Everything then goes to the living members. If the member
+             there (only while its own connection is up: two members each told the other is offline, each
+             kicking the other's connection, must never both be left unsubscribed; otherwise it leaves that
+             session as it is and tries again later), and once everything received is acknowledged and nothing
+             came for IDLE_S, ends the session (DISCONNECT with Session Expiry Interval 0). Everything then goes to the living members. If the member
              comes back meanwhile, its connection takes the session over; the takeover's connection is closed
              (Mosquitto 2.0.11 gives no "session taken over" reason) and it never reconnects. Two members
              taking over the same session resolve the same way (the later
@@ -38,8 +40,10 @@ RETRY_S = 5.0               # a takeover that lost its connection is tried again
 
 
 class Presence:
-    def __init__(self, group: str, client_id: str, prefix: str, batcher, topics: list, make_client, connect):
+    def __init__(self, group: str, client_id: str, prefix: str, batcher, topics: list, make_client, connect,
+                 own_connected=lambda: True):
         self.client_id, self.batcher = client_id, batcher
+        self.own_connected = own_connected          # this member's own connection is up (and so subscribed)
         self.base = f"{prefix}/_collect/{group}"
         self.filter, self.topic = f"{self.base}/+", f"{self.base}/{client_id}"
         self.topics = [t for t, _ in topics] + [self.filter]    # what a member subscribes to (unsubscribed on takeover)
@@ -112,7 +116,7 @@ class Takeover:
         self.presence, self.member = presence, member
         self.started = self.last = time.monotonic()
         self.unsubscribed_at: float | None = None
-        self.state = "connecting"       # connecting, draining, empty, lost, ended
+        self.state = "connecting"       # connecting, draining, empty, deferred, lost, ended
         self.received = 0
         client = presence.make_client(member)
         self.link = link = Link(client)
@@ -126,6 +130,12 @@ class Takeover:
             link.new_connection()
             if not flags.session_present:
                 self.state = "empty"
+                return
+            if not presence.own_connected():
+                # both members told the other is offline (or our own connection just dropped): unsubscribing the
+                # member's filters now could leave the group with no subscriber, and the broker would drop what
+                # comes meanwhile; leave its session as it is and try again later
+                self.state = "deferred"
                 return
             self.state = "draining"
             cl.unsubscribe(presence.topics)
@@ -169,6 +179,11 @@ class Takeover:
             log.info("taking over %s: the connection ended after %d message(s) (taken by another connection, "
                      "or lost)", self.member, self.received)
             self.client.loop_stop()
+            return True
+        if self.state == "deferred":
+            log.warning("taking over %s: this collector's own connection is down; %s's subscriptions are left in "
+                        "place so the group keeps a subscriber (tried again later)", self.member, self.member)
+            self.abandon()
             return True
         drained = self.unsubscribed_at is not None and now - max(self.last, self.unsubscribed_at) >= IDLE_S \
             and self.link.acked == self.received

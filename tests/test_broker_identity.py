@@ -23,7 +23,8 @@ import pytest
 
 from conftest import REPO
 
-mqtt = pytest.importorskip("paho.mqtt.client", reason='the fleet tests need paho-mqtt (pip install "sem-inspect[fleet]")')
+mqtt = pytest.importorskip("paho.mqtt.client",
+                           reason='the fleet tests need paho-mqtt (pip install "sem-inspect[fleet]")')
 MOSQUITTO = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if Path(p).exists()), None)
 PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 pytestmark = pytest.mark.skipif(MOSQUITTO is None or not Path(PASSWD).exists(),

@@ -81,7 +81,7 @@ class Handler(ResponseHandler):
             raise BadParameter(f"parameter(s) {', '.join(repeated)} given more than once")
         return {name: values[0] for name, values in parsed.items()}
 
-    @route(READ, "/healthz", token=False)
+    @route(READ, "/healthz", token=False, probe=True)
     def _healthz(self) -> None:
         self._params()
         try:

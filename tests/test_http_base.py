@@ -186,12 +186,19 @@ def test_host_rule(bind, host, allowed):
     assert AllowedHosts(bind, parse_host_names("sem-tool-07, SEM-TOOL-07.fab.local")).allows(host) is allowed
 
 
-@pytest.mark.parametrize("origin, allowed", [
-    ("http://127.0.0.1:8081", True), ("https://localhost", True), ("http://evil.example", False),
-    ("null", False), ("file://", False), ("http://127.0.0.1:8081/path", False), ("ftp://127.0.0.1", False),
+@pytest.mark.parametrize("origin, host, allowed", [
+    ("http://127.0.0.1:8081", "127.0.0.1:8081", True), ("https://localhost", "localhost", True),
+    ("http://[::1]:8081", "[::1]:8081", True), ("http://localhost:80", "localhost", True),
+    ("http://evil.example", "127.0.0.1:8081", False), ("null", "127.0.0.1:8081", False),
+    ("file://", "127.0.0.1:8081", False), ("http://127.0.0.1:8081/path", "127.0.0.1:8081", False),
+    ("ftp://127.0.0.1", "127.0.0.1", False),
+    ("http://127.0.0.1:9999", "127.0.0.1:8081", False),       # another port of the same address: another origin
+    ("http://127.0.0.1", "127.0.0.1:8081", False), ("https://127.0.0.1", "127.0.0.1:8081", False),
+    ("http://localhost:8081", "127.0.0.1:8081", False),       # another name of the same server: another origin
+    ("http://127.0.0.1:8081", None, False), ("http://127.0.0.1:99999", "127.0.0.1:8081", False),
 ])
-def test_origin_rule(origin, allowed):
-    assert AllowedHosts("127.0.0.1").allows_origin(origin) is allowed
+def test_origin_rule(origin, host, allowed):
+    assert AllowedHosts("127.0.0.1").allows_origin(origin, host) is allowed
 
 
 @pytest.mark.parametrize("value", ["a b", "evil/x", "x" * 300, "http://x", "-bad-.example", "1.2.3.4:80"])
@@ -340,3 +347,97 @@ def test_authorized_and_a_route_declared_twice():
             @route("GET", "/x")
             def b(self):
                 pass
+
+
+# -- deadlines that cannot drop an answer, health that never queues, bodies that must keep coming ----------------
+class Probed(ResponseHandler):
+    """/slow waits until the test releases it; /healthz is a probe (a thread of its own)."""
+    server_version = "probed"
+
+    @route("GET", "/slow", token=False)
+    def _slow(self):
+        self.server.entered.release()
+        self.server.release.wait(30)
+        self._json(HTTPStatus.OK, {"slow": True})
+
+    @route("GET", "/healthz", token=False, probe=True)
+    def _healthz(self):
+        self._json(HTTPStatus.OK, {"ok": True})
+
+
+class ProbedServer(BoundedHTTPServer):
+    def __init__(self, limits: Limits):
+        self.entered, self.release = threading.Semaphore(0), threading.Event()
+        super().__init__(("127.0.0.1", 0), Probed, AllowedHosts("127.0.0.1"), limits)
+
+
+@pytest.fixture
+def probed():
+    servers = []
+
+    def start(**limits):
+        server = ProbedServer(Limits(**{"head_seconds": 5.0, "idle_seconds": 5.0, **limits}))
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return server.server_address[1], server
+
+    yield start
+    for server in servers:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_health_never_queues_behind_slow_requests(probed):
+    """Every worker busy and the queue full of slow reports: /healthz still answers 200 (before: 503, or a wait
+    behind the reports)."""
+    port, server = probed(workers=1, queue=1)
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
+    try:
+        for s in slow:
+            s.sendall(get(port, "/slow"))
+        assert server.entered.acquire(timeout=10)          # the one worker is held; the other waits in the queue
+        for _ in range(5):
+            reply = exchange(port, get(port, "/healthz"), wait=10)
+            assert reply.startswith(b"HTTP/1.1 200") and b'"ok": true' in reply, reply
+    finally:
+        server.release.set()
+        for s in slow:
+            s.close()
+
+
+def test_an_answer_that_took_longer_than_the_write_deadline_is_still_sent(probed):
+    """The write deadline starts with the answer's first byte: a handler that took longer than send_seconds
+    (a query cancelled at its own limit, answered 503) still gets its answer out (before: an empty reply)."""
+    port, server = probed(send_seconds=0.5)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(get(port, "/slow"))
+        assert server.entered.acquire(timeout=10)
+        time.sleep(1.0)                 # the handler runs past send_seconds before it answers
+        server.release.set()
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200") and b'"slow": true' in reply, reply
+
+
+def test_a_dripped_body_is_dropped_soon_after_the_grace(serve):
+    """min_rate holds at every moment after the grace: a body announced and sent a byte at a time (each byte
+    within idle_seconds) is dropped about head_seconds after it started, not after length / min_rate (here
+    1 + 1000 / 100 = 11 s: before, such connections held their body budget that long)."""
+    port, _ = serve(min_rate=100)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n")
+        start, reply = time.monotonic(), b""
+        s.settimeout(0.3)
+        while not reply and time.monotonic() - start < 30:
+            try:
+                s.sendall(b"x")
+                reply = s.recv(4096)
+            except socket.timeout:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        took = time.monotonic() - start
+    assert reply.startswith(b"HTTP/1.1 408") and b"body too slow" in reply, reply
+    assert took < 6, f"dropped after {took:.1f} s"

@@ -225,16 +225,21 @@ def test_only_the_names_the_server_is_bound_for_are_answered(open_board, host, s
             assert "does not answer to the name" in json.loads(body)["error"] and b"results" not in body
 
 
-@pytest.mark.parametrize("origin, status", [
-    ("http://evil.example", 403), ("null", 403), ("http://127.0.0.1.evil.example:{port}", 403),
-    ("http://127.0.0.1:{port}", 200), ("http://sem-tool-07.fab:{port}", 200),
+@pytest.mark.parametrize("origin, host, status", [
+    ("http://evil.example", "127.0.0.1:{port}", 403), ("null", "127.0.0.1:{port}", 403),
+    ("http://127.0.0.1.evil.example:{port}", "127.0.0.1:{port}", 403),
+    ("http://127.0.0.1:{port}", "127.0.0.1:{port}", 200), ("http://sem-tool-07.fab:{port}", "sem-tool-07.fab:{port}", 200),
+    # an origin is scheme, host and port: a page from another port of the board's own address, or from another
+    # of its names, is another origin (before: only the host name was compared, so these ran the inspection)
+    ("http://127.0.0.1:{other}", "127.0.0.1:{port}", 403), ("http://127.0.0.1", "127.0.0.1:{port}", 403),
+    ("http://sem-tool-07.fab:{port}", "127.0.0.1:{port}", 403),
 ])
-def test_cross_site_post_inspect_is_refused_without_a_token(open_board, origin, status):
+def test_cross_site_post_inspect_is_refused_without_a_token(open_board, origin, host, status):
     """A browser's simple cross-origin POST (text/plain, no token on this board) carries Origin. Before: the
     board ran the inspection. Now: refused with 403 before the body is read; same-origin requests still work."""
-    origin = origin.format(port=open_board.port)
+    origin = origin.format(port=open_board.port, other=open_board.port + 1)
     got, body = request(open_board.port, "POST", "/inspect", png_bytes(3),
-                        {"Origin": origin, "Content-Type": "text/plain"})
+                        {"Origin": origin, "Content-Type": "text/plain", "Host": host.format(port=open_board.port)})
     assert got == status, (origin, body)
     if status == 403:
         assert "cross-origin request refused" in json.loads(body)["error"] and b"stage1_score" not in body

@@ -97,7 +97,7 @@ class Handler(ResponseHandler):
     server_version = "edge-inspect"
     fixed_headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
-    @route("GET", "/healthz", token=False)
+    @route("GET", "/healthz", token=False, probe=True)
     def _healthz(self) -> None:
         health = self.server.health()
         self._json(HTTPStatus.OK if health["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, health)

@@ -6,8 +6,10 @@ BoundedHTTPServer, the serving model (one rule each, here):
     I/O      One thread (selectors) accepts connections and reads every request's head and body without
              blocking, so a slow or silent client holds a socket, never a thread.
     Slow     A head (request line and headers, at most `head_bytes`) must arrive within `head_seconds` (else
-             408); a body must keep coming (at most `idle_seconds` between bytes) and arrive whole within
-             head_seconds + length / `min_rate`; a kept-alive connection may idle `idle_seconds`.
+             408); a body must keep coming: at most `idle_seconds` between bytes, and after head_seconds of
+             grace at least `min_rate` bytes/s on average at every moment (a body announced and dripped, or not
+             sent at all, is dropped within seconds, not after length / min_rate); a kept-alive connection may
+             idle `idle_seconds`.
     Many     At most `max_connections` are open; over it, the connection that has waited longest without
              completing a request is closed: slow senders go first, a client that sends its request at once
              (a health probe) always gets in.
@@ -17,11 +19,16 @@ BoundedHTTPServer, the serving model (one rule each, here):
              connections; a body that does not fit is refused (503, Retry-After) before it is read.
     Threads  Complete requests are answered by `workers` threads through a bounded queue (full: 503 at once);
              requests the server calls heavy (`is_heavy`: POST /inspect) by `heavy_workers` threads of their own,
-             so an inspection never holds up /healthz. The thread count is fixed: 1 + workers + heavy_workers.
-    Writes   A response must be written within `send_seconds`: a client that does not read holds a worker that
-             long at most.
+             and health probes (routes declared probe=True: /healthz) by a thread of their own, so neither an
+             inspection nor a queue of slow reports ever holds up /healthz. The thread count is fixed:
+             1 + workers + heavy_workers + 1.
+    Writes   A response must be written within `send_seconds` from its first byte (the deadline starts when the
+             answer is ready, so a handler that took long, e.g. a query cancelled at its own limit, still gets its
+             answer out): a client that does not read holds a worker that long at most.
     Names    Host must be a name the server is bound for (AllowedHosts: DNS rebinding), and an Origin, when
-             sent, must be http(s)://one-of-them (a cross-site request); else 421 / 403 before any handler runs.
+             sent, must be this server's own origin: http(s), one of those names, and the port of the Host the
+             request was sent to (an origin is scheme, host and port: a page from another port of the board's
+             own address is another origin); else 421 / 403 before any handler runs.
 
 ResponseHandler: a BaseHTTPRequestHandler run once per request on a worker thread, over the request bytes the
 I/O thread read: `_dispatch` runs a route and turns HTTPError, StorageError and any bug into a JSON error;
@@ -40,7 +47,7 @@ the method as a keyword); the skeleton then, in this order:
     body     body=True: the request body, read by the I/O thread only for that route (and only once its token
              is checked), Content-Length required (411), at most server.max_body bytes (413), passed to the
              method as `body`; any other request's body is never read
-    heavy    heavy=True: answered by the heavy workers (is_heavy)
+    heavy    heavy=True: answered by the heavy workers (is_heavy); probe=True: by the probe thread
 A server's `url` is its address (plus `home_path`, the page a person opens).
 """
 from __future__ import annotations
@@ -114,10 +121,11 @@ class Route:
     body: bool                  # reads a request body (at most server.max_body bytes)
     heavy: bool                 # answered by the heavy workers
     pattern: re.Pattern
+    probe: bool = False         # a health probe: answered by a thread of its own
 
 
 def route(methods: str | tuple[str, ...], path: str, *, token: bool = True, body: bool = False,
-          heavy: bool = False):
+          heavy: bool = False, probe: bool = False):
     """Declare a ResponseHandler method as the answer to METHOD(S) PATH (see the module docstring); stack
     several to answer more than one path."""
     pattern = re.compile("".join(f"(?P<{part[1:-1]}>[^/]+)" if part.startswith("{") else re.escape(part)
@@ -125,7 +133,7 @@ def route(methods: str | tuple[str, ...], path: str, *, token: bool = True, body
 
     def declare(fn):
         fn.http_routes = [*getattr(fn, "http_routes", ()),
-                     *(Route(m, path, fn.__name__, token, body, heavy, pattern)
+                     *(Route(m, path, fn.__name__, token, body, heavy, pattern, probe)
                        for m in ((methods,) if isinstance(methods, str) else methods))]
         return fn
     return declare
@@ -191,9 +199,24 @@ class AllowedHosts:
         name = host_name(host_header)
         return name is not None and (name in self.names or (self.any_address and _ip(name) is not None))
 
-    def allows_origin(self, origin: str) -> bool:
-        parts = urlsplit(origin.strip())
-        return parts.scheme in ("http", "https") and not parts.path.strip("/") and self.allows(parts.netloc)
+    def allows_origin(self, origin: str, host_header: str | None) -> bool:
+        """Whether a request's Origin is this server's own origin: http(s), a name this server answers to, and
+        the host and port the request itself was sent to (its Host), each port defaulted by the origin's
+        scheme."""
+        try:
+            parts = urlsplit(origin.strip())
+            port = parts.port
+        except ValueError:
+            return False
+        if parts.scheme not in ("http", "https") or parts.path.strip("/") or parts.query or parts.username:
+            return False
+        default = 443 if parts.scheme == "https" else 80
+        m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(?::([0-9]{1,5}))?", (host_header or "").strip())
+        if m is None or not self.allows(parts.netloc):
+            return False
+        same_host = host_name(parts.hostname if ":" not in (parts.hostname or "") else f"[{parts.hostname}]") == \
+            host_name(m.group(1))
+        return same_host and (port or default) == (int(m.group(2)) if m.group(2) else default)
 
     def describe(self) -> str:
         return ", ".join(sorted(self.names)) + (", any IP address" if self.any_address else "")
@@ -232,6 +255,7 @@ class Limits:
 
 
 HEAD, BODY, BUSY, DRAIN = "head", "body", "busy", "drain"
+POOLS = ("work", "heavy", "probe")
 
 
 class _Conn:
@@ -248,7 +272,7 @@ class _Conn:
         self.body: bytearray | bytes | None = None
         self.got = 0
         self.reserved = 0           # body-budget bytes held
-        self.heavy = False
+        self.pool = "work"          # which threads answer its request (BoundedHTTPServer.pool_of)
         self.close_after = False    # a body was sent that was not read: the connection cannot be reused
         self.deadline = 0.0
         self.drained = 0
@@ -286,8 +310,8 @@ class BoundedHTTPServer:
         self._returned: collections.deque = collections.deque()     # workers -> I/O thread
         self._budget_lock = threading.Lock()
         self._budget_used = 0
-        self._pools = {False: queue.Queue(self.limits.queue), True: queue.Queue(self.limits.queue)}
-        self._threads: list[tuple[bool, threading.Thread]] = []
+        self._pools = {kind: queue.Queue(self.limits.queue) for kind in POOLS}
+        self._threads: list[tuple[str, threading.Thread]] = []
         # Never more connections than file descriptors allow (the rest of the process needs some too).
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._max_connections = self.limits.max_connections if soft == resource.RLIM_INFINITY else \
@@ -320,17 +344,22 @@ class BoundedHTTPServer:
         r = self._route(method, path)
         return r is not None and r.heavy
 
+    def pool_of(self, method: str, path: str) -> str:
+        """Which threads answer a request: the probe thread (health), the heavy workers, or the workers."""
+        r = self._route(method, path)
+        return "probe" if r is not None and r.probe else "heavy" if self.is_heavy(method, path) else "work"
+
     # -- running --------------------------------------------------------------------------------------------
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         self._stop.clear()
         self._stopped.clear()
         lim = self.limits
-        for heavy, n in ((False, lim.workers), (True, lim.heavy_workers)):
+        for kind, n in (("work", lim.workers), ("heavy", lim.heavy_workers), ("probe", 1)):
             for i in range(n):
-                t = threading.Thread(target=self._work, args=(self._pools[heavy],), daemon=True,
-                                     name=f"{type(self).__name__}-{'heavy' if heavy else 'worker'}-{i}")
+                t = threading.Thread(target=self._work, args=(self._pools[kind],), daemon=True,
+                                     name=f"{type(self).__name__}-{kind}-{i}")
                 t.start()
-                self._threads.append((heavy, t))
+                self._threads.append((kind, t))
         self._sel.register(self.socket, selectors.EVENT_READ, "accept")
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         try:
@@ -352,9 +381,9 @@ class BoundedHTTPServer:
                     self._sel.unregister(fileobj)
                 except (KeyError, ValueError):
                     pass
-            for heavy, _ in self._threads:
+            for kind, _ in self._threads:
                 try:
-                    self._pools[heavy].put_nowait(None)         # one stop sign per worker
+                    self._pools[kind].put_nowait(None)          # one stop sign per worker
                 except queue.Full:
                     pass
             self._stopped.set()
@@ -479,7 +508,7 @@ class BoundedHTTPServer:
             path = url_path(target)
         except UnicodeDecodeError:
             path = ""                           # no route: the handler answers 400
-        conn.heavy = self.is_heavy(method, path)
+        conn.pool = self.pool_of(method, path)
         if length == 0:
             conn.body, conn.buf = b"", bytearray(rest)
             return self._dispatch(conn)
@@ -516,7 +545,8 @@ class BoundedHTTPServer:
             raise HTTPError(HTTPStatus.MISDIRECTED_REQUEST, f"this server does not answer to the name in Host "
                             f"({hosts[0][:100]!a}); it answers to {self.allowed_hosts.describe()}")
         origins = headers.get_all("Origin") or []
-        if len(origins) > 1 or (origins and not self.allowed_hosts.allows_origin(origins[0])):
+        if len(origins) > 1 or (origins and not self.allowed_hosts.allows_origin(origins[0],
+                                                                                 hosts[0] if hosts else None)):
             raise HTTPError(HTTPStatus.FORBIDDEN, f"cross-origin request refused (Origin {origins[0][:100]!a})")
         if headers.get("Transfer-Encoding") is not None:
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "chunked bodies are not accepted: send Content-Length")
@@ -533,7 +563,7 @@ class BoundedHTTPServer:
         self._sel.unregister(conn.sock)
         conn.state = BUSY
         try:
-            self._pools[conn.heavy].put_nowait(conn)
+            self._pools[conn.pool].put_nowait(conn)
         except queue.Full:
             self._sel.register(conn.sock, selectors.EVENT_READ, conn)
             self._release(conn)
@@ -581,7 +611,7 @@ class BoundedHTTPServer:
                 self._start_drain(conn)
                 continue
             conn.state, conn.since, conn.served = HEAD, time.monotonic(), conn.served + 1
-            conn.head, conn.body, conn.got, conn.heavy = b"", None, 0, False
+            conn.head, conn.body, conn.got, conn.pool = b"", None, 0, "work"
             if conn.buf:
                 self._head_maybe_done(conn)         # a pipelined request already read
 
@@ -596,7 +626,9 @@ class BoundedHTTPServer:
                     self._note("idle connection closed")
                     self._close(conn)
             elif conn.state == BODY:
-                if now - conn.last > lim.idle_seconds or now > conn.deadline:
+                late = now - conn.since - lim.head_seconds      # past the grace: min_rate on average, always
+                if now - conn.last > lim.idle_seconds or now > conn.deadline or \
+                        (late > 0 and conn.got < lim.min_rate * late):
                     self._refuse(conn, HTTPStatus.REQUEST_TIMEOUT, "request body too slow")
             elif conn.state == DRAIN and now > conn.deadline:
                 self._close(conn)
@@ -645,15 +677,18 @@ class BoundedHTTPServer:
 
 
 class _DeadlineWriter(io.RawIOBase):
-    """The response side of a connection: everything must be written before one deadline."""
+    """The response side of a connection: everything must be written within `seconds` of its first byte (the
+    time a handler took before answering does not count)."""
 
     def __init__(self, sock: socket.socket, seconds: float):
-        self.sock, self.deadline = sock, time.monotonic() + seconds
+        self.sock, self.seconds, self.deadline = sock, seconds, None
 
     def writable(self) -> bool:
         return True
 
     def write(self, data) -> int:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.seconds
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("response not taken by the client in time")

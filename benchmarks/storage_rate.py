@@ -22,7 +22,7 @@ from benchmarks.attack import valid_result
 from benchmarks.pgserver import PostgresServer, unavailable_reason
 from edge_runtime.fleet.messages import parse_result
 from central.storage import STORED, open_storage
-from edge_runtime.db.store import utc_now
+from edge_runtime.exits import utc_now
 
 
 def messages(n: int, start: int, rng: random.Random, boards: int = 100) -> list:

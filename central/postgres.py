@@ -23,7 +23,7 @@ from central.rows import (ADD_TOTALS, BACKFILL_TOTALS, CONFLICT, INDEXES, QUERY_
                                        SCHEMA_VERSION, STORED, StorageError, board_totals, conflict_row,
                                        dead_letter_row, newer_schema, outcome, result_row, storable)
 from edge_runtime.fleet.messages import BUNDLE_STATE_COLUMNS, Result
-from edge_runtime.db.store import utc_now
+from edge_runtime.exits import utc_now
 
 CONNECT_TIMEOUT_S = 10
 SCHEMA_LOCK = 0x5e31c011ec7     # pg_advisory_xact_lock key: "the collector's schema" (any fixed number)

@@ -32,7 +32,7 @@ from central.storage import StorageError, open_storage
 from edge_runtime.bundle import MANIFEST, BundleError, load_bundle, read_signature
 from edge_runtime.command import add_log_level, reported, run_command
 from edge_runtime.netnames import is_board_name
-from edge_runtime.db.store import utc_now
+from edge_runtime.exits import utc_now
 from edge_runtime.digest import CHUNK
 from edge_runtime.exits import EXIT_FAILED, EXIT_OK
 from edge_runtime.fleet import rollout_message

@@ -13,7 +13,7 @@ import hashlib
 import json
 
 from edge_runtime.fleet.messages import COLUMNS, Result
-from edge_runtime.db import store
+from edge_runtime import exits
 
 KEEP_BYTES = 64 * 1024          # of a dead letter's payload; its size and sha256 are of the whole
 STORED, DUPLICATE, CONFLICT = "stored", "duplicate", "conflict"
@@ -44,7 +44,7 @@ ADD_TOTALS = ("INSERT INTO fleet_board_totals AS t (board, results, last_recorde
               "THEN excluded.last_recorded_at ELSE t.last_recorded_at END")
 
 
-class StorageError(store.StorageError):
+class StorageError(exits.StorageError):
     """Storing failed: the board store's StorageError (an HTTP server answers it with 503), plus retry: True when
     waiting and trying again may succeed (a PostgreSQL connection lost), and refused: True when the database
     refused a value of this write (a data error), so the message it came from is to blame, not the storage."""

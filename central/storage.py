@@ -50,7 +50,7 @@ from central.rows import (ADD_TOTALS, BACKFILL_TOTALS, CONFLICT, DUPLICATE, INDE
                                        board_totals, conflict_row, dead_letter_row, newer_schema, outcome,
                                        result_row, storable, utc_iso)
 from edge_runtime.fleet.messages import BUNDLE_STATE_COLUMNS, Result
-from edge_runtime.db.store import utc_now
+from edge_runtime.exits import utc_now
 
 __all__ = ["Storage", "StorageError", "SQLiteStorage", "open_storage", "STORED", "DUPLICATE", "CONFLICT",
            "KEEP_BYTES", "QUERY_TIMEOUT_S"]

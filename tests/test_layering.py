@@ -29,7 +29,7 @@ def lint(root: Path) -> subprocess.CompletedProcess:
 def test_the_layering_contracts_are_kept():
     res = lint(REPO)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "6 kept, 0 broken" in res.stdout, res.stdout
+    assert f"{len(contract_names())} kept, 0 broken" in res.stdout, res.stdout
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,8 @@ VIOLATIONS = [
     ("train/tta.py", "import convert.cli", "projects"),
     ("edge_runtime/fleet/publisher.py", "import central.collector", "projects"),   # a board never imports it
     ("central/api.py", "import train.report", "projects"),
+    ("central/queries.py", "from edge_runtime.config import service_config", "central-wire-only"),
+    ("central/collector.py", "from edge_runtime.db import store", "central-wire-only"),
     ("edge_runtime/netnames.py", "from edge_runtime.config import service_config", "runtime-minimal"),
     ("benchmarks/worker.py", "from edge_runtime.service import watch", "benchmarks-runtime-only"),
     ("convert/sensitivity.py", "from convert import cli", "no-cycles"),

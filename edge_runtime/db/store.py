@@ -83,13 +83,13 @@ work instead of losing results.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import errno
 import json
 import os
 import sqlite3
 from pathlib import Path
 
+from edge_runtime.exits import StorageError, utc_now  # noqa: F401  (re-exported: the store raises and stamps with them)
 from edge_runtime.names import db_text  # noqa: F401  (re-exported: paths as database text)
 
 SCHEMA_VERSION = 4
@@ -177,22 +177,10 @@ V2_RESULT_COLUMNS = (("bundle_id", "TEXT"), ("stage2_probs", "TEXT"))
 V3_RESULT_COLUMN = "published INTEGER NOT NULL DEFAULT 0"
 
 
-class StorageError(RuntimeError):
-    """Results cannot be stored (disk full, read-only, I/O error). `disk_full` says which."""
-
-    def __init__(self, message: str, disk_full: bool = False):
-        super().__init__(message)
-        self.disk_full = disk_full
-
-
 def is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return isinstance(exc, sqlite3.Error) and ("full" in str(exc).lower())
-
-
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 class Store:

@@ -78,7 +78,7 @@ from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from edge_runtime.netnames import canonical_host
-from edge_runtime.db.store import StorageError
+from edge_runtime.exits import StorageError
 
 log = logging.getLogger("edge_inspect.http")
 

@@ -28,7 +28,8 @@ import time
 from edge_runtime.config.service_config import ServiceConfig
 from edge_runtime.netnames import parse_host_port
 from edge_runtime.db.journal import row_to_json
-from edge_runtime.db.store import Store, utc_now
+from edge_runtime.db.store import Store
+from edge_runtime.exits import utc_now
 from edge_runtime.fleet.mqtt import BrokerSettings, connect, new_client
 
 log = logging.getLogger("edge_inspect")

@@ -8,24 +8,22 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from benchmarks.attack import valid_result
 from central.takeover import RETRY_S
-from conftest import REPO
-from test_collect import PREFIX, Collector, publish, publisher
-from test_fleet_mqtt import MOSQUITTO, Broker, broker, mqtt  # noqa: F401 (fixture)
-from test_watch import wait_for
+from tests.support.collector import PREFIX, Collector, publish, publisher
+from tests.support.messages import valid_result
+from tests.support.mosquitto import Broker, needs_mosquitto
+from tests.support.paths import REPO
+from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed (apt-get install mosquitto)")
+pytestmark = needs_mosquitto
 
 
 def pg_rows(url: str, sql: str) -> list[tuple]:
@@ -109,15 +107,15 @@ def test_two_collectors_one_killed_every_result_stored_once(broker, postgres_ser
     boards = Boards(broker.port, ["tool-01", "tool-02", "tool-03", "tool-04"], per_board=250, interval_s=0.012)
     try:
         boards.start()
-        assert wait_for(lambda: boards.published >= 300, timeout=20)
+        wait_until(lambda: boards.published >= 300, 80, lambda: boards.published)
         c2.proc.send_signal(stop)
         assert c2.proc.wait(10) == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
         boards.join()
         n = len(boards.expected)
-        assert wait_for(lambda: pg_count(url) == n, timeout=30), (pg_count(url), n, c1.log.read_text()[-2000:])
+        wait_until(lambda: pg_count(url) == n, 120, lambda: (pg_count(url), n, c1.log.read_text()[-2000:]))
         assert set(pg_rows(url, "SELECT board, id FROM fleet_results")) == boards.expected
-        assert wait_for(lambda: "took over collect-2's session" in c1.log.read_text(), timeout=10), \
-            c1.log.read_text()[-2000:]
+        wait_until(lambda: "took over collect-2's session" in c1.log.read_text(),
+                   describe=lambda: c1.log.read_text()[-2000:])
         took = re.findall(r"took over collect-2's session: (\d+) message", c1.log.read_text())
         assert int(took[0]) > 0, c1.log.read_text()[-2000:]
         time.sleep(0.5)
@@ -139,11 +137,11 @@ def test_postgresql_restart_while_messages_flow(broker, postgres_server, tmp_pat
     boards = Boards(broker.port, ["tool-01", "tool-02"], per_board=300, interval_s=0.01, seed=1)
     try:
         boards.start()
-        assert wait_for(lambda: pg_count(url) >= 100, timeout=20), c.log.read_text()[-2000:]
+        wait_until(lambda: pg_count(url) >= 100, 80, lambda: c.log.read_text()[-2000:])
         postgres_server.restart()
         boards.join()
         n = len(boards.expected)
-        assert wait_for(lambda: pg_count(url) == n, timeout=30), (pg_count(url), n, c.log.read_text()[-2000:])
+        wait_until(lambda: pg_count(url) == n, 120, lambda: (pg_count(url), n, c.log.read_text()[-2000:]))
         assert set(pg_rows(url, "SELECT board, id FROM fleet_results")) == boards.expected
         log = c.log.read_text()
         assert log.count("database unavailable") == 1 and "database back after" in log, log[-2000:]
@@ -183,8 +181,8 @@ def test_rejected_messages_are_dead_letters_on_both_backends(broker, tmp_path, b
         publish(pub, f"{PREFIX}/tool-01/result", json.dumps(good).encode())
         for board, payload, _ in BAD:
             publish(pub, f"{PREFIX}/{board}/result", payload)
-        assert wait_for(lambda: len(rows("SELECT id FROM fleet_dead_letters")) == len(BAD), timeout=10), \
-            c.log.read_text()[-2000:]
+        wait_until(lambda: len(rows("SELECT id FROM fleet_dead_letters")) == len(BAD),
+                   describe=lambda: c.log.read_text()[-2000:])
         dead = rows("SELECT topic, reason, payload, size FROM fleet_dead_letters ORDER BY id")
         for (topic, reason, payload, size), (board, sent, why) in zip(dead, BAD):
             assert topic == f"{PREFIX}/{board}/result" and why in reason and bytes(payload) == sent and \
@@ -234,22 +232,14 @@ def test_the_central_broker_config(postgres_server, tmp_path):
     and paths replaced by the test's): boards with their own passwords, two collectors as the user `collector`
     sharing the results; one is killed, the other takes its session over (the ACL lets collectors write their
     presence), every result stored once."""
-    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-    if not Path(passwd).exists():
-        pytest.skip("mosquitto_passwd is not installed")
     users = {"tool-01": "pw-1-aaa", "tool-02": "pw-2-bbb", "collector": "pw-c-ccc"}
-    pwfile = tmp_path / "passwd"
-    for i, (user, pw) in enumerate(users.items()):
-        subprocess.run([passwd, "-b", *(["-c"] if i == 0 else []), str(pwfile), user, pw], check=True, timeout=30)
     local = ("per_listener_settings", "listener", "certfile", "keyfile", "cafile", "password_file", "acl_file",
              "persistence_location", "log_dest", "log_type", "allow_anonymous")
     shipped = [line for line in (REPO / "deploy" / "mosquitto-central.conf").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
     assert {"persistence true", "max_queued_messages 5000000"} <= set(shipped)
     kept = [line for line in shipped if line.split()[0] not in local]
-    b = Broker(tmp_path / "broker", extra="\n".join(kept) + f"\npassword_file {pwfile}\n"
-               f"acl_file {REPO / 'deploy' / 'mosquitto-acl.conf'}\n")
-    b.conf.write_text(b.conf.read_text().replace("allow_anonymous true", "allow_anonymous false"))
+    b = Broker(tmp_path / "broker", extra=kept, passwords=users, acl=REPO / "deploy" / "mosquitto-acl.conf")
     b.start()
     url = postgres_server.create_database()
     (tmp_path / "collector.pw").write_text(users["collector"])
@@ -259,14 +249,14 @@ def test_the_central_broker_config(postgres_server, tmp_path):
     boards = Boards(b.port, ["tool-01", "tool-02"], per_board=200, interval_s=0.01, seed=2, passwords=users)
     try:
         boards.start()
-        assert wait_for(lambda: boards.published >= 100, timeout=20)
+        wait_until(lambda: boards.published >= 100, 80, lambda: boards.published)
         c2.proc.send_signal(signal.SIGKILL)
         boards.join()
         n = len(boards.expected)
-        assert wait_for(lambda: pg_count(url) == n, timeout=30), (pg_count(url), n, c1.log.read_text()[-2000:])
+        wait_until(lambda: pg_count(url) == n, 120, lambda: (pg_count(url), n, c1.log.read_text()[-2000:]))
         assert set(pg_rows(url, "SELECT board, id FROM fleet_results")) == boards.expected
-        assert wait_for(lambda: "took over collect-2's session" in c1.log.read_text(), timeout=10), \
-            c1.log.read_text()[-2000:]
+        wait_until(lambda: "took over collect-2's session" in c1.log.read_text(),
+                   describe=lambda: c1.log.read_text()[-2000:])
         assert c1.stop() == 0
     finally:
         boards.join()
@@ -286,17 +276,17 @@ def test_a_killed_collector_that_comes_back_takes_its_session_again(broker, post
     boards = Boards(broker.port, ["tool-01", "tool-02"], per_board=300, interval_s=0.01, seed=4)
     try:
         boards.start()
-        assert wait_for(lambda: boards.published >= 100, timeout=20)
+        wait_until(lambda: boards.published >= 100, 80, lambda: boards.published)
         c2.proc.send_signal(signal.SIGKILL)
         c2.proc.wait(10)
-        assert wait_for(lambda: "taking over its session" in c1.log.read_text(), timeout=10), c1.log.read_text()
+        wait_until(lambda: "taking over its session" in c1.log.read_text(), describe=lambda: c1.log.read_text())
         c2 = Collector(broker.port, url, tmp_path / "c2.log", *share, "--client-id", "collect-2")
         boards.join()
         n = len(boards.expected)
-        assert wait_for(lambda: pg_count(url) == n, timeout=30), (pg_count(url), n, c1.log.read_text()[-2000:])
+        wait_until(lambda: pg_count(url) == n, 120, lambda: (pg_count(url), n, c1.log.read_text()[-2000:]))
         assert set(pg_rows(url, "SELECT board, id FROM fleet_results")) == boards.expected
-        assert wait_for(lambda: re.search(r"took over collect-2.s session|taken by another connection",
-                                          c1.log.read_text()), timeout=10), c1.log.read_text()[-2000:]
+        wait_until(lambda: re.search(r"took over collect-2.s session|taken by another connection",
+                                     c1.log.read_text()), describe=lambda: c1.log.read_text()[-2000:])
         time.sleep(RETRY_S + 1.0)           # a takeover that lost its connection is not tried again
         log1 = c1.log.read_text()
         assert log1.count("taking over its session") == 1, log1[-2000:]
@@ -322,7 +312,8 @@ def test_a_collector_started_before_its_database_waits_for_it(broker, postgres_s
         log = c.log.read_text()
         assert c.proc.poll() is None and log.count("database unavailable") == 1 and "waiting for it" in log, log
         publish(pub, f"{PREFIX}/tool-01/result", json.dumps(valid_result("tool-01", 1, random.Random(1))).encode())
-        assert wait_for(lambda: pg_rows(url, "SELECT board, id FROM fleet_results") == [("tool-01", 1)], timeout=10)
+        wait_until(lambda: pg_rows(url, "SELECT board, id FROM fleet_results") == [("tool-01", 1)],
+                   describe=lambda: pg_rows(url, "SELECT board, id FROM fleet_results"))
     finally:
         timer.join()
         if not postgres_server.running:

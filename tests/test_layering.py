@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from tests.support.paths import REPO
 
 LINT = Path(sys.executable).with_name("lint-imports")
 PACKAGES = ("edge_runtime", "train", "convert", "benchmarks", "central")

@@ -91,6 +91,7 @@ def split_bundle(tiny_bundle, tmp_path_factory) -> tuple[Path, Path]:
     return bundle, images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suite, runtime", [("bookworm", "litert"), ("trixie", "litert"),
                                             ("bookworm", "tflite-runtime")],
                          ids=["debian12-py3.11-litert", "debian13-py3.13-litert", "debian12-py3.11-tflite-runtime"])

@@ -124,6 +124,7 @@ def test_service_yaml_is_accepted_by_the_runtime_config_loader(tmp_path):
         load_service_config(path)
 
 
+@pytest.mark.slow
 def test_service_yaml_runs_the_watch_service(tiny_bundle, tmp_path):
     """The example config, with its paths moved under tmp_path, drives a real `edge-inspect --config --once`."""
     text = SERVICE_YAML.read_text().replace("/var/lib/sem-inspect", str(tmp_path / "data"))

@@ -13,8 +13,6 @@ from tests.support.training import DEFECTS, TINY_PROFILE, tiny_config, write_dat
 
 CLASSES = ["clean", *DEFECTS]      # what write_dataset draws: Stage 1 learns these 4 (taxonomy target)
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def frozen_run(tmp_path_factory):

@@ -109,7 +109,7 @@ class Prober(threading.Thread):
 
     def stop(self) -> list:
         self.done.set()
-        self.join(5)
+        self.join(60)               # the probe under way is answered (or times out) first
         return self.answers
 
 

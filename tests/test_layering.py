@@ -66,7 +66,6 @@ VIOLATIONS = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("path, line, contract", VIOLATIONS, ids=[f"{p}:{l}" for p, l, _ in VIOLATIONS])
 def test_a_violating_import_fails_the_check(tree_copy, path, line, contract):
     target = tree_copy / path

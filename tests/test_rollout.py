@@ -34,7 +34,7 @@ from tests.support.waiting import wait_until
 mqtt = paho()
 
 pytest.importorskip("cryptography", reason='bundle signatures need cryptography (pip install "sem-inspect[signing]")')
-pytestmark = [needs_mosquitto, pytest.mark.slow]
+pytestmark = needs_mosquitto
 PREFIX = "sem-inspect"
 
 

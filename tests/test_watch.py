@@ -617,7 +617,6 @@ def count_rows(db: Path) -> int:
         return 0
 
 
-@pytest.mark.slow
 def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tiny_bundle, folders, tmp_path):
     seed = int(time.time())
     rng = random.Random(seed)

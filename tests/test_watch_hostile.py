@@ -477,7 +477,6 @@ def vm_hwm_mb(pid: int) -> float:
     raise AssertionError("no VmHWM")
 
 
-@pytest.mark.slow
 def test_12_large_colour_image_adds_little_more_than_its_decoded_size(tiny_bundle, folders):
     """A 3000x3000 RGBA PNG decodes to 34 MB; converting it to gray used to cost four more full-size copies
     (~180 MB). The peak must now stay within the decoded image plus one byte per pixel and some slack."""

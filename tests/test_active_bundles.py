@@ -15,7 +15,7 @@ from edge_runtime.db.store import Store
 from edge_runtime.inspector import Inspector
 from edge_runtime.service.active import ActiveBundles
 from edge_runtime.service.bundles import repoint
-from test_watch import folders, make_config  # noqa: F401 (fixture)
+from tests.support.watch import make_config
 
 
 class FakeRecorder:

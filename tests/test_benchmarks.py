@@ -17,8 +17,9 @@ from benchmarks.cli import main
 from benchmarks.machine import cpuinfo, macs_per_cycle, nominal_peak
 from benchmarks.stats import summarize
 from benchmarks.streams import discover_images, prevalence_stream, split_pools
+from tests.support.mosquitto import needs_mosquitto
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -277,7 +278,7 @@ def test_keras_notebook_path_side_by_side(tiny_bundle, tmp_path):
     pytest.importorskip("tensorflow")
     import keras
 
-    from conftest import TINY_SIZE, TINY_STAGE2
+    from tests.support.bundles import TINY_SIZE, TINY_STAGE2
     from train.models import build_stage_model
 
     run = tmp_path / "run"
@@ -394,7 +395,7 @@ def bench_v2(tiny_bundle_v2, tmp_path_factory):
 
 def test_format2_bundle_runs_every_path_at_each_stage_size(bench_v2):
     from benchmarks.schema import problems
-    from conftest import TAXONOMY
+    from tests.support.bundles import TAXONOMY
 
     rc, out, res, _, _ = bench_v2
     assert rc == 0 and problems(res) == []
@@ -523,9 +524,9 @@ def _central_store(path: Path, keys: list[tuple[str, int]]) -> None:
     """A collector's SQLite store holding results for these (board, id), stored the collector's way."""
     import random as _random
 
-    from benchmarks.attack import valid_result
-    from edge_runtime.fleet.messages import parse_result
     from central.storage import open_storage
+    from edge_runtime.fleet.messages import parse_result
+    from tests.support.messages import valid_result
 
     rng = _random.Random(0)
     storage = open_storage(path)
@@ -594,11 +595,11 @@ def test_collector_load_verdict_and_backlog_slope():
     assert verdict(1000, 1000, 0, 0.1, 5, [3]) == ["collector exited [3]"]
 
 
-@pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
-                    reason="mosquitto is not installed (apt-get install mosquitto)")
+@needs_mosquitto
 def test_collector_load_tiny_run_on_sqlite(tmp_path):
     """A real run with tiny numbers (3 boards, 40 results/s for 2 s, one collector on SQLite): every result
-    stored once, the step sustained, delays measured, both reports written."""
+    stored once, the step judged by its own figures, delays measured, both reports written. Whether this
+    machine sustains the rate is the benchmark's finding, not the test's."""
     from benchmarks import collector_load
 
     rc = collector_load.main(["--boards", "3", "--rates", "40", "--step-seconds", "2", "--db", "sqlite",
@@ -607,9 +608,12 @@ def test_collector_load_tiny_run_on_sqlite(tmp_path):
     (config,) = figures["configs"]
     (step,) = config["steps"]
     assert rc == 0 and config["exactly_once"]["ok"], config["exactly_once"]
-    assert config["exactly_once"]["rows"] == step["sent"] == step["acked"] >= 70
-    assert step["sustained"] and config["sustained_rate"] == 40
-    assert step["delay_commit_s"]["n"] == step["sent"] and 0 < step["delay_commit_s"]["p50"] < 2
+    assert config["exactly_once"]["rows"] == step["sent"] == step["acked"] > 0
+    assert step["rate"] == 40 and step["sustained"] == (step["why_not"] == "")
+    assert config["sustained_rate"] == (40 if step["sustained"] else None)
+    commit = step["delay_commit_s"]
+    assert commit["n"] == step["sent"] and 0 < commit["p50"] <= commit["p99"] <= commit["max"]
     assert step["delay_insert_s"]["n"] == step["sent"] and step["collector_rss_peak_mb"][0] > 10
     assert config["collector_stop"][0]["counts"]["stored"] == step["sent"]
-    assert "## sqlite, 1 collector(s): sustained 40 results/s" in (tmp_path / "results.md").read_text()
+    found = "40" if step["sustained"] else "none"
+    assert f"## sqlite, 1 collector(s): sustained {found} results/s" in (tmp_path / "results.md").read_text()

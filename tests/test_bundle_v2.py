@@ -10,9 +10,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import TAXONOMY, TINY_STAGE2, TINY_V2_SIZES
 from edge_runtime.bundle import BundleError, load_bundle
 from edge_runtime.head import Head, HeadError
+from tests.support.bundles import TAXONOMY, TINY_STAGE2, TINY_V2_SIZES
 
 
 def _copy(src, tmp_path):

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, TINY_STAGE2, run_unprivileged
 from edge_runtime.cli import main
+from tests.support.bundles import TINY_STAGE2
+from tests.support.paths import REPO
+from tests.support.unprivileged import run_unprivileged
 
 FIELDS = ("path", "label", "stage1_score", "defect_class", "confidence", "review", "latency_ms")
 

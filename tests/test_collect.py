@@ -6,71 +6,19 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
-import pytest
+from tests.support.collector import PREFIX, Collector, publish, publisher
+from tests.support.messages import fuzz_messages, valid_result
+from tests.support.mosquitto import Broker, needs_mosquitto, paho
+from tests.support.paths import REPO
+from tests.support.waiting import wait_until
 
-from benchmarks.attack import fuzz_messages, valid_result
-from conftest import REPO
-from test_fleet_mqtt import MOSQUITTO, Broker, broker, mqtt  # noqa: F401 (fixture)
-from test_watch import wait_for
+mqtt = paho()
 
-pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed (apt-get install mosquitto)")
-PREFIX = "sem-inspect"          # the shipped ACL's prefix
-
-
-class Collector:
-    def __init__(self, port: int, db: Path, log: Path, *extra: str):
-        self.db, self.log = db, log
-        with open(log, "ab") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "central", "--broker",
-                                          f"127.0.0.1:{port}", "--prefix", PREFIX, "--db", str(db), *extra],
-                                         stdout=fh, stderr=fh, cwd=REPO)
-        self.started = log.read_text().count("collecting") + 1
-        assert wait_for(lambda: log.read_text().count("collecting") >= self.started or self.proc.poll() is not None,
-                        timeout=30), log.read_text()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
-
-    def counts(self) -> dict:
-        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
-        try:
-            return {t: con.execute(f"SELECT count(*) FROM fleet_{t}").fetchone()[0]
-                    for t in ("results", "dead_letters", "conflicts")}
-        except sqlite3.OperationalError:
-            return {}
-        finally:
-            con.close()
-
-    def rows(self, sql: str) -> list:
-        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
-        try:
-            return con.execute(sql).fetchall()
-        finally:
-            con.close()
-
-
-def publisher(port: int, name: str = "test-board", auth: tuple[str, str] | None = None):
-    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name)
-    if auth:
-        pub.username_pw_set(*auth)
-    pub.connect("127.0.0.1", port)
-    pub.loop_start()
-    return pub
-
-
-def publish(pub, topic: str, payload: bytes) -> None:
-    pub.publish(topic, payload, qos=1).wait_for_publish(10)
+pytestmark = needs_mosquitto
 
 
 def test_collect_gathers_boards_once_each(broker, tmp_path):
@@ -85,13 +33,14 @@ def test_collect_gathers_boards_once_each(broker, tmp_path):
         publish(pub, f"{PREFIX}/board-a/result", json.dumps(impostor).encode())
         publish(pub, f"{PREFIX}/board-a/result", b"{not json")
         publish(pub, f"{PREFIX}/board-b/status", b"online")
-        assert wait_for(lambda: c.counts() == {"results": 3, "dead_letters": 1, "conflicts": 1}, timeout=30), \
-            (c.counts(), c.log.read_text())
+        wait_until(lambda: c.counts() == {"results": 3, "dead_letters": 1, "conflicts": 1},
+                   120, lambda: (c.counts(), c.log.read_text()))
         assert c.rows("SELECT board, id, name FROM fleet_results ORDER BY board, id") == \
             [("board-a", 1, a1["name"]), ("board-a", 2, a2["name"]), ("board-b", 1, b1["name"])]
         assert c.rows("SELECT board, result_id, json_extract(payload, '$.name') FROM fleet_conflicts") == \
             [("board-a", 2, "forged.png")]
-        assert wait_for(lambda: c.rows("SELECT board, status FROM fleet_boards") == [("board-b", "online")])
+        wait_until(lambda: c.rows("SELECT board, status FROM fleet_boards") == [("board-b", "online")],
+                   describe=lambda: c.rows("SELECT board, status FROM fleet_boards"))
         (topic, reason, payload), = c.rows("SELECT topic, reason, payload FROM fleet_dead_letters")
         assert topic == f"{PREFIX}/board-a/result" and "not valid JSON" in reason and payload == b"{not json"
         assert c.stop() == 0
@@ -113,8 +62,8 @@ def test_no_payload_stops_the_collector(broker, tmp_path):
     try:
         for topic, payload in fuzz["messages"]:
             publish(pub, topic, payload)
-        assert wait_for(lambda: c.counts() == fuzz["expected"], timeout=60), \
-            (c.counts(), fuzz["expected"], c.log.read_text()[-3000:])
+        wait_until(lambda: c.counts() == fuzz["expected"],
+                   240, lambda: (c.counts(), fuzz["expected"], c.log.read_text()[-3000:]))
         assert c.proc.poll() is None
         stored = {(b, i): json.loads(p) for b, i, p in c.rows("SELECT board, id, payload FROM fleet_results")}
         assert stored == fuzz["valid"]
@@ -126,7 +75,7 @@ def test_no_payload_stops_the_collector(broker, tmp_path):
         time.sleep(1.5)
         assert c.proc.poll() is None and c.counts() == fuzz["expected"], "nothing is delivered again"
         publish(pub, f"{PREFIX}/board-z/result", json.dumps(valid_result("board-z", 5, random.Random(2))).encode())
-        assert wait_for(lambda: c.counts()["results"] == fuzz["expected"]["results"] + 1, timeout=30)
+        wait_until(lambda: c.counts()["results"] == fuzz["expected"]["results"] + 1, 120, lambda: c.counts()["results"])
     finally:
         pub.loop_stop()
         c.stop()
@@ -147,7 +96,7 @@ def test_a_message_is_acknowledged_only_after_its_row_is_committed(broker, tmp_p
         assert "without acknowledging" in c.log.read_text()
         lock.execute("ROLLBACK")
         c = Collector(broker.port, db, tmp_path / "collect.log")
-        assert wait_for(lambda: c.counts().get("results") == 1, timeout=30), c.log.read_text()
+        wait_until(lambda: c.counts().get("results") == 1, 120, lambda: c.log.read_text())
         assert c.rows("SELECT board, id FROM fleet_results") == [("board-a", 42)]
     finally:
         lock.close()
@@ -159,17 +108,10 @@ def test_the_shipped_acl_confines_each_board(tmp_path):
     """deploy/mosquitto-acl.conf on a real Mosquitto with passwords: board-a's credentials cannot publish under
     board-b's topic (before: the collector kept whichever came first, so a forged result replaced board-b's),
     and cannot read other boards' messages; the collector reads all."""
-    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-    if not Path(passwd).exists():
-        pytest.skip("mosquitto_passwd is not installed")
     users = {"board-a": "pw-a-123", "board-b": "pw-b-456", "collector": "pw-c-789", "rollout": "pw-r-000"}
-    pwfile = tmp_path / "passwd"
-    for i, (user, pw) in enumerate(users.items()):
-        subprocess.run([passwd, "-b", *(["-c"] if i == 0 else []), str(pwfile), user, pw], check=True, timeout=30)
     acl = REPO / "deploy" / "mosquitto-acl.conf"
     assert acl.is_file(), "the broker ACL ships in deploy/"
-    b = Broker(tmp_path / "broker", extra=f"password_file {pwfile}\nacl_file {acl}\n")
-    b.conf.write_text(b.conf.read_text().replace("allow_anonymous true", "allow_anonymous false"))
+    b = Broker(tmp_path / "broker", passwords=users, acl=acl)
     b.start()
     (tmp_path / "collector.pw").write_text(users["collector"])
     c = Collector(b.port, tmp_path / "central.sqlite3", tmp_path / "collect.log", "--username", "collector",
@@ -185,7 +127,7 @@ def test_the_shipped_acl_confines_each_board(tmp_path):
     spy.subscribe(f"{PREFIX}/#", qos=1)
     spy.loop_start()
     try:
-        assert subscribed.wait(10)
+        assert subscribed.wait(60)
         rng = random.Random(4)
         forged = valid_result("board-b", 7, rng)
         forged["name"] = "forged-by-a.png"
@@ -193,7 +135,7 @@ def test_the_shipped_acl_confines_each_board(tmp_path):
         own_a, real_b = valid_result("board-a", 7, rng), valid_result("board-b", 7, rng)
         publish(board_a, f"{PREFIX}/board-a/result", json.dumps(own_a).encode())
         publish(board_b, f"{PREFIX}/board-b/result", json.dumps(real_b).encode())
-        assert wait_for(lambda: c.counts().get("results") == 2, timeout=30), c.log.read_text()
+        wait_until(lambda: c.counts().get("results") == 2, 120, lambda: c.log.read_text())
         time.sleep(0.5)
         assert c.rows("SELECT board, id, name FROM fleet_results ORDER BY board") == \
             [("board-a", 7, own_a["name"]), ("board-b", 7, real_b["name"])]
@@ -205,7 +147,7 @@ def test_the_shipped_acl_confines_each_board(tmp_path):
         publish(board_a, f"{PREFIX}/board-a/rollout", b'{"action": "rollback", "id": "by-the-board"}')  # dropped
         publish(operator, f"{PREFIX}/board-a/rollout", b'{"action": "rollback", "id": "by-the-operator"}')
         publish(operator, f"{PREFIX}/board-a/result", json.dumps(valid_result("board-a", 8, rng)).encode())
-        assert wait_for(lambda: seen_by_a == [f"{PREFIX}/board-a/rollout"], timeout=10), seen_by_a
+        wait_until(lambda: seen_by_a == [f"{PREFIX}/board-a/rollout"], describe=lambda: seen_by_a)
         time.sleep(0.5)
         assert seen_by_a == [f"{PREFIX}/board-a/rollout"] and c.counts()["results"] == 2
         operator.loop_stop()

@@ -16,18 +16,17 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from urllib.parse import urlencode
 
 import pytest
 
-from benchmarks.attack import valid_result
-from conftest import REPO
 from central import queries
 from central.api import CentralApi
 from edge_runtime.fleet.messages import parse_bundle_state, parse_result
 from central.storage import StorageError, open_storage
+from tests.support.messages import valid_result
+from tests.support.paths import REPO
 
 TOKEN = "central-s3cret"
 BOARDS = ("tool-01", "tool-02", "tool-03")
@@ -321,10 +320,9 @@ def test_a_long_query_is_cancelled(db, monkeypatch):
     monkeypatch.setattr(queries, "QUERY_TIMEOUT_S", 0.2)
     reader = queries.open_reader(db)
     try:
-        started = time.monotonic()
-        with pytest.raises(StorageError, match="narrow the filters"):
+        # cancelled by its deadline (a query left to run would return its count instead)
+        with pytest.raises(StorageError, match=r"query over 0\.2 s: narrow the filters"):
             reader.query(HEAVY)
-        assert time.monotonic() - started < 5
         assert reader.query("SELECT count(*) AS n FROM fleet_results")[0]["n"] == N     # and it goes on
     finally:
         reader.close()

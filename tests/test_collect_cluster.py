@@ -8,24 +8,22 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from benchmarks.attack import valid_result
 from central.takeover import RETRY_S
-from conftest import REPO
-from test_collect import PREFIX, Collector, publish, publisher
-from test_fleet_mqtt import MOSQUITTO, Broker, broker, mqtt  # noqa: F401 (fixture)
-from test_watch import wait_for
+from tests.support.collector import PREFIX, Collector, publish, publisher
+from tests.support.messages import valid_result
+from tests.support.mosquitto import ShippedCentralBroker, needs_mosquitto
+from tests.support.paths import REPO
+from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed (apt-get install mosquitto)")
+pytestmark = needs_mosquitto
 
 
 def pg_rows(url: str, sql: str) -> list[tuple]:
@@ -109,15 +107,15 @@ def test_two_collectors_one_killed_every_result_stored_once(broker, postgres_ser
     boards = Boards(broker.port, ["tool-01", "tool-02", "tool-03", "tool-04"], per_board=250, interval_s=0.012)
     try:
         boards.start()
-        assert wait_for(lambda: boards.published >= 300, timeout=20)
+        wait_until(lambda: boards.published >= 300, 80, lambda: boards.published)
         c2.proc.send_signal(stop)
         assert c2.proc.wait(10) == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
         boards.join()
         n = len(boards.expected)
-        assert wait_for(lambda: pg_count(url) == n, timeout=30), (pg_count(url), n, c1.log.read_text()[-2000:])
+        wait_until(lambda: pg_count(url) == n, 120, lambda: (pg_count(url), n, c1.log.read_text()[-2000:]))
         assert set(pg_rows(url, "SELECT board, id FROM fleet_results")) == boards.expected
-        assert wait_for(lambda: "took over collect-2's session" in c1.log.read_text(), timeout=10), \
-            c1.log.read_text()[-2000:]
+        wait_until(lambda: "took over collect-2's session" in c1.log.read_text(),
+                   describe=lambda: c1.log.read_text()[-2000:])
         took = re.findall(r"took over collect-2's session: (\d+) message", c1.log.read_text())
         assert int(took[0]) > 0, c1.log.read_text()[-2000:]
         time.sleep(0.5)
@@ -139,11 +137,11 @@ def test_postgresql_restart_while_messages_flow(broker, postgres_server, tmp_pat
     boards = Boards(broker.port, ["tool-01", "tool-02"], per_board=300, interval_s=0.01, seed=1)
     try:
         boards.start()
-        assert wait_for(lambda: pg_count(url) >= 100, timeout=20), c.log.read_text()[-2000:]
+        wait_until(lambda: pg_count(url) >= 100, 80, lambda: c.log.read_text()[-2000:])
         postgres_server.restart()
         boards.join()
         n = len(boards.expected)
-        assert wait_for(lambda: pg_count(url) == n, timeout=30), (pg_count(url), n, c.log.read_text()[-2000:])
+        wait_until(lambda: pg_count(url) == n, 120, lambda: (pg_count(url), n, c.log.read_text()[-2000:]))
         assert set(pg_rows(url, "SELECT board, id FROM fleet_results")) == boards.expected
         log = c.log.read_text()
         assert log.count("database unavailable") == 1 and "database back after" in log, log[-2000:]
@@ -183,8 +181,8 @@ def test_rejected_messages_are_dead_letters_on_both_backends(broker, tmp_path, b
         publish(pub, f"{PREFIX}/tool-01/result", json.dumps(good).encode())
         for board, payload, _ in BAD:
             publish(pub, f"{PREFIX}/{board}/result", payload)
-        assert wait_for(lambda: len(rows("SELECT id FROM fleet_dead_letters")) == len(BAD), timeout=10), \
-            c.log.read_text()[-2000:]
+        wait_until(lambda: len(rows("SELECT id FROM fleet_dead_letters")) == len(BAD),
+                   describe=lambda: c.log.read_text()[-2000:])
         dead = rows("SELECT topic, reason, payload, size FROM fleet_dead_letters ORDER BY id")
         for (topic, reason, payload, size), (board, sent, why) in zip(dead, BAD):
             assert topic == f"{PREFIX}/{board}/result" and why in reason and bytes(payload) == sent and \
@@ -229,50 +227,104 @@ def test_share_needs_a_client_id_of_its_own(tmp_path):
         ["collect: error: --share needs a --client-id of its own for each collector of the group"]
 
 
+BOARD_USERS = {"tool-01": "pw-1-aaa", "tool-02": "pw-2-bbb"}
+CENTRAL_USERS = {"collector": "pw-c-ccc", "rollout": "pw-r-ddd"}
+
+
 def test_the_central_broker_config(postgres_server, tmp_path):
-    """deploy/mosquitto-central.conf with deploy/mosquitto-acl.conf on a real Mosquitto (its listener, TLS files
-    and paths replaced by the test's): boards with their own passwords, two collectors as the user `collector`
-    sharing the results; one is killed, the other takes its session over (the ACL lets collectors write their
-    presence), every result stored once."""
-    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-    if not Path(passwd).exists():
-        pytest.skip("mosquitto_passwd is not installed")
-    users = {"tool-01": "pw-1-aaa", "tool-02": "pw-2-bbb", "collector": "pw-c-ccc"}
-    pwfile = tmp_path / "passwd"
-    for i, (user, pw) in enumerate(users.items()):
-        subprocess.run([passwd, "-b", *(["-c"] if i == 0 else []), str(pwfile), user, pw], check=True, timeout=30)
-    local = ("per_listener_settings", "listener", "certfile", "keyfile", "cafile", "password_file", "acl_file",
-             "persistence_location", "log_dest", "log_type", "allow_anonymous")
+    """deploy/mosquitto-central.conf with deploy/mosquitto-acl.conf on a real Mosquitto (its two listeners, TLS
+    files and paths replaced by the test's): boards with their own passwords on the boards' listener, two
+    collectors as the user `collector` on the central listener sharing the results; one is killed, the other
+    takes its session over (the ACL lets collectors write their presence), every result stored once."""
     shipped = [line for line in (REPO / "deploy" / "mosquitto-central.conf").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
-    assert {"persistence true", "max_queued_messages 5000000"} <= set(shipped)
-    kept = [line for line in shipped if line.split()[0] not in local]
-    b = Broker(tmp_path / "broker", extra="\n".join(kept) + f"\npassword_file {pwfile}\n"
-               f"acl_file {REPO / 'deploy' / 'mosquitto-acl.conf'}\n")
-    b.conf.write_text(b.conf.read_text().replace("allow_anonymous true", "allow_anonymous false"))
-    b.start()
+    assert {"persistence true", "max_queued_messages 5000000", "per_listener_settings true",
+            "use_username_as_clientid true"} <= set(shipped)
+    b = ShippedCentralBroker(tmp_path / "broker", BOARD_USERS, CENTRAL_USERS).start()
     url = postgres_server.create_database()
-    (tmp_path / "collector.pw").write_text(users["collector"])
+    (tmp_path / "collector.pw").write_text(CENTRAL_USERS["collector"])
     auth = ["--username", "collector", "--password-file", str(tmp_path / "collector.pw"), "--share", "central"]
-    c1 = Collector(b.port, url, tmp_path / "c1.log", *auth, "--client-id", "collect-1")
-    c2 = Collector(b.port, url, tmp_path / "c2.log", *auth, "--client-id", "collect-2")
-    boards = Boards(b.port, ["tool-01", "tool-02"], per_board=200, interval_s=0.01, seed=2, passwords=users)
+    c1 = Collector(b.central_port, url, tmp_path / "c1.log", *auth, "--client-id", "collect-1")
+    c2 = Collector(b.central_port, url, tmp_path / "c2.log", *auth, "--client-id", "collect-2")
+    boards = Boards(b.boards_port, ["tool-01", "tool-02"], per_board=200, interval_s=0.01, seed=2,
+                    passwords=BOARD_USERS)
     try:
         boards.start()
-        assert wait_for(lambda: boards.published >= 100, timeout=20)
+        wait_until(lambda: boards.published >= 100, 80, lambda: boards.published)
         c2.proc.send_signal(signal.SIGKILL)
         boards.join()
         n = len(boards.expected)
-        assert wait_for(lambda: pg_count(url) == n, timeout=30), (pg_count(url), n, c1.log.read_text()[-2000:])
+        wait_until(lambda: pg_count(url) == n, 120, lambda: (pg_count(url), n, c1.log.read_text()[-2000:]))
         assert set(pg_rows(url, "SELECT board, id FROM fleet_results")) == boards.expected
-        assert wait_for(lambda: "took over collect-2's session" in c1.log.read_text(), timeout=10), \
-            c1.log.read_text()[-2000:]
+        wait_until(lambda: "took over collect-2's session" in c1.log.read_text(),
+                   describe=lambda: c1.log.read_text()[-2000:])
         assert c1.stop() == 0
     finally:
         boards.join()
         c1.stop()
         c2.stop()
         b.stop()
+
+
+def test_forged_offline_presence_for_both_members_never_leaves_the_group_without_a_subscriber(broker,
+                                                                                              postgres_server,
+                                                                                              tmp_path):
+    """Both members of a --share group are told the other is offline at once (retained presence, as a forged
+    last will would say) while boards publish: each takes the other's session over and kicks the other's
+    connection. Before: each unsubscribed the other's filters and the group had no subscriber for about a
+    second (results dropped by the broker). Now a member unsubscribes a taken-over session's filters only while
+    its own connection is up: every result is stored exactly once."""
+    url = postgres_server.create_database()
+    share = ["--share", "central", "--batch-ms", "50"]
+    c1 = Collector(broker.port, url, tmp_path / "c1.log", *share, "--client-id", "collect-1")
+    c2 = Collector(broker.port, url, tmp_path / "c2.log", *share, "--client-id", "collect-2")
+    boards = Boards(broker.port, ["tool-01", "tool-02", "tool-03"], per_board=300, interval_s=0.01, seed=8)
+    forger = publisher(broker.port, "forger")
+    try:
+        boards.start()
+        wait_until(lambda: boards.published >= 150, 80, lambda: boards.published)
+        for member in ("collect-1", "collect-2"):
+            forger.publish(f"{PREFIX}/_collect/central/{member}", b"offline", qos=1, retain=True)
+        wait_until(lambda: "taking over its session" in c1.log.read_text() + c2.log.read_text(), 120,
+                   lambda: (c1.log.read_text()[-1500:], c2.log.read_text()[-1500:]))
+        boards.join()
+        n = len(boards.expected)
+        wait_until(lambda: pg_count(url) == n, 240, lambda: (pg_count(url), n, c1.log.read_text()[-1500:],
+                                                               c2.log.read_text()[-1500:]))
+        assert set(pg_rows(url, "SELECT board, id FROM fleet_results")) == boards.expected
+        assert c1.proc.poll() is None and c2.proc.poll() is None
+    finally:
+        forger.loop_stop()
+        boards.join()
+        c1.stop()
+        c2.stop()
+
+
+def test_a_retained_status_with_nul_text_never_stops_a_postgresql_collector(broker, postgres_server, tmp_path):
+    """A retained status whose text fields hold a NUL (valid JSON). Before: PostgreSQL refused the text, the
+    collector took it for a storage failure and exited, at every restart (the message is retained). Now every
+    text reaches the database through one rule: stored escaped, and the collector goes on, restart after
+    restart."""
+    url = postgres_server.create_database()
+    pub = publisher(broker.port, "tool-01")
+    status = {"status": "online", "bundle": {"current": "ab" * 32, "phase": "sha\u0000dow",
+                                             "last_change": {"at": "2026-12-08T10:00:00\u0000", "what": "x\u0000",
+                                                             "why": "because\u0000"}}}
+    pub.publish(f"{PREFIX}/tool-01/status", json.dumps(status).encode(), qos=1, retain=True).wait_for_publish(30)
+    try:
+        for run in range(2):
+            c = Collector(broker.port, url, tmp_path / f"c{run}.log")
+            wait_until(lambda: pg_rows(url, "SELECT phase FROM fleet_bundle_state"), 120,
+                       lambda: c.log.read_text()[-2000:])
+            publish(pub, f"{PREFIX}/tool-01/result", json.dumps(valid_result("tool-01", run + 1,
+                                                                              random.Random(run))).encode())
+            wait_until(lambda: pg_count(url) == run + 1, 120, lambda: c.log.read_text()[-2000:])
+            assert c.proc.poll() is None, c.log.read_text()[-2000:]
+            assert c.stop() == 0
+        assert pg_rows(url, "SELECT phase, last_change FROM fleet_bundle_state") == \
+            [("sha\\x00dow", "x\\x00: because\\x00")]
+    finally:
+        pub.loop_stop()
 
 
 def test_a_killed_collector_that_comes_back_takes_its_session_again(broker, postgres_server, tmp_path):
@@ -286,17 +338,17 @@ def test_a_killed_collector_that_comes_back_takes_its_session_again(broker, post
     boards = Boards(broker.port, ["tool-01", "tool-02"], per_board=300, interval_s=0.01, seed=4)
     try:
         boards.start()
-        assert wait_for(lambda: boards.published >= 100, timeout=20)
+        wait_until(lambda: boards.published >= 100, 80, lambda: boards.published)
         c2.proc.send_signal(signal.SIGKILL)
         c2.proc.wait(10)
-        assert wait_for(lambda: "taking over its session" in c1.log.read_text(), timeout=10), c1.log.read_text()
+        wait_until(lambda: "taking over its session" in c1.log.read_text(), describe=lambda: c1.log.read_text())
         c2 = Collector(broker.port, url, tmp_path / "c2.log", *share, "--client-id", "collect-2")
         boards.join()
         n = len(boards.expected)
-        assert wait_for(lambda: pg_count(url) == n, timeout=30), (pg_count(url), n, c1.log.read_text()[-2000:])
+        wait_until(lambda: pg_count(url) == n, 120, lambda: (pg_count(url), n, c1.log.read_text()[-2000:]))
         assert set(pg_rows(url, "SELECT board, id FROM fleet_results")) == boards.expected
-        assert wait_for(lambda: re.search(r"took over collect-2.s session|taken by another connection",
-                                          c1.log.read_text()), timeout=10), c1.log.read_text()[-2000:]
+        wait_until(lambda: re.search(r"took over collect-2.s session|taken by another connection",
+                                     c1.log.read_text()), describe=lambda: c1.log.read_text()[-2000:])
         time.sleep(RETRY_S + 1.0)           # a takeover that lost its connection is not tried again
         log1 = c1.log.read_text()
         assert log1.count("taking over its session") == 1, log1[-2000:]
@@ -322,7 +374,8 @@ def test_a_collector_started_before_its_database_waits_for_it(broker, postgres_s
         log = c.log.read_text()
         assert c.proc.poll() is None and log.count("database unavailable") == 1 and "waiting for it" in log, log
         publish(pub, f"{PREFIX}/tool-01/result", json.dumps(valid_result("tool-01", 1, random.Random(1))).encode())
-        assert wait_for(lambda: pg_rows(url, "SELECT board, id FROM fleet_results") == [("tool-01", 1)], timeout=10)
+        wait_until(lambda: pg_rows(url, "SELECT board, id FROM fleet_results") == [("tool-01", 1)],
+                   describe=lambda: pg_rows(url, "SELECT board, id FROM fleet_results"))
     finally:
         timer.join()
         if not postgres_server.running:

@@ -10,13 +10,14 @@ import json
 import sqlite3
 import sys
 import threading
-import time
 
 import pytest
 
 from central import postgres, rows, storage
 from edge_runtime.fleet.messages import parse_bundle_state, parse_result
 from central.storage import (CONFLICT, DUPLICATE, KEEP_BYTES, STORED, StorageError, open_storage)
+from tests.support.postgres import start_postgres
+from tests.support.waiting import wait_until
 
 BUNDLE = "ab" * 32
 
@@ -347,9 +348,7 @@ def test_two_collectors_writing_the_same_keys_store_each_once(postgres_server):
         t.start()
     waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
     with psycopg.connect(url, autocommit=True) as watch:
-        deadline = time.monotonic() + 30
-        while watch.execute(waiting).fetchone()[0] < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: watch.execute(waiting).fetchone()[0] >= 2, 120, lambda: (outcomes, errors), step=0.01)
     blocker.rollback()
     blocker.close()
     for t in threads:
@@ -365,9 +364,8 @@ def test_two_collectors_writing_the_same_keys_store_each_once(postgres_server):
 
 def test_a_postgres_restart_between_batches_loses_nothing(postgres_server):
     """On a server of its own (restarted and stopped here); postgres_server: skipped where none can start."""
-    from benchmarks.pgserver import PostgresServer
-
-    with PostgresServer() as pg:
+    pg = start_postgres()
+    try:
         s = open_storage(pg.create_database())
         assert s.add_results([result(i) for i in range(1, 51)]) == [STORED] * 50
         pg.restart()
@@ -387,6 +385,8 @@ def test_a_postgres_restart_between_batches_loses_nothing(postgres_server):
         assert s.counts()["results"] == 101
         assert [r["id"] for r in s.query("SELECT id FROM fleet_results ORDER BY id")] == list(range(1, 102))
         s.close()
+    finally:
+        pg.stop()
 
 
 def test_a_sqlite_failure_is_a_storage_error(tmp_path):

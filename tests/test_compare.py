@@ -11,12 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from test_convert import DEFECTS, SIZE, THRESHOLD, converted_run
-
-
-@pytest.fixture(scope="session")
-def converted(tmp_path_factory):
-    return converted_run(tmp_path_factory)
+from tests.support.runs import DEFECTS, SIZE, THRESHOLD
 
 
 @pytest.fixture(scope="session")
@@ -205,7 +200,7 @@ def test_edge_inspector_reproduces_the_int8_labels(converted):
 
 def test_bundle_is_read_by_edge_runtime_each_file_hashed_once(tiny_bundle, tmp_path, monkeypatch):
     """compare reads bundles through edge_runtime.bundle: every variant's models, each sha256-checked once."""
-    from conftest import TINY_SIZE, TINY_STAGE2
+    from tests.support.bundles import TINY_SIZE, TINY_STAGE2
     from convert.compare import CompareError, read_bundle
     from edge_runtime import bundle as bundle_mod
 

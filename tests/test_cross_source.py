@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +9,8 @@ import yaml
 from PIL import Image
 
 from train.cross_source import fold_rows, source_of, summarise
-from tests.test_train import DEFECTS, REPO, TINY_PROFILE
+from tests.support.paths import REPO
+from tests.support.training import DEFECTS, TINY_PROFILE
 
 
 def toy_image(label: str, rng: np.random.Generator, size: int = 40) -> np.ndarray:

@@ -20,51 +20,15 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO
 from edge_runtime.config.service_config import ConfigError, load_service_config
+from tests.support.deploy import (DEPLOY, UNIT, one, run_install, system_python, unit_entries, verifiable_unit,
+                                  verify_unit)
+from tests.support.paths import REPO
 
-DEPLOY = REPO / "deploy"
-UNIT = DEPLOY / "sem-inspect.service"
 SERVICE_YAML = DEPLOY / "service.yaml"
-INSTALL = DEPLOY / "install.sh"
 BENCH = DEPLOY / "bench-on-device.sh"
 DOCKERFILE = DEPLOY / "Dockerfile"
 SCRIPTS = sorted(DEPLOY.glob("*.sh"))
-
-
-def unit_entries(text: str) -> dict[str, list[str]]:
-    """systemd unit -> {"Section.Key": [values in order]} (keys may repeat, e.g. SystemCallFilter)."""
-    entries: dict[str, list[str]] = {}
-    section = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        key, _, value = line.partition("=")
-        entries.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
-    return entries
-
-
-def one(entries, key) -> str:
-    assert key in entries, f"{key} missing from the unit"
-    return entries[key][-1]
-
-
-def system_python() -> str | None:
-    """A Python 3.11/3.12 outside home folders with venv support, as install.sh requires for the service."""
-    for candidate in ("/usr/bin/python3.12", "/usr/bin/python3.11", "/usr/local/bin/python3.11",
-                      "/usr/bin/python3"):
-        if not os.access(candidate, os.X_OK):
-            continue
-        probe = subprocess.run([candidate, "-c", "import sys, venv, ensurepip; "
-                                "sys.exit(sys.version_info[:2] not in ((3, 11), (3, 12)) "
-                                "or sys.base_prefix.startswith(('/root/', '/home/')))"], capture_output=True)
-        if probe.returncode == 0:
-            return candidate
-    return None
 
 
 def make_images(folder: Path, n: int) -> list[Path]:
@@ -113,36 +77,17 @@ def test_unit_can_write_every_folder_the_config_writes():
     assert all(str(w).startswith("/var/lib/sem-inspect/") for w in writable), writable
 
 
-def _verifiable_unit(tmp_path: Path, text: str) -> Path:
-    """The unit with ExecStart pointing at an executable that exists here (verify checks it), as install.sh
-    renders it for another --prefix."""
-    venv_bin = tmp_path / "venv" / "bin"
-    venv_bin.mkdir(parents=True)
-    exe = venv_bin / "edge-inspect"
-    exe.write_text("#!/bin/sh\nexit 0\n")
-    exe.chmod(0o755)
-    unit_dir = tmp_path / "units"
-    unit_dir.mkdir()
-    unit = unit_dir / "sem-inspect.service"
-    unit.write_text(text.replace("/opt/sem-inspect/venv", str(tmp_path / "venv")))
-    return unit
-
-
-def _verify(unit: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
-
-
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                     reason="systemd-analyze not installed (apt-get install systemd)")
-def test_unit_passes_systemd_analyze_verify(tmp_path):
-    unit = _verifiable_unit(tmp_path, UNIT.read_text())
-    proc = _verify(unit)
+def test_unit_passes_systemd_analyzeverify_unit(tmp_path):
+    unit = verifiable_unit(tmp_path, UNIT.read_text())
+    proc = verify_unit(unit)
     # verify exits 0 on unknown keys and bad values, printing them: any output is a finding.
     assert proc.returncode == 0 and not (proc.stdout + proc.stderr).strip(), proc.stdout + proc.stderr
     # The check is live here: a misspelt key and a bad value are reported.
-    bad = _verifiable_unit(tmp_path / "bad", UNIT.read_text().replace("Restart=on-failure", "Restart=sometimes")
+    bad = verifiable_unit(tmp_path / "bad", UNIT.read_text().replace("Restart=on-failure", "Restart=sometimes")
                            .replace("NoNewPrivileges=yes", "NoNewPrivilege=yes"))
-    out = _verify(bad)
+    out = verify_unit(bad)
     assert "sometimes" in out.stdout + out.stderr and "NoNewPrivilege" in out.stdout + out.stderr
 
 
@@ -150,7 +95,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
                     reason="systemd-analyze not installed (apt-get install systemd)")
 def test_unit_exposure_is_low(tmp_path):
     """systemd's own hardening score: 0 (locked down) .. 10 (unprotected); the unit must stay <= 2.0."""
-    unit = _verifiable_unit(tmp_path, UNIT.read_text())
+    unit = verifiable_unit(tmp_path, UNIT.read_text())
     proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--threshold=20", str(unit)],
                           capture_output=True, text=True, timeout=60)
     if "--offline" in proc.stderr and "unrecognized" in proc.stderr:
@@ -179,6 +124,7 @@ def test_service_yaml_is_accepted_by_the_runtime_config_loader(tmp_path):
         load_service_config(path)
 
 
+@pytest.mark.slow
 def test_service_yaml_runs_the_watch_service(tiny_bundle, tmp_path):
     """The example config, with its paths moved under tmp_path, drives a real `edge-inspect --config --once`."""
     text = SERVICE_YAML.read_text().replace("/var/lib/sem-inspect", str(tmp_path / "data"))
@@ -215,10 +161,6 @@ def test_shellcheck_clean(script):
     proc = subprocess.run(["shellcheck", "--severity=style", str(script)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout
-
-
-def run_install(*args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(INSTALL), *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_install_dry_run_shows_every_step_and_changes_nothing(tiny_bundle, tmp_path):

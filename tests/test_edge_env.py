@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from conftest import REPO
+from tests.support.paths import REPO
 
 EDGE_PYTHON = REPO / ".venv-edge" / "bin" / "python"
 

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.attack import HOSTILE_LABELS, HOSTILE_NAMES
-from conftest import REPO
 from edge_runtime.bundle import load_bundle
 from edge_runtime.cli import main
 from edge_runtime.review.export_labels import MANIFEST
 from edge_runtime.review.reviews import Reviews
 from edge_runtime.db.store import Store
-from test_prepare import make_master, read_rows, run_prepare, save, smooth_image
-from test_review import add_result, installed_board_config
+from tests.support.datasets import make_master, read_rows, run_prepare, save, smooth_image
+from tests.support.hostile import HOSTILE_LABELS, HOSTILE_NAMES
+from tests.support.paths import REPO
+from tests.support.review import add_result, installed_board_config
 
 PUBLIC = {"clean": 4, "bridges": 4, "cracks": 4, "opens": 4}     # make_master: seeds 0..15 in this order
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from test_deploy import DEPLOY, UNIT, _verifiable_unit, _verify, one, unit_entries
+from tests.support.deploy import DEPLOY, UNIT, one, run_install, system_python, unit_entries, verifiable_unit, verify_unit
 
 FLEET_DROPIN = DEPLOY / "fleet.conf"
 
@@ -29,17 +29,16 @@ def test_fleet_dropin_opens_the_network_and_nothing_else():
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                     reason="systemd-analyze not installed (apt-get install systemd)")
-def test_unit_with_fleet_dropin_passes_verify(tmp_path):
-    unit = _verifiable_unit(tmp_path, UNIT.read_text())
+def test_unit_with_fleet_dropin_passesverify_unit(tmp_path):
+    unit = verifiable_unit(tmp_path, UNIT.read_text())
     d = unit.parent / "sem-inspect.service.d"
     d.mkdir()
     shutil.copy(FLEET_DROPIN, d / "fleet.conf")
-    proc = _verify(unit)
+    proc = verify_unit(unit)
     assert proc.returncode == 0 and not (proc.stdout + proc.stderr).strip(), proc.stdout + proc.stderr
 
 
 def test_install_dry_run_with_fleet_adds_the_extra_and_the_dropin(tiny_bundle, tmp_path):
-    from test_deploy import run_install, system_python
     python = system_python()
     if python is None:
         pytest.skip("no system Python 3.11/3.12 with venv outside /root and /home (install.sh needs one)")

@@ -2,11 +2,9 @@
 loopback port: each result arrives once with its payload; a broker outage and a kill -9 lose nothing."""
 from __future__ import annotations
 
-import getpass
 import json
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import threading
@@ -15,60 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from test_watch import files_in, folders, png_bytes, rows, start_service, wait_for  # noqa: F401 (fixture)
+from tests.support.images import png_bytes
+from tests.support.mosquitto import Broker, needs_mosquitto, paho
+from tests.support.waiting import wait_until
+from tests.support.watch import files_in, rows, start_service
 
-mqtt = pytest.importorskip("paho.mqtt.client", reason='paho-mqtt is not installed (pip install "sem-inspect[fleet]")')
-MOSQUITTO = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if Path(p).exists()), None)
-pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed (apt-get install mosquitto)")
+mqtt = paho()
+pytestmark = needs_mosquitto
 
 PREFIX = "fab-test"
 BOARD = "board-a"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Broker:
-    """A private Mosquitto on 127.0.0.1:PORT, persistence on (sessions and queued QoS-1 messages survive a
-    restart of the broker)."""
-
-    def __init__(self, folder: Path, extra: str = ""):
-        self.folder, self.port = folder, free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        self.conf = folder / "mosquitto.conf"
-        # `user`: started as root, mosquitto would drop to user `mosquitto`, which cannot write this folder.
-        self.conf.write_text(f"user {getpass.getuser()}\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                             "persistence true\n"
-                             f"persistence_location {folder}/\nlog_dest file {folder}/broker.log\n" + extra)
-        self.proc = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        end = time.monotonic() + 10
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                pytest.skip(f"mosquitto could not start (exit {self.proc.returncode}); see {self.folder}/broker.log")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        pytest.skip("mosquitto did not listen within 10 s")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()           # SIGTERM: mosquitto saves its persistence file
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
 
 
 class Subscriber:
@@ -91,7 +45,7 @@ class Subscriber:
         c.connect_async("127.0.0.1", port)
         c.loop_start()
         self.client = c
-        assert self.subscribed.wait(10), "test subscriber could not subscribe"
+        assert self.subscribed.wait(60), "test subscriber could not subscribe"
 
     def _on_message(self, client, userdata, msg):
         with self.lock:
@@ -109,14 +63,6 @@ class Subscriber:
     def close(self):
         self.client.disconnect()
         self.client.loop_stop()
-
-
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
 
 
 def status_of(sub: "Subscriber") -> str | None:
@@ -161,15 +107,15 @@ def test_results_arrive_once_with_status_and_stats(tiny_bundle, folders, tmp_pat
     log = tmp_path / "service.log"
     proc = start_service(tiny_bundle, folders, log, *fleet_args(broker.port))
     try:
-        assert wait_for(lambda: status_of(sub) == "online", timeout=60), log.read_text()
+        wait_until(lambda: status_of(sub) == "online", 240, lambda: log.read_text())
         for i in range(6):
             (folders["watch"] / f"img {i}.png").write_bytes(png_bytes(i))
         (folders["watch"] / "bad.png").write_bytes(b"not an image")
-        assert wait_for(lambda: len(sub.results()) >= 7, timeout=60), log.read_text()
-        assert wait_for(lambda: sub.last("stats") is not None, timeout=10)
+        wait_until(lambda: len(sub.results()) >= 7, 240, lambda: log.read_text())
+        wait_until(lambda: sub.last("stats") is not None, describe=lambda: sub.last("stats"))
         stats = json.loads(sub.last("stats"))
         assert stats["board"] == BOARD and stats["inspected"] + stats["quarantined"] >= 1
-        assert wait_for(lambda: published_flags(folders["db"]) == [1] * 7, timeout=10)
+        wait_until(lambda: published_flags(folders["db"]) == [1] * 7, describe=lambda: published_flags(folders["db"]))
         stop(proc, log)
         assert status_of(sub) == "offline"
         received = sub.results()
@@ -177,7 +123,7 @@ def test_results_arrive_once_with_status_and_stats(tiny_bundle, folders, tmp_pat
         check_delivery(received, folders["db"])
         # A restart sends nothing again: everything was acknowledged.
         proc = start_service(tiny_bundle, folders, log, *fleet_args(broker.port))
-        assert wait_for(lambda: status_of(sub) == "online", timeout=60), log.read_text()
+        wait_until(lambda: status_of(sub) == "online", 240, lambda: log.read_text())
         time.sleep(1.0)
         stop(proc, log)
         assert len(sub.results()) == 7
@@ -196,21 +142,21 @@ def test_broker_outage_loses_nothing(tiny_bundle, folders, tmp_path, broker):
     log = tmp_path / "service.log"
     proc = start_service(tiny_bundle, folders, log, *fleet_args(broker.port))
     try:
-        assert wait_for(lambda: status_of(sub) == "online", timeout=60), log.read_text()
+        wait_until(lambda: status_of(sub) == "online", 240, lambda: log.read_text())
         for i in range(3):
             (folders["watch"] / f"before {i}.png").write_bytes(png_bytes(1000 + i))
-        assert wait_for(lambda: len(sub.results()) >= 3, timeout=60), log.read_text()
+        wait_until(lambda: len(sub.results()) >= 3, 240, lambda: log.read_text())
         broker.stop()
         for i in range(100):
             (folders["watch"] / f"during {i:03d}.png").write_bytes(png_bytes(i))
-        assert wait_for(lambda: len(rows(folders["db"])) == 103 and len(files_in(folders["processed"])) == 103,
-                        timeout=120), log.read_text()
+        wait_until(lambda: len(rows(folders["db"])) == 103 and len(files_in(folders["processed"])) == 103,
+                   480, lambda: log.read_text())
         assert published_flags(folders["db"]).count(0) >= 100, "not acknowledged while the broker is down"
         assert proc.poll() is None, "the service goes on without its broker"
         broker.start()
-        assert wait_for(lambda: len({m["id"] for m in sub.results()}) == 103, timeout=90), \
-            (len(sub.results()), log.read_text())
-        assert wait_for(lambda: published_flags(folders["db"]) == [1] * 103, timeout=30)
+        wait_until(lambda: len({m["id"] for m in sub.results()}) == 103,
+                   360, lambda: (len(sub.results()), log.read_text()))
+        wait_until(lambda: published_flags(folders["db"]) == [1] * 103, 120, lambda: published_flags(folders["db"]))
         stop(proc, log)
         check_delivery(sub.results(), folders["db"])
     finally:
@@ -227,23 +173,24 @@ def test_kill_9_between_commit_and_publish_republishes(tiny_bundle, folders, tmp
     proc = start_service(tiny_bundle, folders, log, *fleet_args(broker.port))
     frozen = False
     try:
-        assert wait_for(lambda: status_of(sub) == "online", timeout=60), log.read_text()
+        wait_until(lambda: status_of(sub) == "online", 240, lambda: log.read_text())
         broker.proc.send_signal(signal.SIGSTOP)
         frozen = True
         for i in range(5):
             (folders["watch"] / f"img {i}.png").write_bytes(png_bytes(i))
-        assert wait_for(lambda: len(files_in(folders["processed"])) == 5, timeout=60), log.read_text()
-        assert wait_for(lambda: [r["state"] for r in rows(folders["db"])] == ["done"] * 5, timeout=30)
+        wait_until(lambda: len(files_in(folders["processed"])) == 5, 240, lambda: log.read_text())
+        wait_until(lambda: [r["state"] for r in rows(folders["db"])] == ["done"] * 5,
+                   120, lambda: [r["state"] for r in rows(folders["db"])])
         time.sleep(0.5)             # time to send them (unacknowledged: the broker is frozen)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         assert published_flags(folders["db"]) == [0] * 5, "marked only once the broker acknowledged"
         broker.proc.send_signal(signal.SIGCONT)
         frozen = False
-        assert wait_for(lambda: status_of(sub) == "offline", timeout=30), "the last will tells it went away"
+        wait_until(lambda: status_of(sub) == "offline", 120, "the last will tells it went away")
         proc = start_service(tiny_bundle, folders, log, *fleet_args(broker.port))
-        assert wait_for(lambda: len({m["id"] for m in sub.results()}) == 5, timeout=60), log.read_text()
-        assert wait_for(lambda: published_flags(folders["db"]) == [1] * 5, timeout=30)
+        wait_until(lambda: len({m["id"] for m in sub.results()}) == 5, 240, lambda: log.read_text())
+        wait_until(lambda: published_flags(folders["db"]) == [1] * 5, 120, lambda: published_flags(folders["db"]))
         stop(proc, log)
         check_delivery(sub.results(), folders["db"])
         assert len(rows(folders["db"])) == 5, "republished, never re-recorded"
@@ -263,15 +210,16 @@ def test_restart_with_the_broker_down_then_up_publishes_the_backlog(tiny_bundle,
     try:
         for i in range(5):
             (folders["watch"] / f"img {i}.png").write_bytes(png_bytes(i))
-        assert wait_for(lambda: len(files_in(folders["processed"])) == 5, timeout=60), log.read_text()
-        assert wait_for(lambda: [r["state"] for r in rows(folders["db"])] == ["done"] * 5, timeout=30)
+        wait_until(lambda: len(files_in(folders["processed"])) == 5, 240, lambda: log.read_text())
+        wait_until(lambda: [r["state"] for r in rows(folders["db"])] == ["done"] * 5,
+                   120, lambda: [r["state"] for r in rows(folders["db"])])
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         assert published_flags(folders["db"]) == [0] * 5
         broker.start()
         proc = start_service(tiny_bundle, folders, log, *fleet_args(broker.port))
-        assert wait_for(lambda: len({m["id"] for m in sub.results()}) == 5, timeout=60), log.read_text()
-        assert wait_for(lambda: published_flags(folders["db"]) == [1] * 5, timeout=30)
+        wait_until(lambda: len({m["id"] for m in sub.results()}) == 5, 240, lambda: log.read_text())
+        wait_until(lambda: published_flags(folders["db"]) == [1] * 5, 120, lambda: published_flags(folders["db"]))
         stop(proc, log)
         check_delivery(sub.results(), folders["db"])
     finally:
@@ -324,13 +272,8 @@ def test_tls_and_password(tiny_bundle, folders, tmp_path):
     """TLS with the CA from the config and a user name/password: results arrive; a wrong password connects
     nothing, keeps the results unpublished and never shows up in the log."""
     tls = make_tls(tmp_path / "tls")
-    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-    if not Path(passwd).exists():
-        pytest.skip("mosquitto_passwd is not installed")
-    subprocess.run([passwd, "-b", "-c", str(tls / "passwords"), "board07", "right-pw-123"], check=True, timeout=30)
-    b = Broker(tmp_path / "broker", extra=f"cafile {tls}/ca.pem\ncertfile {tls}/server.pem\n"
-                                           f"keyfile {tls}/server.key\npassword_file {tls}/passwords\n")
-    b.conf.write_text(b.conf.read_text().replace("allow_anonymous true", "allow_anonymous false"))
+    b = Broker(tmp_path / "broker", passwords={"board07": "right-pw-123"},
+               extra=[f"cafile {tls}/ca.pem", f"certfile {tls}/server.pem", f"keyfile {tls}/server.key"])
     b.start()
     sub = Subscriber(b.port, ca=tls / "ca.pem", auth=("board07", "right-pw-123"))
     log = tmp_path / "service.log"
@@ -339,16 +282,16 @@ def test_tls_and_password(tiny_bundle, folders, tmp_path):
     proc = start_service(tiny_bundle, folders, log, *wrong)
     try:
         (folders["watch"] / "a.png").write_bytes(png_bytes(1))
-        assert wait_for(lambda: "refused the connection" in log.read_text(), timeout=60), log.read_text()
-        assert wait_for(lambda: len(rows(folders["db"])) == 1, timeout=30)
+        wait_until(lambda: "refused the connection" in log.read_text(), 240, lambda: log.read_text())
+        wait_until(lambda: len(rows(folders["db"])) == 1, 120, lambda: rows(folders["db"]))
         stop(proc, log)
         assert published_flags(folders["db"]) == [0] and sub.results() == []
         assert "wrong-pw-456" not in log.read_text()
         right = [a if a != "wrong-pw-456" else "right-pw-123" for a in wrong]
         proc = start_service(tiny_bundle, folders, log, *right)
         (folders["watch"] / "b.png").write_bytes(png_bytes(2))
-        assert wait_for(lambda: len(sub.results()) == 2, timeout=60), log.read_text()
-        assert wait_for(lambda: published_flags(folders["db"]) == [1, 1], timeout=30)
+        wait_until(lambda: len(sub.results()) == 2, 240, lambda: log.read_text())
+        wait_until(lambda: published_flags(folders["db"]) == [1, 1], 120, lambda: published_flags(folders["db"]))
         stop(proc, log)
         check_delivery(sub.results(), folders["db"])
         assert "right-pw-123" not in log.read_text()

@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-from test_train import DEFECTS, TINY_PROFILE, tiny_config, write_dataset
+from tests.support.training import DEFECTS, TINY_PROFILE, tiny_config, write_dataset
 
 CLASSES = ["clean", *DEFECTS]      # what write_dataset draws: Stage 1 learns these 4 (taxonomy target)
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

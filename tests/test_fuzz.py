@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
-from test_watch import rows
+from tests.support.paths import REPO
+from tests.support.watch import rows
 
 SEED = int(os.environ.get("FUZZ_SEED", "0"))
 N_FILES = int(os.environ.get("FUZZ_FILES", "2000"))

@@ -12,7 +12,8 @@ import pytest
 
 from edge_runtime.gate import is_defective, needs_review
 from edge_runtime.inspector import Inspector
-from test_inspector import copy_bundle, random_images
+from tests.support.bundles import copy_bundle
+from tests.support.images import random_images
 
 
 def below(x: float) -> float:

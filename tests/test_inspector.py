@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -12,27 +11,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import TINY_SIZE, TINY_STAGE2
 from edge_runtime.bundle import BundleError, load_bundle
 from edge_runtime.inspector import Inspector, StageRunner
 from edge_runtime.interpreter import make_interpreter
 from edge_runtime.preprocess import ImageError, preprocess_file
-
-
-def copy_bundle(src: Path, dst: Path, **gating) -> Path:
-    """A private copy of a bundle, optionally with edited gating (the sha256s cover the model files only)."""
-    shutil.copytree(src, dst)
-    if gating:
-        manifest_path = dst / "manifest.yaml"
-        manifest = yaml.safe_load(manifest_path.read_text())
-        manifest["gating"].update(gating)
-        manifest_path.write_text(yaml.safe_dump(manifest, sort_keys=False))
-    return dst
-
-
-def random_images(n: int, seed: int = 0, size: int = 48) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (size, size + 8), dtype=np.uint8) for _ in range(n)]
+from tests.support.bundles import TINY_SIZE, TINY_STAGE2, copy_bundle
+from tests.support.images import random_images
 
 
 def test_bundle_loads_with_manifest_values(tiny_bundle):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from tests.support.paths import REPO
 
 LINT = Path(sys.executable).with_name("lint-imports")
 PACKAGES = ("edge_runtime", "train", "convert", "benchmarks", "central")
@@ -68,7 +68,6 @@ VIOLATIONS = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("path, line, contract", VIOLATIONS, ids=[f"{p}:{l}" for p, l, _ in VIOLATIONS])
 def test_a_violating_import_fails_the_check(tree_copy, path, line, contract):
     target = tree_copy / path

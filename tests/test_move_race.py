@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from tests.support.paths import REPO
 
 LAUNCHER = """
 import os, runpy, sys

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tflite_runtime_python
 from convert.cli import main
-from test_arm64 import make_pattern_images
+from tests.support.images import make_pattern_images
+from tests.support.tflrt import tflite_runtime_python
 
 
 @pytest.fixture(scope="module")

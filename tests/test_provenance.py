@@ -17,7 +17,8 @@ from edge_runtime.cli import main
 from edge_runtime.inspector import Inspector
 from edge_runtime.db.store import COLUMNS, SCHEMA_VERSION, StorageError, Store
 from edge_runtime.service.watch import WatchService
-from test_watch import files_in, folders, jsonl_rows, make_config, png_bytes, rows  # noqa: F401  (fixture)
+from tests.support.images import png_bytes
+from tests.support.watch import files_in, jsonl_rows, make_config, rows
 
 
 def manifest_sha(bundle: Path) -> str:

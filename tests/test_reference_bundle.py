@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import REPO, shared_data
+from tests.support.paths import REPO, shared_data
 
 BUNDLE = REPO / "models" / "real-lite0"
 

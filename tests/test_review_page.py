@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from benchmarks.browser import BrowserUnavailable, quit_chromium, start_chromium, wait_for
-from conftest import REPO
-from test_review import Client, db_rows, make_review_site, start_review_cli
+from tests.support.paths import REPO
+from tests.support.review import Client, db_rows, make_review_site, start_review_cli
 
 # Where the screenshot goes (kept after the run; out/ is git-ignored).
 ARTEFACTS = Path(os.environ.get("TEST_ARTEFACTS", REPO / "out" / "test-artefacts"))

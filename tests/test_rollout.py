@@ -26,14 +26,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from test_collect import Collector
-from test_fleet_mqtt import MOSQUITTO, broker, mqtt  # noqa: F401 (fixture)
-from test_watch import png_bytes, wait_for
+from tests.support.collector import Collector
+from tests.support.images import png_bytes
+from tests.support.mosquitto import needs_mosquitto, paho
+from tests.support.paths import REPO
+from tests.support.waiting import wait_until
+
+mqtt = paho()
 
 pytest.importorskip("cryptography", reason='bundle signatures need cryptography (pip install "sem-inspect[signing]")')
-pytestmark = [pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed (apt-get install mosquitto)"),
-              pytest.mark.slow]
+pytestmark = needs_mosquitto
 PREFIX = "sem-inspect"
 
 
@@ -260,7 +262,7 @@ def test_three_boards_promote_refuse_reject_and_roll_back(tmp_path, broker, file
             board.start()
         for k, board in enumerate(boards):
             board.drop(4, 1000 * k)
-        assert wait_for(lambda: all(bd.recorded_all() for bd in boards), timeout=90), boards[0].text()[-3000:]
+        wait_until(lambda: all(bd.recorded_all() for bd in boards), 360, lambda: boards[0].text()[-3000:])
         shadow = ["--shadow-images", "6", "--shadow-minutes", "5", "--min-agreement", "0.9",
                   "--min-stage1-agreement", "0.9", "--max-error-rate", "0"]
 
@@ -268,17 +270,18 @@ def test_three_boards_promote_refuse_reject_and_roll_back(tmp_path, broker, file
             publish(broker.port, names, "publish", "--archive", str(fb[key]["archive"]), "--url",
                     f"{files['url']}/{fb[key]['archive'].name}", "--id", rid, *shadow)
             if outcome == "shadow":
-                assert wait_for(lambda: all(statuses.bundle(n).get("candidate") == current for n in names), timeout=60)
+                wait_until(lambda: all(statuses.bundle(n).get("candidate") == current for n in names),
+                           240, lambda: [statuses.bundle(n) for n in names])
             else:
-                assert wait_for(change_is(statuses, names, outcome, rid, current), timeout=60), \
-                    [statuses.bundle(n) for n in names]
+                wait_until(change_is(statuses, names, outcome, rid, current),
+                           240, lambda: [statuses.bundle(n) for n in names])
 
         # 1. a good signed bundle: fetched, verified, shadowed on 6 images, promoted on all three
         roll("B", "roll-b", "shadow", b)
         for k, board in enumerate(boards):
             board.drop(8, 1000 * k + 100)
-        assert wait_for(change_is(statuses, names, "promoted", "roll-b", b), timeout=90), \
-            [statuses.bundle(n) for n in names]
+        wait_until(change_is(statuses, names, "promoted", "roll-b", b),
+                   360, lambda: [statuses.bundle(n) for n in names])
         # 2. wrongly signed, 3. corrupted in transit: refused at once, the boards stay on B
         roll("W", "roll-w", "refused", b)
         assert all("not among the 1 trusted key(s)" in statuses.bundle(n)["last_change"]["why"] for n in names)
@@ -293,8 +296,8 @@ def test_three_boards_promote_refuse_reject_and_roll_back(tmp_path, broker, file
         roll("C", "roll-c", "shadow", c)
         for k, board in enumerate(boards):
             board.drop(8, 1000 * k + 200)
-        assert wait_for(change_is(statuses, names, "rejected", "roll-c", b), timeout=90), \
-            [statuses.bundle(n) for n in names]
+        wait_until(change_is(statuses, names, "rejected", "roll-c", b),
+                   360, lambda: [statuses.bundle(n) for n in names])
         assert all("label agreement" in statuses.bundle(n)["last_change"]["why"] for n in names)
         # a hostile message on one board's topic: refused with the reason, nothing changes
         raw = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-hostile")
@@ -303,16 +306,23 @@ def test_three_boards_promote_refuse_reject_and_roll_back(tmp_path, broker, file
         raw.publish(f"{PREFIX}/board-1/rollout", b'{"action": "rollout", "id": "evil", "url": "file:///etc/shadow"}',
                     qos=1).wait_for_publish(10)
         raw.loop_stop()
-        assert wait_for(lambda: "rollout message refused: url must be" in
-                        (statuses.bundle("board-1").get("last_change") or {}).get("why", ""), timeout=30)
+        wait_until(lambda: "rollout message refused: url must be" in
+                   (statuses.bundle("board-1").get("last_change") or {}).get("why", ""),
+                   120, lambda: (statuses.bundle("board-1").get("last_change") or {}).get("why", ""))
         assert statuses.bundle("board-1")["current"] == b
         # 5. rollback: back to A
         publish(broker.port, names, "rollback", "--id", "back-1")
-        assert wait_for(change_is(statuses, names, "rolled back", "back-1", a), timeout=60)
+        wait_until(change_is(statuses, names, "rolled back", "back-1", a), 240,
+                   lambda: [statuses.bundle(n) for n in names])
         for k, board in enumerate(boards):
             board.drop(3, 1000 * k + 300)
-        assert wait_for(lambda: all(bd.recorded_all() for bd in boards), timeout=60)
-        time.sleep(1.5)     # the collector's last status messages
+        wait_until(lambda: all(bd.recorded_all() for bd in boards), 240,
+                   lambda: [(bd.name, len(bd.rows()), len(bd.dropped)) for bd in boards])
+
+        def fleet_state():          # what the collector stored of the boards' statuses
+            return sorted(collector.rows("SELECT board, current, last_change FROM fleet_bundle_state"))
+        wait_until(lambda: [(n, cur, (why or "")[:11]) for n, cur, why in fleet_state()] ==
+                   [(n, a, "rolled back") for n in names], 120, fleet_state)
         for board in boards:
             assert board.stop() == 0, board.text()[-3000:]
     finally:
@@ -360,12 +370,11 @@ def test_kill_9_during_a_download_resumes_and_loses_nothing(tmp_path, broker, fi
     try:
         board.start()
         board.drop(3, 0)
-        assert wait_for(board.recorded_all, timeout=60), board.text()[-3000:]
+        wait_until(board.recorded_all, 240, lambda: board.text()[-3000:])
         publish(broker.port, [board.name], "publish", "--archive", str(fb["B"]["archive"]), "--url",
                 f"{files['url']}/{fb['B']['archive'].name}", "--id", "roll-k", "--shadow-images", "3",
                 "--min-agreement", "0.9")
-        assert wait_for(lambda: part.exists() and 10_000 < part.stat().st_size < fb["B"]["bytes"] // 2, timeout=30,
-                        step=0.01)
+        wait_until(lambda: part.exists() and 10_000 < part.stat().st_size < fb["B"]["bytes"] // 2, 120, step=0.01)
         board.drop(3, 10)
         board.kill()
         assert not (board.bundles / fb["B"]["bundle_id"][:16]).exists()     # no half bundle where the service reads
@@ -373,11 +382,11 @@ def test_kill_9_during_a_download_resumes_and_loses_nothing(tmp_path, broker, fi
         files["server"].rate = None
         board.start()
         board.drop(4, 20)
-        assert wait_for(change_is(statuses, [board.name], "promoted", "roll-k", fb["B"]["bundle_id"]), timeout=90), \
-            board.text()[-3000:]
-        assert wait_for(board.recorded_all, timeout=60)
+        wait_until(change_is(statuses, [board.name], "promoted", "roll-k", fb["B"]["bundle_id"]),
+                   360, lambda: board.text()[-3000:])
+        wait_until(board.recorded_all, 240, lambda: (len(board.rows()), len(board.dropped)))
         board.drop(2, 30)
-        assert wait_for(board.recorded_all, timeout=60)
+        wait_until(board.recorded_all, 240, lambda: (len(board.rows()), len(board.dropped)))
         assert board.stop() == 0
     finally:
         if board.proc and board.proc.poll() is None:
@@ -435,7 +444,8 @@ def test_kill_9_during_swaps_loses_and_duplicates_nothing(tmp_path, fleet_bundle
     for rnd in range(4):
         proc = start()
         try:
-            assert wait_for(lambda: log.read_text(errors="replace").count("watching") > rnd, timeout=60)
+            wait_until(lambda: log.read_text(errors="replace").count("watching") > rnd,
+                       240, lambda: log.read_text(errors="replace").count("watching"))
             drop(10, rnd * 100)
             time.sleep(rng.uniform(0.05, 0.3))
             target = "B" if os.path.realpath(link).endswith("/A") else "A"
@@ -446,11 +456,11 @@ def test_kill_9_during_swaps_loses_and_duplicates_nothing(tmp_path, fleet_bundle
                 proc.send_signal(signal.SIGHUP)                  # at once; else the link is seen on a tick
             swaps += 1
             if rnd % 2:     # let this swap land, then: every later result carries the new bundle id
-                assert wait_for(lambda: log.read_text(errors="replace").count("now inspects every new image") > seen,
-                                timeout=30), log.read_text(errors="replace")[-3000:]
+                wait_until(lambda: log.read_text(errors="replace").count("now inspects every new image") > seen,
+                           120, lambda: log.read_text(errors="replace")[-3000:])
                 later = [f"s{rnd * 100 + 50 + i}.png" for i in range(3)]
                 drop(3, rnd * 100 + 50)
-                assert wait_for(lambda: len(bundle_of(later)) == 3, timeout=30)
+                wait_until(lambda: len(bundle_of(later)) == 3, 120, lambda: bundle_of(later))
                 assert set(bundle_of(later).values()) == {fb[target]["bundle_id"]}, f"seed {seed}"
                 drop(5, rnd * 100 + 60)
             time.sleep(rng.uniform(0.0, 0.25))               # kill -9 at a random moment (of the swap, or after)
@@ -519,19 +529,19 @@ def test_an_older_signed_bundle_is_refused_and_only_a_rollback_goes_back(tmp_pat
     try:
         board.start()
         board.drop(2, 0)
-        assert wait_for(board.recorded_all, timeout=60), board.text()[-3000:]
+        wait_until(board.recorded_all, 240, lambda: board.text()[-3000:])
         roll("N", "roll-n")
-        assert wait_for(lambda: statuses.bundle(board.name).get("candidate") == n, timeout=60), board.text()[-3000:]
+        wait_until(lambda: statuses.bundle(board.name).get("candidate") == n, 240, lambda: board.text()[-3000:])
         board.drop(3, 10)
-        assert wait_for(change_is(statuses, [board.name], "promoted", "roll-n", n), timeout=90), board.text()[-3000:]
+        wait_until(change_is(statuses, [board.name], "promoted", "roll-n", n), 360, lambda: board.text()[-3000:])
         roll("O", "roll-o")          # signed by the trusted key, but older than what the board runs: a replay
-        assert wait_for(change_is(statuses, [board.name], "refused", "roll-o", n), timeout=60), board.text()[-3000:]
+        wait_until(change_is(statuses, [board.name], "refused", "roll-o", n), 240, lambda: board.text()[-3000:])
         why = statuses.bundle(board.name)["last_change"]["why"]
         assert "release 1000 is older than release 2000" in why and "downgrade" in why
         publish(broker.port, [board.name], "rollback", "--id", "back-r")      # the operator's way back
-        assert wait_for(change_is(statuses, [board.name], "rolled back", "back-r", i), timeout=60)
+        wait_until(change_is(statuses, [board.name], "rolled back", "back-r", i), 240, lambda: board.text()[-3000:])
         roll("O", "roll-o-2")        # still older than the highest release accepted
-        assert wait_for(change_is(statuses, [board.name], "refused", "roll-o-2", i), timeout=60)
+        wait_until(change_is(statuses, [board.name], "refused", "roll-o-2", i), 240, lambda: board.text()[-3000:])
         assert not any((board.bundles / ".staging").iterdir())
         assert board.stop() == 0
     finally:
@@ -556,13 +566,13 @@ def test_a_hostile_file_server_cannot_keep_a_rollout_fetching_or_fill_the_disk(t
         for rid in ("h-1", "h-2", "h-3"):      # endless rollouts: each one refused, nothing left behind
             publish(broker.port, [board.name], "publish", "--archive", str(fb["B"]["archive"]), "--url",
                     f"{files['url']}/{fb['B']['archive'].name}", "--id", rid)
-            assert wait_for(change_is(statuses, [board.name], "refused", rid, fb["A"]["bundle_id"]), timeout=60), \
-                board.text()[-3000:]
+            wait_until(change_is(statuses, [board.name], "refused", rid, fb["A"]["bundle_id"]), 240,
+                       lambda: board.text()[-3000:])
             why = statuses.bundle(board.name)["last_change"]["why"]
             assert ("not finished within 2 s" if case == "drip" else "more than 4096 bytes") in why, why
             staging = board.bundles / ".staging"
-            assert wait_for(lambda: not staging.exists() or not any(staging.iterdir()), timeout=30), \
-                list(staging.iterdir())
+            wait_until(lambda: not staging.exists() or not any(staging.iterdir()), 120,
+                       lambda: list(staging.iterdir()))
         assert board.stop() == 0
     finally:
         if board.proc and board.proc.poll() is None:

@@ -15,7 +15,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO, conv_weight_scales, fc_weight_scales, tflite_runtime_python
+from tests.support.bundles import conv_weight_scales, fc_weight_scales
+from tests.support.paths import REPO
+from tests.support.tflrt import tflite_runtime_python
 
 
 def with_min_runtime(bundle: Path, dest: Path, **min_runtime) -> Path:
@@ -168,7 +170,8 @@ def test_tflite_runtime_runs_the_default_bundle_like_litert(tiny_bundle, tmp_pat
     """Same labels as LiteRT on the tiny bundle, scores within one output step (tflite-runtime 2.14 runs int8 on
     TFLite's built-in kernels, LiteRT on XNNPACK; on this small graph they agree)."""
     python = tflite_runtime_python()
-    from test_arm64 import make_pattern_images, rows_by_name
+    from tests.support.images import make_pattern_images
+    from tests.support.inspect_output import rows_by_name
 
     images = tmp_path / "images"
     make_pattern_images(images)

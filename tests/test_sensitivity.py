@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import csv
 
-import pytest
-
-from test_convert import make_run
+from tests.support.runs import make_run
 
 
 def test_sensitivity_ranks_quantized_layers_of_both_backbones_at_their_sizes(tmp_path, capsys):

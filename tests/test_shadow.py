@@ -16,7 +16,9 @@ from edge_runtime.bundle import load_bundle
 from edge_runtime.db.store import Store
 from edge_runtime.inspector import Inspector
 from edge_runtime.service.watch import WatchService
-from test_watch import files_in, folders, make_config, png_bytes, rows, run_in_thread, wait_for  # noqa: F401
+from tests.support.images import png_bytes
+from tests.support.waiting import wait_until
+from tests.support.watch import files_in, make_config, rows, run_in_thread
 
 pytest.importorskip("prometheus_client", reason="the HTTP API needs prometheus-client")
 
@@ -46,7 +48,7 @@ def test_shadow_is_stored_apart_and_reported(pair, folders):
     service = WatchService(cfg)
     thread, out = run_in_thread(service)
     try:
-        assert wait_for(lambda: len(files_in(folders["processed"])) == 12, timeout=60)
+        wait_until(lambda: len(files_in(folders["processed"])) == 12, 240, lambda: files_in(folders["processed"]))
         recorded = rows(folders["db"])
         review_store = Store(folders["db"])       # an operator reviews two images: the candidate was right on one
         try:
@@ -56,7 +58,8 @@ def test_shadow_is_stored_apart_and_reported(pair, folders):
                             "VALUES (?, ?, ?, 'ann', '2026-12-02T00:00:00+00:00')", (r["id"], r["label"], label))
         finally:
             review_store.close()
-        assert wait_for(lambda: service.bundles.shadow.snapshot["reviewed"]["images"] == 2, timeout=10)
+        wait_until(lambda: service.bundles.shadow.snapshot["reviewed"]["images"] == 2,
+                   describe=lambda: service.bundles.shadow.snapshot["reviewed"]["images"])
         health = json.loads(get(service.http.url + "/healthz"))
         metrics = get(service.http.url + "/metrics")
         stats = service.status.stats_message()
@@ -125,10 +128,10 @@ def test_a_bundle_that_does_not_load_leaves_the_old_one_and_says_why(pair, folde
     try:
         os.symlink(models / "broken", models / "next")
         os.replace(models / "next", models / "current")     # re-pointed: seen on the next tick
-        assert wait_for(lambda: service.bundles.error is not None, timeout=15)
+        wait_until(lambda: service.bundles.error is not None, describe=lambda: service.bundles.error)
         health = json.loads(get(service.http.url + "/healthz"))
         (folders["watch"] / "after.png").write_bytes(png_bytes(7))
-        assert wait_for(lambda: len(files_in(folders["processed"])) == 1, timeout=30)
+        wait_until(lambda: len(files_in(folders["processed"])) == 1, 120, lambda: files_in(folders["processed"]))
     finally:
         service.stop()
         thread.join(30)
@@ -204,7 +207,7 @@ def test_a_backbone_both_bundles_have_runs_once_per_image(pair, folders, monkeyp
 def test_a_candidate_with_other_backbones_runs_its_own(folders, tmp_path, monkeypatch, tiny_bundle_v2):
     """A retrained candidate (other backbone files) gets no features from the current bundle: its shadow answers
     are its own Inspector's."""
-    from conftest import build_tiny_bundle_v2
+    from tests.support.bundles import build_tiny_bundle_v2
 
     candidate = build_tiny_bundle_v2(tmp_path / "retrained", seed=7, replay_images=0)
     cfg = make_config(tiny_bundle_v2, folders, shadow=str(candidate), threads=1)

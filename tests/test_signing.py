@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
 from convert.sign import main as sign_main
 from edge_runtime.bundle import BundleError, load_bundle
 from edge_runtime.inspector import Inspector
 from edge_runtime.signing import SIGNATURE
+from tests.support.paths import REPO
 
 pytest.importorskip("cryptography", reason='bundle signatures need cryptography (pip install "sem-inspect[signing]")')
 
@@ -116,7 +116,7 @@ def test_edge_venv_runs_without_cryptography_unless_keys_are_set(keys, bundle, t
     probe = subprocess.run([str(python), "-c", "import cryptography"], capture_output=True)
     if probe.returncode == 0:
         pytest.skip(".venv-edge has cryptography installed: cannot show the runtime without it")
-    from test_watch import png_bytes
+    from tests.support.images import png_bytes
     image = tmp_path / "w.png"
     image.write_bytes(png_bytes(1))
     cmd = [str(python), "-m", "edge_runtime.cli", "--models", str(bundle), "--threads", "1"]

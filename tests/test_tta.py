@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from test_convert import make_run
+from tests.support.runs import make_run
 
 
 class Recorder:

@@ -3,26 +3,19 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import os
 import random
 import re
 import signal
 import sqlite3
-import subprocess
-import sys
-import threading
 import time
 import tracemalloc
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
-from conftest import REPO
 from edge_runtime.config import service_config
 from edge_runtime.service import fileops
 from edge_runtime.cli import main
@@ -33,55 +26,18 @@ from edge_runtime.config.service_config import ConfigError, load_service_config
 from edge_runtime.db.store import StorageError, is_disk_full
 from edge_runtime.inputs import is_ignored_name
 from edge_runtime.service.watch import WatchService
+from tests.support.images import png_bytes
+from tests.support.paths import REPO
+from tests.support.waiting import wait_until
+from tests.support.watch import files_in, jsonl_rows, make_config, rows, run_in_thread, start_service
 
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------------
-def png_bytes(seed: int, size: int = 40, fmt: str = "PNG") -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size, size + 6), dtype=np.uint8)).save(buf, format=fmt)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def inspector(tiny_bundle):
     return Inspector(tiny_bundle, threads=1)
-
-
-@pytest.fixture
-def folders(tmp_path):
-    incoming = tmp_path / "incoming"
-    incoming.mkdir()
-    return {"watch": incoming, "processed": tmp_path / "processed", "quarantine": tmp_path / "quarantine",
-            "db": tmp_path / "results.sqlite3", "jsonl": tmp_path / "results.jsonl"}
-
-
-def make_config(bundle, folders, **overrides):
-    values = {"models": str(bundle), "watch": str(folders["watch"]), "processed": str(folders["processed"]),
-              "quarantine": str(folders["quarantine"]), "db": str(folders["db"]), "jsonl": str(folders["jsonl"]),
-              "settle_seconds": 0.2, "poll_seconds": 0.1, "summary_seconds": 0,
-              "incomplete_seconds": 0.5}    # corrupt files written in place: quarantined after 0.5 s alone
-    values.update(overrides)
-    return load_service_config(None, values)
-
-
-def rows(db: Path) -> list[dict]:
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM results ORDER BY id")]
-    finally:
-        con.close()
-
-
-def jsonl_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
-
-
-def files_in(folder: Path) -> set[str]:
-    return {p.name for p in folder.iterdir() if p.is_file()} if folder.exists() else set()
 
 
 def assert_consistent(folders, expected_names) -> list[dict]:
@@ -113,22 +69,6 @@ class Spy:
 
     def describe(self):
         return self.inspector.describe()
-
-
-def run_in_thread(service: WatchService):
-    out = {}
-    t = threading.Thread(target=lambda: out.setdefault("rc", service.run()), daemon=True)
-    t.start()
-    return t, out
-
-
-def wait_for(predicate, timeout=15.0, step=0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,7 +170,7 @@ def test_slow_writer_is_not_read_until_complete(tiny_bundle, inspector, folders,
                 fh.write(data[i:i + len(data) // 6 + 1])
                 fh.flush()
                 time.sleep(0.15)        # gaps well under settle_seconds
-        assert wait_for(lambda: files_in(folders["processed"]))
+        wait_until(lambda: files_in(folders["processed"]))
     finally:
         service.stop()
         thread.join(10)
@@ -258,7 +198,7 @@ def test_write_then_rename_and_temp_names(tiny_bundle, inspector, folders):
                 time.sleep(0.2)
                 fh.write(data[50:])
             os.rename(w / tmp, w / name)
-        assert wait_for(lambda: len(files_in(folders["processed"])) == 3, timeout=10)
+        wait_until(lambda: len(files_in(folders["processed"])) == 3, describe=lambda: files_in(folders["processed"]))
     finally:
         service.stop()
         thread.join(10)
@@ -390,7 +330,7 @@ def test_images_of_an_open_group_are_not_taken_again_before_its_commit(tiny_bund
             time.sleep(0.1)
             with open(w / "slow.png", "ab") as fh:
                 fh.write(slow[i:i + step])
-        assert wait_for(lambda: len(files_in(folders["processed"])) == 3, timeout=15)
+        wait_until(lambda: len(files_in(folders["processed"])) == 3, describe=lambda: files_in(folders["processed"]))
     finally:
         service.stop()
         thread.join(10)
@@ -425,7 +365,7 @@ def test_one_line_per_image_and_a_periodic_summary(tiny_bundle, inspector, folde
     service = WatchService(make_config(tiny_bundle, folders, summary_seconds=0.3), inspector=inspector)
     thread, out = run_in_thread(service)
     try:
-        assert wait_for(lambda: "summary" in caplog.text, timeout=10)
+        wait_until(lambda: "summary" in caplog.text, describe=lambda: caplog.text)
         time.sleep(1.0)             # idle: no summary lines while nothing happens
     finally:
         service.stop()
@@ -500,7 +440,8 @@ def test_memory_stays_flat_over_a_long_run(tiny_bundle, inspector, folders):
         for batch in range(4):
             for i, data in enumerate(payloads):
                 (folders["watch"] / f"b{batch}-{i}.png").write_bytes(data)
-            assert wait_for(lambda: len(files_in(folders["processed"])) == 40 * (batch + 1), timeout=30)
+            wait_until(lambda: len(files_in(folders["processed"])) == 40 * (batch + 1),
+                       120, lambda: files_in(folders["processed"]))
             time.sleep(0.1)
             sizes.append(tracemalloc.get_traced_memory()[0])
     finally:
@@ -646,25 +587,15 @@ def test_setup_errors_are_clear(tiny_bundle, folders, tmp_path, capsys, monkeypa
 # ---------------------------------------------------------------------------------------------------------
 # real processes: SIGTERM and kill -9
 # ---------------------------------------------------------------------------------------------------------
-def start_service(bundle, folders, log_path: Path, *extra) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "edge_runtime.cli", "--models", str(bundle), "--watch", str(folders["watch"]),
-           "--processed", str(folders["processed"]), "--quarantine", str(folders["quarantine"]),
-           "--db", str(folders["db"]), "--jsonl", str(folders["jsonl"]), "--settle-seconds", "0.1",
-           "--incomplete-seconds", "1", "--threads", "1", *extra]   # truncated files: quarantined after 1 s alone
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=log, cwd=REPO, env=env)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_finishes_and_exits_zero(tiny_bundle, folders, tmp_path, sig):
     log = tmp_path / "service.log"
     proc = start_service(tiny_bundle, folders, log)
     try:
-        assert wait_for(lambda: "watching" in log.read_text(errors="replace"), timeout=60), log.read_text()
+        wait_until(lambda: "watching" in log.read_text(errors="replace"), 240, lambda: log.read_text())
         for i in range(5):
             (folders["watch"] / f"img {i}.png").write_bytes(png_bytes(i))
-        assert wait_for(lambda: len(files_in(folders["processed"])) >= 2, timeout=30)
+        wait_until(lambda: len(files_in(folders["processed"])) >= 2, 120, lambda: files_in(folders["processed"]))
         proc.send_signal(sig)
         assert proc.wait(timeout=30) == 0, log.read_text()
     finally:
@@ -686,7 +617,6 @@ def count_rows(db: Path) -> int:
         return 0
 
 
-@pytest.mark.slow
 def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tiny_bundle, folders, tmp_path):
     seed = int(time.time())
     rng = random.Random(seed)
@@ -711,7 +641,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tiny_bundle, fold
             # Kill it at a random point of the stream: after a random number of results, plus a random
             # fraction of one image's processing time.
             target = before + rng.randint(0, per_round - 1)
-            wait_for(lambda: count_rows(folders["db"]) >= target, timeout=60, step=0.002)
+            wait_until(lambda: count_rows(folders["db"]) >= target, 240, lambda: count_rows(folders["db"]), step=0.002)
             time.sleep(rng.uniform(0.0, 0.008))
         finally:
             proc.send_signal(signal.SIGKILL)

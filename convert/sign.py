@@ -2,6 +2,7 @@
 
     python -m convert keygen --out keys/ [--name release]     -> keys/release.key (private, 0600), release.pub
     python -m convert sign models/NAME --key keys/release.key [--release N]   -> models/NAME/manifest.sig
+    python -m convert sign models/NAME --key keys/release.key --out models/NAME-signed   (pinned files only)
 
 `sign` checks the bundle first (every file against the manifest: a bundle is signed only whole), refuses a
 folder that holds anything its manifest does not pin (reports, sub-folders, links: whatever is copied with the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -26,11 +28,14 @@ from edge_runtime.signing import (SIGNATURE, SignatureError, generate_key, holds
                                   signature_for)
 
 
-def sign_bundle(bundle: str | os.PathLike, key: str | os.PathLike, release: int | None = None
-                ) -> tuple[Path, str, str]:
-    """Write BUNDLE/manifest.sig; returns (its path, key id, bundle id). BundleError / SignatureError."""
+def sign_bundle(bundle: str | os.PathLike, key: str | os.PathLike, release: int | None = None,
+                out: str | os.PathLike | None = None) -> tuple[Path, str, str]:
+    """Write BUNDLE/manifest.sig, or (out) copy the bundle's pinned files into the new folder OUT and sign that;
+    returns (the signature's path, key id, bundle id). BundleError / SignatureError."""
     root = Path(bundle).resolve()
     loaded = load_bundle(root)                 # whole and unaltered, or refused here
+    if out is not None:
+        root = clean_copy(loaded, Path(out).resolve())
     key_path = Path(key).resolve()
     if root == key_path.parent or root in key_path.parents:
         raise SignatureError(f"{key_path}: the private key lies inside the bundle; keep it outside (it would be "
@@ -45,7 +50,7 @@ def sign_bundle(bundle: str | os.PathLike, key: str | os.PathLike, release: int 
         shown = ", ".join(p.relative_to(root).as_posix() for p in unpinned[:5])
         more = f" and {len(unpinned) - 5} more" if len(unpinned) > 5 else ""
         raise SignatureError(f"{root}: holds what its manifest does not pin: {shown}{more}; a signed bundle is only "
-                             "its pinned files (move reports elsewhere, e.g. convert compare --out DIR)")
+                             "its pinned files (sign a clean copy with --out DIR, or move the rest elsewhere)")
     manifest = (root / MANIFEST).read_bytes()
     sig = signature_for(manifest, key_path, release)
     fd, tmp = tempfile.mkstemp(prefix=f".{SIGNATURE}.", dir=root)
@@ -61,6 +66,24 @@ def sign_bundle(bundle: str | os.PathLike, key: str | os.PathLike, release: int 
         raise
     import json
     return root / SIGNATURE, json.loads(sig)["key_id"], loaded.bundle_id
+
+
+def clean_copy(bundle: Bundle, out: Path) -> Path:
+    """A new folder holding only the bundle's manifest and the files it pins (checked again as they are copied);
+    the source's reports and anything else stay behind."""
+    if os.path.lexists(out):
+        raise SignatureError(f"--out {out} exists; give a new folder")
+    names = pinned_files(bundle) - {SIGNATURE}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name in sorted(names):
+            shutil.copyfile(bundle.root / name, tmp / name, follow_symlinks=False)
+        load_bundle(tmp)                        # the copy is whole (every pinned sha256)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def pinned_files(bundle: Bundle) -> set[str]:
@@ -92,6 +115,8 @@ def main(argv: list[str]) -> int:
     s = sub.add_parser("sign", help="sign a bundle's manifest: BUNDLE/manifest.sig")
     s.add_argument("bundle", metavar="BUNDLE")
     s.add_argument("--key", required=True, metavar="KEY", help="the private key (from keygen)")
+    s.add_argument("--out", metavar="DIR", help="copy only the files the manifest pins into this new folder and "
+                                                "sign that (the bundle's reports stay behind)")
     s.add_argument("--release", type=int, metavar="N",
                    help="the release counter the signature states (default: the signing time in seconds); boards "
                         "refuse a release lower than the highest they accepted")
@@ -102,7 +127,7 @@ def main(argv: list[str]) -> int:
             print(f"key id {key_id}: private key {key} (mode 0600: keep it off the boards and out of bundles), "
                   f"public key {pub} (give it to the boards: trusted_keys)")
         else:
-            path, key_id, bundle_id = sign_bundle(args.bundle, args.key, args.release)
+            path, key_id, bundle_id = sign_bundle(args.bundle, args.key, args.release, args.out)
             print(f"signed bundle {bundle_id} with key {key_id}, release {release_of(path.read_bytes())}: {path}")
     except (BundleError, SignatureError, OSError) as exc:
         print(f"convert {args.command}: error: {exc}", file=sys.stderr)

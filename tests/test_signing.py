@@ -202,3 +202,16 @@ def test_a_format_1_signature_still_verifies_as_release_0(keys, bundle):
     (bundle / SIGNATURE).write_text(_json.dumps(old))
     assert load_bundle(bundle, trusted_keys=keys["pub"]).signed_by == key_id
     assert release_of((bundle / SIGNATURE).read_bytes()) == 0
+
+
+def test_signing_a_clean_copy_leaves_the_reports_behind(keys, bundle, tmp_path, capsys):
+    (bundle / "compare.md").write_text("| model | macro-F1 |\n")
+    (bundle / "notes").mkdir()
+    out = tmp_path / "signed"
+    assert sign_main(["sign", str(bundle), "--key", str(keys["key"]), "--out", str(out), "--release", "7"]) == 0
+    capsys.readouterr()
+    assert not (out / "compare.md").exists() and not (out / "notes").exists()
+    assert load_bundle(out, trusted_keys=keys["pub"]).bundle_id == load_bundle(bundle).bundle_id
+    assert not (bundle / SIGNATURE).exists()                      # the source is left as it was
+    assert sign_main(["sign", str(bundle), "--key", str(keys["key"]), "--out", str(out)]) == 2      # never replaced
+    assert "exists" in capsys.readouterr().err

@@ -124,7 +124,6 @@ def test_service_yaml_is_accepted_by_the_runtime_config_loader(tmp_path):
         load_service_config(path)
 
 
-@pytest.mark.slow
 def test_service_yaml_runs_the_watch_service(tiny_bundle, tmp_path):
     """The example config, with its paths moved under tmp_path, drives a real `edge-inspect --config --once`."""
     text = SERVICE_YAML.read_text().replace("/var/lib/sem-inspect", str(tmp_path / "data"))
@@ -133,8 +132,11 @@ def test_service_yaml_runs_the_watch_service(tiny_bundle, tmp_path):
     config.write_text(text)
     images = make_images(tmp_path / "data" / "incoming", 3)
     (tmp_path / "data" / "incoming" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    # --incomplete-seconds 1: broken.png is quarantined once left alone that long (the shipped 60 s would only
+    # make the test wait)
     proc = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "--config", str(config), "--once",
-                           "--threads", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                           "--threads", "1", "--incomplete-seconds", "1"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "data" / "processed").iterdir()) == sorted(p.name for p in images)
     assert (tmp_path / "data" / "quarantine" / "broken.png").exists()

@@ -47,12 +47,13 @@ class EchoServer(BoundedHTTPServer):
         return 1000 if method == "POST" else 0
 
 
-@pytest.fixture
-def serve():
+def servers_of(server_class, **defaults):
+    """A fixture body: start(**limits) serves a server_class(Limits(defaults + limits)) on a thread and returns
+    (its port, the server); every server started is released, stopped and closed after the test."""
     servers = []
 
     def start(**limits):
-        server = EchoServer(Limits(**{"head_seconds": 1.0, "idle_seconds": 1.0, **limits}))
+        server = server_class(Limits(**{**defaults, **limits}))
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)
         return server.server_address[1], server
@@ -62,6 +63,11 @@ def serve():
         server.release.set()
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def serve():
+    yield from servers_of(EchoServer, head_seconds=1.0, idle_seconds=1.0)
 
 
 def exchange(port: int, data: bytes, wait: float = 30.0) -> bytes:
@@ -372,19 +378,7 @@ class ProbedServer(BoundedHTTPServer):
 
 @pytest.fixture
 def probed():
-    servers = []
-
-    def start(**limits):
-        server = ProbedServer(Limits(**{"head_seconds": 5.0, "idle_seconds": 5.0, **limits}))
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        return server.server_address[1], server
-
-    yield start
-    for server in servers:
-        server.release.set()
-        server.shutdown()
-        server.server_close()
+    yield from servers_of(ProbedServer, head_seconds=5.0, idle_seconds=5.0)
 
 
 def test_health_never_queues_behind_slow_requests(probed):

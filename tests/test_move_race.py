@@ -5,19 +5,18 @@ one function so the swap happens at that exact moment."""
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import sqlite3
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from tests.support.images import png_bytes
 from tests.support.paths import REPO
+from tests.support.watch import rows
 
 LAUNCHER = """
 import os, runpy, sys
@@ -53,59 +52,43 @@ os.rename = _hooked
 """
 
 
-def png(seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 46), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def results(db: Path) -> list[dict]:
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM results ORDER BY id")]
-    finally:
-        con.close()
-
-
-def run_service_once(bundle: Path, watch: Path, out: Path, db: Path, hook: str, env: dict) -> str:
+def swap_while_moving(bundle: Path, tmp_path: Path, out: Path, hook: str, seeds: tuple[int, int]) -> dict:
+    """Drop a.png, run `edge-inspect --watch --once` with `hook` swapping b.png in under its name at the hooked
+    moment; check that every file in processed/ is its own row's image and the drop folder is empty. Returns
+    {sha256: row} and the two images."""
+    watch, spare = tmp_path / "incoming", tmp_path / "spare"
+    watch.mkdir()
+    spare.mkdir()
+    first, second = png_bytes(seeds[0]), png_bytes(seeds[1])
+    (watch / "a.png").write_bytes(first)
+    (spare / "b.png").write_bytes(second)
+    db = tmp_path / "r.sqlite3"
     cmd = [sys.executable, "-c", LAUNCHER, "--models", str(bundle), "--watch", str(watch),
            "--processed", str(out / "processed"), "--quarantine", str(out / "quarantine"), "--db", str(db),
            "--settle-seconds", "0.1", "--incomplete-seconds", "1", "--summary-seconds", "0", "--threads", "1",
            "--once"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=180,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "HOOK": hook, **env})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    return proc.stderr
-
-
-def check_every_moved_file_is_its_rows_image(processed: Path, recorded: list[dict]) -> None:
-    for path in processed.iterdir():
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "HOOK": hook, "SWAP_TARGET": str(watch / "a.png"),
+           "SWAP_WITH": str(spare / "b.png")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    recorded = rows(db)
+    for path in (out / "processed").iterdir():
         (row,) = [r for r in recorded if r["dest_path"] == str(path)]
         assert row["sha256"] == sha(path.read_bytes()), f"{path.name} was moved under another image's result"
+    assert os.listdir(watch) == [], (os.listdir(watch), proc.stderr[-2000:])
+    by_sha = {r["sha256"]: r for r in recorded}
+    assert Path(by_sha[sha(second)]["dest_path"]).read_bytes() == second
+    return {"rows": by_sha, "first": sha(first), "second": sha(second)}
 
 
 def test_a_file_swapped_in_between_check_and_rename_is_put_back_and_inspected_as_itself(tiny_bundle, tmp_path):
-    watch, spare = tmp_path / "incoming", tmp_path / "spare"
-    watch.mkdir()
-    spare.mkdir()
-    first, second = png(1), png(2)
-    (watch / "a.png").write_bytes(first)
-    (spare / "b.png").write_bytes(second)
-    log = run_service_once(tiny_bundle, watch, tmp_path, tmp_path / "r.sqlite3", SWAP_AFTER_CHECK,
-                           {"SWAP_TARGET": str(watch / "a.png"), "SWAP_WITH": str(spare / "b.png")})
-    recorded = results(tmp_path / "r.sqlite3")
-    check_every_moved_file_is_its_rows_image(tmp_path / "processed", recorded)
-    by_sha = {r["sha256"]: r for r in recorded}
-    assert by_sha[sha(first)]["state"] == "missing", recorded     # read, then replaced before its move: gone
-    assert by_sha[sha(second)]["state"] == "done", recorded       # the swapped-in file: its own row, moved
-    assert Path(by_sha[sha(second)]["dest_path"]).read_bytes() == second
-    assert os.listdir(watch) == [], (os.listdir(watch), log[-2000:])
+    got = swap_while_moving(tiny_bundle, tmp_path, tmp_path, SWAP_AFTER_CHECK, (1, 2))
+    assert got["rows"][got["first"]]["state"] == "missing"      # read, then replaced before its move: gone
+    assert got["rows"][got["second"]]["state"] == "done"        # the swapped-in file: its own row, moved
 
 
 def other_file_system(near: Path) -> Path | None:
@@ -119,22 +102,9 @@ def test_a_file_swapped_in_between_copy_and_unlink_across_file_systems_is_kept(t
     out = other_file_system(tmp_path)
     if out is None:
         pytest.skip("no second writable file system here (/dev/shm or TMPDIR on another device)")
-    watch, spare = tmp_path / "incoming", tmp_path / "spare"
-    watch.mkdir()
-    spare.mkdir()
-    first, second = png(3), png(4)
-    (watch / "a.png").write_bytes(first)
-    (spare / "b.png").write_bytes(second)
     try:
-        log = run_service_once(tiny_bundle, watch, out, tmp_path / "r.sqlite3", SWAP_AFTER_COPY,
-                               {"SWAP_TARGET": str(watch / "a.png"), "SWAP_WITH": str(spare / "b.png")})
-        recorded = results(tmp_path / "r.sqlite3")
-        check_every_moved_file_is_its_rows_image(out / "processed", recorded)
-        by_sha = {r["sha256"]: r for r in recorded}
-        assert by_sha[sha(first)]["state"] == "done", recorded     # its copy was in place before the swap
-        assert by_sha[sha(second)]["state"] == "done", recorded    # not unlinked: inspected as itself
-        assert Path(by_sha[sha(second)]["dest_path"]).read_bytes() == second
-        assert os.listdir(watch) == [], (os.listdir(watch), log[-2000:])
+        got = swap_while_moving(tiny_bundle, tmp_path, out, SWAP_AFTER_COPY, (3, 4))
+        assert got["rows"][got["first"]]["state"] == "done"     # its copy was in place before the swap
+        assert got["rows"][got["second"]]["state"] == "done"    # not unlinked: inspected as itself
     finally:
-        import shutil
         shutil.rmtree(out, ignore_errors=True)

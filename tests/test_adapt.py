@@ -18,6 +18,7 @@ from edge_runtime.adapt.refit import AdaptError, data_digest, refit, review_floo
 from edge_runtime.bundle import BundleError, load_bundle
 from tests.support.bundles import TAXONOMY
 from tests.support.paths import REPO
+from tests.support.review import class_png
 
 
 # ---- the fit ------------------------------------------------------------------------------------------------
@@ -114,7 +115,8 @@ def test_refit_learns_the_fab_and_calibrates_out_of_fold(tiny_bundle_v2):
 @pytest.mark.parametrize("change, message", [
     (lambda f, d: (f.take(np.flatnonzero(np.array(f.labels) == "clean")), d[:12]), "at least two classes"),
     (lambda f, d: (FeatureSet(f.stage1, f.stage2, ["dust"] + f.labels[1:], f.paths), d), "not classes of the bundle"),
-    (lambda f, d: (f, [d[0]] * len(d)), "labelled both"),
+    # one image under all the labels: every copy is left out, nothing is left to adapt on
+    (lambda f, d: (f, [d[0]] * len(d)), "all 96 are left out because copies of one image are labelled differently"),
 ])
 def test_refit_refuses_labels_it_cannot_use(tiny_bundle_v2, change, message):
     bundle = load_bundle(tiny_bundle_v2)
@@ -122,6 +124,23 @@ def test_refit_refuses_labels_it_cannot_use(tiny_bundle_v2, change, message):
     fab, digests = change(*_fab_like(bundle, replay))
     with pytest.raises(AdaptError, match=message):
         refit(bundle, fab, replay, digests)
+
+
+def test_refit_leaves_out_the_copies_of_an_image_labelled_differently_and_uses_the_rest(tiny_bundle_v2):
+    """The same image content under two labels (two reviews that disagree) no longer stops the refit: both
+    copies are left out and named in the report; copies that agree are kept."""
+    bundle = load_bundle(tiny_bundle_v2)
+    replay = load_replay(bundle)
+    fab, digests = _fab_like(bundle, replay)
+    digests = list(digests)
+    digests[13] = digests[0]                    # img0 (clean) and img13 (bridges): one content, two labels
+    digests[2] = digests[1]                     # img1 and img2: one content, both clean: agree
+    r = refit(bundle, fab, replay, digests)
+    assert r.report["images"] == len(fab) - 2
+    assert r.report["conflicts_left_out"] == {"conflicts": 1, "images": 2, "items": [
+        {"sha256": digests[0], "images": [{"id": "img0", "label": "clean"}, {"id": "img13", "label": "bridges"}]}]}
+    kept = [i for i in range(len(fab)) if i not in (0, 13)]
+    assert r.data_sha256 == data_digest([(digests[i], fab.labels[i]) for i in kept])
 
 
 def test_refit_refuses_the_bundles_own_training_images(tiny_bundle_v2):
@@ -156,14 +175,10 @@ def test_format_1_bundles_and_bundles_without_replay_are_refused(tiny_bundle, ti
 
 def _class_folders(root, per_class=6, seed=0):
     """Images whose gray level says their class: a fab set a refit can learn."""
-    rng = np.random.default_rng(seed)
     for k, c in enumerate(TAXONOMY):
         (root / c).mkdir(parents=True)
         for i in range(per_class):
-            level = 20 + 28 * k
-            img = np.clip(rng.normal(level, 6, (44, 44)), 0, 255).astype(np.uint8)
-            img[(i * 5) % 40:(i * 5) % 40 + 4] = 255 - level
-            Image.fromarray(img).save(root / c / f"{c}_{i}.png")
+            (root / c / f"{c}_{i}.png").write_bytes(class_png(k, i, seed))
     return root
 
 
@@ -187,6 +202,25 @@ def test_train_adapt_writes_a_bundle_that_names_its_parent_and_data(tiny_bundle_
     assert new.heads[2].classes == tuple(TAXONOMY[1:]) and list(new.stage2_classes) == TAXONOMY[1:]
     report = json.loads((out / "adapt_report.json").read_text())
     assert report["images"] == 48 and report["seconds"] > 0      # how long it took: recorded, not judged
+
+
+def test_train_adapt_leaves_out_one_image_under_two_class_folders(tiny_bundle_v2, tmp_path):
+    """A fab folder holding the same image under two class folders (two reviews that disagree): adapt runs on
+    the rest and names both paths as left out."""
+    data = _class_folders(tmp_path / "fab", per_class=3)
+    twin = data / "other" / "bridges_0-again.png"
+    twin.write_bytes((data / "bridges" / "bridges_0.png").read_bytes())
+    out = tmp_path / "fab-1"
+    res = _run(["-m", "train", "adapt", "--from", str(tiny_bundle_v2), "--data", str(data), "--out", str(out)])
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "adapt_report.json").read_text())
+    assert report["images"] == 24 - 1
+    left_out = report["conflicts_left_out"]
+    assert (left_out["conflicts"], left_out["images"]) == (1, 2)
+    assert sorted((Path(i["id"]).name, i["label"]) for i in left_out["items"][0]["images"]) == \
+        [("bridges_0-again.png", "other"), ("bridges_0.png", "bridges")]
+    assert "2 image(s) left out" in res.stderr and "bridges_0-again.png" in res.stderr
+    assert load_bundle(out).manifest["adapted"]["images"] == 23
 
 
 @pytest.mark.parametrize("make, message", [

@@ -7,11 +7,13 @@ import json
 import signal
 import sqlite3
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from edge_runtime.bundle import load_bundle
 from edge_runtime.review.server import ReviewServer
 from edge_runtime.review.reviews import ReviewError, Reviews, open_reviews
 from edge_runtime.db.store import Store, utc_now

@@ -203,3 +203,45 @@ def test_a_shadow_answer_is_shown_beside_the_model(page):
     facts = b.find_element("id", "facts").text
     assert "candidate" in facts and f"bundle {'c' * 12}: bridges" in facts and "differs from the model" in facts
     assert "shadow run: not the result" in facts
+
+
+def test_reviews_that_disagree_are_shown_and_settled_from_the_page(page):
+    """The same image content reviewed as two classes: the page lists the conflict with both reviews, a link
+    shows the other copy (not in the to-do queue), and reviewing it again to the first label clears the list."""
+    from edge_runtime.db.store import Store
+    from tests.support.review import add_result
+
+    b, ids, c = page["browser"], page["ids"], page["client"]
+    assert b.execute_script("return document.body.dataset.conflicts") == "0"
+    assert not b.find_element("id", "conflicts-pane").is_displayed()
+    (page["processed"] / "twin.png").write_bytes((page["processed"] / "a.png").read_bytes())
+    store = Store(page["db"])
+    try:
+        twin = add_result(store, page["processed"], "twin.png", label="bridges", score=0.9,
+                          bundle_id=page["bundle_id"])
+    finally:
+        store.close()
+    assert c.review(ids["a"], "bridges", reviewer="Ann")[0] == 201
+    assert c.review(twin, "other", reviewer="Bob")[0] == 201
+    b.refresh()
+    wait_for(b, "return document.body.dataset.ready === '1' && document.body.dataset.conflicts === '1'")
+    pane = b.find_element("id", "conflicts-pane")
+    assert pane.is_displayed()
+    _, listed = c.get("/api/conflicts")
+    text = pane.text
+    assert listed["conflicts"][0]["sha256"][:16] in text
+    assert f"#{ids['a']} bridges a.png · Ann" in text and f"#{twin} other twin.png · Bob" in text
+    assert twin not in queue_ids(b)                     # reviewed: not in the to-do queue
+
+    b.find_element("id", "operator").send_keys("Bob")
+    press(b, "\ue00c")
+    b.find_element("css selector", f"#conflicts a[data-id='{twin}']").click()
+    wait_for(b, f"return document.body.dataset.current === '{twin}'")
+    assert "other" in b.find_element("id", "facts").text
+    before = b.find_element("id", "status").text
+    press(b, "2")                                       # 2 = bridges: as the other copy
+    assert "saved" in status_after(b, before)
+    wait_for(b, "return document.body.dataset.conflicts === '0'")
+    assert not b.find_element("id", "conflicts-pane").is_displayed()
+    assert db_rows(page["db"], "SELECT new_label, reviewer FROM reviews WHERE result_id = ? ORDER BY id DESC LIMIT 1",
+                   (twin,)) == [{"new_label": "bridges", "reviewer": "Bob"}]

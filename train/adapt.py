@@ -2,8 +2,9 @@
 labelled images centrally, with the same code the board runs (edge_runtime/adapt/run.py).
 
 DIR is an `edge-inspect export-labels` folder or any class-folder layout `python -m train prepare` reads
-(folder names mapped through the config's aliases). The bundle's taxonomy must be the config's. numpy and the
-TFLite interpreter only; seconds. Exit 0 written; 2 bad input (nothing written).
+(folder names mapped through the config's aliases). The bundle's taxonomy must be the config's. The same image
+content under two class folders is left out and named by its paths (edge_runtime/review/conflicts.py, as on the
+board). numpy and the TFLite interpreter only; seconds. Exit 0 written; 2 bad input (nothing written).
 """
 from __future__ import annotations
 
@@ -65,4 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         return fail(f"cannot write the new bundle: {exc.strerror or exc}")
     print(summary(report), file=sys.stderr)
+    if report["conflicts_left_out"]["conflicts"]:
+        print(f"{PROG}: the images left out are one content under two class folders: keep the copy in the right "
+              "folder (or review it again on the board and export again)", file=sys.stderr)
     return 0

@@ -6,9 +6,11 @@
 
 The reviewed images are those `edge-inspect export-labels` would export (latest review gives a class;
 `unusable` left out), read from inside the processed folder and only while their content is the one that was
-inspected (sha256). --models defaults to the bundle that recorded the latest result. numpy and the TFLite
-interpreter only: no TensorFlow. Exit 0 written; 2 a problem a person must fix (nothing reviewed yet,
-a bundle without a replay set, unknown labels, one class only, ...), nothing written.
+inspected (sha256). Copies of one image whose reviews disagree are left out (edge_runtime/review/conflicts.py)
+and named, by result id, in the summary and adapt_report.json (`conflicts_left_out`); the rest are used.
+--models defaults to the bundle that recorded the latest result. numpy and the TFLite interpreter only: no
+TensorFlow. Exit 0 written; 2 a problem a person must fix (nothing reviewed yet, a bundle without a replay set,
+unknown labels, one class only, ...), nothing written.
 """
 from __future__ import annotations
 
@@ -30,17 +32,17 @@ from edge_runtime.review.reviews import (ReviewError, add_database_flags, databa
 PROG = "edge-inspect adapt"
 
 
-def labelled_images(reviews) -> tuple[list[tuple[bytes, str, str]], list[tuple[int, str, str]], str | None]:
-    """(image bytes, reviewed label, sha256) of each usable reviewed image (the rule export-labels follows:
-    review/reviews.py reviewed_images, each file opened once inside processed/ and checked), the ones left out
-    with why, and the path of the bundle that recorded the latest result."""
+def labelled_images(reviews) -> tuple[list[tuple[bytes, str, str, str]], list[tuple[int, str, str]], str | None]:
+    """(image bytes, reviewed label, sha256, "result ID") of each usable reviewed image (the rule export-labels
+    follows: review/reviews.py reviewed_images, each file opened once inside processed/ and checked), the ones
+    left out with why, and the path of the bundle that recorded the latest result."""
     items, skipped = [], []
     for row, fh, _st, problem in reviewed_images(reviews):
         if problem is not None:
             skipped.append((row["result_id"], row["dest_path"], problem))
             continue
         data = fh.read()
-        items.append((data, row["label"], sha256_bytes(data)))
+        items.append((data, row["label"], sha256_bytes(data), f"result {row['result_id']}"))
     return items, skipped, reviews.store.latest_bundle_path()
 
 
@@ -91,4 +93,7 @@ def adapt_on_reviews(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"cannot write the new bundle: {exc.strerror or exc}") from exc
     print(summary(report), file=sys.stderr)
+    if report["conflicts_left_out"]["conflicts"]:
+        echo("settle the images left out on the review page (edge-inspect review: 'Reviews that disagree'): "
+             "review one copy again so the labels agree, and adapt again")
     return EXIT_OK

@@ -12,9 +12,11 @@
     output     a new bundle (derive.py): same backbones, new heads and gating, `parent` and `adapted` in its
                manifest (the data's sha256 included)
 
-Refused with AdaptError (exit 2, nothing written): no images, one class only, labels the bundle does not
-know, the same image under two labels, images that are the bundle's own training images (the replay set), a
-bundle without a replay set or in format /1.
+Reviews that disagree (the same image content under two labels) are left out and named in the report
+(`conflicts_left_out`: edge_runtime/review/conflicts.py, the rule the review page and export-labels follow);
+the other images are used. Refused with AdaptError (exit 2, nothing written): no images (left), one class only,
+labels the bundle does not know, images that are the bundle's own training images (the replay set), a bundle
+without a replay set or in format /1.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from edge_runtime.bundle import FORMAT, Bundle
 from edge_runtime.evaluation import classification_metrics, escape_rate, threshold_for_recall
 from edge_runtime.gate import is_defective, needs_review, stage1_score
 from edge_runtime.head import Head
+from edge_runtime.review.conflicts import Conflicts, conflicts_report, split_conflicts
 
 log = logging.getLogger("edge_inspect.adapt")
 
@@ -62,22 +65,27 @@ def data_digest(items: list[tuple[str, str]]) -> str:
     return h.hexdigest()
 
 
-def check_labels(bundle: Bundle, labels: list[str], digests: list[str]) -> None:
+def leave_out_conflicts(fab: FeatureSet, digests: list[str]) -> tuple[FeatureSet, list[str], Conflicts]:
+    """The fab's images without those whose labels disagree with another copy's (review/conflicts.py), their
+    digests, and the conflicts left out (ids: the images' names, `fab.paths`)."""
+    kept, conflicts = split_conflicts(range(len(fab)), key=lambda i: (digests[i], fab.labels[i], fab.paths[i]))
+    return fab.take(kept), [digests[i] for i in kept], conflicts
+
+
+def check_labels(bundle: Bundle, labels: list[str], left_out: int = 0) -> None:
+    """Labels a refit can use; `left_out`: how many images were left out because their reviews disagree."""
     if bundle.format != FORMAT:
         raise AdaptError(f"{bundle.root}: a format-{bundle.format.rsplit('/', 1)[-1]} bundle has no separate heads to "
                          "refit; convert the training run again with this version")
     if not labels:
-        raise AdaptError("no labelled images to adapt on")
+        raise AdaptError("no labelled images to adapt on" + (
+            f": all {left_out} are left out because copies of one image are labelled differently (review them "
+            "again so they agree)" if left_out else ""))
     unknown = sorted(set(labels) - set(bundle.taxonomy))
     if unknown:
         raise AdaptError(f"labels {unknown} are not classes of the bundle (taxonomy {list(bundle.taxonomy)})")
     if len(set(labels)) < 2:
         raise AdaptError(f"all {len(labels)} images are labelled {labels[0]!r}: adaptation needs at least two classes")
-    seen: dict[str, str] = {}
-    for digest, label in zip(digests, labels):
-        if seen.setdefault(digest, label) != label:
-            raise AdaptError(f"the same image (sha256 {digest[:16]}...) is labelled both {seen[digest]!r} and "
-                             f"{label!r}; settle it before adapting")
 
 
 def replay_duplicates(fab: FeatureSet, replay: FeatureSet, digests: list[str]) -> np.ndarray:
@@ -197,7 +205,8 @@ def refit(bundle: Bundle, fab: FeatureSet, replay: FeatureSet, digests: list[str
     """New heads and gating for `bundle` from the fab's labelled features; see the module docstring.
     fab_weight None: chosen among FAB_WEIGHTS by out-of-fold macro-F1."""
     t0 = time.perf_counter()
-    check_labels(bundle, fab.labels, digests)
+    fab, digests, conflicts = leave_out_conflicts(fab, digests)
+    check_labels(bundle, fab.labels, sum(len(seen) for seen in conflicts.values()))
     dup = replay_duplicates(fab, replay, digests)
     if len(dup):
         raise AdaptError(f"{len(dup)} of {len(fab)} images are the bundle's own public training images (e.g. "
@@ -243,6 +252,7 @@ def refit(bundle: Bundle, fab: FeatureSet, replay: FeatureSet, digests: list[str
             "review_fraction": float(np.mean(needs_review(oof["p2"][flagged].max(axis=1), floor)))
             if flagged.any() else 0.0},
         "current_bundle": score(bundle, fab.labels, old_final, s1_old, bundle.stage1_threshold),
+        "conflicts_left_out": conflicts_report(conflicts),
     }
     seconds = time.perf_counter() - t0
     report["fit_seconds"] = round(seconds, 2)

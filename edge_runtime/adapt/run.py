@@ -15,6 +15,7 @@ from edge_runtime.adapt.fit import DEFAULT_LAMBDA
 from edge_runtime.adapt.refit import FOLDS, AdaptError, refit
 from edge_runtime.bundle import MANIFEST, load_bundle
 from edge_runtime.inspector import Inspector
+from edge_runtime.review.conflicts import describe
 
 log = logging.getLogger("edge_inspect.adapt")
 REPORT = "adapt_report.json"
@@ -28,11 +29,12 @@ def check_out(out: Path, source: Path) -> None:
         raise AdaptError(f"--out {out} exists and is not a model bundle; refusing to replace it")
 
 
-def adapt(bundle_path: str | os.PathLike, items: list[tuple[str, str, str]], out: str | os.PathLike, *,
+def adapt(bundle_path: str | os.PathLike, items: list[tuple], out: str | os.PathLike, *,
           fab_weight: float | None = None, lam: float = DEFAULT_LAMBDA, folds: int = FOLDS,
           target_recall: float = 0.98, threads: int | None = None, source: str = "", echo=print) -> dict:
-    """items: (image path or its bytes, label, sha256 of its bytes). Writes the new bundle to `out` and returns
-    the report. Raises AdaptError / BundleError (nothing written)."""
+    """items: (image path or its bytes, label, sha256 of its bytes[, name]); the name (default: the path, else
+    the sha256) is how messages and the report name the image. Writes the new bundle to `out` and returns the
+    report. Raises AdaptError / BundleError (nothing written)."""
     t0 = time.perf_counter()
     out = Path(out).expanduser().absolute()
     bundle = load_bundle(bundle_path)
@@ -40,12 +42,12 @@ def adapt(bundle_path: str | os.PathLike, items: list[tuple[str, str, str]], out
     replay = load_replay(bundle)
     inspector = Inspector(bundle, threads=threads)
     echo(f"adapt: {len(items)} labelled image(s) through {bundle.root} (its backbones, variant {bundle.variant})")
-    names = [src if isinstance(src, (str, os.PathLike)) else f"image sha256 {digest[:16]}"
-             for src, _, digest in items]
-    fab, skipped = extract(inspector, [(src, label, str(name)) for (src, label, _), name in zip(items, names)])
+    names = [str(rest[0]) if rest else str(src) if isinstance(src, (str, os.PathLike))
+             else f"image sha256 {digest[:16]}" for src, _, digest, *rest in items]
+    fab, skipped = extract(inspector, [(src, label, name) for (src, label, *_), name in zip(items, names)])
     for name, reason in skipped:
         echo(f"adapt: skipped {name}: {reason}")
-    digests = {str(name): digest for name, (_, _, digest) in zip(names, items)}
+    digests = {name: digest for name, (_, _, digest, *_) in zip(names, items)}
     t_features = time.perf_counter() - t0
     result = refit(bundle, fab, replay, [digests[p] for p in fab.paths], fab_weight=fab_weight, lam=lam,
                    folds=folds, target_recall=target_recall)
@@ -72,6 +74,12 @@ def summary(report: dict) -> str:
                 f"({m['escapes']} escaped, {m['false_alarms']} clean flagged)")
 
     g = report["gating"]
+    left_out = report.get("conflicts_left_out") or {"conflicts": 0, "items": []}
+    conflicts = [f"  left out: {describe(c['sha256'], [(i['id'], i['label']) for i in c['images']])}"
+                 for c in left_out["items"]]
+    if conflicts:
+        conflicts.insert(0, f"  {left_out['images']} image(s) left out: {left_out['conflicts']} image content(s) "
+                            "whose labels disagree")
     return "\n".join([
         f"adapt: {report['images']} image(s) {report['per_class']} + {report['replay_images']} replay, fab weight "
         f"x{report['fab_weight']:g}, {report['folds']}-fold, {report['seconds']:.1f} s",
@@ -79,4 +87,5 @@ def summary(report: dict) -> str:
         line("current bundle", report["current_bundle"]),
         f"  new gating: Stage-1 threshold {g['stage1_threshold']:.4f} (defect recall target "
         f"{report['target_defect_recall']}), review floor {g['stage2_review_floor']:.3f}",
+        *conflicts,
         f"  new bundle: {report['out']} ({REPORT} inside)"])

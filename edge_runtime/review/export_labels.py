@@ -13,9 +13,11 @@ check as the review page), and must still have the content that was inspected (s
 stays inside DIR: a reviewed label must be a class name (edge_runtime/classnames.py), the file name is one plain
 component, files are created new and never through a link. Images that cannot be exported (outside processed/,
 changed, a label that is not a class name, a name too long) are listed with the reason, the rest are still
-exported (exit 1). The export is written to a new temporary folder beside DIR and renamed into place, so DIR is
-never left half-written and a failed export leaves nothing; DIR must be new, empty, or an earlier export (it is
-replaced).
+exported (exit 1). Copies of one image (the same recorded sha256) whose reviews give different classes are
+left out too, all of them, and listed with their result ids until an operator reviews one again so the labels
+agree (edge_runtime/review/conflicts.py; exit 1). The export is written to a new temporary folder beside DIR and
+renamed into place, so DIR is never left half-written and a failed export leaves nothing; DIR must be new,
+empty, or an earlier export (it is replaced).
 
 Spreadsheets: a manifest cell starting with = + - @, a tab or a carriage return (a formula) is written with a
 leading apostrophe, so opening the manifest in a spreadsheet shows it as text and runs nothing.
@@ -36,8 +38,9 @@ from pathlib import Path, PurePosixPath
 from edge_runtime.command import add_log_level, reported, run_command
 from edge_runtime.db.store import StorageError
 from edge_runtime.exits import EXIT_FAILED, EXIT_OK
+from edge_runtime.review.conflicts import describe
 from edge_runtime.review.reviews import (ReviewError, add_database_flags, database_paths, open_reviews,
-                                         reviewed_images)
+                                         reviewed_images, split_reviewed)
 
 PROG = "edge-inspect export-labels"
 MANIFEST = "export_manifest.csv"
@@ -100,14 +103,16 @@ def _copy(fh, st: os.stat_result, dest: Path) -> None:
 
 
 def export(reviews, out: str | os.PathLike) -> dict:
-    """Write the export; returns {"exported": {label: n}, "skipped": [(result_id, path, reason)], "out": DIR}."""
+    """Write the export; returns {"exported": {label: n}, "skipped": [(result_id, path, reason)],
+    "conflicts": {sha256: [(result_id, label), ...]} (left out: their reviews disagree), "out": DIR}."""
     out = Path(out).expanduser().absolute()
     check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     skipped, counts, lines = [], Counter(), []
     try:
-        for row, fh, st, problem in reviewed_images(reviews):
+        rows, conflicts = split_reviewed(reviews.for_export())
+        for row, fh, st, problem in reviewed_images(reviews, rows):
             name = f"{row['result_id']}-{PurePosixPath(row['dest_path']).name}"
             if problem is None:
                 try:
@@ -147,7 +152,7 @@ def export(reviews, out: str | os.PathLike) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"exported": dict(sorted(counts.items())), "skipped": skipped, "out": out}
+    return {"exported": dict(sorted(counts.items())), "skipped": skipped, "conflicts": conflicts, "out": out}
 
 
 def _umask() -> int:
@@ -205,8 +210,15 @@ def export_reviewed(args: argparse.Namespace) -> int:
         reviews.store.close()
     for result_id, path, reason in report["skipped"]:
         print(f"{PROG}: result {result_id}: {path}: not exported: {reason}", file=sys.stderr)
+    conflicts = report["conflicts"]
+    for digest, seen in conflicts.items():
+        ids = ", ".join(str(result_id) for result_id, _ in seen)
+        print(f"{PROG}: results {ids}: not exported: {describe(digest, seen, lambda i: f'result {i}')}; "
+              "review one of them again so the labels agree", file=sys.stderr)
     total = sum(report["exported"].values())
     per = ", ".join(f"{k} {v}" for k, v in report["exported"].items())
+    disagree = (f"{sum(len(seen) for seen in conflicts.values())} left out, their reviews disagree "
+                f"({len(conflicts)} conflict(s)); ") if conflicts else ""
     print(f"{PROG}: {total} image(s) exported to {report['out']} ({per}); {len(report['skipped'])} skipped; "
-          f"manifest {report['out'] / MANIFEST}", file=sys.stderr)
-    return EXIT_FAILED if report["skipped"] else EXIT_OK
+          f"{disagree}manifest {report['out'] / MANIFEST}", file=sys.stderr)
+    return EXIT_FAILED if report["skipped"] or conflicts else EXIT_OK

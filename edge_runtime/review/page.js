@@ -282,6 +282,7 @@ function onKey(e) {
 
 // -- the summary -------------------------------------------------------------------------------------------
 async function loadSummary() {
+  const conflicts = loadConflicts();
   const r = await api("/api/summary");
   if (!r.ok) { status(r.body.error, "error"); return; }
   const s = r.body;
@@ -304,6 +305,49 @@ async function loadSummary() {
               el("td", b.model_accuracy === null ? "–" : `${(b.model_accuracy * 100).toFixed(1)} %`));
     return tr;
   }));
+  await conflicts;
+}
+
+// -- reviews that disagree: the same image under two classes, left out of export and adaptation -----------
+function when(ts) { return `${ts.slice(0, 19).replace("T", " ")} UTC`; }
+
+async function loadConflicts() {
+  const r = await api("/api/conflicts");
+  if (!r.ok) { status(r.body.error, "error"); return; }
+  const list = r.body.conflicts;
+  $("conflicts-pane").hidden = list.length === 0;
+  $("conflicts").replaceChildren(...list.map((c) => {
+    const li = el("li");
+    li.append(el("span", `sha256 ${c.sha256.slice(0, 16)}`, "sha"));
+    const copies = el("ul");
+    for (const item of c.items) {
+      const link = el("a", `#${item.id} ${item.label}`, "label");
+      link.href = `#result-${item.id}`;
+      link.dataset.id = item.id;
+      link.addEventListener("click", (e) => { e.preventDefault(); showResult(item.id); });
+      const line = el("li");
+      line.append(link, ` ${item.name} · ${item.reviewer}, ${when(item.reviewed_at)}`);
+      copies.append(line);
+    }
+    li.append(copies);
+    return li;
+  }));
+  document.body.dataset.conflicts = String(list.length);
+}
+
+// One result shown for review, even when the filters leave it out of the queue (a conflict's link): it is put
+// in the queue where the operator is, and leaves it again once reviewed, as any item that no longer matches.
+async function showResult(id) {
+  if (indexOf(id) < 0) {
+    const r = await api(`/api/results/${id}`);
+    if (!r.ok) { status(r.body.error, "error"); return; }
+    if (indexOf(id) < 0) {
+      page.items.splice(Math.max(page.index, 0), 0, r.body);
+      page.total += 1;
+      renderQueue();
+    }
+  }
+  select(indexOf(id));
 }
 
 // -- start -------------------------------------------------------------------------------------------------
@@ -321,6 +365,8 @@ async function start() {
   buildActions();
   document.addEventListener("keydown", onKey);
   await Promise.all([loadQueue(), loadSummary()]);
+  const linked = /^#result-([1-9][0-9]*)$/.exec(location.hash);
+  if (linked) await showResult(Number(linked[1]));
 }
 
 start();

@@ -10,6 +10,10 @@ before bundle provenance have no known margin and come last), then by id.
 A result's label: the new label of its latest review, else the model's. Its review state: `unreviewed`,
 `confirmed` (latest review keeps the model's label), `corrected` (another class) or `unusable`.
 
+Reviews that disagree: results with the same recorded content (sha256) whose latest reviews give different
+classes are a conflict (edge_runtime/review/conflicts.py): listed by `conflicts()`, left out of export and
+adaptation, until one of them is reviewed again so the labels agree.
+
 Concurrent edits (optimistic): a review names the review it replaces, `expected_review_id` (0: the result had
 none when the operator looked). If another review landed meanwhile, the request is refused (Conflict, HTTP 409)
 with the review now in force; nothing is overwritten silently. The database enforces the same rule
@@ -28,6 +32,7 @@ from typing import BinaryIO
 
 from edge_runtime.classnames import ClassNameError, check_class_name
 from edge_runtime.db.store import Store, utc_now
+from edge_runtime.review.conflicts import Conflicts, split_conflicts
 from edge_runtime.safeopen import NotBeneath, NotRegularFile, open_beneath
 
 UNUSABLE = "unusable"
@@ -87,13 +92,14 @@ def database_paths(args) -> tuple[str, str | None]:
     return db, processed
 
 
-def reviewed_images(reviews: "Reviews"):
-    """The images whose latest review gives a class, opened once inside processed/ (open_image) and checked to be
-    the content that was inspected: yields (row, open file at offset 0, fstat, None), or (row, None, None, why)
-    for one that cannot be used. What export-labels exports and adaptation learns from, chosen by one rule."""
+def reviewed_images(reviews: "Reviews", rows: list[dict] | None = None):
+    """The images whose latest review gives a class (`rows`, default reviews.for_export()), opened once inside
+    processed/ (open_image) and checked to be the content that was inspected: yields (row, open file at offset 0,
+    fstat, None), or (row, None, None, why) for one that cannot be used. What export-labels exports and
+    adaptation learns from, chosen by one rule."""
     from edge_runtime.digest import sha256_fileobj
 
-    for row in reviews.for_export():
+    for row in reviews.for_export() if rows is None else rows:
         try:
             check_class_name(row["label"], "reviewed label")
             fh, st = open_image(reviews.processed, row["dest_path"])
@@ -106,6 +112,12 @@ def reviewed_images(reviews: "Reviews"):
                 continue
             fh.seek(0)
             yield row, fh, st, None
+
+
+def split_reviewed(rows: list[dict]) -> tuple[list[dict], Conflicts]:
+    """for_export() rows without the copies of one recorded content whose reviews disagree, and those
+    conflicts by result id (edge_runtime/review/conflicts.py)."""
+    return split_conflicts(rows, key=lambda row: (row["sha256"], row["label"], row["result_id"]))
 
 
 def open_image(root: Path | None, path: str | os.PathLike) -> tuple[BinaryIO, os.stat_result]:
@@ -326,6 +338,18 @@ class Reviews:
                 "corrections": [{"from": a, "to": b, "count": n}
                                 for (a, b), n in sorted(corrections.items(), key=lambda kv: (-kv[1], kv[0]))],
                 "bundles": bundles}
+
+    def conflicts(self) -> dict:
+        """Reviews that disagree, as export and adaptation leave them out: {"conflicts": [{"sha256", "items":
+        [{"id", "name", "label", "model_label", "review_id", "reviewer", "reviewed_at"}, ...]}, ...] (by first
+        result id), "images": n}. Reviewing one item again so the labels agree removes its conflict."""
+        rows = self.for_export()
+        by_id = {row["result_id"]: row for row in rows}
+        _, conflicts = split_reviewed(rows)
+        keys = ("name", "label", "model_label", "review_id", "reviewer", "reviewed_at")
+        listed = [{"sha256": digest, "items": [{"id": rid, **{k: by_id[rid][k] for k in keys}} for rid, _ in seen]}
+                  for digest, seen in sorted(conflicts.items(), key=lambda kv: kv[1][0][0])]
+        return {"conflicts": listed, "images": sum(len(c["items"]) for c in listed)}
 
     def open_image(self, result_id: int) -> tuple[BinaryIO, os.stat_result, str]:
         """The result's image, opened from inside the processed folder (open_image): (file, fstat, its path)."""

@@ -14,6 +14,8 @@ a bad request gets a 4xx status with {"error": "..."}:
     GET  /api/meta                      labels (the taxonomy + unusable), default operator, bundles
     GET  /api/queue?label=&state=&from=YYYY-MM-DD&to=YYYY-MM-DD&limit=&offset=
     GET  /api/summary                   counts per label and review state, corrections, per-bundle agreement
+    GET  /api/conflicts                 reviews that disagree: results with the same image content whose latest
+                                        reviews give different classes (left out of export and adaptation)
     GET  /api/results/ID                one result with its latest review
     GET  /api/results/ID/image          its image, opened once from inside the processed folder without
                                         following symbolic links (`..`, links and paths elsewhere are refused)
@@ -116,6 +118,10 @@ class Handler(ResponseHandler):
     @route("GET", "/api/summary")
     def _summary(self) -> None:
         self._json(HTTPStatus.OK, self.server.reviews.summary())
+
+    @route("GET", "/api/conflicts")
+    def _conflicts(self) -> None:
+        self._json(HTTPStatus.OK, self.server.reviews.conflicts())
 
     @route("GET", "/api/queue")
     def _queue(self) -> None:

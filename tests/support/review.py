@@ -30,6 +30,18 @@ def png(seed: int, size: int = 48) -> bytes:
     return buf.getvalue()
 
 
+def class_png(k: int, i: int, seed: int = 0) -> bytes:
+    """A 44x44 PNG whose gray level says its class (the k-th of the taxonomy), the i-th of that class: images
+    a refit on the tiny bundle can learn."""
+    rng = np.random.default_rng((seed, k, i))
+    level = 20 + 28 * k
+    img = np.clip(rng.normal(level, 6, (44, 44)), 0, 255).astype(np.uint8)
+    img[(i * 5) % 40:(i * 5) % 40 + 4] = 255 - level
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def add_result(store: Store, processed: Path, name: str, *, label: str, score: float, flagged: bool = False,
                confidence: float | None = None, probs: dict | None = None, bundle_id: str | None = None,
                recorded_at: str | None = None, outcome: str = "inspected", dest: Path | None = None,

@@ -19,9 +19,18 @@
                letter and record every conflict
     export     `edge-inspect export-labels` over a result database with hostile reviewed labels, hostile file
                names and a reviewer named like a spreadsheet formula: every path written must stay inside --out
+    board-http the watch service with `http:` and a token (no cgroup), each case "held" or "broke":
+                 drip    N connections announce a 20 MB POST /inspect body, half drip a byte every
+                         --drip-every seconds, half send none of it: how many are still open after
+                         --drip-seconds (held: none)
+                 origin  POST /inspect with the token, Host the board's own and Origin another port of its
+                         address, or another host: 403 (held); its own origin: served (the control)
+    broker     the checkout's shipped broker config and a real collector (benchmarks/attack_central.py)
+    central    the collector on PostgreSQL and the read API (benchmarks/attack_central.py)
 
     python -m benchmarks.attack --models models/real-lite0 [--only service,collector,export] [--held 50]
         [--slow 200] [--fuzz 1000] [--repo DIR] [--out reports/attack.json]
+    python -m benchmarks.attack --only board-http,broker,central [--drip 20] [--api-rows 300000]
 
 --repo runs another checkout's code (e.g. `git archive main | tar -x -C /tmp/main`) for the figures before a
 change. Only subprocesses and their files are used: nothing of edge_runtime is imported here.
@@ -29,7 +38,6 @@ change. Only subprocesses and their files are used: nothing of edge_runtime is i
 from __future__ import annotations
 
 import argparse
-import getpass
 import io
 import json
 import os
@@ -45,20 +53,16 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.attack_central import run_broker, run_central
+from benchmarks.attack_common import (MB, PREFIX, TOKEN, broker_conf, free_port, http, python_env, valid_result,
+                                      wait_port)
+
 REPO = Path(__file__).resolve().parent.parent
-TOKEN = "attack-token-123"
-MB = 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------
 # processes, cgroups, probes
 # ---------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Unit:
     """A cgroup with the unit's limits (MemoryMax=1G, TasksMax=64), v2 or v1; `ok` False where not allowed."""
 
@@ -140,19 +144,6 @@ def reset_peak(pid: int) -> None:
         pass
 
 
-def http(port: int, method: str, path: str, body: bytes | None = None, token: str | None = TOKEN,
-         timeout: float = 5.0) -> tuple[int, bytes]:
-    import http.client
-    con = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        con.request(method, path, body=body, headers=headers)
-        resp = con.getresponse()
-        return resp.status, resp.read()
-    finally:
-        con.close()
-
-
 class Prober(threading.Thread):
     """GET /healthz every `every` seconds (2 s timeout each) until stopped: answers, failures, latencies."""
 
@@ -205,10 +196,6 @@ def big_png() -> bytes:
     buf = io.BytesIO()
     Image.fromarray((np.clip(g, 0, 1) * 255).astype(np.uint8)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def python_env(repo: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": str(repo), "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -453,24 +440,105 @@ def run_service(args, work: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# board-http: announced bodies that never come, requests from another origin
+# ---------------------------------------------------------------------------------------------------------
+def attack_drip(svc: Service, n: int, seconds: float, drip_every: float, body_mb: int = 20) -> dict:
+    """n connections announce a body_mb POST /inspect body: half drip a byte every drip_every seconds, half send
+    none of it. After `seconds`, how many the service still keeps open (neither answered nor closed)."""
+    length = body_mb * MB
+    head = (f"POST /inspect HTTP/1.1\r\nHost: 127.0.0.1:{svc.port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: image/png\r\nContent-Length: {length}\r\n\r\n").encode()
+    conns = []
+    for i in range(n):
+        s = socket.create_connection(("127.0.0.1", svc.port), timeout=5)
+        s.sendall(head)
+        s.setblocking(False)
+        conns.append({"sock": s, "drips": i % 2 == 0, "ended_after_s": None, "answer": None})
+    prober = Prober(svc.port)
+    prober.start()
+    t0 = time.monotonic()
+    next_drip = t0 + drip_every
+    while time.monotonic() - t0 < seconds:
+        now = time.monotonic()
+        for c in conns:
+            if c["ended_after_s"] is not None:
+                continue
+            try:
+                if c["drips"] and now >= next_drip:
+                    c["sock"].send(b"\0")
+                data = c["sock"].recv(256)
+                if data and c["answer"] is None:
+                    c["answer"] = data.split(b" ")[1].decode(errors="replace") if b" " in data else "?"
+                if not data:
+                    c["ended_after_s"] = round(now - t0, 1)
+            except BlockingIOError:
+                pass
+            except OSError:
+                c["ended_after_s"] = round(now - t0, 1)
+        if now >= next_drip:
+            next_drip += drip_every
+        time.sleep(0.1)
+    probes = prober.report()
+    result: dict = {"connections": n, "body_mb": body_mb, "watched_s": seconds, "drip_every_s": drip_every}
+    for kind, drips in (("dripping", True), ("silent", False)):
+        mine = [c for c in conns if c["drips"] == drips]
+        ended = sorted(c["ended_after_s"] for c in mine if c["ended_after_s"] is not None)
+        answers: dict[str, int] = {}
+        for c in mine:
+            if c["answer"]:
+                answers[c["answer"]] = answers.get(c["answer"], 0) + 1
+        result[kind] = {"connections": len(mine), f"open_after_{seconds:g}s": len(mine) - len(ended),
+                        "closed_after_s_max": ended[-1] if ended else None, "answers": answers}
+    still_open = result["dripping"][f"open_after_{seconds:g}s"] + result["silent"][f"open_after_{seconds:g}s"]
+    for c in conns:
+        c["sock"].close()
+    result.update({"still_open": still_open, "verdict": "held" if still_open == 0 else "broke",
+                   "service_alive": svc.proc.poll() is None, "healthz": probes})
+    return result
+
+
+def origin_request(port: int, origin: str) -> int:
+    """POST /inspect with the token, Host the board's own and this Origin: the status."""
+    import http.client
+    con = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        con.request("POST", "/inspect", body=png_bytes(2), headers={
+            "Host": f"127.0.0.1:{port}", "Origin": origin, "Authorization": f"Bearer {TOKEN}",
+            "Content-Type": "image/png"})
+        resp = con.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        con.close()
+
+
+def attack_origin(svc: Service) -> dict:
+    """Another port of the board's own address and another host are other origins (403); the board's own
+    origin is the control (served)."""
+    origins = {"another port": f"http://127.0.0.1:{free_port()}", "another host": "http://evil.example",
+               "its own (control)": f"http://127.0.0.1:{svc.port}"}
+    expected = {"another port": 403, "another host": 403, "its own (control)": 200}
+    statuses = {case: origin_request(svc.port, origin) for case, origin in origins.items()}
+    return {"statuses": statuses, "verdict": "held" if statuses == expected else "broke", "expected": expected}
+
+
+def run_board_http(args, work: Path, cases: tuple[str, ...] = ("drip", "origin")) -> dict:
+    """The watch service with `http:` and a token (no cgroup): announced bodies that drip, other origins."""
+    out: dict = {}
+    svc = Service(args.repo, args.models, work / "board-http", None)
+    try:
+        if "origin" in cases:
+            out["origin"] = attack_origin(svc)
+        if "drip" in cases:
+            out["drip"] = attack_drip(svc, args.drip, args.drip_seconds, args.drip_every)
+    finally:
+        out["exit"] = svc.stop()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the collector
 # ---------------------------------------------------------------------------------------------------------
-PREFIX = "sem-inspect"
-
-
-def valid_result(board: str, rid: int, rng: random.Random) -> dict:
-    inspected = rng.random() < 0.85
-    defect = rng.choice(["bridges", "cracks", "opens"]) if inspected and rng.random() < 0.5 else None
-    score = round(rng.random(), 6)
-    return {"id": rid, "path": f"/srv/sem/incoming/img{rid}.png", "name": f"img {rid}.png",
-            "label": (defect or "clean") if inspected else None, "stage1_score": score if inspected else None,
-            "defect_class": defect, "confidence": round(rng.random(), 6) if inspected else None,
-            "review": (rng.random() < 0.2) if inspected else None, "latency_ms": round(rng.random() * 50, 3),
-            "outcome": "inspected" if inspected else "quarantined", "reason": None if inspected else "corrupt",
-            "moved_to": f"/srv/sem/processed/img{rid}.png", "sha256": "%064x" % rng.getrandbits(256),
-            "variant": "int8", "bundle_id": "%064x" % rng.getrandbits(256),
-            "stage2_probs": {"bridges": 0.5, "cracks": 0.3, "opens": 0.2} if defect else None,
-            "recorded_at": "2026-12-02T10:00:00.000+00:00", "board": board}
 
 
 def malformed(rng: random.Random, board: str, rid: int) -> tuple[str, bytes, str]:
@@ -567,24 +635,6 @@ def fuzz_messages(n: int, seed: int = 19) -> dict:
     rejected = sum(k for kind, k in kinds.items() if not kind.startswith(("valid", "duplicate", "conflict")))
     return {"messages": messages, "valid": valid, "kinds": dict(sorted(kinds.items())),
             "expected": {"results": len(valid), "dead_letters": rejected, "conflicts": len(conflicts)}}
-
-
-def broker_conf(folder: Path, port: int, extra: str = "") -> Path:
-    conf = folder / "mosquitto.conf"
-    conf.write_text(f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-                    f"persistence_location {folder}/\nlog_dest file {folder}/broker.log\n" + extra)
-    return conf
-
-
-def wait_port(port: int, seconds: float = 10) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def run_collector(args, work: Path) -> dict:
@@ -744,13 +794,19 @@ def main(argv=None) -> int:
     p.add_argument("--slow-seconds", type=float, default=20.0)
     p.add_argument("--fuzz", type=int, default=1000)
     p.add_argument("--no-cgroup", action="store_true")
+    p.add_argument("--drip", type=int, default=20, help="board-http: connections announcing a body that drips")
+    p.add_argument("--drip-seconds", type=float, default=20.0, help="board-http: how long they are watched")
+    p.add_argument("--drip-every", type=float, default=3.0, help="board-http: seconds between two dripped bytes")
+    p.add_argument("--api-rows", type=int, default=300_000, help="central: result rows under the read API")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     args.models, args.repo = args.models.resolve(), args.repo.resolve()
     report = {"repo": str(args.repo), "machine": f"{os.cpu_count()} CPU, Python {sys.version.split()[0]}"}
     with tempfile.TemporaryDirectory(prefix="sem-attack-") as tmp:
         work = Path(tmp)
-        for part, fn in (("service", run_service), ("collector", run_collector), ("export", run_export)):
+        groups = (("service", run_service), ("collector", run_collector), ("export", run_export),
+                  ("board-http", run_board_http), ("broker", run_broker), ("central", run_central))
+        for part, fn in groups:
             if part in args.only.split(","):
                 t0 = time.monotonic()
                 try:

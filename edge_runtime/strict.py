@@ -103,7 +103,9 @@ class Number(Spec):
         if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
                 or (self.low is not None and value < self.low) or (self.above is not None and value <= self.above) \
                 or (self.high is not None and value > self.high):
-            out.append(_wrong(path, self.expected, value))
+            nonfinite = isinstance(value, float) and not math.isfinite(value)
+            out.append(_wrong(path, self.expected.replace("a number", "a finite number", 1) if nonfinite
+                              else self.expected, value))
             return value
         return int(value) if self.integer else float(value)
 

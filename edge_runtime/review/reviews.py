@@ -30,12 +30,14 @@ import unicodedata
 from pathlib import Path
 from typing import BinaryIO
 
+from edge_runtime import strict
 from edge_runtime.classnames import ClassNameError, check_class_name
 from edge_runtime.db.store import Store, utc_now
 from edge_runtime.review.conflicts import Conflicts, split_conflicts
 from edge_runtime.safeopen import NotBeneath, NotRegularFile, open_beneath
 
 UNUSABLE = "unusable"
+REVIEW_ID = strict.Number(0, 2**63 - 1, integer=True)      # a review's id (0: the result had none)
 STATES = ("unreviewed", "reviewed", "confirmed", "corrected", "unusable", "all")
 MAX_REVIEWER = 64
 MAX_PAGE = 500
@@ -377,8 +379,7 @@ class Reviews:
         if not isinstance(new_label, str) or new_label not in self.labels:
             raise ReviewError(f"unknown label {new_label!r} (one of {', '.join(self.labels)})")
         reviewer = check_reviewer(reviewer)
-        if isinstance(expected_review_id, bool) or not isinstance(expected_review_id, int) \
-                or expected_review_id < 0:
+        if strict.problems(expected_review_id, REVIEW_ID):
             raise ReviewError("expected_review_id must be the id of the review you saw (0 if none)")
 
         def write():

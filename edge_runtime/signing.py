@@ -238,11 +238,11 @@ def parse_derivation(data: bytes, where: str) -> dict:
     if not isinstance(sig, dict) or sig.get("format") != DERIVATION_FORMAT or sig.get("algorithm") != ALGORITHM:
         raise SignatureError(f"{where}: not a {DERIVATION_FORMAT} {ALGORITHM} signature")
     st = sig.get("statement")
-    fields_ = ("bundle_id", "parent_bundle_id", "board_key_id", "derived_at")
+    names = ("bundle_id", "parent_bundle_id", "board_key_id", "derived_at")
     if not isinstance(sig.get("key_id"), str) or not isinstance(sig.get("signature"), str) \
-            or not isinstance(st, dict) or set(st) != set(fields_) \
-            or not all(isinstance(st[k], str) for k in fields_) or st["board_key_id"] != sig["key_id"]:
-        raise SignatureError(f"{where}: statement must hold {', '.join(fields_)} (board_key_id = key_id)")
+            or not isinstance(st, dict) or set(st) != set(names) \
+            or not all(isinstance(st[k], str) for k in names) or st["board_key_id"] != sig["key_id"]:
+        raise SignatureError(f"{where}: statement must hold {', '.join(names)} (board_key_id = key_id)")
     try:
         sig["raw"] = base64.b64decode(sig["signature"], validate=True)
     except (binascii.Error, ValueError):
@@ -283,7 +283,8 @@ def verify_derivation(manifest: bytes, derivation: bytes | None, parent_manifest
                              f"{parent[:16]}'s manifest")
     if parent_signature is None:
         raise SignatureError(f"{where}: adapted bundle: its parent {parent[:16]} is not signed by a trusted key "
-                             f"(no {PARENT_SIGNATURE}), and this board accepts only bundles signed by {keys.describe()}")
+                             f"(no {PARENT_SIGNATURE}), and this board accepts only bundles signed by "
+                             f"{keys.describe()}")
     try:
         parent_key = verify_manifest(parent_manifest, parent_signature, keys, PARENT_SIGNATURE)
     except SignatureError as exc:

@@ -110,19 +110,24 @@ def test_a_derived_bundle_is_refused_with_one_line_unless_the_whole_chain_holds(
     assert "is not its parent" in _refusal(keys, swapped, board)
 
 
-def test_the_central_side_checks_the_chain_and_signs_a_copy_every_board_runs(keys, tiny_bundle_v2, tmp_path, capsys):
+def test_the_central_side_checks_the_chain_and_signs_a_copy_every_board_runs(keys, tiny_bundle_v2, tmp_path):
     parent = _signed_parent(tmp_path, tiny_bundle_v2, keys["release"]["key"])
     derived = _derive(parent, tmp_path / "derived", keys["board"]["key"])
     (derived / "adapt_report.json").write_text("{}")           # what adapt leaves beside the bundle
-    base = ["derived", str(derived), "--trusted-keys", str(keys["release"]["pub"])]
-    assert convert_main([*base, "--board-pub", str(keys["other-board"]["pub"])]) == 2
-    assert "another board's key" in capsys.readouterr().err
+
+    def convert(*args):
+        return subprocess.run([sys.executable, "-m", "convert", "derived", str(derived), "--trusted-keys",
+                               str(keys["release"]["pub"]), *map(str, args)], capture_output=True, text=True,
+                              cwd=REPO, timeout=300)
+
+    refused = convert("--board-pub", keys["other-board"]["pub"])
+    assert refused.returncode == 2 and "another board's key" in refused.stderr
     out_dir = tmp_path / "fleet"
-    assert convert_main([*base, "--board-pub", str(keys["board"]["pub"]), "--key", str(keys["release"]["key"]),
-                         "--out", str(out_dir), "--release", "42"]) == 0
-    out = capsys.readouterr().out
+    res = convert("--board-pub", keys["board"]["pub"], "--key", keys["release"]["key"], "--out", out_dir,
+                  "--release", 42)
+    assert res.returncode == 0, res.stderr
     board_id = load_bundle(derived, trusted_keys=keys["release"]["pub"], board_key=keys["board"]["pub"]).signed_by
-    assert f"derived by board key {board_id}" in out and "gating:" in out and "release 42" in out
+    assert f"derived by board key {board_id}" in res.stdout and "gating:" in res.stdout and "release 42" in res.stdout
     fleet = load_bundle(out_dir, trusted_keys=keys["release"]["pub"])        # no board key needed now
     assert fleet.derivation is None and release_of((out_dir / SIGNATURE).read_bytes()) == 42
     assert (out_dir / DERIVATION).is_file() and (out_dir / PARENT_MANIFEST).is_file()

@@ -264,7 +264,7 @@ def _fail(exc: Exception, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("sign", "keygen"):     # no TensorFlow either (convert/sign.py)
+    if argv and argv[0] in ("sign", "keygen", "derived"):     # no TensorFlow either (convert/sign.py)
         from convert.sign import main as sign_main
         return sign_main(argv)
     if argv and argv[0] == "check":          # edge_runtime only: runs where TensorFlow is not installed

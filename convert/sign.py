@@ -3,6 +3,8 @@
     python -m convert keygen --out keys/ [--name release]     -> keys/release.key (private, 0600), release.pub
     python -m convert sign models/NAME --key keys/release.key [--release N]   -> models/NAME/manifest.sig
     python -m convert sign models/NAME --key keys/release.key --out models/NAME-signed   (pinned files only)
+    python -m convert derived BOARD-BUNDLE --trusted-keys keys/release.pub --board-pub boards/fab-1.pub
+                      [--key keys/release.key --out models/NAME-signed [--release N]]
 
 `sign` checks the bundle first (every file against the manifest: a bundle is signed only whole), refuses a
 folder that holds anything its manifest does not pin (reports, sub-folders, links: whatever is copied with the
@@ -11,6 +13,10 @@ in any file, and writes manifest.sig atomically. The signature states a release 
 signing time in seconds): a board refuses a bundle whose release is lower than the highest it accepted (an older
 signed bundle replayed), unless an operator rolls back. It
 prints the key id and the bundle id, never the key. Boards trust the .pub file (service.yaml `trusted_keys:`).
+`derived` checks a bundle a board derived (`edge-inspect adapt` with its board key) by the board's own rule (its
+parent signed by a trusted key, the derivation by that board's key, the parent's backbones), says what it
+changed (heads, gating, replay set), and with --key signs a clean copy for every board (derivation.sig and the
+parent's manifest and signature travel with it).
 No TensorFlow needed. Exit 0 ok, 2 bad input (the message says why).
 """
 from __future__ import annotations
@@ -24,8 +30,8 @@ from pathlib import Path
 
 from edge_runtime.bundle import MANIFEST, Bundle, BundleError, load_bundle
 from edge_runtime.digest import sha256_file
-from edge_runtime.signing import (SIGNATURE, SignatureError, generate_key, holds_private_key, release_of,
-                                  signature_for)
+from edge_runtime.signing import (DERIVATION, SIGNATURE, SignatureError, generate_key, holds_private_key,
+                                  release_of, signature_for)
 
 
 def sign_bundle(bundle: str | os.PathLike, key: str | os.PathLike, release: int | None = None,
@@ -73,7 +79,7 @@ def clean_copy(bundle: Bundle, out: Path) -> Path:
     the source's reports and anything else stay behind."""
     if os.path.lexists(out):
         raise SignatureError(f"--out {out} exists; give a new folder")
-    names = pinned_files(bundle) - {SIGNATURE}
+    names = {n for n in pinned_files(bundle) - {SIGNATURE} if n != DERIVATION or (bundle.root / n).is_file()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for name in sorted(names):
@@ -87,15 +93,50 @@ def clean_copy(bundle: Bundle, out: Path) -> Path:
 
 
 def pinned_files(bundle: Bundle) -> set[str]:
-    """The names a signed bundle may hold: the manifest, its signature, and every file the manifest pins (the
-    models, heads and replay set, checked when the bundle was loaded, and the extra files under `files:`,
-    checked here)."""
+    """The names a signed bundle may hold: the manifest, its signature, a board's derivation signature (a bundle a
+    board derived, re-signed), and every file the manifest pins (the models, heads and replay set, checked when
+    the bundle was loaded, and the extra files under `files:`, checked here)."""
     extras = bundle.manifest.get("files") or {}
     for name, entry in extras.items():
         path = bundle.root / name
         if not path.is_file() or path.is_symlink() or sha256_file(path) != entry.get("sha256"):
             raise BundleError(f"{path}: missing or not the file the manifest pins (sha256 mismatch)")
-    return {MANIFEST, SIGNATURE, *bundle.files(), *extras}
+    return {MANIFEST, SIGNATURE, DERIVATION, *bundle.files(), *extras}
+
+
+def check_derived(bundle: str | os.PathLike, trusted_keys: str | os.PathLike,
+                  board_pub: str | os.PathLike) -> tuple[Bundle, list[str]]:
+    """A bundle a board derived, checked by the rule that board applies (edge_runtime/bundle.py load_bundle with
+    the board's public key), and what it changed from its signed parent, one line each."""
+    import yaml
+    loaded = load_bundle(bundle, trusted_keys=trusted_keys, board_key=board_pub)
+    d = loaded.derivation
+    if d is None:
+        raise SignatureError(f"{loaded.root}: not a bundle a board derived (it has its own {SIGNATURE}, by key "
+                             f"{loaded.signed_by})")
+    parent = yaml.safe_load(d.parent_manifest.decode("utf-8"))
+    lines = [f"bundle {loaded.bundle_id}: derived by board key {d.board_key_id} from parent {d.parent_id} "
+             f"(signed by {d.parent_key_id}, release {d.parent_release}); backbones are the parent's"]
+    for n in (1, 2):
+        mine, theirs = (m["stages"][f"stage{n}"] for m in (loaded.manifest, parent))
+        if mine["head"]["sha256"] != theirs["head"]["sha256"]:
+            lines.append(f"  stage {n} head: {theirs['head']['sha256'][:16]} -> {mine['head']['sha256'][:16]}, "
+                         f"classes {mine['classes']}")
+    for key in ("gating", "replay"):
+        if loaded.manifest.get(key) != parent.get(key):
+            lines.append(f"  {key}: {_short(parent.get(key))} -> {_short(loaded.manifest.get(key))}")
+    adapted = loaded.manifest.get("adapted") or {}
+    if adapted:
+        lines.append(f"  adapted on {adapted.get('images')} image(s) {adapted.get('per_class')} "
+                     f"({adapted.get('source') or 'source not recorded'})")
+    return loaded, lines
+
+
+def _short(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {str(v)[:16]}"
+                               for k, v in value.items() if not isinstance(v, (dict, list))) + "}"
+    return str(value)
 
 
 def everything_in(root: Path) -> list[Path]:
@@ -120,12 +161,31 @@ def main(argv: list[str]) -> int:
     s.add_argument("--release", type=int, metavar="N",
                    help="the release counter the signature states (default: the signing time in seconds); boards "
                         "refuse a release lower than the highest they accepted")
+    d = sub.add_parser("derived", help="check a bundle a board derived (its chain to a signed parent) and, with "
+                                       "--key, sign a clean copy of it for every board")
+    d.add_argument("bundle", metavar="BUNDLE")
+    d.add_argument("--trusted-keys", required=True, metavar="PATH", help="the release key(s) the parent must be "
+                                                                         "signed by (a .pub or a folder of them)")
+    d.add_argument("--board-pub", required=True, metavar="PUB", help="the public key of the board that derived it")
+    d.add_argument("--key", metavar="KEY", help="the release key: sign a clean copy (needs --out)")
+    d.add_argument("--out", metavar="DIR", help="the new folder of the signed copy")
+    d.add_argument("--release", type=int, metavar="N", help="the release counter of the new signature (default: "
+                                                            "the signing time in seconds)")
     args = p.parse_args(argv)
+    if args.command == "derived" and (args.key is None) != (args.out is None):
+        p.error("derived: --key and --out go together (the signed copy is a new folder)")
     try:
         if args.command == "keygen":
             key, pub, key_id = generate_key(args.out, args.name)
             print(f"key id {key_id}: private key {key} (mode 0600: keep it off the boards and out of bundles), "
                   f"public key {pub} (give it to the boards: trusted_keys)")
+        elif args.command == "derived":
+            _, lines = check_derived(args.bundle, args.trusted_keys, args.board_pub)
+            print("\n".join(lines))
+            if args.key is not None:
+                path, key_id, bundle_id = sign_bundle(args.bundle, args.key, args.release, args.out)
+                print(f"signed bundle {bundle_id} with key {key_id}, release {release_of(path.read_bytes())}: "
+                      f"{path}")
         else:
             path, key_id, bundle_id = sign_bundle(args.bundle, args.key, args.release, args.out)
             print(f"signed bundle {bundle_id} with key {key_id}, release {release_of(path.read_bytes())}: {path}")

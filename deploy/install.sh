@@ -490,6 +490,21 @@ else
     fi
 fi
 
+# The board's own key signs the bundles `edge-inspect adapt` derives here (docs/security.md, "Bundles a board
+# derives"); service.yaml names it with `board_key:`. Made once, never replaced.
+BOARD_KEY=$CONF_DIR/board.key
+step "Board key $BOARD_KEY"
+if [[ -e $BOARD_KEY ]]; then
+    info "exists"
+elif ! "$VPY" -c 'import cryptography' >/dev/null 2>&1; then
+    info "skipped: the venv has no cryptography (pip install .[signing]); adapted bundles stay unsigned"
+else
+    run "$VPY" -c 'import sys; from edge_runtime.signing import generate_key; generate_key(sys.argv[1], "board")' \
+        "$CONF_DIR"
+    run chown "$SERVICE_USER:$SERVICE_USER" "$BOARD_KEY"
+    info "made (mode 0600, owner $SERVICE_USER); set board_key: $BOARD_KEY in $CONFIG_FILE to sign adaptations"
+fi
+
 step "systemd unit $UNIT_FILE"
 if [[ -f $UNIT_FILE ]] && cmp -s "$RENDER_DIR/$UNIT_NAME" "$UNIT_FILE"; then
     info "unchanged"

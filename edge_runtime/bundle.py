@@ -88,6 +88,8 @@ class Bundle:
     # sha256 of manifest.yaml: the model version (the manifest pins every model file's sha256). Results record it.
     bundle_id: str = ""
     signed_by: str | None = None        # the trusted key id whose signature was checked at load (None: not asked)
+    # A bundle this board derived (signed by its board key; edge_runtime/signing.py): its signed parent.
+    derivation: object | None = None
     # Format /2: each stage's head (None: the model's output is already the stage's probabilities) and the
     # classes the stage outputs (Stage 1 of format /1: ("defective",), one sigmoid unit).
     heads: dict[int, Head | None] = field(default_factory=dict, repr=False)
@@ -226,26 +228,69 @@ def read_verified(spec: StageSpec | FileSpec, what: str) -> bytes:
     return _check_file(spec, keep=True, what=what)
 
 
-def read_signature(root: Path) -> bytes | None:
-    """manifest.sig's bytes (None when the bundle has none)."""
-    from edge_runtime.signing import MAX_SIG_BYTES, SIGNATURE
+def _read_optional(path: Path, limit: int | None = None) -> bytes | None:
+    """A small file of the bundle beside the manifest (None when there is none)."""
     try:
-        fh, _ = open_regular(root / SIGNATURE)
+        fh, _ = open_regular(path)
         with fh:
-            return fh.read(MAX_SIG_BYTES + 1)
+            return fh.read() if limit is None else fh.read(limit + 1)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise BundleError(f"{root / SIGNATURE}: cannot read: {exc.strerror or exc}") from None
+        raise BundleError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
-def _check_signature(root: Path, manifest: bytes, trusted_keys) -> str:
-    """The bundle's signature against the trusted keys (edge_runtime/signing.py), before any model is read."""
+def read_signature(root: Path) -> bytes | None:
+    """manifest.sig's bytes (None when the bundle has none)."""
+    from edge_runtime.signing import MAX_SIG_BYTES, SIGNATURE
+    return _read_optional(root / SIGNATURE, MAX_SIG_BYTES)
+
+
+def release_signature(root: Path) -> bytes | None:
+    """The signature that states a bundle folder's release: manifest.sig, or for a bundle a board derived (no
+    manifest.sig of its own), its parent's (parent.sig): a derived bundle is its parent's release."""
+    from edge_runtime.signing import MAX_SIG_BYTES, PARENT_SIGNATURE
+    sig = read_signature(root)
+    return sig if sig is not None else _read_optional(root / PARENT_SIGNATURE, MAX_SIG_BYTES)
+
+
+def _check_signature(root: Path, manifest: bytes, trusted_keys, board_key):
+    """The bundle's signature against the trusted keys (edge_runtime/signing.py), before any model is read:
+    manifest.sig, or for a bundle without one, a derivation by this board's own key (board_key) of a parent a
+    trusted key signed. Returns (the key id that signed it, the Derivation or None)."""
     from edge_runtime import signing
     try:
-        return signing.verify_manifest(manifest, read_signature(root), signing.trusted(trusted_keys), str(root))
+        keys, signature = signing.trusted(trusted_keys), read_signature(root)
+        if signature is not None or not (root / signing.DERIVATION).exists():
+            return signing.verify_manifest(manifest, signature, keys, str(root)), None
+        derivation = signing.verify_derivation(
+            manifest, _read_optional(root / signing.DERIVATION, signing.MAX_SIG_BYTES),
+            _read_optional(root / signing.PARENT_MANIFEST), _read_optional(root / signing.PARENT_SIGNATURE,
+                                                                           signing.MAX_SIG_BYTES),
+            keys, board_key, str(root))
+        return derivation.board_key_id, derivation
     except signing.SignatureError as exc:
         raise BundleError(str(exc)) from None
+
+
+# What runs a backbone: a bundle a board derives keeps these exactly as its signed parent has them (it may change
+# only the heads, their classes, the gating and the replay set).
+_BACKBONE_KEYS = ("format", "input", "variants")
+_BACKBONE_STAGE_KEYS = ("backbone", "image_size")
+
+
+def _check_backbones(manifest: dict, parent_raw: bytes, parent_id: str, root: Path) -> None:
+    """A derived bundle's backbones against its signed parent's: the same model files (sha256, quantization),
+    input and preprocessing, or BundleError (one line)."""
+    parent = yaml.safe_load(parent_raw.decode("utf-8"))     # verified by the parent's signature
+    parent = parent if isinstance(parent, dict) else {}
+    differ = [k for k in _BACKBONE_KEYS if manifest.get(k) != parent.get(k)]
+    for n in (1, 2):
+        mine, theirs = ((m.get("stages") or {}).get(f"stage{n}") or {} for m in (manifest, parent))
+        differ += [f"stages.stage{n}.{k}" for k in _BACKBONE_STAGE_KEYS if mine.get(k) != theirs.get(k)]
+    if differ:
+        raise BundleError(f"{root}: adapted bundle: its backbones are not its parent {parent_id[:16]}'s "
+                          f"({', '.join(differ)} differ); a board may change only heads and gating")
 
 
 # ---- read / parse / verify ------------------------------------------------------------------------------------
@@ -364,25 +409,35 @@ def verify_files(bundle: Bundle, verify_all: bool = True) -> Bundle:
 
 
 def load_bundle(path: str | os.PathLike, variant: str | None = None, verify_all: bool = True,
-                trusted_keys=None) -> Bundle:
+                trusted_keys=None, board_key=None) -> Bundle:
     """Read manifest.yaml, check its signature (when keys are given), parse it, and verify the files' sha256.
 
     verify_all: check every variant's files (default), not just the selected one's.
     trusted_keys: an edge_runtime.signing.TrustedKeys (or the path of a .pub file or folder of them): the
     manifest must carry a valid signature (manifest.sig) by one of them, checked before anything else is read.
     None (default): no signature needed.
+    board_key: this board's key (edge_runtime/signing.py board_public_key): with trusted_keys, a bundle without
+    manifest.sig is accepted when this board derived it from a trusted parent, keeping its backbones.
     """
     root = Path(path).expanduser()
     raw = read_manifest(root)
-    signed_by = _check_signature(root, raw, trusted_keys) if trusted_keys is not None else None
+    signed_by, derivation = (_check_signature(root, raw, trusted_keys, board_key) if trusted_keys is not None
+                             else (None, None))
     bundle = parse_manifest(root, raw, variant)
-    bundle.signed_by = signed_by
+    if derivation is not None:
+        _check_backbones(bundle.manifest, derivation.parent_manifest, derivation.parent_id, root)
+    bundle.signed_by, bundle.derivation = signed_by, derivation
     return verify_files(bundle, verify_all)
 
 
 def file_entry(data: bytes) -> dict:
     """How the manifest pins a file: its sha256 and size."""
     return {"sha256": sha256_bytes(data), "bytes": len(data)}
+
+
+def dump_manifest(manifest: dict) -> bytes:
+    """manifest.yaml's bytes as write_bundle_dir writes them (what a signature made before writing covers)."""
+    return yaml.safe_dump(manifest, sort_keys=False).encode("utf-8")
 
 
 def write_bundle_dir(out_dir: str | os.PathLike, files: dict[str, bytes], manifest: dict) -> Path:
@@ -396,7 +451,7 @@ def write_bundle_dir(out_dir: str | os.PathLike, files: dict[str, bytes], manife
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)       # mkdtemp's 0700 would hide the bundle from the service's user
     try:
-        for name, data in {**files, MANIFEST: yaml.safe_dump(manifest, sort_keys=False).encode("utf-8")}.items():
+        for name, data in {**files, MANIFEST: dump_manifest(manifest)}.items():
             if Path(name).name != name:
                 raise ValueError(f"bundle file {name!r} must be a plain file name")
             with open(tmp / name, "xb") as fh:

@@ -64,7 +64,7 @@ def run_batch(args) -> int:
         raise CommandError("give image files or folders to inspect, or --watch DIR")
     with reported(BundleError, NoInterpreter):
         inspector = Inspector(args.models, variant=args.variant, threads=args.threads, runtime=args.runtime,
-                              trusted_keys=args.trusted_keys)
+                              trusted_keys=args.trusted_keys, board_key=args.board_key)
     files, problems = collect_inputs(args.paths)
     out = sys.stdout
     failed = 0

@@ -167,11 +167,14 @@ class Inspector:
     def __init__(self, bundle: str | os.PathLike | Bundle, variant: str | None = None,
                  threads: int | None = None, runtime: str | None = None, *,
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
-                 max_decode_mb: float = DEFAULT_MAX_DECODE_MB, kernels: str = "default", trusted_keys=None):
-        # trusted_keys: the bundle must be signed by one of them (edge_runtime/signing.py), checked before any
-        # model is read; None: no signature needed.
+                 max_decode_mb: float = DEFAULT_MAX_DECODE_MB, kernels: str = "default", trusted_keys=None,
+                 board_key=None):
+        # trusted_keys: the bundle must be signed by one of them (edge_runtime/signing.py), or (board_key: this
+        # board's key) be derived by this board from a bundle signed by one, checked before any model is read;
+        # None: no signature needed.
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, variant,
-                                                                             trusted_keys=trusted_keys)
+                                                                             trusted_keys=trusted_keys,
+                                                                             board_key=board_key)
         if variant and self.bundle.variant != variant:
             raise BundleError(f"bundle was loaded with variant {self.bundle.variant!r}, not {variant!r}")
         self.threads = threads or os.cpu_count() or 1

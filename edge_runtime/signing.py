@@ -14,6 +14,14 @@ Files
                      it accepted (a downgrade to an older signed bundle) unless an operator rolls back. key_id is
                      the first 16 hex digits of sha256(raw public key). Format 1 (the signature over
                      manifest.yaml's bytes, no statement) is still read, as release 0.
+    BOARD.key/.pub   a board's own key pair (service.yaml `board_key:`, made at install): signs what the board
+                     derives (`edge-inspect adapt`); the board reads only BOARD.pub, beside it, to check
+    derivation.sig   in a bundle a board derived: JSON {"format": "sem-inspect-derivation/1", "algorithm",
+                     "key_id" (the board key's), "statement": {"bundle_id", "parent_bundle_id", "board_key_id",
+                     "derived_at"}, "signature"}, over the statement's canonical JSON as manifest.sig; beside it
+                     parent.manifest.yaml and parent.sig, the signed parent's manifest and signature as they were
+                     (pinned under the manifest's `files:`). verify_derivation() is the rule a board with trusted
+                     keys applies to a bundle without manifest.sig (docs/security.md, "Bundles a board derives").
 
 The `cryptography` package (the optional `signing` extra; aarch64 wheels exist) is imported only here and only
 when a key is read: a board configured without trusted keys runs without it, exactly as before. The bundle
@@ -33,6 +41,10 @@ from edge_runtime.digest import sha256_bytes
 from edge_runtime.safeopen import open_regular
 
 SIGNATURE = "manifest.sig"
+DERIVATION = "derivation.sig"
+PARENT_MANIFEST = "parent.manifest.yaml"
+PARENT_SIGNATURE = "parent.sig"
+DERIVATION_FORMAT = "sem-inspect-derivation/1"
 SIG_FORMAT = "sem-inspect-signature/2"
 SIG_FORMAT_V1 = "sem-inspect-signature/1"       # signature over the manifest's bytes; release 0
 ALGORITHM = "ed25519"
@@ -181,6 +193,104 @@ def verify_manifest(manifest: bytes, signature: bytes | None, keys: TrustedKeys,
                              "bundle was altered after it was signed, or the signature belongs to another bundle") \
             from None
     return sig["key_id"]
+
+
+# ---- bundles a board derives ------------------------------------------------------------------------------
+def board_public_key(board_key: "PublicKey | str | os.PathLike") -> PublicKey:
+    """The board's own public key: BOARD.pub beside the private key `board_key` names (or that .pub itself)."""
+    if isinstance(board_key, PublicKey):
+        return board_key
+    path = Path(board_key)
+    return read_public_key(path if path.suffix == ".pub" else path.with_suffix(".pub"))
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """A derivation that verify_derivation() accepted."""
+    board_key_id: str           # the board key that derived the bundle (this board's own)
+    parent_id: str              # the signed parent's bundle id (sha256 of parent.manifest.yaml)
+    parent_key_id: str          # the trusted key that signed the parent
+    parent_release: int         # the parent's release counter: the derived bundle's release
+    parent_manifest: bytes
+
+
+def derivation_for(manifest: bytes, parent_manifest: bytes, board_key: str | os.PathLike) -> bytes:
+    """derivation.sig's bytes: the board key's signature over a statement naming the derived manifest and its
+    signed parent's manifest by their sha256."""
+    import datetime as _dt
+    serialization, _, _ = _crypto()
+    private = _private_key(Path(board_key))
+    raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    statement = {"bundle_id": sha256_bytes(manifest), "parent_bundle_id": sha256_bytes(parent_manifest),
+                 "board_key_id": key_id_of(raw),
+                 "derived_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    doc = {"format": DERIVATION_FORMAT, "algorithm": ALGORITHM, "key_id": key_id_of(raw), "statement": statement,
+           "signature": base64.b64encode(private.sign(canonical(statement))).decode("ascii")}
+    return (json.dumps(doc, indent=1) + "\n").encode("utf-8")
+
+
+def parse_derivation(data: bytes, where: str) -> dict:
+    """derivation.sig's fields, checked (SignatureError otherwise)."""
+    try:
+        sig = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise SignatureError(f"{where}: not a derivation signature (JSON expected)") from None
+    if not isinstance(sig, dict) or sig.get("format") != DERIVATION_FORMAT or sig.get("algorithm") != ALGORITHM:
+        raise SignatureError(f"{where}: not a {DERIVATION_FORMAT} {ALGORITHM} signature")
+    st = sig.get("statement")
+    names = ("bundle_id", "parent_bundle_id", "board_key_id", "derived_at")
+    if not isinstance(sig.get("key_id"), str) or not isinstance(sig.get("signature"), str) \
+            or not isinstance(st, dict) or set(st) != set(names) \
+            or not all(isinstance(st[k], str) for k in names) or st["board_key_id"] != sig["key_id"]:
+        raise SignatureError(f"{where}: statement must hold {', '.join(names)} (board_key_id = key_id)")
+    try:
+        sig["raw"] = base64.b64decode(sig["signature"], validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureError(f"{where}: signature is not base64") from None
+    return sig
+
+
+def verify_derivation(manifest: bytes, derivation: bytes | None, parent_manifest: bytes | None,
+                      parent_signature: bytes | None, keys: TrustedKeys, own: "PublicKey | str | os.PathLike | None",
+                      where: str) -> Derivation:
+    """A bundle without manifest.sig, on a board with trusted keys: accepted only as a derivation this board
+    signed (`own`: its board key) of a parent a trusted key signed. Returns the Derivation; SignatureError with
+    one line saying why not. The caller checks that the backbones are the parent's (edge_runtime/bundle.py)."""
+    if derivation is None:
+        raise SignatureError(f"{where}: unsigned bundle (no {SIGNATURE}, no {DERIVATION}), and this board accepts "
+                             f"only bundles signed by {keys.describe()}")
+    sig = parse_derivation(derivation, f"{where}/{DERIVATION}")
+    st = sig["statement"]
+    if own is None:
+        raise SignatureError(f"{where}: adapted bundle derived by board key {sig['key_id']}, and this board has no "
+                             f"board_key to check a derivation with; it accepts only bundles signed by "
+                             f"{keys.describe()}")
+    own = board_public_key(own)
+    if sig["key_id"] != own.key_id:
+        raise SignatureError(f"{where}: adapted bundle derived by another board's key {sig['key_id']} (this board's "
+                             f"key is {own.key_id}); run it elsewhere only once the release key signs it")
+    _, _, invalid = _crypto()
+    try:
+        own.key.verify(sig["raw"], canonical(st))
+        if st["bundle_id"] != sha256_bytes(manifest):
+            raise invalid()
+    except invalid:
+        raise SignatureError(f"{where}: the derivation signature of board key {sig['key_id']} does not match "
+                             "manifest.yaml: the bundle was altered after it was derived") from None
+    parent = st["parent_bundle_id"]
+    if parent_manifest is None or sha256_bytes(parent_manifest) != parent:
+        raise SignatureError(f"{where}: adapted bundle: {PARENT_MANIFEST} is missing or is not its parent "
+                             f"{parent[:16]}'s manifest")
+    if parent_signature is None:
+        raise SignatureError(f"{where}: adapted bundle: its parent {parent[:16]} is not signed by a trusted key "
+                             f"(no {PARENT_SIGNATURE}), and this board accepts only bundles signed by "
+                             f"{keys.describe()}")
+    try:
+        parent_key = verify_manifest(parent_manifest, parent_signature, keys, PARENT_SIGNATURE)
+    except SignatureError as exc:
+        raise SignatureError(f"{where}: adapted bundle: its parent {parent[:16]} is not signed by a trusted key "
+                             f"({exc})") from None
+    return Derivation(own.key_id, parent, parent_key, release_of(parent_signature), parent_manifest)
 
 
 # ---- signing (the training machine) ----------------------------------------------------------------------

@@ -324,3 +324,43 @@ def test_edge_inspect_adapt_takes_the_database_and_processed_folder_from_the_ser
     res = _run(["-m", "edge_runtime.cli", "adapt", "--config", str(config), "--out", str(out), "--threads", "1"])
     assert res.returncode == 0, res.stderr
     assert load_bundle(out).manifest["adapted"]["images"] == len(truth)
+
+
+def test_edge_inspect_adapt_signs_what_it_derives_with_the_board_key(tiny_bundle_v2, tmp_path):
+    """With --board-key the bundle adapt writes runs on a board with trusted_keys (its own key) and no other."""
+    pytest.importorskip("cryptography")
+    import shutil
+
+    from convert.sign import main as convert_main
+    from edge_runtime.config.service_config import load_service_config
+    from edge_runtime.db.store import Store
+    from edge_runtime.review.reviews import Reviews
+    from edge_runtime.service.watch import WatchService
+    from edge_runtime.signing import DERIVATION, generate_key
+
+    keys = {name: generate_key(tmp_path / "keys", name)[:2] for name in ("release", "board", "other")}
+    parent = Path(shutil.copytree(tiny_bundle_v2, tmp_path / "parent"))
+    assert convert_main(["sign", str(parent), "--key", str(keys["release"][0])]) == 0
+    watch = tmp_path / "incoming"
+    watch.mkdir()
+    truth = {}
+    for p in _class_folders(tmp_path / "fab", per_class=3).rglob("*.png"):
+        (watch / p.name).write_bytes(p.read_bytes())
+        truth[p.name] = p.parent.name
+    cfg = load_service_config(None, {"models": str(parent), "watch": str(watch), "db": str(tmp_path / "r.sqlite3"),
+                                     "processed": str(tmp_path / "processed"), "settle_seconds": 0.0, "threads": 1,
+                                     "trusted_keys": str(keys["release"][1])})
+    assert WatchService(cfg).run(once=True) == 0
+    reviews = Reviews(Store(cfg.db), cfg.processed)
+    for row in reviews.store.db.execute("SELECT id, name FROM results").fetchall():
+        reviews.add(row[0], truth[row[1]], "tester", 0)
+    reviews.store.close()
+    out = tmp_path / "adapted"
+    res = _run(["-m", "edge_runtime.cli", "adapt", "--db", cfg.db, "--out", str(out), "--threads", "1",
+                "--board-key", str(keys["board"][0])])
+    assert res.returncode == 0, res.stderr
+    assert (out / DERIVATION).is_file()
+    b = load_bundle(out, trusted_keys=keys["release"][1], board_key=keys["board"][0])
+    assert b.derivation.parent_id == load_bundle(parent).bundle_id and b.manifest["adapted"]["images"] == len(truth)
+    with pytest.raises(BundleError, match="another board's key"):
+        load_bundle(out, trusted_keys=keys["release"][1], board_key=keys["other"][0])

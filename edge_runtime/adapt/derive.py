@@ -3,7 +3,10 @@
 Every file of the source bundle is read sha256-checked and written again with the new parts, through the one
 atomic bundle writer (edge_runtime.bundle.write_bundle_dir): the result is a complete bundle folder, or
 nothing. Its manifest names the bundle it came from (`parent`), so a result recorded by the new bundle can be
-traced to the one it adapted.
+traced to the one it adapted. With a board key (service.yaml `board_key:`) the board signs what it derived
+(derivation.sig, edge_runtime/signing.py) and keeps its signed parent's manifest and signature as they were
+(parent.manifest.yaml, parent.sig, pinned under `files:`; carried over from a parent that is itself derived), so
+a board with trusted keys runs the bundle it derived and no other board's.
 """
 from __future__ import annotations
 
@@ -17,10 +20,14 @@ from edge_runtime.bundle import (
     Bundle,
     BundleError,
     FileSpec,
+    dump_manifest,
     file_entry,
+    read_manifest,
+    read_signature,
     read_verified,
     write_bundle_dir,
 )
+from edge_runtime.digest import sha256_bytes
 from edge_runtime.head import Head
 
 
@@ -46,9 +53,10 @@ def _source_files(bundle: Bundle) -> dict[str, bytes]:
 
 def derive_bundle(bundle: Bundle, out_dir, *, heads: dict[int, Head] | None = None,
                   gating: dict | None = None, replay: tuple[bytes, dict] | None = None,
-                  extra: dict | None = None) -> Path:
+                  extra: dict | None = None, board_key=None) -> Path:
     """Write `out_dir`: `bundle` with its heads, gating and replay set replaced where given, and `extra` keys
-    added to the manifest. Only format-/2 bundles have heads to replace."""
+    added to the manifest, signed as this board's derivation with `board_key` (its private key's path) when
+    given. Only format-/2 bundles have heads to replace."""
     if heads and bundle.format != "sem-inspect-bundle/2":
         raise BundleError(f"{bundle.root / MANIFEST}: format {bundle.format} has no separate heads to refit; "
                           "convert the run again with this version to get a format-/2 bundle")
@@ -73,4 +81,28 @@ def derive_bundle(bundle: Bundle, out_dir, *, heads: dict[int, Head] | None = No
         manifest["replay"] = {"file": REPLAY, **file_entry(data), **description}
     manifest["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     manifest.update(extra or {})
+    if board_key is not None:
+        files.update(_signed_parent(bundle, files, manifest))
+    raw = dump_manifest(manifest)
+    if board_key is not None:
+        from edge_runtime.signing import DERIVATION, PARENT_MANIFEST, derivation_for
+        files[DERIVATION] = derivation_for(raw, files[PARENT_MANIFEST], board_key)
     return write_bundle_dir(out_dir, files, manifest)
+
+
+def _signed_parent(bundle: Bundle, files: dict[str, bytes], manifest: dict) -> dict[str, bytes]:
+    """parent.manifest.yaml and parent.sig of the derived bundle, pinned in `manifest`: the source's own manifest
+    and signature, or the ones a source this board derived carries (it has no manifest.sig). An unsigned
+    source is named with no parent.sig: a board with trusted keys refuses what is derived from it."""
+    from edge_runtime.signing import PARENT_MANIFEST, PARENT_SIGNATURE
+    signature = read_signature(bundle.root)
+    if signature is None and PARENT_MANIFEST in files:
+        return {}       # carried over from the source's `files:`
+    raw = read_manifest(bundle.root)
+    if sha256_bytes(raw) != bundle.bundle_id:
+        raise BundleError(f"{bundle.root / MANIFEST}: changed while it was being adapted")
+    parent = {PARENT_MANIFEST: raw, **({PARENT_SIGNATURE: signature} if signature is not None else {})}
+    pinned = manifest["files"] = dict(manifest.get("files") or {})
+    pinned.pop(PARENT_SIGNATURE, None)
+    pinned.update({name: file_entry(data) for name, data in parent.items()})
+    return parent

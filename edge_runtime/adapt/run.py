@@ -31,10 +31,12 @@ def check_out(out: Path, source: Path) -> None:
 
 def adapt(bundle_path: str | os.PathLike, items: list[tuple], out: str | os.PathLike, *,
           fab_weight: float | None = None, lam: float = DEFAULT_LAMBDA, folds: int = FOLDS,
-          target_recall: float = 0.98, threads: int | None = None, source: str = "", echo=print) -> dict:
+          target_recall: float = 0.98, threads: int | None = None, source: str = "", echo=print,
+          board_key=None) -> dict:
     """items: (image path or its bytes, label, sha256 of its bytes[, name]); the name (default: the path, else
     the sha256) is how messages and the report name the image. Writes the new bundle to `out` and returns the
-    report. Raises AdaptError / BundleError (nothing written)."""
+    report; board_key (the board's private key): sign the new bundle as this board's derivation
+    (edge_runtime/adapt/derive.py). Raises AdaptError / BundleError (nothing written)."""
     t0 = time.perf_counter()
     out = Path(out).expanduser().absolute()
     bundle = load_bundle(bundle_path)
@@ -59,7 +61,8 @@ def adapt(bundle_path: str | os.PathLike, items: list[tuple], out: str | os.Path
                            "source": source, "cross_validated": report["adapted_cross_validated"],
                            "current_bundle": report["current_bundle"]}}
     report["seconds"] = round(time.perf_counter() - t0, 2)
-    derive_bundle(bundle, out, heads=result.heads, gating=result.gating, extra=lineage)
+    derive_bundle(bundle, out, heads=result.heads, gating=result.gating, extra=lineage,
+                  board_key=board_key)
     (out / REPORT).write_text(json.dumps(report, indent=2), encoding="utf-8")
     report["out"] = str(out)
     return report

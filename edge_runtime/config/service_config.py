@@ -60,6 +60,11 @@ class ServiceConfig:
                                        "keygen`); checked before any model is read (unset: no signature needed)",
                                        example="/etc/sem-inspect/trusted-keys", commented=True, path=True,
                                        flag=INSPECT, metavar="PATH")
+    board_key: str | None = setting(None, "this board's own Ed25519 private key (made at install; BOARD.pub beside "
+                                    "it): `edge-inspect adapt` signs what it derives with it, and with trusted_keys "
+                                    "a bundle this board derived from a trusted parent runs (docs/security.md, "
+                                    "\"Bundles a board derives\"); e.g. /etc/sem-inspect/board.key (unset: adapt "
+                                    "writes unsigned bundles)", path=True, flag=INSPECT, metavar="FILE")
     watch: str | None = setting(None, "the drop folder to watch (flat: sub-folders are not entered)",
                                 example="/srv/sem/incoming", path=True, metavar="DIR")
     processed: str | None = setting(None, "inspected images are moved here (default: WATCH/processed)",
@@ -213,10 +218,11 @@ class ServiceConfig:
 
 
 def inspector_args(cfg: ServiceConfig) -> dict:
-    """The Inspector's keyword arguments from the config (variant, threads, runtime, trusted keys and every decode
-    limit): the one place the watch service, its swaps, shadows and rollouts, and POST /inspect build their
-    inspectors from."""
+    """The Inspector's keyword arguments from the config (variant, threads, runtime, trusted keys, the board's key
+    and every decode limit): the one place the watch service, its swaps, shadows and rollouts, and POST /inspect
+    build their inspectors from."""
     return {"variant": cfg.variant, "threads": cfg.threads, "runtime": cfg.runtime, "trusted_keys": cfg.trusted_keys,
+            "board_key": cfg.board_key,
             "max_pixels": cfg.max_image_pixels, "max_bytes": cfg.max_file_bytes, "max_decode_mb": cfg.max_decode_mb}
 
 

@@ -31,7 +31,7 @@ import queue
 import shutil
 from pathlib import Path
 
-from edge_runtime.bundle import BundleError, load_bundle, read_signature
+from edge_runtime.bundle import BundleError, load_bundle, release_signature
 from edge_runtime.db.store import utc_now
 from edge_runtime.fleet import rollout_message
 from edge_runtime.service.bundles import (
@@ -367,9 +367,10 @@ class RolloutAgent:
 
 
 def _release(bundle_dir: Path) -> int:
-    """The release counter of a bundle folder's signature (0 when unsigned or unreadable)."""
+    """The release counter of a bundle folder's signature, a derived bundle's its parent's (0 when unsigned or
+    unreadable)."""
     try:
-        return release_of(read_signature(bundle_dir))
+        return release_of(release_signature(bundle_dir))
     except (SignatureError, OSError, BundleError):
         return 0
 

@@ -488,7 +488,8 @@ def test_example_service_config_is_generated_valid_and_complete():
     assert cfg.watch == "/srv/sem/incoming" and cfg.processed == "/srv/sem/processed"
     commented = {m[1] for line in text.splitlines() if (m := re.match(r"# ([a-z_]+): ", line))
                  and m[1] in service_config.SETTINGS}
-    assert commented == {"leave_in_place", "trusted_keys", "shadow", "bundles_dir", "variant", "threads", "runtime",
+    assert commented == {"leave_in_place", "trusted_keys", "board_key", "shadow", "bundles_dir", "variant", "threads",
+                         "runtime",
                          "board", "mqtt", "mqtt_username",
                          "mqtt_password", "mqtt_tls", "mqtt_ca", "http", "http_token", "http_allowed_hosts"}
     assert set(yaml.safe_load(text)) | commented == set(service_config.SETTINGS), "every setting appears"

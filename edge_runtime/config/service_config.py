@@ -63,8 +63,9 @@ class ServiceConfig:
     board_key: str | None = setting(None, "this board's own Ed25519 private key (made at install; BOARD.pub beside "
                                     "it): `edge-inspect adapt` signs what it derives with it, and with trusted_keys "
                                     "a bundle this board derived from a trusted parent runs (docs/security.md, "
-                                    "\"Bundles a board derives\"); e.g. /etc/sem-inspect/board.key (unset: adapt "
-                                    "writes unsigned bundles)", path=True, flag=INSPECT, metavar="FILE")
+                                    "\"Bundles a board derives\"; unset: adapt writes unsigned bundles)",
+                                    example="/etc/sem-inspect/board.key", commented=True, path=True, flag=INSPECT,
+                                    metavar="FILE")
     watch: str | None = setting(None, "the drop folder to watch (flat: sub-folders are not entered)",
                                 example="/srv/sem/incoming", path=True, metavar="DIR")
     processed: str | None = setting(None, "inspected images are moved here (default: WATCH/processed)",

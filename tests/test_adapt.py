@@ -2,6 +2,7 @@
 and both commands (`edge-inspect adapt` from the review database, `python -m train adapt` from a folder)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from edge_runtime.adapt.fit import balanced_weights, fit_softmax, lbfgs, stratif
 from edge_runtime.adapt.refit import AdaptError, data_digest, refit, review_floor_for
 from edge_runtime.bundle import BundleError, load_bundle
 from tests.support.bundles import TAXONOMY
+from tests.support.images import png_bytes
 from tests.support.paths import REPO
 from tests.support.review import class_png
 
@@ -291,6 +293,30 @@ def test_edge_inspect_adapt_learns_from_the_reviews_in_the_database(tiny_bundle_
     new = load_bundle(out)
     assert new.manifest["parent"]["bundle_id"] == load_bundle(tiny_bundle_v2).bundle_id     # the recording bundle
     assert new.manifest["adapted"]["images"] == 40
+    first = json.loads((out / "adapt_report.json").read_text())
+    assert first["features"] == {"computed": 40, "cached": 0}
+    assert "adapt: features 25/40" in res.stderr and "adapt: features 40/40" in res.stderr       # progress lines
+    # again after 2 new reviews (a re-review of one image, one more image): only the new image's features are
+    # computed, the rest come from the cache beside the database; the heads are the same as from scratch
+    (tmp_path / "incoming" / "late.png").write_bytes(png_bytes(999))
+    assert WatchService(cfg).run(once=True) == 0
+    reviews = Reviews(Store(tmp_path / "r.sqlite3"), tmp_path / "processed")
+    (late,) = reviews.store.db.execute("SELECT id FROM results WHERE name = 'late.png'").fetchone()
+    reviews.add(late, "cracks", "tester", 0)
+    reviews.store.close()
+    again = _run(["-m", "edge_runtime.cli", "adapt", "--db", str(tmp_path / "r.sqlite3"), "--out",
+                  str(tmp_path / "adapted2"), "--models", str(tiny_bundle_v2)])
+    assert again.returncode == 0, again.stderr
+    second = json.loads((tmp_path / "adapted2" / "adapt_report.json").read_text())
+    assert second["features"] == {"computed": 1, "cached": 40}, second["features"]
+    assert list((tmp_path / "adapt-cache").glob("features-*.npz"))
+    scratch = _run(["-m", "edge_runtime.cli", "adapt", "--db", str(tmp_path / "r.sqlite3"), "--out",
+                    str(tmp_path / "adapted3"), "--models", str(tiny_bundle_v2)])
+    assert scratch.returncode == 0, scratch.stderr
+    for n in (1, 2):           # the cached features give the heads the computed ones give
+        a = np.load(tmp_path / "adapted2" / f"stage{n}_head.npz")
+        b = np.load(tmp_path / "adapted3" / f"stage{n}_head.npz")
+        assert all(np.array_equal(a[k], b[k]) for k in a.files)
     # nothing reviewed: one line, exit 2, nothing written
     empty = tmp_path / "empty.sqlite3"
     Store(empty).close()
@@ -364,3 +390,24 @@ def test_edge_inspect_adapt_signs_what_it_derives_with_the_board_key(tiny_bundle
     assert b.derivation.parent_id == load_bundle(parent).bundle_id and b.manifest["adapted"]["images"] == len(truth)
     with pytest.raises(BundleError, match="another board's key"):
         load_bundle(out, trusted_keys=keys["release"][1], board_key=keys["other"][0])
+
+
+def test_a_damaged_or_unwritable_feature_cache_costs_time_never_the_adaptation(tiny_bundle_v2, tmp_path):
+    """The feature cache is an optimisation: a damaged cache file is ignored and replaced, a folder it cannot be
+    written to leaves the adaptation as it would be without one."""
+    from edge_runtime.adapt.cache import FeatureCache
+    from edge_runtime.adapt.run import adapt
+
+    src = _class_folders(tmp_path / "fab", per_class=3)
+    items = [(p, p.parent.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in sorted(src.rglob("*.png"))]
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    bundle = load_bundle(tiny_bundle_v2)
+    FeatureCache(cache_dir, bundle).path.write_bytes(b"not an npz")
+    report = adapt(tiny_bundle_v2, items, tmp_path / "a", cache_dir=cache_dir, echo=lambda m: None)
+    assert report["features"] == {"computed": len(items), "cached": 0}
+    assert len(FeatureCache(cache_dir, bundle).known) == len(items)          # replaced by a good one
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would be")
+    report = adapt(tiny_bundle_v2, items, tmp_path / "b", cache_dir=blocked / "cache", echo=lambda m: None)
+    assert report["features"] == {"computed": len(items), "cached": 0} and load_bundle(tmp_path / "b")

@@ -33,6 +33,8 @@ from edge_runtime.review.reviews import (ReviewError, add_database_flags, databa
 from edge_runtime.signing import SignatureError
 
 PROG = "edge-inspect adapt"
+# Beside the result database: each reviewed image's features, kept by content sha256 (edge_runtime/adapt/cache.py)
+CACHE_FOLDER = "adapt-cache"
 
 
 def labelled_images(reviews) -> tuple[list[tuple[bytes, str, str, str]], list[tuple[int, str, str]], str | None]:
@@ -104,7 +106,7 @@ def adapt_on_reviews(args: argparse.Namespace) -> int:
         with reported(AdaptError, BundleError, NoInterpreter, SignatureError):
             report = adapt(models, items, args.out, fab_weight=args.fab_weight, folds=args.folds,
                            threads=args.threads, source=f"reviews in {Path(db).resolve()}", echo=echo,
-                           board_key=board_key)
+                           board_key=board_key, cache_dir=Path(db).resolve().parent / CACHE_FOLDER)
     except OSError as exc:
         raise CommandError(f"cannot write the new bundle: {exc.strerror or exc}") from exc
     print(summary(report), file=sys.stderr)

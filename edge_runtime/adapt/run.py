@@ -9,8 +9,11 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
+from edge_runtime.adapt.cache import FeatureCache
 from edge_runtime.adapt.derive import derive_bundle
-from edge_runtime.adapt.features import extract, load_replay
+from edge_runtime.adapt.features import FeatureSet, extract, load_replay
 from edge_runtime.adapt.fit import DEFAULT_LAMBDA
 from edge_runtime.adapt.refit import FOLDS, AdaptError, refit
 from edge_runtime.bundle import MANIFEST, load_bundle
@@ -32,11 +35,13 @@ def check_out(out: Path, source: Path) -> None:
 def adapt(bundle_path: str | os.PathLike, items: list[tuple], out: str | os.PathLike, *,
           fab_weight: float | None = None, lam: float = DEFAULT_LAMBDA, folds: int = FOLDS,
           target_recall: float = 0.98, threads: int | None = None, source: str = "", echo=print,
-          board_key=None) -> dict:
+          board_key=None, cache_dir: str | os.PathLike | None = None) -> dict:
     """items: (image path or its bytes, label, sha256 of its bytes[, name]); the name (default: the path, else
     the sha256) is how messages and the report name the image. Writes the new bundle to `out` and returns the
     report; board_key (the board's private key): sign the new bundle as this board's derivation
-    (edge_runtime/adapt/derive.py). Raises AdaptError / BundleError (nothing written)."""
+    (edge_runtime/adapt/derive.py); cache_dir: keep each image's features there by content sha256
+    (edge_runtime/adapt/cache.py), so a re-adaptation computes only the images it has not seen. Raises
+    AdaptError / BundleError (nothing written)."""
     t0 = time.perf_counter()
     out = Path(out).expanduser().absolute()
     bundle = load_bundle(bundle_path)
@@ -46,15 +51,17 @@ def adapt(bundle_path: str | os.PathLike, items: list[tuple], out: str | os.Path
     echo(f"adapt: {len(items)} labelled image(s) through {bundle.root} (its backbones, variant {bundle.variant})")
     names = [str(rest[0]) if rest else str(src) if isinstance(src, (str, os.PathLike))
              else f"image sha256 {digest[:16]}" for src, _, digest, *rest in items]
-    fab, skipped = extract(inspector, [(src, label, name) for (src, label, *_), name in zip(items, names)])
+    digests = {name: digest for name, (_, _, digest, *_) in zip(names, items)}
+    cache = FeatureCache(cache_dir, bundle) if cache_dir is not None else None
+    fab, skipped, counts = features_of(inspector, [(src, label, name) for (src, label, *_), name in zip(items, names)],
+                                       digests, cache, progress_lines(echo, t0))
     for name, reason in skipped:
         echo(f"adapt: skipped {name}: {reason}")
-    digests = {name: digest for name, (_, _, digest, *_) in zip(names, items)}
     t_features = time.perf_counter() - t0
     result = refit(bundle, fab, replay, [digests[p] for p in fab.paths], fab_weight=fab_weight, lam=lam,
                    folds=folds, target_recall=target_recall)
     report = {**result.report, "source": source, "skipped": [{"path": p, "reason": r} for p, r in skipped],
-              "feature_seconds": round(t_features, 2)}
+              "feature_seconds": round(t_features, 2), "features": counts}
     lineage = {"parent": {"bundle_id": bundle.bundle_id, "path": str(bundle.root)},
                "adapted": {"data_sha256": result.data_sha256, "images": report["images"],
                            "per_class": report["per_class"], "fab_weight": report["fab_weight"], "lambda": lam,
@@ -66,6 +73,48 @@ def adapt(bundle_path: str | os.PathLike, items: list[tuple], out: str | os.Path
     (out / REPORT).write_text(json.dumps(report, indent=2), encoding="utf-8")
     report["out"] = str(out)
     return report
+
+
+def progress_lines(echo, t0: float, every: int = 25):
+    """A progress callback for extract: a line every `every` images and at the end."""
+    def progress(done: int, total: int) -> None:
+        if done % every == 0 or done == total:
+            echo(f"adapt: features {done}/{total} ({time.perf_counter() - t0:.1f} s)")
+    return progress
+
+
+def features_of(inspector, items: list[tuple], digests: dict[str, str], cache: FeatureCache | None, progress
+                ) -> tuple[FeatureSet, list[tuple[str, str]], dict]:
+    """extract() for the images the cache does not hold (then stored in it), the cached features for the
+    others, in the items' order. Returns (features, skipped, {"computed": n, "cached": n})."""
+    todo = [it for it in items if cache is None or cache.get(digests[it[2]]) is None]
+    fresh, skipped = extract(inspector, todo, progress)
+    row_of = {name: k for k, name in enumerate(fresh.paths)}
+    rows1, rows2, labels, paths, cached = [], [], [], [], 0
+    for _src, label, name in items:
+        hit = cache.get(digests[name]) if cache is not None else None
+        if hit is None:
+            if name not in row_of:
+                continue                    # could not be decoded: in skipped
+            f1, f2 = fresh.stage1[row_of[name]], fresh.stage2[row_of[name]]
+            if cache is not None:
+                cache.put(digests[name], f1, f2)
+        else:
+            f1, f2 = hit
+            cached += 1
+        rows1.append(f1)
+        rows2.append(f2)
+        labels.append(label)
+        paths.append(name)
+    if cache is not None:
+        try:
+            cache.save()
+        except OSError as exc:          # a cache that cannot be written costs time next run, never this one
+            log.warning("adapt: feature cache %s not written: %s", cache.path, exc.strerror or exc)
+    d1, d2 = fresh.stage1.shape[1], fresh.stage2.shape[1]
+    features = FeatureSet(np.asarray(rows1, np.float32).reshape(-1, d1), np.asarray(rows2, np.float32).reshape(-1, d2),
+                          labels, paths)
+    return features, skipped, {"computed": len(fresh), "cached": cached}
 
 
 def summary(report: dict) -> str:

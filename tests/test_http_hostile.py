@@ -108,8 +108,10 @@ class Prober(threading.Thread):
                 self.answers.append(type(exc).__name__)
 
     def stop(self) -> list:
+        # at least one probe answered (a fast run may end before the first 0.2 s tick), then the one under way
+        wait_until(lambda: self.answers, 60, "a first /healthz probe answered")
         self.done.set()
-        self.join(60)               # the probe under way is answered (or times out) first
+        self.join(60)
         return self.answers
 
 

@@ -19,8 +19,9 @@ import tarfile
 import threading
 from pathlib import Path
 
+from edge_runtime.db.store import is_disk_full
 from edge_runtime.digest import CHUNK, sha256_file
-from edge_runtime.service.download import Cancelled, DownloadPolicy, FetchError, download, is_disk_full
+from edge_runtime.service.download import Cancelled, DownloadPolicy, FetchError, download
 
 STAGING = ".staging"
 STATE = "rollout-state.json"

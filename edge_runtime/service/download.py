@@ -11,7 +11,6 @@ download interrupted by the service stopping (cancel) is kept, to be resumed.
 """
 from __future__ import annotations
 
-import errno
 import os
 import re
 import threading
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from edge_runtime.db.store import is_disk_full
 from edge_runtime.digest import CHUNK
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -47,10 +47,6 @@ class DownloadPolicy:
     rate_window: float = 30.0
     read_timeout: float = 30.0
     reserve_bytes: int = 64 << 20
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def origin(url: str) -> tuple[str, str, int]:
